@@ -1,0 +1,18 @@
+"""continuousflex_dl: continuous conformational landscapes from cryo-EM particles.
+
+Normal mode analysis, HEMNMA (elastic + rigid alignment of particles with
+normal modes) and DeepHEMNMA (a ResNet34 regressor of normal-mode amplitudes),
+as a pure-Python Scipion 3 plugin.
+
+The Scipion ``Plugin`` class is loaded lazily (PEP 562) so that
+``import continuousflex_dl.core`` never pulls in pyworkflow, pwem or tkinter.
+"""
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name == "Plugin":
+        from .plugin import Plugin
+        return Plugin
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

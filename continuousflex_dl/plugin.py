@@ -1,0 +1,22 @@
+"""The Scipion plugin class (registered through the ``pyworkflow.plugin`` entry point)."""
+import pwem
+
+from . import __version__
+
+_references = ["Hamitouche2022", "Hamitouche2021", "Jin2014"]
+
+
+class Plugin(pwem.Plugin):
+    """continuousflex_dl needs no external binaries: everything is pip-installed Python."""
+    _url = "https://github.com/continuousflex-dl/scipion-em-continuousflex-dl"
+    _supportedVersions = [__version__]
+
+    @classmethod
+    def _defineVariables(cls):
+        # No environment variables: nothing to locate outside the Python environment.
+        pass
+
+    @classmethod
+    def defineBinaries(cls, env):
+        # Pure Python; dependencies come from pip (setup.py).
+        pass
