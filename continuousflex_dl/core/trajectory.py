@@ -1,0 +1,207 @@
+"""Paths and clusters in the space of normal-mode amplitudes, and the
+structures along them.
+
+Amplitudes are (M, K) arrays in Å (one row per particle, one column per
+chosen mode, in the order of the modes). A path is a (F, K) array of
+amplitude vectors; :func:`trajectory_frames` turns it into (F, N, 3)
+displaced structures (``x + sum_k q_k v_k``, see :mod:`.nma`) that
+:func:`continuousflex_dl.core.structure.write_multimodel_pdb` writes out.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Tuple, Union
+
+import numpy as np
+
+from .nma import displace
+
+__all__ = [
+    "principal_components", "principal_path", "path_through_points", "kmeans",
+    "select_by_ranges", "trajectory_frames",
+]
+
+
+def _amplitudes(x, name: str = "amplitudes") -> np.ndarray:
+    a = np.asarray(x, dtype=float)
+    if a.ndim == 1:
+        a = a[:, None]
+    if a.ndim != 2 or a.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty (particles, modes) array; got shape {a.shape}.")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contains NaN or infinite values.")
+    return a
+
+
+def principal_components(amplitudes: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PCA of an amplitude cloud.
+
+    amplitudes: (M, K) Å. Returns ``(mean (K,), components (K, K), variances (K,))``:
+    rows of ``components`` are orthonormal directions by decreasing variance
+    (Å², ddof=1 when M > 1), each signed so that its largest-magnitude entry
+    is positive (deterministic).
+    """
+    x = _amplitudes(amplitudes)
+    mean = x.mean(axis=0)
+    _, s, vt = np.linalg.svd(x - mean, full_matrices=True)
+    k = x.shape[1]
+    var = np.zeros(k)
+    var[:len(s)] = s ** 2 / max(len(x) - 1, 1)
+    idx = np.argmax(np.abs(vt), axis=1)
+    signs = np.sign(vt[np.arange(k), idx])
+    signs[signs == 0] = 1.0
+    return mean, vt * signs[:, None], var
+
+
+def principal_path(amplitudes: np.ndarray, n_frames: int, extent: str = "percentile",
+                   percentiles: Tuple[float, float] = (2.0, 98.0), n_std: float = 2.0) -> np.ndarray:
+    """Straight path along the first principal component of the cloud.
+
+    amplitudes: (M, K) Å; n_frames >= 2. The path runs through the cloud mean
+    along PC 1, between the projections given by ``extent``:
+    'percentile' (``percentiles`` of the projections, default 2-98 %),
+    'range' (min to max) or 'std' (mean -/+ ``n_std`` standard deviations).
+    Returns (n_frames, K) Å, from the negative to the positive end of PC 1.
+    """
+    x = _amplitudes(amplitudes)
+    if n_frames < 2:
+        raise ValueError(f"A path needs at least 2 frames; got {n_frames}.")
+    if len(x) < 2:
+        raise ValueError("A principal path needs at least 2 particles.")
+    mean, comps, var = principal_components(x)
+    t = (x - mean) @ comps[0]
+    if extent == "percentile":
+        lo, hi = percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"Percentiles must satisfy 0 <= low < high <= 100; got {percentiles}.")
+        a, b = np.percentile(t, [lo, hi])
+    elif extent == "range":
+        a, b = t.min(), t.max()
+    elif extent == "std":
+        sd = float(np.sqrt(var[0]))
+        a, b = -n_std * sd, n_std * sd
+    else:
+        raise ValueError(f"Unknown extent {extent!r}; use 'percentile', 'range' or 'std'.")
+    return mean + np.linspace(a, b, n_frames)[:, None] * comps[0]
+
+
+def path_through_points(points: np.ndarray, n_frames: int) -> np.ndarray:
+    """Piecewise-linear path through ``points`` (P, K), sampled at ``n_frames``
+    positions equally spaced in arc length (Euclidean, Å). The first and last
+    frames are the first and last points. Returns (n_frames, K)."""
+    p = _amplitudes(points, "points")
+    if len(p) < 2:
+        raise ValueError("A path needs at least 2 points.")
+    if n_frames < 2:
+        raise ValueError(f"A path needs at least 2 frames; got {n_frames}.")
+    seg = np.linalg.norm(np.diff(p, axis=0), axis=1)
+    keep = np.concatenate([[True], seg > 0])  # drop repeated consecutive points
+    p = p[keep]
+    if len(p) == 1:
+        return np.repeat(p, n_frames, axis=0)
+    s = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(p, axis=0), axis=1))])
+    targets = np.linspace(0.0, s[-1], n_frames)
+    return np.stack([np.interp(targets, s, p[:, j]) for j in range(p.shape[1])], axis=1)
+
+
+def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    centres = [x[rng.integers(len(x))]]
+    d2 = np.sum((x - centres[0]) ** 2, axis=1)
+    for _ in range(1, k):
+        total = d2.sum()
+        i = rng.choice(len(x), p=d2 / total) if total > 0 else rng.integers(len(x))
+        centres.append(x[i])
+        d2 = np.minimum(d2, np.sum((x - x[i]) ** 2, axis=1))
+    return np.array(centres)
+
+
+def _assign(x: np.ndarray, centres: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    d2 = (np.sum(x ** 2, axis=1)[:, None] - 2 * x @ centres.T + np.sum(centres ** 2, axis=1)[None])
+    labels = np.argmin(d2, axis=1)
+    return labels, np.maximum(d2[np.arange(len(x)), labels], 0.0)
+
+
+def kmeans(amplitudes: np.ndarray, k: int, seed: Union[int, np.random.Generator] = 0,
+           n_init: int = 4, max_iter: int = 100, tol: float = 1e-8) -> Tuple[np.ndarray, np.ndarray]:
+    """k-means clustering (Lloyd's algorithm, k-means++ initialisation).
+
+    amplitudes: (M, K) Å; k clusters (1 <= k <= M); seed: int or numpy
+    Generator (same seed -> same result). The best of ``n_init`` runs (lowest
+    within-cluster sum of squares) is kept. Clusters are numbered by
+    decreasing size (ties: by centre coordinates), so labels are reproducible.
+    Returns ``(labels (M,) int, centres (k, K) Å)``.
+    """
+    x = _amplitudes(amplitudes)
+    if not 1 <= k <= len(x):
+        raise ValueError(f"The number of clusters must be between 1 and the number of particles "
+                         f"({len(x)}); got {k}.")
+    if n_init < 1:
+        raise ValueError(f"n_init must be at least 1; got {n_init}.")
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    best = None
+    for _ in range(n_init):
+        centres = _kmeans_pp(x, k, rng)
+        for _ in range(max_iter):
+            labels, d2 = _assign(x, centres)
+            new = centres.copy()
+            for j in range(k):
+                members = labels == j
+                if members.any():
+                    new[j] = x[members].mean(axis=0)
+                else:  # empty cluster: restart it on the point farthest from its centre
+                    far = int(np.argmax(d2))
+                    new[j] = x[far]
+                    d2[far] = 0.0
+            shift = np.max(np.sum((new - centres) ** 2, axis=1))
+            centres = new
+            if shift <= tol:
+                break
+        labels, d2 = _assign(x, centres)
+        inertia = float(d2.sum())
+        if best is None or inertia < best[0]:
+            best = (inertia, labels, centres)
+    _, labels, centres = best
+    sizes = np.bincount(labels, minlength=k)
+    order = np.lexsort(tuple(centres.T[::-1]) + (-sizes,))
+    relabel = np.empty(k, dtype=int)
+    relabel[order] = np.arange(k)
+    return relabel[labels], centres[order]
+
+
+def select_by_ranges(amplitudes: np.ndarray,
+                     ranges: Mapping[int, Tuple[Optional[float], Optional[float]]]) -> np.ndarray:
+    """Particles whose amplitudes lie within given ranges.
+
+    amplitudes: (M, K) Å; ranges: ``{column index (0-based, in the order of
+    the chosen modes): (low, high)}`` in Å, inclusive; ``None`` leaves a side
+    open. Returns a bool mask (M,) true where every listed column is in range.
+    """
+    x = _amplitudes(amplitudes)
+    keep = np.ones(len(x), dtype=bool)
+    for index, (lo, hi) in ranges.items():
+        if not 0 <= int(index) < x.shape[1]:
+            raise ValueError(f"Mode index {index} is out of range: the amplitudes have "
+                             f"{x.shape[1]} modes (indices 0..{x.shape[1] - 1}).")
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"Empty range ({lo}, {hi}) for mode index {index}.")
+        col = x[:, int(index)]
+        if lo is not None:
+            keep &= col >= lo
+        if hi is not None:
+            keep &= col <= hi
+    return keep
+
+
+def trajectory_frames(coords: np.ndarray, modes: np.ndarray, path: np.ndarray) -> np.ndarray:
+    """Structures along a path: coords (N, 3) Å, modes (K, N, 3), path (F, K) Å
+    -> (F, N, 3) Å, ``coords + sum_k path[f, k] modes[k]``."""
+    coords = np.asarray(coords, dtype=float)
+    modes = np.asarray(modes, dtype=float)
+    path = _amplitudes(path, "path")
+    if coords.ndim != 2 or coords.shape[1] != 3:
+        raise ValueError(f"coords must have shape (N, 3); got {coords.shape}.")
+    if modes.ndim != 3 or modes.shape[1:] != coords.shape:
+        raise ValueError(f"modes must have shape (K, {coords.shape[0]}, 3); got {modes.shape}.")
+    if path.shape[1] != modes.shape[0]:
+        raise ValueError(f"The path has {path.shape[1]} amplitudes per frame but there are "
+                         f"{modes.shape[0]} modes.")
+    return displace(coords, modes, path)
