@@ -8,6 +8,9 @@ _references = ["Hamitouche2022", "Hamitouche2021", "Jin2014"]
 
 class Plugin(pwem.Plugin):
     """continuousflex_dl needs no external binaries: everything is pip-installed Python."""
+    # pyworkflow locates a plugin through its class's module; the class lives here only so that
+    # importing the package stays free of Scipion, so name the package as its module.
+    __module__ = "continuousflex_dl"
     _url = "https://github.com/continuousflex-dl/scipion-em-continuousflex-dl"
     _supportedVersions = [__version__]
 

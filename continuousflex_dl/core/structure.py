@@ -57,7 +57,7 @@ def load_atoms(path: str | os.PathLike, selection: str = "heavy") -> Atoms:
     Raises ValueError if the file cannot be read or the selection is empty.
     """
     import prody
-    prody.confProDy(verbosity="none")
+    prody.LOGGER.verbosity = "warning"
     path = Path(path)
     if not path.exists():
         raise ValueError(f"Structure file not found: {path}")

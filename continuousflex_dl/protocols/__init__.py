@@ -1,0 +1,1 @@
+from .protocol_nma import FlexDLProtNMA  # noqa: F401

@@ -1,0 +1,43 @@
+"""What every protocol of this plugin shares: device choice, logging, citations."""
+import logging
+import sys
+
+from pwem.protocols import EMProtocol
+from pyworkflow.protocol import params
+
+DEVICE_CHOICES = ["auto", "cpu", "cuda"]
+
+
+class FlexDLProtBase(EMProtocol):
+    """Base class: protocols stay thin and call continuousflex_dl.core."""
+    _devStatus = "BETA"
+
+    def _addDeviceParam(self, form):
+        form.addParam("device", params.EnumParam, choices=DEVICE_CHOICES, default=0,
+                      display=params.EnumParam.DISPLAY_HLIST, label="Compute device",
+                      expertLevel=params.LEVEL_ADVANCED,
+                      help="auto: the first CUDA GPU when one is visible, else the CPU. "
+                           "cuda: refuse to run without a GPU. cpu: never use a GPU.")
+
+    def _getDevice(self) -> str:
+        import torch
+        choice = DEVICE_CHOICES[self.device.get()] if hasattr(self, "device") else "auto"
+        if choice == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if choice == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("Device 'cuda' was chosen but no CUDA GPU is visible; choose 'auto' or 'cpu'.")
+        return choice
+
+    def _logToRunLog(self):
+        """Send the core's progress lines (logging) to this run's log."""
+        logger = logging.getLogger("continuousflex_dl")
+        if not any(getattr(h, "_cfdl", False) for h in logger.handlers):
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+            handler._cfdl = True
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+    def _citations(self):
+        return ["Hamitouche2022", "Jin2014"]

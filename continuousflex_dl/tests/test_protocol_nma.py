@@ -1,0 +1,59 @@
+"""The NMA protocol in a headless Scipion project."""
+import os
+
+import numpy as np
+from pwem.protocols import ProtImportPdb
+from pyworkflow.tests import BaseTest, setupTestProject
+
+from continuousflex_dl import convert
+from continuousflex_dl.core.nma import compute_modes, read_mode_files, subspace_overlap
+from continuousflex_dl.core.structure import example_structure_path, load_atoms
+from continuousflex_dl.protocols import FlexDLProtNMA
+
+
+def import_structure(test, name="4ake"):
+    prot = test.newProtocol(ProtImportPdb, inputPdbData=1,
+                            pdbFile=str(example_structure_path(name)))
+    test.launchProtocol(prot)
+    return prot.outputPdb
+
+
+class TestProtNMA(BaseTest):
+    @classmethod
+    def setUpClass(cls):
+        setupTestProject(cls)
+        cls.structure = import_structure(cls)
+
+    def test_modes_output(self):
+        prot = self.newProtocol(FlexDLProtNMA, inputStructure=self.structure, numberOfModes=12,
+                                collectivityThreshold=0.45)
+        self.launchProtocol(prot)
+        modes = prot.outputModes
+        self.assertSetSize(modes, 12)
+        rows = convert.modes_table(modes)
+        self.assertEqual([r["number"] for r in rows], list(range(1, 13)))
+        coll = np.array([r["collectivity"] for r in rows])
+        enabled = np.array([r["enabled"] for r in rows])
+        # Rigid modes stay enabled; non-rigid ones are enabled exactly when collective enough.
+        self.assertTrue(enabled[:6].all())
+        np.testing.assert_array_equal(enabled[6:], coll[6:] >= 0.45)
+        self.assertFalse(enabled[6:].all(), "a 0.45 threshold should disable some of modes 7-12")
+        for r in rows:
+            self.assertTrue(os.path.exists(r["file"]))
+            if r["number"] > 6:
+                self.assertTrue(os.path.exists(r["animation"]))
+        # The modes refer to the heavy atoms written as the output structure.
+        atoms, vectors = convert.read_modes(modes, [7, 8, 9])
+        self.assertEqual(atoms.n_atoms, 1656)
+        reference = compute_modes(load_atoms(example_structure_path(), "heavy").coords, 12, 8.0)
+        self.assertGreater(subspace_overlap(vectors, reference.vectors[6:9]), 0.999)
+        self.assertEqual(modes.getPdb().getFileName(), prot.outputStructure.getFileName())
+        self.assertEqual(convert.enabled_mode_numbers(modes), [7 + i for i in np.flatnonzero(enabled[6:])])
+        summary = "\n".join(prot.summary())
+        self.assertIn("12 modes of 1656 atoms", summary)
+
+    def test_too_many_modes_is_refused(self):
+        prot = self.newProtocol(FlexDLProtNMA, inputStructure=self.structure, atomSelection=3,
+                                customSelection="name CA and resnum 1 to 3", numberOfModes=20)
+        errors = prot.validate()
+        self.assertTrue(any("at most 3 modes" in e for e in errors), errors)
