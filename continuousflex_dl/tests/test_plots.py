@@ -1,0 +1,140 @@
+"""Plot functions: the figures hold the right points, labels and legends."""
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from continuousflex_dl.core.analysis import amplitude_errors
+from continuousflex_dl.viewers import plots
+
+
+def _save(fig, tmp_path, name):
+    path = tmp_path / f"{name}.png"
+    fig.savefig(path, dpi=40)
+    assert path.stat().st_size > 1000
+    return path
+
+
+def _legend(ax):
+    leg = ax.get_legend()
+    return [t.get_text() for t in leg.get_texts()] if leg else []
+
+
+def test_point_cloud_3d_overlaid_sets(tmp_path):
+    rng = np.random.default_rng(0)
+    sets = {"ground truth": rng.normal(size=(30, 4)), "HEMNMA": rng.normal(size=(25, 4)),
+            "predicted": rng.normal(size=(20, 4))}
+    fig = plots.plot_point_cloud(sets, [7, 8, 9, 10], dims=(0, 1, 3), title="cloud")
+    assert isinstance(fig, Figure) and len(fig.axes) == 1
+    ax = fig.axes[0]
+    assert ax.name == "3d"
+    counts = [len(c._offsets3d[0]) for c in ax.collections]
+    assert counts == [30, 25, 20]
+    np.testing.assert_allclose(ax.collections[1]._offsets3d[2], sets["HEMNMA"][:, 3])
+    assert ax.get_xlabel() == "Mode 7 amplitude (Å)" and ax.get_zlabel() == "Mode 10 amplitude (Å)"
+    assert _legend(ax) == ["ground truth", "HEMNMA", "predicted"]
+    _save(fig, tmp_path, "cloud3d")
+
+
+def test_point_cloud_2d_coloured_and_1d_histogram(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 2))
+    fig = plots.plot_point_cloud({"predicted": x}, [7, 8], color_by=x[:, 0], colorbar_label="cost")
+    assert len(fig.axes) == 2  # scatter + colorbar
+    ax = fig.axes[0]
+    np.testing.assert_allclose(ax.collections[0].get_offsets(), x)
+    np.testing.assert_allclose(ax.collections[0].get_array(), x[:, 0])
+    assert ax.get_ylabel() == "Mode 8 amplitude (Å)"
+    assert fig.axes[1].get_ylabel() == "cost"
+    assert _legend(ax) == []
+    _save(fig, tmp_path, "cloud2d")
+
+    one = {"GT": rng.normal(size=(50, 1)), "pred": rng.normal(size=(60, 1))}
+    fig = plots.plot_point_cloud(one, [7], bins=10)
+    ax = fig.axes[0]
+    heights = [sum(p.get_height() for p in c) for c in ax.containers]
+    assert heights == [50, 60]
+    assert ax.get_xlabel() == "Mode 7 amplitude (Å)" and ax.get_ylabel() == "Particles"
+    assert _legend(ax) == ["GT", "pred"]
+    _save(fig, tmp_path, "hist")
+
+
+def test_point_cloud_pca_projects_on_principal_axes(tmp_path):
+    rng = np.random.default_rng(2)
+    t = rng.normal(scale=50, size=60)
+    x = np.column_stack([t, -t, 0.5 * t, np.zeros(60), np.zeros(60)]) + rng.normal(scale=0.5, size=(60, 5))
+    fig = plots.plot_point_cloud({"a": x}, [7, 8, 9, 10, 11], dims="pca")
+    ax = fig.axes[0]
+    pc1, pc2, pc3 = (np.asarray(v) for v in ax.collections[0]._offsets3d)
+    assert np.var(pc1) > 100 * (np.var(pc2) + np.var(pc3))
+    # PC 1 is the planted line: |projection| equals the distance along it (norm 1.5)
+    assert abs(np.corrcoef(pc1, t)[0, 1]) > 0.999
+    assert ax.get_xlabel() == "PC 1 (Å)"
+    with pytest.raises(ValueError):
+        plots.plot_point_cloud({"a": x}, [7, 8])
+    with pytest.raises(ValueError):
+        plots.plot_point_cloud({"a": x, "b": x[:, :3]}, [7, 8, 9, 10, 11])
+
+
+def test_error_histograms_from_report(tmp_path):
+    rng = np.random.default_rng(3)
+    truth = rng.normal(size=(80, 3))
+    report = amplitude_errors(truth + rng.normal(size=(80, 3)), truth, mode_numbers=[7, 8, 12])
+    fig = plots.plot_error_histograms(report, bins=12)
+    assert len(fig.axes) == 3
+    for ax, m, j in zip(fig.axes, [7, 8, 12], range(3)):
+        assert sum(p.get_height() for p in ax.containers[0]) == 80
+        assert ax.get_xlabel() == f"Mode {m} absolute error (Å)"
+        assert f"{report.per_mode_mean[j]:.2f} ± {report.per_mode_std[j]:.2f}" in ax.get_title()
+    _save(fig, tmp_path, "errors")
+
+
+def test_mode_profile_and_eigenvalues(tmp_path):
+    rng = np.random.default_rng(4)
+    mode = rng.normal(size=(25, 3))
+    fig = plots.plot_mode_profile(mode, index=np.arange(101, 126), mode_number=7)
+    line = fig.axes[0].lines[0]
+    np.testing.assert_allclose(line.get_ydata(), np.linalg.norm(mode, axis=1))
+    np.testing.assert_allclose(line.get_xdata(), np.arange(101, 126))
+    assert fig.axes[0].get_title() == "Mode 7"
+    _save(fig, tmp_path, "profile")
+
+    ev = np.concatenate([np.zeros(6), np.arange(1.0, 5.0)])
+    col = np.linspace(0.1, 0.9, 10)
+    enabled = np.arange(10) >= 6
+    fig = plots.plot_eigenvalues(ev, col, enabled)
+    assert len(fig.axes) == 2
+    top, bottom = fig.axes
+    assert [len(c) for c in top.containers] == [4, 6]
+    np.testing.assert_allclose([p.get_height() for p in top.containers[0]], [1, 2, 3, 4])
+    np.testing.assert_allclose([p.get_x() + p.get_width() / 2 for p in top.containers[0]], [7, 8, 9, 10])
+    np.testing.assert_allclose([p.get_height() for p in bottom.containers[1]], col[:6])
+    assert _legend(top) == ["enabled", "disabled"]
+    assert bottom.get_ylabel() == "Collectivity"
+    _save(fig, tmp_path, "eigen")
+
+
+def test_training_curves_from_csv_like_rows(tmp_path):
+    rows = [dict(epoch=str(e), train_loss=str(1.0 / e), val_loss=str(1.2 / e) if e != 3 else "",
+                 val_mae=str(5.0 - e), lr="0.001") for e in range(1, 6)]
+    fig = plots.plot_training_curves(rows)
+    ax_loss, ax_mae, ax_lr = fig.axes
+    assert [len(l.get_xdata()) for l in ax_loss.lines] == [5, 4]  # the empty val_loss is skipped
+    assert ax_loss.get_yscale() == "log"
+    assert _legend(ax_loss) == ["training loss", "validation loss"]
+    np.testing.assert_allclose(ax_mae.lines[0].get_ydata(), [4, 3, 2, 1, 0])
+    assert ax_mae.get_ylabel() == "Validation MAE (Å)" and ax_lr.get_ylabel() == "Learning rate"
+    assert _legend(ax_mae) == ["validation MAE", "learning rate"]
+    _save(fig, tmp_path, "training")
+    with pytest.raises(ValueError):
+        plots.plot_training_curves([])
+
+
+def test_image_gallery(tmp_path):
+    imgs = np.random.default_rng(5).normal(size=(5, 16, 16))
+    fig = plots.plot_images(imgs, titles=[f"#{i}" for i in range(5)])
+    assert len(fig.axes) == 5
+    assert [ax.get_title() for ax in fig.axes] == [f"#{i}" for i in range(5)]
+    np.testing.assert_allclose(fig.axes[2].images[0].get_array(), imgs[2])
+    _save(fig, tmp_path, "gallery")
+    with pytest.raises(ValueError):
+        plots.plot_images(imgs, titles=["a"])
