@@ -57,3 +57,28 @@ class TestProtNMA(BaseTest):
                                 customSelection="name CA and resnum 1 to 3", numberOfModes=20)
         errors = prot.validate()
         self.assertTrue(any("at most 3 modes" in e for e in errors), errors)
+
+    def test_viewer(self):
+        from continuousflex_dl.viewers import FlexDLNMAViewer
+        prot = self.newProtocol(FlexDLProtNMA, inputStructure=self.structure, numberOfModes=10)
+        self.launchProtocol(prot)
+        viewer = FlexDLNMAViewer(project=self.proj)
+        viewer.setProtocol(prot)
+        table = viewer._showTable()[0]
+        self.assertEqual(len(table.rows), 10)
+        self.assertEqual([r[4] for r in table.rows[:6]], ["yes"] * 6)
+        viewer.modeNumber.set(8)
+        profile = viewer._showProfile()[0]
+        ax = profile._figure.axes[0]
+        x, y = ax.lines[0].get_data()
+        self.assertEqual(len(x), 214)  # one point per residue of adenylate kinase
+        # Unit-norm mode: the squared per-atom displacements sum to 1, so the largest is below 1.
+        self.assertTrue(0 < y.max() < 1)
+        self.assertEqual(ax.get_title(), "Mode 8")
+        profile.save(self.getOutputPath("profile.png"))
+        self.assertTrue(os.path.getsize(self.getOutputPath("profile.png")) > 1000)
+        eigen = viewer._showEigen()[0]
+        bars = sum(len(c.patches) for c in eigen._figure.axes[0].containers)
+        self.assertEqual(bars, 10)
+        viewer.modeNumber.set(99)
+        self.assertEqual(type(viewer._showProfile()[0]).__name__, "MessageView")

@@ -1,0 +1,1 @@
+from .viewer_nma import FlexDLNMAViewer  # noqa: F401
