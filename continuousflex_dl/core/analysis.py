@@ -280,51 +280,66 @@ def _fmt(value, digits: int) -> str:
     return f"{float(value):.{digits}f}"
 
 
-def format_error_table(report: Report, paper_row: Optional[Mapping] = None,
+def format_error_table(report: Union[Report, Mapping[str, Report]], paper_row: Optional[Mapping] = None,
                        label: str = "This run", paper_label: str = "Paper",
                        digits: int = 2) -> str:
-    """Markdown table of a report, optionally beside the paper's numbers.
+    """Markdown table of one report, or of several as rows (``{row label: report}``,
+    e.g. 'HEMNMA vs GT', 'DeepHEMNMA vs GT'), optionally with the paper's numbers
+    as a last row.
 
     Amplitude report columns: ``Mode <m> (Å)`` (mean ± std of absolute errors)
     for each mode, ``All (Å)`` (global mean), ``RMSD (Å)`` (reference displaced
     by the per-mode means; with ``[mean-std, mean+std]`` when available).
     ``paper_row`` keys: mode numbers (int) -> ``(mean, std)`` or a number,
-    ``'all'`` and ``'rmsd'`` -> number or string.
+    ``'all'`` and ``'rmsd'`` -> number or string. Several amplitude reports
+    must share their mode numbers.
 
     Pose report columns: angular error mean / median (°), shift error
     mean / median (px); ``paper_row`` keys ``'angular_mean'``,
     ``'angular_median'``, ``'shift_mean'``, ``'shift_median'``.
     """
+    reports = dict(report) if isinstance(report, Mapping) else {label: report}
+    if not reports:
+        raise ValueError("No error report to format.")
+    first = next(iter(reports.values()))
     paper_row = dict(paper_row or {})
-    if isinstance(report, AmplitudeErrorReport):
-        header = [""] + [f"Mode {m} (Å)" for m in report.mode_numbers] + ["All (Å)", "RMSD (Å)"]
-        rmsd = _fmt(report.rmsd_mean, digits)
-        if report.rmsd_mean_minus_std is not None and report.rmsd_mean_plus_std is not None:
-            rmsd += (f" [{report.rmsd_mean_minus_std:.{digits}f}, "
-                     f"{report.rmsd_mean_plus_std:.{digits}f}]")
-        ours = ([label] + [_fmt((mu, sd), digits) for mu, sd in
-                           zip(report.per_mode_mean, report.per_mode_std)]
-                + [_fmt(report.mean_abs_error, digits), rmsd])
-        theirs = ([paper_label] + [_fmt(paper_row.get(int(m)), digits) for m in report.mode_numbers]
+    rows = []
+    if isinstance(first, AmplitudeErrorReport):
+        modes = [int(m) for m in first.mode_numbers]
+        header = [""] + [f"Mode {m} (Å)" for m in modes] + ["All (Å)", "RMSD (Å)"]
+        for name, r in reports.items():
+            if not isinstance(r, AmplitudeErrorReport) or [int(m) for m in r.mode_numbers] != modes:
+                raise ValueError("All amplitude reports in one table must cover the same modes.")
+            rmsd = _fmt(r.rmsd_mean, digits)
+            if r.rmsd_mean_minus_std is not None and r.rmsd_mean_plus_std is not None:
+                rmsd += f" [{r.rmsd_mean_minus_std:.{digits}f}, {r.rmsd_mean_plus_std:.{digits}f}]"
+            rows.append([name] + [_fmt((mu, sd), digits) for mu, sd in zip(r.per_mode_mean, r.per_mode_std)]
+                        + [_fmt(r.mean_abs_error, digits), rmsd])
+        theirs = ([paper_label] + [_fmt(paper_row.get(m), digits) for m in modes]
                   + [_fmt(paper_row.get("all"), digits), _fmt(paper_row.get("rmsd"), digits)])
-    elif isinstance(report, PoseErrorReport):
+    elif isinstance(first, PoseErrorReport):
         keys = ["angular_mean", "angular_median", "shift_mean", "shift_median"]
         header = ["", "Angle mean (°)", "Angle median (°)", "Shift mean (px)", "Shift median (px)"]
-        ours = [label] + [_fmt(getattr(report, key), digits) for key in keys]
+        for name, r in reports.items():
+            if not isinstance(r, PoseErrorReport):
+                raise ValueError("Do not mix amplitude and pose reports in one table.")
+            rows.append([name] + [_fmt(getattr(r, key), digits) for key in keys])
         theirs = [paper_label] + [_fmt(paper_row.get(key), digits) for key in keys]
     else:
-        raise ValueError(f"Cannot format a {type(report).__name__}; expected an error report.")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), "| " + " | ".join(ours) + " |"]
+        raise ValueError(f"Cannot format a {type(first).__name__}; expected an error report.")
     if paper_row:
-        lines.append("| " + " | ".join(theirs) + " |")
-    return "\n".join(lines)
+        rows.append(theirs)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 # ----------------------------------------------------------------------------- outliers
 
 
 def mahalanobis_distances(amplitudes: np.ndarray, robust: bool = False,
-                          support_fraction: float = 0.75, iterations: int = 20) -> np.ndarray:
+                          support_fraction: float = 0.75, iterations: int = 30,
+                          n_starts: int = 10,
+                          seed: Union[int, np.random.Generator] = 0) -> np.ndarray:
     """Mahalanobis distance of each amplitude vector to the cloud.
 
     amplitudes: (M, K) in Å. Returns (M,) distances (dimensionless, in units of
@@ -332,9 +347,16 @@ def mahalanobis_distances(amplitudes: np.ndarray, robust: bool = False,
     mean ``mu`` and covariance ``C`` (ddof=1) of the cloud; ``C^+`` is the
     pseudo-inverse, so a degenerate (flat) cloud is handled.
 
-    robust: estimate ``mu`` and ``C`` from the ``support_fraction`` of the points
-    closest to the current estimate, iterated (concentration steps as in
-    FastMCD, started from the whole set), so far outliers do not inflate ``C``.
+    robust: estimate ``mu`` and ``C`` from the ``h = support_fraction * M``
+    points with the smallest covariance determinant, found as in FastMCD
+    (Rousseeuw & Van Driessen 1999) by concentration steps (keep the h points
+    closest to the current estimate, re-estimate, repeat) from several starts:
+    the whole set, the h points nearest the coordinate-wise median in
+    median-absolute-deviation units, and ``n_starts`` random (K + 1)-subsets
+    drawn with ``seed``. Far outliers, even clustered ones, then do not
+    inflate ``C``. No consistency correction is applied to ``C``, so robust
+    distances of inliers run somewhat larger than plain ones; use them to rank
+    (``outlier_mask(..., fraction=...)``) rather than with a chi-square cut.
     Raises ValueError for fewer than K + 1 points.
     """
     x = _as_2d("amplitudes", amplitudes)
@@ -345,24 +367,46 @@ def mahalanobis_distances(amplitudes: np.ndarray, robust: bool = False,
     if not 0.5 <= support_fraction <= 1.0:
         raise ValueError(f"support_fraction must be within [0.5, 1]; got {support_fraction}.")
 
-    def distances(subset: np.ndarray) -> np.ndarray:
+    def estimate(subset: np.ndarray):
         mu = subset.mean(axis=0)
         cov = np.atleast_2d(np.cov(subset, rowvar=False))
+        return mu, cov
+
+    def distances(mu: np.ndarray, cov: np.ndarray) -> np.ndarray:
         inv = np.linalg.pinv(cov, hermitian=True)
         d = x - mu
         return np.sqrt(np.maximum(np.einsum("mi,ij,mj->m", d, inv, d), 0.0))
 
-    dist = distances(x)
-    if robust:
-        h = max(k + 1, int(math.ceil(support_fraction * m)))
+    mu, cov = estimate(x)
+    if not robust:
+        return distances(mu, cov)
+
+    def score(c: np.ndarray):  # highest rank first, then smallest (pseudo-)determinant
+        ev = np.linalg.eigvalsh(c)
+        pos = ev[ev > 1e-12 * max(ev.max(), 1e-300)]
+        return (-len(pos), float(np.sum(np.log(pos))))
+
+    h = max(k + 1, int(math.ceil(support_fraction * m)))
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    med = np.median(x, axis=0)
+    mad = np.median(np.abs(x - med), axis=0)
+    mad[mad == 0] = 1.0
+    starts = [np.arange(m), np.argsort(np.sum(((x - med) / mad) ** 2, axis=1), kind="stable")[:h]]
+    starts += [rng.choice(m, size=k + 1, replace=False) for _ in range(n_starts)]
+    best = None
+    for start in starts:
+        mu, cov = estimate(x[start])
         chosen = None
         for _ in range(iterations):
-            new = np.sort(np.argsort(dist, kind="stable")[:h])
+            new = np.sort(np.argsort(distances(mu, cov), kind="stable")[:h])
             if chosen is not None and np.array_equal(new, chosen):
                 break
             chosen = new
-            dist = distances(x[chosen])
-    return dist
+            mu, cov = estimate(x[chosen])
+        key = score(cov)
+        if best is None or key < best[0]:
+            best = (key, mu, cov)
+    return distances(best[1], best[2])
 
 
 def outlier_mask(distances: np.ndarray, threshold: Optional[float] = None,

@@ -17,7 +17,7 @@ from .nma import displace
 
 __all__ = [
     "principal_components", "principal_path", "path_through_points", "kmeans",
-    "select_by_ranges", "trajectory_frames",
+    "select_by_ranges", "nearest_particles", "trajectory_frames",
 ]
 
 
@@ -189,6 +189,16 @@ def select_by_ranges(amplitudes: np.ndarray,
         if hi is not None:
             keep &= col <= hi
     return keep
+
+
+def nearest_particles(amplitudes: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Index of the particle closest (Euclidean, Å) to each point, e.g. to each
+    k-means centre or path frame: amplitudes (M, K), points (P, K) -> (P,) int."""
+    x = _amplitudes(amplitudes)
+    p = _amplitudes(points, "points")
+    if p.shape[1] != x.shape[1]:
+        raise ValueError(f"The points have {p.shape[1]} amplitudes but the particles have {x.shape[1]}.")
+    return _assign(p, x)[0]
 
 
 def trajectory_frames(coords: np.ndarray, modes: np.ndarray, path: np.ndarray) -> np.ndarray:

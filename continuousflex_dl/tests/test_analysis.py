@@ -73,6 +73,9 @@ def test_amplitude_report_rmsd_fields_and_csv(tmp_path):
     assert "Mode 7 (Å)" in lines[0] and "2.00 ± 1.00" in lines[2] and "3.00 ± 1.73" in lines[2]
     assert "1.50 ± 0.50" in lines[3] and "1.90" in lines[3]
     assert "Angle mean" in an.format_error_table(pose)
+    both = an.format_error_table({"HEMNMA vs GT": r, "DeepHEMNMA vs GT": r}).splitlines()
+    assert len(both) == 4 and both[3].startswith("| DeepHEMNMA vs GT | 2.00 ± 1.00")
+    assert "0.57 [" in both[2]  # RMSD of the mean errors: |(2, 3)| / sqrt(40) = 0.570 Å
 
 
 def test_pose_errors_known_rotation_angle():
@@ -156,6 +159,20 @@ def test_outlier_fraction_removes_planted_outliers(robust):
     assert not keep[90:].any() and keep[:90].all()
 
 
+def test_robust_distances_resist_masking_by_clustered_outliers():
+    # 20 % of the points in one far clump inflate the plain covariance along its
+    # direction: the clump then sits at about sqrt(0.8 / 0.2) = 2 plain units, less
+    # than many inliers in 5-D (chi with 4 dof); the robust estimate is not fooled.
+    rng = np.random.default_rng(11)
+    cloud = rng.normal(size=(80, 5))
+    clump = np.array([10.0, 0, 0, 0, 0]) + rng.normal(scale=0.1, size=(20, 5))
+    x = np.concatenate([cloud, clump])
+    plain = an.outlier_mask(an.mahalanobis_distances(x), fraction=0.2)
+    robust = an.outlier_mask(an.mahalanobis_distances(x, robust=True), fraction=0.2)
+    assert plain[80:].sum() >= 15  # masked: most of the clump is kept
+    assert not robust[80:].any() and robust[:80].all()
+
+
 def test_outlier_mask_threshold_and_checks():
     d = np.array([0.5, 3.0, 1.0, 2.5])
     np.testing.assert_array_equal(an.outlier_mask(d, threshold=2.5), [True, False, True, True])
@@ -227,6 +244,7 @@ def test_select_by_ranges_and_trajectory_frames():
                                   [False, True, False, True])
     with pytest.raises(ValueError):
         tr.select_by_ranges(x, {2: (0, 1)})
+    np.testing.assert_array_equal(tr.nearest_particles(x, [[5.5, 0.2], [0.1, 4.0]]), [3, 0])
     coords = np.arange(12.0).reshape(4, 3)
     modes = _orthonormal_modes(2, 4, seed=9)
     path = np.array([[0.0, 0.0], [1.0, -2.0]])

@@ -47,6 +47,10 @@ def test_point_cloud_2d_coloured_and_1d_histogram(tmp_path):
     assert fig.axes[1].get_ylabel() == "cost"
     assert _legend(ax) == []
     _save(fig, tmp_path, "cloud2d")
+    centres = np.array([[1.0, 2.0], [-1.0, 0.5]])
+    fig = plots.plot_point_cloud({"predicted": x}, [7, 8], path=centres, path_label="centres")
+    np.testing.assert_allclose(fig.axes[0].lines[0].get_xydata(), centres)
+    assert _legend(fig.axes[0]) == ["predicted", "centres"]
 
     one = {"GT": rng.normal(size=(50, 1)), "pred": rng.normal(size=(60, 1))}
     fig = plots.plot_point_cloud(one, [7], bins=10)
@@ -69,6 +73,16 @@ def test_point_cloud_pca_projects_on_principal_axes(tmp_path):
     # PC 1 is the planted line: |projection| equals the distance along it (norm 1.5)
     assert abs(np.corrcoef(pc1, t)[0, 1]) > 0.999
     assert ax.get_xlabel() == "PC 1 (Å)"
+    # a path along the line projects onto PC 1 only, as far as its length
+    path = np.outer([-1.0, 0.0, 1.0], [40.0, -40.0, 20.0, 0.0, 0.0]) + x.mean(axis=0)
+    fig = plots.plot_point_cloud({"a": x}, [7, 8, 9, 10, 11], dims="pca", path=path, path_label="PC 1 path")
+    ax = fig.axes[0]
+    line = ax.lines[0]
+    px, py, pz = line.get_data_3d()
+    np.testing.assert_allclose(np.abs(px), [60.0, 0.0, 60.0], atol=1.0)  # |(40, -40, 20)| = 60
+    np.testing.assert_allclose(py, 0.0, atol=1.0)
+    assert _legend(ax) == ["a", "PC 1 path"]
+    _save(fig, tmp_path, "pca_path")
     with pytest.raises(ValueError):
         plots.plot_point_cloud({"a": x}, [7, 8])
     with pytest.raises(ValueError):

@@ -43,7 +43,8 @@ def plot_point_cloud(sets: Mapping[str, np.ndarray], mode_numbers: Sequence[int]
                      dims: Union[Sequence[int], str] = (0, 1, 2),
                      color_by: Union[None, np.ndarray, Mapping[str, np.ndarray]] = None,
                      colorbar_label: str = "", title: str = "", marker_size: float = 6.0,
-                     bins: int = 40, figsize=(6.4, 5.2)) -> Figure:
+                     bins: int = 40, path: Optional[np.ndarray] = None,
+                     path_label: str = "trajectory", figsize=(6.4, 5.2)) -> Figure:
     """Amplitude point clouds, several sets overlaid (e.g. ground truth,
     HEMNMA, predicted as in the DeepHEMNMA paper's Figure 3a).
 
@@ -55,7 +56,10 @@ def plot_point_cloud(sets: Mapping[str, np.ndarray], mode_numbers: Sequence[int]
     color_by: per-point values (M,) for a single set, or ``{label: (M,)}``;
     points are then coloured on one scale with a colorbar named
     ``colorbar_label`` (ignored for histograms).
-    A legend names the sets when there are several.
+    path: optional (F, K) amplitudes (Å), e.g. a trajectory or cluster centres,
+    drawn as a black line with markers over the clouds (projected like them;
+    vertical lines at its values for histograms), named ``path_label`` in the legend.
+    A legend names the sets when there are several, or when a path is drawn.
     """
     if not sets:
         raise ValueError("No point sets to plot.")
@@ -72,14 +76,20 @@ def plot_point_cloud(sets: Mapping[str, np.ndarray], mode_numbers: Sequence[int]
             raise ValueError(f"dims must be column indices or 'pca'; got {dims!r}.")
         n = min(3, k)
         mean, comps, _ = principal_components(np.concatenate(list(data.values())))
-        data = {label: (x - mean) @ comps[:n].T for label, x in data.items()}
+        project = lambda a: (a - mean) @ comps[:n].T  # noqa: E731
         labels = [f"PC {i + 1} (Å)" for i in range(n)]
     else:
         dims = [int(d) for d in dims][:k]
         if not dims or len(set(dims)) != len(dims) or any(not 0 <= d < k for d in dims):
             raise ValueError(f"dims must be 1 to 3 distinct column indices within 0..{k - 1}; got {dims}.")
-        data = {label: x[:, dims] for label, x in data.items()}
+        project = lambda a: a[:, dims]  # noqa: E731
         labels = [mode_label(mode_numbers[d]) for d in dims]
+    data = {label: project(x) for label, x in data.items()}
+    if path is not None:
+        path = _points("path", path)
+        if path.shape[1] != k:
+            raise ValueError(f"The path has {path.shape[1]} amplitudes per point; the sets have {k}.")
+        path = project(path)
     if color_by is not None and not isinstance(color_by, Mapping):
         if len(data) != 1:
             raise ValueError("With several sets, give color_by as {set label: values}.")
@@ -112,6 +122,12 @@ def plot_point_cloud(sets: Mapping[str, np.ndarray], mode_numbers: Sequence[int]
         sc = ax.scatter(*x.T, **kw)
         if label in colours:
             mappable = sc
+    if path is not None:
+        if ndim == 1:
+            for i, v in enumerate(path[:, 0]):
+                ax.axvline(v, color="k", lw=1, label=path_label if i == 0 else None)
+        else:
+            ax.plot(*path.T, "o-", color="k", ms=4, lw=1.5, label=path_label)
     ax.set_xlabel(labels[0])
     if ndim == 1:
         ax.set_ylabel("Particles")
@@ -119,7 +135,7 @@ def plot_point_cloud(sets: Mapping[str, np.ndarray], mode_numbers: Sequence[int]
         ax.set_ylabel(labels[1])
     if ndim == 3:
         ax.set_zlabel(labels[2])
-    if len(data) > 1:
+    if len(data) > 1 or path is not None:
         ax.legend()
     if mappable is not None:
         fig.colorbar(mappable, ax=ax, label=colorbar_label, shrink=0.8)
