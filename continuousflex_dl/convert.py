@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyworkflow.object as pwobj
-from pwem.objects import NormalMode, SetOfNormalModes
+from pwem.objects import (CTFModel, FlexInfo, NormalMode, ParticleFlex, SetOfNormalModes,
+                          Transform)
 
+from .core.ctf import CTFParams
+from .core.geometry import pose_to_scipion_matrix, scipion_matrix_to_pose
 from .core.nma import NormalModes, read_mode_files
 from .core.structure import Atoms, load_atoms
 
@@ -95,3 +99,149 @@ def parse_mode_list(text: str) -> List[int]:
     if not numbers:
         raise ValueError("The mode list is empty: give mode numbers like '7-9'.")
     return numbers
+
+
+# ----------------------------- particles -----------------------------------------
+FLEX_PROG_NAME = "continuousflex_dl"
+#: Where zFlex amplitudes came from (FlexInfo attribute ``amplitudeSource``).
+SOURCE_GROUND_TRUTH, SOURCE_HEMNMA, SOURCE_NETWORK = "ground truth", "HEMNMA", "DeepHEMNMA"
+
+
+@dataclass
+class ParticleArrays:
+    """Core-side view of a SetOfParticles (arrays in the set's iteration order).
+
+    ids: (M,) Scipion ids; stacks: M stack paths; indices: (M,) 0-based stack indices;
+    pixel_size Å/px; box px; amplitudes (M, K) Å or None; mode_numbers of the amplitudes;
+    angles (M, 3) deg and shifts (M, 2) px or None; ctf: CTFParams (M) or None.
+    """
+    ids: np.ndarray
+    stacks: List[str]
+    indices: np.ndarray
+    pixel_size: float
+    box: int
+    amplitudes: Optional[np.ndarray] = None
+    mode_numbers: Optional[List[int]] = None
+    angles: Optional[np.ndarray] = None
+    shifts: Optional[np.ndarray] = None
+    ctf: Optional[object] = None
+    voltage: float = 300.0
+    cs: float = 2.7
+    amplitude_contrast: float = 0.1
+
+
+def flex_info(mode_numbers: Sequence[int], source: str) -> FlexInfo:
+    """FlexInfo naming the modes of zFlex and where the amplitudes came from."""
+    info = FlexInfo(FLEX_PROG_NAME)
+    info.setAttr("modes", [int(m) for m in mode_numbers])
+    info.setAttr("amplitudeSource", source)
+    return info
+
+
+def flex_mode_numbers(particles) -> Optional[List[int]]:
+    """Mode numbers named by a SetOfParticlesFlex's FlexInfo, or None."""
+    info = particles.getFlexInfo() if hasattr(particles, "getFlexInfo") else None
+    if info is None or not hasattr(info, "modes"):
+        return None
+    value = info.getAttr("modes")  # a CsvList stores "7,8,9"
+    return [int(m) for m in str(value).split(",") if m.strip()]
+
+
+def read_particles(particles, need_amplitudes: bool = False) -> ParticleArrays:
+    """Arrays of a SetOfParticles (or SetOfParticlesFlex). Raises ValueError with the fix
+    for an empty set, or missing amplitudes when ``need_amplitudes``."""
+    n = particles.getSize()
+    if not n:
+        raise ValueError("The input set of particles is empty.")
+    acq = particles.getAcquisition()
+    has_ctf = particles.hasCTF()
+    has_pose = particles.hasAlignmentProj()
+    ids, stacks, indices, zflex, mats, ctf = [], [], [], [], [], []
+    for p in particles.iterItems(orderBy="id"):
+        ids.append(p.getObjId())
+        index, path = p.getLocation()
+        stacks.append(path)
+        indices.append((index or 1) - 1)
+        if hasattr(p, "getZFlex"):
+            zflex.append(p.getZFlex())
+        if has_pose and p.hasTransform():
+            mats.append(p.getTransform().getMatrix())
+        if has_ctf:
+            c = p.getCTF()
+            ctf.append((c.getDefocusU(), c.getDefocusV(), c.getDefocusAngle()))
+    out = ParticleArrays(ids=np.array(ids), stacks=stacks, indices=np.array(indices),
+                         pixel_size=float(particles.getSamplingRate()), box=int(particles.getXDim()),
+                         voltage=float(acq.getVoltage() or 300.0),
+                         cs=float(acq.getSphericalAberration() or 2.7),
+                         amplitude_contrast=float(acq.getAmplitudeContrast() or 0.1))
+    if zflex and len(zflex) == n and all(len(z) for z in zflex):
+        out.amplitudes = np.stack(zflex)
+        out.mode_numbers = flex_mode_numbers(particles)
+    if need_amplitudes and out.amplitudes is None:
+        raise ValueError("The particles carry no normal-mode amplitudes: use the output of the "
+                         "HEMNMA alignment or of the synthesis protocol of this plugin.")
+    if len(mats) == n:
+        out.angles, out.shifts = scipion_matrix_to_pose(np.stack(mats))
+    if len(ctf) == n:
+        d = np.array(ctf, dtype=float)
+        out.ctf = CTFParams(defocus_u=d[:, 0], defocus_v=d[:, 1], defocus_angle=d[:, 2],
+                            voltage=out.voltage, cs=out.cs, amplitude_contrast=out.amplitude_contrast)
+    return out
+
+
+def set_acquisition(out, pixel_size: float, voltage: float, cs: float, amplitude_contrast: float,
+                    has_ctf: bool) -> None:
+    """Sampling rate, acquisition and flags of a new set of particles."""
+    out.setSamplingRate(pixel_size)
+    acq = out.getAcquisition()
+    acq.setVoltage(voltage)
+    acq.setSphericalAberration(cs)
+    acq.setAmplitudeContrast(amplitude_contrast)
+    acq.setMagnification(50000)
+    out.setHasCTF(has_ctf)
+
+
+def fill_synthetic_particles(out, result, source: str = SOURCE_GROUND_TRUTH) -> None:
+    """Append the particles of a core SynthesisResult to a SetOfParticlesFlex ``out``
+    (location, CTF, ALIGN_PROJ Transform, zFlex) and set its FlexInfo."""
+    set_acquisition(out, result.pixel_size, result.voltage, result.cs, result.amplitude_contrast,
+                    bool(result.ctf_applied))
+    out.setAlignmentProj()
+    out.setFlexInfo(flex_info(result.mode_numbers, source))
+    matrices = result.scipion_matrices()
+    for i in range(result.n_images):
+        p = ParticleFlex(progName=FLEX_PROG_NAME)
+        p.setLocation(i + 1, result.stack_path)
+        p.setTransform(Transform(matrices[i]))
+        p.setZFlex(result.amplitudes[i].tolist())
+        if result.ctf_applied:
+            p.setCTF(CTFModel(defocusU=float(result.defocus_u[i]), defocusV=float(result.defocus_v[i]),
+                              defocusAngle=float(result.defocus_angle[i])))
+        out.append(p)
+
+
+def fill_flex_particles(out, particles, ids: np.ndarray, amplitudes: np.ndarray,
+                        mode_numbers: Sequence[int], source: str, angles: Optional[np.ndarray] = None,
+                        shifts: Optional[np.ndarray] = None, extra: Optional[dict] = None) -> None:
+    """Copy the particles ``ids`` of ``particles`` into the SetOfParticlesFlex ``out`` with
+    new amplitudes (M, K) Å, optionally new poses (angles (M, 3) deg, shifts (M, 2) px), and
+    per-particle extra Float attributes ``{name: (M,) values}`` (scores, distances)."""
+    out.copyInfo(particles)
+    out.setFlexInfo(flex_info(mode_numbers, source))
+    if angles is not None:
+        out.setAlignmentProj()
+        matrices = pose_to_scipion_matrix(angles, shifts)
+    row = {int(i): k for k, i in enumerate(ids)}
+    for p in particles.iterItems(orderBy="id"):
+        k = row.get(p.getObjId())
+        if k is None:
+            continue
+        q = ParticleFlex(progName=FLEX_PROG_NAME)
+        q.copyInfo(p)
+        q.setObjId(p.getObjId())
+        if angles is not None:
+            q.setTransform(Transform(matrices[k]))
+        q.setZFlex(np.asarray(amplitudes[k], dtype=float).tolist())
+        for name, values in (extra or {}).items():
+            setattr(q, name, pwobj.Float(float(values[k])))
+        out.append(q)
