@@ -393,19 +393,22 @@ def mahalanobis_distances(amplitudes: np.ndarray, robust: bool = False,
     mad[mad == 0] = 1.0
     starts = [np.arange(m), np.argsort(np.sum(((x - med) / mad) ** 2, axis=1), kind="stable")[:h]]
     starts += [rng.choice(m, size=k + 1, replace=False) for _ in range(n_starts)]
-    best = None
-    for start in starts:
-        mu, cov = estimate(x[start])
-        chosen = None
-        for _ in range(iterations):
+
+    def c_steps(mu, cov, chosen, n):
+        for _ in range(n):
             new = np.sort(np.argsort(distances(mu, cov), kind="stable")[:h])
             if chosen is not None and np.array_equal(new, chosen):
                 break
             chosen = new
             mu, cov = estimate(x[chosen])
-        key = score(cov)
-        if best is None or key < best[0]:
-            best = (key, mu, cov)
+        return score(cov), mu, cov, chosen
+
+    # FastMCD strategy: two concentration steps from every start, then iterate
+    # the three best to convergence and keep the smallest determinant.
+    trials = [c_steps(*estimate(x[start]), None, 2) for start in starts]
+    trials.sort(key=lambda t: t[0])
+    best = min((c_steps(mu, cov, chosen, iterations) for _, mu, cov, chosen in trials[:3]),
+               key=lambda t: t[0])
     return distances(best[1], best[2])
 
 

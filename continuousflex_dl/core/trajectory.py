@@ -42,10 +42,11 @@ def principal_components(amplitudes: np.ndarray) -> Tuple[np.ndarray, np.ndarray
     """
     x = _amplitudes(amplitudes)
     mean = x.mean(axis=0)
-    _, s, vt = np.linalg.svd(x - mean, full_matrices=True)
+    xc = x - mean
+    cov = xc.T @ xc / max(len(x) - 1, 1)  # (K, K): cheap for any number of particles
+    var, vecs = np.linalg.eigh(cov)
+    var, vt = np.maximum(var[::-1], 0.0), vecs[:, ::-1].T
     k = x.shape[1]
-    var = np.zeros(k)
-    var[:len(s)] = s ** 2 / max(len(x) - 1, 1)
     idx = np.argmax(np.abs(vt), axis=1)
     signs = np.sign(vt[np.arange(k), idx])
     signs[signs == 0] = 1.0
@@ -121,12 +122,14 @@ def _assign(x: np.ndarray, centres: np.ndarray) -> Tuple[np.ndarray, np.ndarray]
 
 
 def kmeans(amplitudes: np.ndarray, k: int, seed: Union[int, np.random.Generator] = 0,
-           n_init: int = 4, max_iter: int = 100, tol: float = 1e-8) -> Tuple[np.ndarray, np.ndarray]:
+           n_init: int = 4, max_iter: int = 100, tol: float = 1e-4) -> Tuple[np.ndarray, np.ndarray]:
     """k-means clustering (Lloyd's algorithm, k-means++ initialisation).
 
     amplitudes: (M, K) Å; k clusters (1 <= k <= M); seed: int or numpy
     Generator (same seed -> same result). The best of ``n_init`` runs (lowest
-    within-cluster sum of squares) is kept. Clusters are numbered by
+    within-cluster sum of squares) is kept; a run stops when no label changes
+    or no centre moves by more than ``tol`` times the mean variance of the
+    amplitudes (squared distance, as scikit-learn). Clusters are numbered by
     decreasing size (ties: by centre coordinates), so labels are reproducible.
     Returns ``(labels (M,) int, centres (k, K) Å)``.
     """
@@ -137,23 +140,29 @@ def kmeans(amplitudes: np.ndarray, k: int, seed: Union[int, np.random.Generator]
     if n_init < 1:
         raise ValueError(f"n_init must be at least 1; got {n_init}.")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    stop = tol * float(np.mean(np.var(x, axis=0)))
     best = None
     for _ in range(n_init):
         centres = _kmeans_pp(x, k, rng)
+        labels = None
         for _ in range(max_iter):
-            labels, d2 = _assign(x, centres)
+            new_labels, d2 = _assign(x, centres)
+            if labels is not None and np.array_equal(new_labels, labels):
+                break
+            labels = new_labels
+            counts = np.bincount(labels, minlength=k)
+            sums = np.stack([np.bincount(labels, weights=x[:, j], minlength=k)
+                             for j in range(x.shape[1])], axis=1)
             new = centres.copy()
-            for j in range(k):
-                members = labels == j
-                if members.any():
-                    new[j] = x[members].mean(axis=0)
-                else:  # empty cluster: restart it on the point farthest from its centre
-                    far = int(np.argmax(d2))
-                    new[j] = x[far]
-                    d2[far] = 0.0
+            full = counts > 0
+            new[full] = sums[full] / counts[full, None]
+            for j in np.flatnonzero(~full):  # empty cluster: restart it on the farthest point
+                far = int(np.argmax(d2))
+                new[j] = x[far]
+                d2[far] = 0.0
             shift = np.max(np.sum((new - centres) ** 2, axis=1))
             centres = new
-            if shift <= tol:
+            if shift <= stop:
                 break
         labels, d2 = _assign(x, centres)
         inertia = float(d2.sum())

@@ -76,13 +76,19 @@ def plot_point_cloud(sets: Mapping[str, np.ndarray], mode_numbers: Sequence[int]
             raise ValueError(f"dims must be column indices or 'pca'; got {dims!r}.")
         n = min(3, k)
         mean, comps, _ = principal_components(np.concatenate(list(data.values())))
-        project = lambda a: (a - mean) @ comps[:n].T  # noqa: E731
+        axes = comps[:n].T
+
+        def project(a):
+            return (a - mean) @ axes
         labels = [f"PC {i + 1} (Å)" for i in range(n)]
     else:
         dims = [int(d) for d in dims][:k]
-        if not dims or len(set(dims)) != len(dims) or any(not 0 <= d < k for d in dims):
+        if (not 1 <= len(dims) <= 3 or len(set(dims)) != len(dims)
+                or any(not 0 <= d < k for d in dims)):
             raise ValueError(f"dims must be 1 to 3 distinct column indices within 0..{k - 1}; got {dims}.")
-        project = lambda a: a[:, dims]  # noqa: E731
+
+        def project(a):
+            return a[:, dims]
         labels = [mode_label(mode_numbers[d]) for d in dims]
     data = {label: project(x) for label, x in data.items()}
     if path is not None:
