@@ -208,6 +208,16 @@ def test_principal_path_follows_planted_line():
     np.testing.assert_allclose(np.linalg.norm(d, axis=1), np.linalg.norm(d[0]))  # equal spacing
 
 
+def test_principal_components_match_covariance():
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(500, 3)) @ np.array([[4.0, 1.0, 0.0], [0.0, 2.0, 0.5], [0.0, 0.0, 1.0]])
+    mean, comps, var = tr.principal_components(x)
+    np.testing.assert_allclose(var, np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False)))[::-1], rtol=1e-10)
+    np.testing.assert_allclose(comps @ comps.T, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(np.var((x - mean) @ comps.T, axis=0, ddof=1), var, rtol=1e-10)
+    assert (comps[np.arange(3), np.argmax(np.abs(comps), axis=1)] > 0).all()  # sign convention
+
+
 def test_path_through_points_equal_arc_length():
     p = np.array([[0.0, 0.0], [3.0, 0.0], [3.0, 4.0]])  # length 3 + 4 = 7
     path = tr.path_through_points(p, 8)
