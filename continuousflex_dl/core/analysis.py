@@ -269,11 +269,11 @@ def write_error_csv(path: Union[str, os.PathLike], report: Union[Report, Sequenc
 
 
 def _fmt(value, digits: int) -> str:
-    if value is None or value == "":
+    if value is None:
         return "–"
     if isinstance(value, str):
-        return value
-    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return value or "–"
+    if isinstance(value, (tuple, list, np.ndarray)) and len(value) == 2:
         return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
     if isinstance(value, float) and math.isnan(value):
         return "–"
