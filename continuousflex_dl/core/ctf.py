@@ -144,8 +144,10 @@ def ctf_image(params: CTFParams, box: int, pixel_size: float, device=None,
     box = int(box)
     device = torch.device(device) if device is not None else torch.device("cpu")
     ky, kx = _frequencies(box, float(pixel_size), device)
-    k2 = (kx * kx + ky * ky)[None]
-    theta = torch.atan2(ky, kx)[None]
+    k2 = kx * kx + ky * ky                                   # (box, box//2+1)
+    safe = torch.where(k2 > 0, k2, torch.ones_like(k2))
+    cos2t = torch.where(k2 > 0, (kx * kx - ky * ky) / safe, torch.ones_like(k2))  # cos(2 theta)
+    sin2t = torch.where(k2 > 0, 2.0 * kx * ky / safe, torch.zeros_like(k2))      # sin(2 theta)
 
     def col(name):
         return torch.as_tensor(params.column(name), dtype=torch.float64, device=device)[:, None, None]
@@ -153,11 +155,16 @@ def ctf_image(params: CTFParams, box: int, pixel_size: float, device=None,
     lam = torch.as_tensor(electron_wavelength(params.column("voltage")), dtype=torch.float64,
                           device=device)[:, None, None]
     du, dv, ang = col("defocus_u"), col("defocus_v"), col("defocus_angle") * (math.pi / 180.0)
-    cs = col("cs") * 1e7
     q = col("amplitude_contrast")
-    dz = 0.5 * (du + dv) + 0.5 * (du - dv) * torch.cos(2.0 * (theta - ang))
-    gamma = (-math.pi * lam * dz * k2 + 0.5 * math.pi * cs * lam ** 3 * k2 * k2
-             - col("phase_shift") * (math.pi / 180.0) - torch.atan(q / torch.sqrt(1.0 - q * q)))
+    k1 = math.pi * lam                                       # (B, 1, 1)
+    k2c = 0.5 * math.pi * col("cs") * 1e7 * lam ** 3
+    offset = col("phase_shift") * (math.pi / 180.0) + torch.atan(q / torch.sqrt(1.0 - q * q))
+    # gamma = -k1 dz(theta) k^2 + k2c k^4 - offset with cos(2 (theta - angle)) =
+    # cos 2theta cos 2angle + sin 2theta sin 2angle: a linear combination of 5 fixed images.
+    basis = torch.stack([k2, cos2t * k2, sin2t * k2, k2 * k2, torch.ones_like(k2)]).reshape(5, -1)
+    coef = torch.cat([-k1 * 0.5 * (du + dv), -k1 * 0.5 * (du - dv) * torch.cos(2.0 * ang),
+                      -k1 * 0.5 * (du - dv) * torch.sin(2.0 * ang), k2c, -offset], dim=1)[:, :, 0]
+    gamma = (coef @ basis).reshape(-1, box, box // 2 + 1)
     return (-torch.sin(gamma)).to(dtype)
 
 

@@ -44,6 +44,9 @@ __all__ = [
     "sample_defocus", "add_noise", "measured_snr", "SynthesisResult", "synthesize",
 ]
 
+#: Bound on atoms x images x (box + 1) per projector call (its profile tensors), ~16 MiB each.
+_PROJECTION_ELEMENTS = 2 ** 22
+
 #: Names accepted by :func:`sample_amplitudes`.
 AMPLITUDE_RELATIONS = ("paper", "uniform", "gaussian", "linear", "clusters", "grid", "table")
 
@@ -428,11 +431,14 @@ def synthesize(out_stack: Union[str, os.PathLike], coords, modes, n_images: int,
             stop = min(n, start + int(chunk_size))
             amps = torch.as_tensor(amplitudes[start:stop], dtype=torch.float32, device=device)
             xyz = displace(coords_t, modes_t, amps) if k else coords_t
-            images = project_gaussians(
-                xyz, torch.as_tensor(rotations[start:stop], dtype=torch.float32, device=device),
-                torch.as_tensor(shifts[start:stop], dtype=torch.float32, device=device),
-                box, pixel_size, sigma=sigma_t, weights=weights_t)
-            images = images.to(torch.float32)
+            rot_t = torch.as_tensor(rotations[start:stop], dtype=torch.float32, device=device)
+            shift_t = torch.as_tensor(shifts[start:stop], dtype=torch.float32, device=device)
+            # The projector holds (B, N, box) profiles: project in sub-batches of bounded size.
+            step = max(1, _PROJECTION_ELEMENTS // (n_atoms * (box + 1)))
+            images = torch.cat([
+                project_gaussians(xyz[i:i + step] if k else xyz, rot_t[i:i + step], shift_t[i:i + step],
+                                  box, pixel_size, sigma=sigma_t, weights=weights_t)
+                for i in range(0, stop - start, step)]).to(torch.float32)
             if ctf:
                 params = CTFParams(defocus_u[start:stop], defocus_v[start:stop],
                                    defocus_angle[start:stop], voltage, cs, amplitude_contrast)
@@ -470,6 +476,9 @@ def _create_stack(path: Path, n: int, box: int, pixel_size: float) -> tuple:
     with mrcfile.new_mmap(str(path), shape=(n, box, box), mrc_mode=2, overwrite=True) as mrc:
         mrc.set_image_stack()
         mrc.voxel_size = float(pixel_size)
+        # A fixed label instead of mrcfile's timestamp, so the same seed gives identical bytes.
+        mrc.header.label[0] = b"continuousflex_dl synthetic particles"
+        mrc.header.nlabl = 1
         offset = int(mrc.header.nbytes + mrc.extended_header.nbytes)
         dtype = mrc.data.dtype
     return offset, dtype

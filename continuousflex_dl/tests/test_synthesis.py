@@ -1,6 +1,7 @@
 """Synthesis: orientation/shift/amplitude/defocus sampling, noise at a given SNR, the streamed
 .mrcs stack against an independent recomputation, reproducibility, and STAR round trip."""
 import math
+import time
 
 import mrcfile
 import numpy as np
@@ -11,6 +12,7 @@ from scipy.stats import chisquare
 from continuousflex_dl.core.ctf import CTFParams, apply_ctf, ctf_image
 from continuousflex_dl.core.geometry import euler_to_matrix
 from continuousflex_dl.core.projection import project_gaussians
+from continuousflex_dl.core import synthesis
 from continuousflex_dl.core.star import read_particles_star, read_star, write_star
 from continuousflex_dl.core.synthesis import (
     add_noise, measured_snr, sample_amplitudes, sample_defocus, sample_orientations, sample_shifts,
@@ -156,8 +158,10 @@ def _expected(coords, modes, res, i, ctf=True):
     return img[0].numpy()
 
 
-def test_synthesize_stack_matches_ground_truth(tmp_path, toy):
+def test_synthesize_stack_matches_ground_truth(tmp_path, toy, monkeypatch):
     coords, modes = toy
+    # Project 3 images per projector call, so chunks of 5 are split 3 + 2.
+    monkeypatch.setattr(synthesis, "_PROJECTION_ELEMENTS", 3 * 100 * 33)
     calls = []
     res = synthesize(tmp_path / "a.mrcs", coords, modes, 12, 32, 2.0, max_shift_px=2.0,
                      defocus_min=8000.0, defocus_max=15000.0, astigmatism=300.0, seed=11, chunk_size=5,
@@ -189,6 +193,7 @@ def test_synthesize_noise_and_reproducibility(tmp_path, toy):
     kw = dict(amplitudes=None, relation="uniform", relation_params={"range": 20.0}, snr=0.5,
               defocus=12000.0, in_plane=False)
     a = synthesize(tmp_path / "a.mrcs", coords, modes, 30, 48, 1.5, seed=3, chunk_size=256, **kw)
+    time.sleep(1.1)  # the file must not record the time
     b = synthesize(tmp_path / "b.mrcs", coords, modes, 30, 48, 1.5, seed=3, chunk_size=7, **kw)
     c = synthesize(tmp_path / "c.mrcs", coords, modes, 30, 48, 1.5, seed=4, **kw)
     bytes_a = (tmp_path / "a.mrcs").read_bytes()
