@@ -253,3 +253,14 @@ def test_star_round_trip(tmp_path, toy):
         "rlnDetectorPixelSize": [5.0], "rlnMagnification": [25000.0]}})
     r31 = read_particles_star(tmp_path / "r31.star")
     assert r31.pixel_size == 2.0 and np.allclose(r31.shifts, [[1.5, -0.75]]) and r31.indices[0] == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_synthesize_cuda_matches_cpu(tmp_path, toy):
+    coords, modes = toy
+    kw = dict(snr=1.0, max_shift_px=2.0, seed=9)
+    cpu = synthesize(tmp_path / "cpu.mrcs", coords, modes, 8, 32, 2.0, device="cpu", **kw)
+    gpu = synthesize(tmp_path / "gpu.mrcs", coords, modes, 8, 32, 2.0, device="cuda", **kw)
+    assert np.array_equal(cpu.angles, gpu.angles)
+    with mrcfile.mmap(cpu.stack_path, mode="r") as a, mrcfile.mmap(gpu.stack_path, mode="r") as b:
+        assert np.abs(np.asarray(a.data) - np.asarray(b.data)).max() < 1e-3 * np.abs(np.asarray(a.data)).max()
