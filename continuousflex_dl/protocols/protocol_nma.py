@@ -12,7 +12,8 @@ from .base import FlexDLProtBase
 
 SELECTION_KEYS = ["heavy", "ca", "all", "custom"]
 SELECTION_LABELS = ["heavy atoms", "CA / P only", "all atoms", "custom"]
-CUTOFF_ABSOLUTE, CUTOFF_RELATIVE = 0, 1
+CUTOFF_AUTO, CUTOFF_ABSOLUTE, CUTOFF_RELATIVE = 0, 1, 2
+AUTO_CUTOFF = {"ca": 15.0}  # Å; 8 Å for every other atomic selection
 METHODS = ["auto", "exact", "coarse"]
 
 
@@ -44,16 +45,17 @@ class FlexDLProtNMA(FlexDLProtBase):
                       validators=[params.GT(6)],
                       help="Modes 1-6 are rigid-body motions, so ask for more than 6. 20 is plenty "
                            "for HEMNMA, which usually uses a few of modes 7-20.")
-        form.addParam("cutoffMode", params.EnumParam, choices=["absolute", "relative"],
-                      default=CUTOFF_ABSOLUTE, display=params.EnumParam.DISPLAY_HLIST,
+        form.addParam("cutoffMode", params.EnumParam, choices=["auto", "absolute", "relative"],
+                      default=CUTOFF_AUTO, display=params.EnumParam.DISPLAY_HLIST,
                       label="Cutoff mode",
-                      help="absolute: a distance in Å. relative: a percentile of the distances from "
-                           "each atom to its 5 nearest neighbours (recommended for pseudoatoms).")
-        form.addParam("cutoff", params.FloatParam, default=8.0, condition="cutoffMode == 0",
+                      help="auto: 8 Å for atoms, 15 Å for CA/P-only networks, relative (percentile below) "
+                           "for pseudoatoms. absolute: a distance in Å. relative: a percentile of the "
+                           "distances from each atom to its 5 nearest neighbours.")
+        form.addParam("cutoff", params.FloatParam, default=8.0, condition="cutoffMode == 1",
                       label="Cutoff (Å)", validators=[params.Positive],
                       help="Atoms closer than this are joined by springs. 8 Å for heavy atoms, "
                            "about 15 Å for CA-only networks.")
-        form.addParam("rcPercentage", params.FloatParam, default=95.0, condition="cutoffMode == 1",
+        form.addParam("rcPercentage", params.FloatParam, default=95.0, condition="cutoffMode != 1",
                       label="Cutoff percentile (%)", validators=[params.Range(1, 100)],
                       help="Percentile of the nearest-neighbour distance distribution used as cutoff.")
         form.addParam("springConstant", params.FloatParam, default=1.0, label="Spring constant",
@@ -87,8 +89,7 @@ class FlexDLProtNMA(FlexDLProtBase):
         self._logToRunLog()
         atoms = load_atoms(self.inputStructure.get().getFileName(), self._selection())
         write_multimodel_pdb(self._getExtraPath("atoms.pdb"), atoms, atoms.coords)
-        cutoff = (self.cutoff.get() if self.cutoffMode == CUTOFF_ABSOLUTE
-                  else nma.relative_cutoff(atoms.coords, self.rcPercentage.get()))
+        cutoff = self._cutoff(atoms)
         modes = nma.compute_modes(atoms.coords, self.numberOfModes.get(), cutoff,
                                   self.springConstant.get(), METHODS[self.method.get()])
         nma.write_mode_files(self._getExtraPath("modes"), modes.vectors)
@@ -100,6 +101,15 @@ class FlexDLProtNMA(FlexDLProtBase):
             write_multimodel_pdb(self._animationFile(k + 1), atoms, frames)
         self.info("Cutoff %.2f Å; eigenvalues of modes 7-9: %s" %
                   (cutoff, np.array2string(modes.eigenvalues[6:9], precision=4)))
+
+    def _cutoff(self, atoms) -> float:
+        mode = self.cutoffMode.get()
+        pseudo = bool(self.inputStructure.get().getPseudoAtoms())
+        if mode == CUTOFF_RELATIVE or (mode == CUTOFF_AUTO and pseudo):
+            return nma.relative_cutoff(atoms.coords, self.rcPercentage.get())
+        if mode == CUTOFF_ABSOLUTE:
+            return self.cutoff.get()
+        return AUTO_CUTOFF.get(self._selection(), 8.0)
 
     def _animationFile(self, number):
         return self._getExtraPath("animations", "animated_mode_%03d.pdb" % number)

@@ -1,0 +1,27 @@
+"""Command line: ``python -m continuousflex_dl <command> ...`` (also ``continuousflex-dl``).
+
+Commands:
+  demo        the whole pipeline on adenylate kinase in a Scipion project
+  nma         normal modes of a PDB/mmCIF file into a folder of mode files
+"""
+import sys
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "demo":
+        from .demo import main as demo_main
+        return demo_main(rest)
+    if command == "nma":
+        from .cli import nma_main
+        return nma_main(rest)
+    print(f"Unknown command {command!r}.\n{__doc__}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
