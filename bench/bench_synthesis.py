@@ -80,16 +80,19 @@ def main(argv=None) -> dict:
         synthesize(os.path.join(tmp, "warm.mrcs"), n_images=min(args.chunk_size, 32), **common)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         synthesize(os.path.join(tmp, "speed.mrcs"), n_images=args.n, **common)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         figures["throughput_images"] = args.n
         figures["images_per_s"] = args.n / dt
+        figures["cpu_ms_per_image"] = cpu / args.n * 1e3
         print(f"synthesis {args.box}px, {len(coords)} atoms, CTF + noise (SNR {args.snr}), "
               f"chunk {args.chunk_size}, {args.device}, {torch.get_num_threads()} threads: "
-              f"{args.n} images in {dt:.2f} s = {args.n / dt:.1f} images/s")
+              f"{args.n} images in {dt:.2f} s = {args.n / dt:.1f} images/s wall; "
+              f"{cpu / args.n * 1e3:.2f} ms CPU time per image (all threads; "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
         os.remove(os.path.join(tmp, "speed.mrcs"))
 
         for n_long in (args.long, 2 * args.long):
@@ -110,8 +113,9 @@ def main(argv=None) -> dict:
             os.remove(path)
         chunk_mib = args.chunk_size * args.box ** 2 * 4 / 2 ** 20
         print(f"one chunk of images is {chunk_mib:.0f} MiB (float32); a 20,000 x 256 px stack would be "
-              f"{20000 * 256 ** 2 * 4 / 2 ** 30:.1f} GiB on disk, in memory only chunk-sized "
-              f"buffers ({args.chunk_size * 256 ** 2 * 4 / 2 ** 20:.0f} MiB per image buffer at 256 px)")
+              f"{20000 * 256 ** 2 * 4 / 2 ** 30:.1f} GiB on disk while memory holds chunk-sized "
+              f"buffers only ({args.chunk_size} images x 256 px = "
+              f"{args.chunk_size * 256 ** 2 * 4 / 2 ** 20:.0f} MiB per image buffer)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(figures, f, indent=1)
