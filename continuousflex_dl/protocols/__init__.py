@@ -1,2 +1,4 @@
 from .protocol_nma import FlexDLProtNMA  # noqa: F401
 from .protocol_synthesize import FlexDLProtSynthesize  # noqa: F401
+from .protocol_align import FlexDLProtAlign  # noqa: F401
+from .protocol_outliers import FlexDLProtOutliers  # noqa: F401

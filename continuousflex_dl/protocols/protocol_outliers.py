@@ -1,0 +1,83 @@
+"""Outlier removal in amplitude space by Mahalanobis distance."""
+import numpy as np
+from pwem.objects import SetOfParticlesFlex
+from pyworkflow.protocol import params
+
+from .. import convert
+from ..core.analysis import mahalanobis_distances, outlier_mask
+from .base import FlexDLProtBase
+
+DISTANCE_ATTR = "_cfdlMahalanobis"
+
+
+class FlexDLProtOutliers(FlexDLProtBase):
+    """Keep the particles whose amplitudes are not outliers (Mahalanobis distance).
+
+    The DeepHEMNMA paper removed about 10% of the HEMNMA results before
+    training. Each kept particle stores its distance."""
+    _label = "amplitude outlier removal"
+    _possibleOutputs = {"outputParticles": SetOfParticlesFlex}
+
+    def _defineParams(self, form):
+        form.addSection(label="Input")
+        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticlesFlex",
+                      label="Particles with amplitudes", important=True,
+                      help="Output of the HEMNMA alignment (or any set with amplitudes of this plugin).")
+        form.addParam("criterion", params.EnumParam, choices=["fraction", "threshold"], default=0,
+                      display=params.EnumParam.DISPLAY_HLIST, label="Remove by",
+                      help="fraction: remove the given fraction with the largest distances. "
+                           "threshold: remove particles farther than a distance.")
+        form.addParam("fraction", params.FloatParam, default=0.1, condition="criterion == 0",
+                      validators=[params.Range(0, 0.9)], label="Fraction to remove",
+                      help="0.1 removes the 10% most distant particles, as in the paper.")
+        form.addParam("threshold", params.FloatParam, default=3.0, condition="criterion == 1",
+                      validators=[params.Positive], label="Distance threshold",
+                      help="Mahalanobis distance (in standard deviations) above which a particle is removed.")
+        form.addParam("robust", params.BooleanParam, default=True, label="Robust estimate?",
+                      help="Estimate the centre and covariance from the most central 75% of the particles "
+                           "(a cluster of outliers cannot pull them).")
+
+    def _insertAllSteps(self):
+        self._insertFunctionStep(self.removeOutliersStep, needsGPU=False)
+
+    def removeOutliersStep(self):
+        particles = self.inputParticles.get()
+        arrays = convert.read_particles(particles, need_amplitudes=True)
+        distances = mahalanobis_distances(arrays.amplitudes, robust=self.robust.get())
+        if self.criterion.get() == 0:
+            keep = outlier_mask(distances, fraction=self.fraction.get())
+        else:
+            keep = outlier_mask(distances, threshold=self.threshold.get())
+        np.savez(self._getExtraPath("distances.npz"), ids=arrays.ids, distances=distances, keep=keep)
+        out = SetOfParticlesFlex(filename=self._getPath("particles_flex.sqlite"),
+                                 progName=convert.FLEX_PROG_NAME)
+        out.copyInfo(particles)
+        kept_ids = set(arrays.ids[keep].tolist())
+        by_id = dict(zip(arrays.ids.tolist(), distances))
+        for p in particles.iterItems(orderBy="id"):
+            if p.getObjId() in kept_ids:
+                q = p.clone()
+                setattr(q, DISTANCE_ATTR, convert.pwobj.Float(float(by_id[p.getObjId()])))
+                out.append(q)
+        self.info(f"Kept {keep.sum()} of {len(keep)} particles")
+        self._defineOutputs(outputParticles=out)
+        self._defineSourceRelation(self.inputParticles, out)
+
+    def _validate(self):
+        particles = self.inputParticles.get()
+        if particles is None:
+            return ["Choose a set of particles with amplitudes."]
+        if particles.getSize() < 10:
+            return [f"{particles.getSize()} particles are too few to estimate a covariance."]
+        return []
+
+    def _summary(self):
+        if not hasattr(self, "outputParticles"):
+            return []
+        d = np.load(self._getExtraPath("distances.npz"))
+        return [f"Kept {int(d['keep'].sum())} of {len(d['keep'])} particles "
+                f"(largest kept distance {d['distances'][d['keep']].max():.2f})."]
+
+    def _methods(self):
+        return ["Particles with outlying normal-mode amplitudes (Mahalanobis distance) were removed, as "
+                "in DeepHEMNMA [Hamitouche2022]."]
