@@ -63,7 +63,8 @@ class FlexDLProtCluster(FlexDLProtBase):
     selected by ranges of amplitudes. Each group becomes its own set of
     particles (the input particles, with their CTF and pose, so any Scipion 3-D
     reconstruction protocol accepts them), and the reference displaced to the
-    group's centre (mean amplitudes) is given as an atomic structure."""
+    group's centre (mean amplitudes) is given as an atomic structure (id = group
+    number). Empty groups (possible with ranges) give no output."""
     _label = "clusters"
     _possibleOutputs = {"outputCluster_01": SetOfParticlesFlex, "outputStructures": SetOfAtomStructs}
 
@@ -130,24 +131,28 @@ class FlexDLProtCluster(FlexDLProtBase):
         data = np.load(self._getExtraPath("clusters.npz"))
         ids, member = data["ids"], data["member"]
         inputSet = self.inputParticles.get()
-        files = []
+        groups = {}  # group index -> output set, in one pass over the input particles
         for c in range(len(member)):
             if not member[c].any():
                 self.info("Group %d is empty: no output for it." % (c + 1))
                 continue
-            keep = set(int(i) for i in ids[member[c]])
             out = SetOfParticlesFlex(filename=self._getPath("particles_cluster_%02d.sqlite" % (c + 1)),
                                      progName=convert.FLEX_PROG_NAME)
             out.copyInfo(inputSet)
-            for p in inputSet.iterItems(orderBy="id"):
-                if p.getObjId() in keep:
-                    out.append(p.clone())
-            name = self._clusterName(c + 1)
-            self._defineOutputs(**{name: out})
+            groups[c] = out
+        row = {int(i): k for k, i in enumerate(ids)}
+        for p in inputSet.iterItems(orderBy="id"):
+            k = row.get(p.getObjId())
+            if k is None:
+                continue
+            for c in np.flatnonzero(member[:, k]):
+                groups[int(c)].append(p.clone())
+        for c, out in groups.items():
+            self._defineOutputs(**{self._clusterName(c + 1): out})
             self._defineSourceRelation(self.inputParticles, out)
-            files.append(self._centreFile(c + 1))
         structures = SetOfAtomStructs(filename=self._getPath("centre_structures.sqlite"))
-        fill_atom_structs(structures, files)
+        fill_atom_structs(structures, [self._centreFile(c + 1) for c in groups],
+                          [c + 1 for c in groups])  # id = group number
         self._defineOutputs(outputStructures=structures)
         self._defineSourceRelation(self.inputModes, structures)
 

@@ -71,11 +71,12 @@ def check_modes_input(particles, modes_set) -> list:
     return []
 
 
-def fill_atom_structs(out: SetOfAtomStructs, files) -> None:
-    """Append one AtomStruct per PDB file (ids 1..F, in order)."""
-    for i, path in enumerate(files, start=1):
+def fill_atom_structs(out: SetOfAtomStructs, files, ids=None) -> None:
+    """Append one AtomStruct per PDB file, with ids ``ids`` (default 1..F, in order)."""
+    ids = range(1, len(files) + 1) if ids is None else ids
+    for i, path in zip(ids, files):
         item = AtomStruct(filename=str(path))
-        item.setObjId(i)
+        item.setObjId(int(i))
         out.append(item)
 
 

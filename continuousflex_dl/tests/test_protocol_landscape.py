@@ -76,32 +76,34 @@ class TestLandscape(BaseTest):
         for i, item in enumerate(prot.outputStructures.iterItems(orderBy="id")):
             np.testing.assert_allclose(pdb_frames(item.getFileName())[0], frames[i], atol=1e-6)
         self.assertIn("3 frames", "\n".join(prot.summary()))
+        # The viewer of the protocol draws the path over the cloud of its particles.
+        line = self._viewer(prot).cloudFigure().axes[0].get_lines()[0]
+        np.testing.assert_allclose(np.stack(line.get_data_3d(), axis=1), points, atol=1e-6)
 
     def test_trajectory_along_first_principal_component(self):
+        # In-process (no launch): the form's path choice -> the points the step displaces.
         prot = self.newProtocol(FlexDLProtTrajectory, inputParticles=self.particles,
                                 inputModes=self.modes, pathType=0, extent=1, numberOfFrames=6)
-        self.launchProtocol(prot)
-        path = np.loadtxt(prot._getExtraPath("path_points.txt"))
-        self.assertEqual(path.shape, (6, 3))
-        frames = pdb_frames(prot._getExtraPath("trajectory.pdb"))
-        self.assertEqual(len(frames), 6)
-        np.testing.assert_allclose(frames - self.atoms.coords,
-                                   displace(np.zeros_like(self.atoms.coords), self.vectors, path), atol=2e-3)
-        # Independent PCA: the path runs through the mean along the top covariance eigenvector,
-        # from the smallest to the largest projection of the particles.
+        self.assertEqual(prot.validate(), [])
         q = self.truth.amplitudes
+        path = prot._pathPoints(q)
+        self.assertEqual(path.shape, (6, 3))
+        # Independent PCA: the path runs through the mean along the top covariance eigenvector,
+        # from the smallest to the largest projection of the particles ('range' extent).
         w, v = np.linalg.eigh(np.cov(q, rowvar=False))
         pc1 = v[:, -1]
         steps = np.diff(path, axis=0)
         np.testing.assert_allclose(np.abs(steps @ pc1), np.linalg.norm(steps, axis=1), rtol=1e-6)
+        np.testing.assert_allclose(steps, steps[:1].repeat(5, axis=0), atol=1e-9)  # evenly spaced
         t = (q - q.mean(0)) @ pc1
         ends = sorted((path[[0, -1]] - q.mean(0)) @ pc1)
-        np.testing.assert_allclose(ends, [t.min(), t.max()], atol=1e-4)
-        # The viewer draws the path over the cloud of the protocol's particles.
-        fig = self._viewer(prot).cloudFigure()
-        lines = fig.axes[0].get_lines()
-        self.assertEqual(len(lines), 1)
-        self.assertEqual(len(lines[0].get_data_3d()[0]), 6)
+        np.testing.assert_allclose(ends, [t.min(), t.max()], atol=1e-6)
+        # Through points: evenly spaced in arc length, first and last points kept.
+        prot = self.newProtocol(FlexDLProtTrajectory, inputParticles=self.particles, inputModes=self.modes,
+                                pathType=1, points="0 0 0\n30 0 0\n30 40 0", numberOfFrames=8)
+        path = prot._pathPoints(q)
+        np.testing.assert_allclose(np.linalg.norm(np.diff(path, axis=0), axis=1), 10.0, atol=1e-9)
+        np.testing.assert_allclose(path[[0, -1]], [[0, 0, 0], [30, 40, 0]])
 
     def test_trajectory_validation(self):
         prot = self.newProtocol(FlexDLProtTrajectory, inputParticles=self.particles,
@@ -154,6 +156,18 @@ class TestLandscape(BaseTest):
         prot = self.newProtocol(FlexDLProtCluster, inputParticles=self.particles, inputModes=self.modes,
                                 method=1, ranges=f"7 * {cut}\n7 {cut} *; 9 0 *")
         self.assertEqual(prot.validate(), [])
+        self.launchProtocol(prot)
+        expected = [q[:, 0] <= cut, (q[:, 0] >= cut) & (q[:, 2] >= 0)]
+        for c, mask in enumerate(expected, start=1):
+            out = getattr(prot, "outputCluster_%02d" % c)
+            self.assertEqual(sorted(convert.read_particles(out).ids.tolist()), self.truth.ids[mask].tolist())
+        self.assertSetSize(prot.outputStructures, 2)
+        # The viewer of the protocol draws the two group centres (mean amplitudes) over the cloud.
+        v = self._viewer(prot)
+        self.assertEqual(v.validate(), [])
+        line = v.cloudFigure().axes[0].get_lines()[0]
+        np.testing.assert_allclose(np.stack(line.get_data_3d(), axis=1),
+                                   [q[m].mean(axis=0) for m in expected], atol=1e-6)
         self.assertEqual(parse_ranges("7 * 5; 9 0 *", [7, 8, 9]), [{0: (None, 5.0), 2: (0.0, None)}])
         bad = self.newProtocol(FlexDLProtCluster, inputParticles=self.particles, inputModes=self.modes,
                                method=1, ranges="12 0 1")
