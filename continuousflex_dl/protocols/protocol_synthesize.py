@@ -118,7 +118,7 @@ class FlexDLProtSynthesize(FlexDLProtBase):
             ctf=self.applyCTF.get(), defocus_min=self.defocusMin.get(), defocus_max=self.defocusMax.get(),
             voltage=self.voltage.get(), cs=self.sphericalAberration.get(),
             amplitude_contrast=self.amplitudeContrast.get(),
-            snr=self.snr.get() if self.addNoise else None, sigma=atoms.sigma, weights=atoms.weights,
+            snr=self.snr.get() if self.addNoise.get() else None, sigma=atoms.sigma, weights=atoms.weights,
             seed=self.seed.get(), device=self._getDevice(), progress=progress)
         save_synthesis(self._getExtraPath("ground_truth.npz"), result)
         result.write_star(self._getExtraPath("ground_truth.star"))

@@ -1,0 +1,97 @@
+"""DeepHEMNMA prediction: amplitudes (and poses) of new particles in milliseconds each."""
+import numpy as np
+from pwem.objects import SetOfParticlesFlex
+from pyworkflow.protocol import params
+
+from .. import convert
+from ..core.dataset import ArrayImageSource, MrcsImageSource, fourier_crop
+from ..core.training import load_model, predict
+from .base import FlexDLProtBase
+
+
+class FlexDLProtPredict(FlexDLProtBase):
+    """Predict normal-mode amplitudes of particles with a trained DeepHEMNMA model."""
+    _label = "DeepHEMNMA prediction"
+    _possibleOutputs = {"outputParticles": SetOfParticlesFlex}
+
+    def _defineParams(self, form):
+        form.addSection(label="Input")
+        form.addParam("inputModel", params.PointerParam, pointerClass="FlexDLModel",
+                      label="Trained model", important=True, help="Output of the DeepHEMNMA training.")
+        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles",
+                      label="Particles", important=True,
+                      help="Particles covering the same box in Å as the training particles; a different "
+                           "pixel size is handled by Fourier cropping.")
+        form.addParam("batchSize", params.IntParam, default=128, validators=[params.GT(0)],
+                      expertLevel=params.LEVEL_ADVANCED, label="Batch size")
+        self._addDeviceParam(form)
+
+    def _insertAllSteps(self):
+        self._insertFunctionStep(self.predictStep, needsGPU=False)
+        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+
+    def _images(self, parts, model):
+        """An image source with the model's box: the particles, Fourier-cropped if needed."""
+        source = MrcsImageSource(list(zip(parts.stacks, parts.indices.tolist())))
+        size = model.getImageSize()
+        if parts.box == size:
+            return source
+        import torch
+        images = fourier_crop(torch.as_tensor(source.read(np.arange(len(source)))), size).numpy()
+        return ArrayImageSource(images)
+
+    def predictStep(self):
+        self._logToRunLog()
+        model = self.inputModel.get()
+        parts = convert.read_particles(self.inputParticles.get())
+        loaded = load_model(model.getModelDir(), self._getDevice())
+        pose = model.predictsPose()
+        out = predict(loaded, self._images(parts, model), batch_size=self.batchSize.get(),
+                      return_pose=pose,
+                      progress=lambda done, total: self.info(f"Predicted {done} / {total} particles"))
+        amplitudes, angles, shifts = out if pose else (out, None, None)
+        if shifts is not None:  # the model's pixels -> the particles' pixels
+            shifts = shifts * model.getPixelSize() / parts.pixel_size
+        np.savez(self._getExtraPath("predicted.npz"), ids=parts.ids, amplitudes=amplitudes,
+                 **({"angles": angles, "shifts": shifts} if pose else {}))
+
+    def createOutputStep(self):
+        data = np.load(self._getExtraPath("predicted.npz"))
+        out = SetOfParticlesFlex(filename=self._getPath("particles_flex.sqlite"), progName=convert.FLEX_PROG_NAME)
+        convert.fill_flex_particles(out, self.inputParticles.get(), data["ids"], data["amplitudes"],
+                                    self.inputModel.get().getModes(), convert.SOURCE_NETWORK,
+                                    data["angles"] if "angles" in data.files else None,
+                                    data["shifts"] if "shifts" in data.files else None)
+        self._defineOutputs(outputParticles=out)
+        self._defineSourceRelation(self.inputParticles, out)
+        self._defineSourceRelation(self.inputModel, out)
+
+    def _validate(self):
+        model, parts = self.inputModel.get(), self.inputParticles.get()
+        if model is None or parts is None:
+            return ["Choose a trained model and particles."]
+        if parts.getSize() == 0:
+            return ["The input set of particles is empty."]
+        extent_model = model.getImageSize() * model.getPixelSize()
+        extent = parts.getXDim() * parts.getSamplingRate()
+        if abs(extent - extent_model) > 0.01 * extent_model:
+            return [f"The particles cover {extent:.1f} Å ({parts.getXDim()} px at {parts.getSamplingRate():g} Å/px) "
+                    f"but the model was trained on {extent_model:.1f} Å boxes ({model.getImageSize()} px at "
+                    f"{model.getPixelSize():g} Å/px). Re-extract or window the particles to the same box in Å."]
+        if parts.getXDim() < model.getImageSize():
+            return [f"The particles ({parts.getXDim()} px) are smaller than the model's images "
+                    f"({model.getImageSize()} px): their pixel size is coarser than the training data's. "
+                    f"Use particles at {model.getPixelSize():g} Å/px or finer."]
+        return []
+
+    def _summary(self):
+        if not hasattr(self, "outputParticles"):
+            return []
+        data = np.load(self._getExtraPath("predicted.npz"))
+        modes = self.inputModel.get().getModes()
+        return [f"Amplitudes of {len(data['ids'])} particles predicted for modes {modes}.",
+                "Mean ± std (Å): " + ", ".join(f"mode {m}: {a.mean():.1f} ± {a.std():.1f}"
+                                               for m, a in zip(modes, data["amplitudes"].T))]
+
+    def _methods(self):
+        return ["Normal-mode amplitudes were predicted with a trained DeepHEMNMA network [Hamitouche2022]."]

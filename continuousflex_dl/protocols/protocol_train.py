@@ -1,0 +1,138 @@
+"""DeepHEMNMA training: a ResNet34 + MLP regressor of normal-mode amplitudes."""
+import os
+
+import numpy as np
+from pyworkflow.protocol import params
+
+from .. import convert
+from ..core.training import METRICS_FILE, TrainConfig, train
+from ..objects import FlexDLModel
+from .base import FlexDLProtBase
+
+LOSSES = ["l1", "mse"]
+
+
+class FlexDLProtTrain(FlexDLProtBase):
+    """Train DeepHEMNMA on particles with known amplitudes (HEMNMA output or ground truth).
+
+    The split into training and validation is by particle, target
+    standardisation is fitted on the training split only and saved with the
+    model, and the best (lowest validation loss) weights are kept. A stopped
+    run continues from its last epoch."""
+    _label = "DeepHEMNMA training"
+    _possibleOutputs = {"outputModel": FlexDLModel}
+
+    def _defineParams(self, form):
+        form.addSection(label="Input")
+        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticlesFlex",
+                      label="Particles with amplitudes", important=True,
+                      help="Output of the HEMNMA alignment (after outlier removal), or synthesized "
+                           "particles with ground-truth amplitudes.")
+        form.addParam("workingSize", params.IntParam, default=64, validators=[params.GE(0)],
+                      label="Working size (px)",
+                      help="The network sees images Fourier-cropped to this size (0: full size). "
+                           "64 px trains fast on a CPU; 128 px on a GPU.")
+        form.addParam("predictPose", params.BooleanParam, default=False, label="Also predict the pose?",
+                      help="Also regress the orientation (6-D rotation representation) and the shifts; "
+                           "needs particles with a projection alignment.")
+        form.addSection(label="Training")
+        form.addParam("epochs", params.IntParam, default=30, validators=[params.GT(0)], label="Epochs",
+                      help="Largest number of passes over the training images (early stopping may end sooner).")
+        form.addParam("batchSize", params.IntParam, default=32, validators=[params.GT(0)], label="Batch size")
+        form.addParam("learningRate", params.FloatParam, default=1e-3, validators=[params.Positive],
+                      label="Learning rate", help="Adam's initial learning rate; reduced when the validation "
+                                                  "loss stops improving.")
+        form.addParam("valFraction", params.FloatParam, default=0.1, validators=[params.Range(0.01, 0.5)],
+                      label="Validation fraction", help="Fraction of the particles held out for validation.")
+        form.addParam("patience", params.IntParam, default=8, validators=[params.GT(0)],
+                      label="Early-stopping patience", expertLevel=params.LEVEL_ADVANCED,
+                      help="Stop after this many epochs without validation improvement.")
+        form.addParam("loss", params.EnumParam, choices=LOSSES, default=0, expertLevel=params.LEVEL_ADVANCED,
+                      display=params.EnumParam.DISPLAY_HLIST, label="Loss",
+                      help="l1 (mean absolute error, as in the paper) or mse, on standardised amplitudes.")
+        form.addParam("augment", params.BooleanParam, default=False, label="In-plane rotation augmentation?",
+                      help="Rotate training images by random in-plane angles (amplitudes unchanged, pose "
+                           "labels rotated accordingly).")
+        form.addParam("seed", params.IntParam, default=0, label="Random seed",
+                      help="Split, initialisation, shuffling and augmentation; same seed, same model.")
+        self._addDeviceParam(form)
+
+    def _insertAllSteps(self):
+        self._insertFunctionStep(self.trainStep, needsGPU=self._usesGPU())
+        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+
+    def _usesGPU(self):
+        from .base import DEVICE_CHOICES
+        return DEVICE_CHOICES[self.device.get()] != "cpu"
+
+    def _modelDir(self):
+        return self._getExtraPath("model")
+
+    def trainStep(self):
+        self._logToRunLog()
+        parts = convert.read_particles(self.inputParticles.get(), need_amplitudes=True)
+        modes = parts.mode_numbers or list(range(7, 7 + parts.amplitudes.shape[1]))
+        config = TrainConfig(modes=modes, working_size=self.workingSize.get() or None,
+                             pixel_size=parts.pixel_size, predict_pose=self.predictPose.get(),
+                             epochs=self.epochs.get(), batch_size=self.batchSize.get(),
+                             learning_rate=self.learningRate.get(), loss=LOSSES[self.loss.get()],
+                             patience=self.patience.get(), val_fraction=self.valFraction.get(),
+                             augment_rotation=self.augment.get(), seed=self.seed.get())
+        poses = (parts.angles, parts.shifts) if self.predictPose.get() else None
+        train(list(zip(parts.stacks, parts.indices.tolist())), parts.amplitudes, parts.ids, self._modelDir(),
+              config, device=self._getDevice(), seed=self.seed.get(),
+              resume=os.path.exists(os.path.join(self._modelDir(), "last.pt")), poses=poses)
+
+    def createOutputStep(self):
+        from ..core.training import load_model
+        config = load_model(self._modelDir(), "cpu").config
+        model = FlexDLModel(modelDir=self._modelDir())
+        model.setModes(config.modes)
+        model.setImageSize(config.image_size)
+        model.setPixelSize(config.pixel_size)
+        model.setPredictsPose(config.predict_pose)
+        self._defineOutputs(outputModel=model)
+        self._defineSourceRelation(self.inputParticles, model)
+
+    def metrics(self):
+        """Rows of metrics.csv (dicts of strings)."""
+        import csv
+        path = os.path.join(self._modelDir(), METRICS_FILE)
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return list(csv.DictReader(f))
+
+    # --------------------------- INFO ------------------------------------------
+    def _validate(self):
+        parts = self.inputParticles.get()
+        if parts is None:
+            return ["Choose particles with amplitudes."]
+        errors = []
+        n = parts.getSize()
+        if n < 20:
+            errors.append(f"{n} particles are too few to train a network (give hundreds or thousands).")
+        if self.workingSize.get() and parts.getSize() and self.workingSize.get() > parts.getXDim():
+            errors.append(f"The working size ({self.workingSize.get()} px) is larger than the particles "
+                          f"({parts.getXDim()} px).")
+        if self.predictPose.get() and not parts.hasAlignmentProj():
+            errors.append("Pose prediction needs particles with a projection alignment.")
+        first = parts.getFirstItem() if n else None
+        if first is not None and (not hasattr(first, "getZFlex") or not len(first.getZFlex())):
+            errors.append("The particles carry no amplitudes: use the HEMNMA alignment or synthesis output.")
+        return errors
+
+    def _summary(self):
+        rows = self.metrics()
+        if not rows:
+            return ["Not trained yet."]
+        best = min(rows, key=lambda r: float(r["val_loss"]))
+        return [f"{len(rows)} epochs; best validation MAE {float(best['val_mae']):.2f} Å at epoch {best['epoch']}.",
+                f"Model directory: {self._modelDir()}"]
+
+    def _methods(self):
+        if not self.metrics():
+            return []
+        return [f"A DeepHEMNMA network (ResNet34 features and a 4-layer perceptron) [Hamitouche2022] was "
+                f"trained for {len(self.metrics())} epochs on {self.inputParticles.get().getSize()} particles "
+                f"with L1 loss and a particle-wise validation split."]
