@@ -5,6 +5,7 @@ import tempfile
 
 import numpy as np
 import prody
+from matplotlib.image import imread
 from pwem.objects import SetOfParticlesFlex
 from pyworkflow.object import Pointer
 from pyworkflow.tests import BaseTest, setupTestProject
@@ -201,8 +202,20 @@ class TestLandscape(BaseTest):
         self.assertEqual([len(c._offsets3d[0]) for c in ax.collections], [N_IMAGES, N_IMAGES])
         np.testing.assert_allclose(ax.collections[0].get_array(), np.sqrt(3) * 5.0, rtol=1e-6)
         path = os.path.join(tempfile.mkdtemp(), "cloud.png")
-        fig.savefig(path)
-        self.assertGreater(os.path.getsize(path), 5000)
+        fig.savefig(path, dpi=60)
+        png = imread(path)[..., :3]
+        self.assertEqual(png.shape[:2], (int(5.2 * 60), int(6.4 * 60)))
+        # The overlay's points are drawn in blue ('tab:blue', shaded): many more bluish pixels
+        # than in the same view of the main set alone.
+        alone = self._viewer(overlay)
+        alone.colorBy.set(2)  # amplitude of mode 7 (viridis)
+        path_alone = os.path.join(tempfile.mkdtemp(), "alone.png")
+        alone.cloudFigure().savefig(path_alone, dpi=60)
+
+        def bluish(image):
+            r, g, b = image[..., 0], image[..., 1], image[..., 2]
+            return int(np.sum((b - r > 0.3) & (b - g > 0.15)))
+        self.assertGreater(bluish(png), bluish(imread(path_alone)[..., :3]) + 50)  # measured 176 vs 0
 
     def test_error_report_against_itself_is_zero(self):
         v = self._viewer(self.particles)
@@ -251,6 +264,7 @@ class TestLandscape(BaseTest):
         summary = "\n".join(error_summary_lines(pert, self.particles, self.modes))
         self.assertIn(f"{err.mean():.2f} Å on average", summary)
         self.assertIn("shift error 5.00 px", summary)
+        self.assertEqual(error_summary_lines(self.particles, pert), [])  # pert is not a ground truth
         histograms = v._showErrorHistograms()[0]
         path = histograms.save(os.path.join(tempfile.mkdtemp(), "errors.png"))
         self.assertGreater(os.path.getsize(path), 5000)

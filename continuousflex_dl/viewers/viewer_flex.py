@@ -211,9 +211,20 @@ def write_error_reports_csv(path, reports) -> str:
     return str(path)
 
 
-def error_summary_lines(particles, truth, modes_set=None) -> List[str]:
-    """Lines for a protocol's _summary: the error report of ``particles`` against ``truth``."""
-    reports = error_reports(truth, [particles], modes_set)
+def error_summary_lines(particles, truth, modes_set=None, require_truth: bool = True) -> List[str]:
+    """Lines for a protocol's _summary: the error report of ``particles`` against ``truth``
+    (e.g. a HEMNMA output against its synthesized input). With ``require_truth``, returns
+    [] unless ``truth`` is marked 'ground truth' (FlexInfo) and carries amplitudes, so a
+    protocol can call it on any input."""
+    if require_truth:
+        if truth is None or flex_source(truth) != convert.SOURCE_GROUND_TRUTH:
+            return []
+        try:
+            reports = error_reports(truth, [particles], modes_set)
+        except ValueError:
+            return []
+    else:
+        reports = error_reports(truth, [particles], modes_set)
     (amp, pose), = reports.values()
     lines = [f"Amplitude errors against the ground truth ({amp.n_particles} particles): "
              f"{amp.mean_abs_error:.2f} Å on average; per mode "
