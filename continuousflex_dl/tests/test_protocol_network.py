@@ -33,6 +33,11 @@ class TestProtNetwork(BaseTest):
         self.assertAlmostEqual(model.getPixelSize(), 3.0)
         rows = train.metrics()
         self.assertEqual(len(rows), 2)
+        from continuousflex_dl.viewers import FlexDLTrainingViewer
+        viewer = FlexDLTrainingViewer(project=self.proj)
+        viewer.setProtocol(train)
+        curves = viewer._showCurves()[0]._figure
+        self.assertEqual(list(curves.axes[0].lines[0].get_xdata()), [1, 2])  # one point per epoch
         self.assertEqual(load_model(model.getModelDir()).config.modes, [7, 8, 9])
 
         predict = self.newProtocol(FlexDLProtPredict, inputModel=model, inputParticles=self.test_set)

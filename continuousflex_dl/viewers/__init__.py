@@ -1,1 +1,2 @@
 from .viewer_nma import FlexDLNMAViewer  # noqa: F401
+from .viewer_train import FlexDLTrainingViewer  # noqa: F401
