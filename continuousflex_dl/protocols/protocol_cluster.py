@@ -180,7 +180,10 @@ class FlexDLProtCluster(FlexDLProtBase):
         path = self._getExtraPath("clusters.npz")
         if not hasattr(self, "outputStructures"):
             return ["Clusters not computed yet."]
-        data = np.load(path)
+        try:
+            data = np.load(path)
+        except OSError:
+            return ["The cluster file is missing: " + path]
         numbers = [int(m) for m in data["mode_numbers"]]
         how = (f"k-means (k = {self.numberOfClusters.get()}, seed {self.seed.get()})"
                if self.method.get() == METHOD_KMEANS else "amplitude ranges")

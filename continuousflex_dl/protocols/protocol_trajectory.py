@@ -187,7 +187,10 @@ class FlexDLProtTrajectory(FlexDLProtBase):
     def _summary(self):
         if not hasattr(self, "outputStructures"):
             return ["Trajectory not computed yet."]
-        path = np.atleast_2d(np.loadtxt(self._getExtraPath("path_points.txt")))
+        try:
+            path = np.atleast_2d(np.loadtxt(self._getExtraPath("path_points.txt")))
+        except OSError:
+            return ["The path points file is missing: " + self._getExtraPath("path_points.txt")]
         numbers = convert.flex_mode_numbers(self.inputParticles.get()) or []
         lines = [f"{len(path)} frames along a path '{PATH_LABELS[self.pathType.get()]}' over modes "
                  f"{', '.join(map(str, numbers))}.",

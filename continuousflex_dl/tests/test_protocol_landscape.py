@@ -255,6 +255,7 @@ class TestLandscape(BaseTest):
         # The table and the CSV carry the same numbers.
         views = v._showErrors()
         self.assertEqual(views[0].rows[0][2], f"{err.mean(0)[0]:.2f} ± {err.std(0)[0]:.2f}")
+        self.assertEqual(os.path.dirname(v.csvFile), os.path.dirname(pert.getFileName()))
         with open(v.csvFile) as f:
             rows = list(csv.DictReader(f))
         by_key = {(r["quantity"], r["mode"]): r for r in rows}

@@ -355,8 +355,13 @@ class FlexDLFlexViewer(ProtocolViewer):
         return error_reports(truth, others, self.errorModes.get())
 
     def _csvPath(self) -> str:
+        """Beside the main set's database (its run folder), else in the viewer's working folder."""
         main = self._mainSet()
-        return os.path.join(self.getWorkingDir() or ".", "flex_errors_%s.csv" % (main.getObjId() or "set"))
+        folder = os.path.dirname(main.getFileName() or "")
+        if not folder or not os.access(folder, os.W_OK):
+            folder = self.getWorkingDir() or "."
+        name = os.path.splitext(os.path.basename(main.getFileName() or "particles"))[0]
+        return os.path.join(folder, "%s_errors.csv" % name)
 
     def _showErrors(self, param=None):
         try:
