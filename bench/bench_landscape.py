@@ -10,7 +10,7 @@ createOutputStep does), and 20 trajectory frames of a 1656-atom structure writte
 multi-model PDB. Prints the figures (and the error report, to check it against the planted
 perturbation); ``--out`` also writes them as JSON.
 
-Example: python bench/bench_landscape.py --n 5000
+Example: python bench/bench_landscape.py --n 20000
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def build_sets(folder: Path, n: int, rng: np.random.Generator):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=5000, help="particles per set")
+    parser.add_argument("--n", type=int, default=20000, help="particles per set")
     parser.add_argument("--atoms", type=int, default=1656, help="atoms of the trajectory structure")
     parser.add_argument("--frames", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
