@@ -21,6 +21,10 @@ from ..protocols.protocol_trajectory import FlexDLProtTrajectory
 from . import plots
 from .views import FigureView, TableRowsView
 
+__all__ = ["FlexDLFlexViewer", "flex_source", "set_label", "read_attribute", "flex_arrays",
+           "matched_amplitudes", "cloud_figure", "find_ground_truth", "error_reports", "error_table",
+           "write_error_reports_csv", "error_summary_lines"]
+
 COLOR_SET, COLOR_ATTRIBUTE, COLOR_MODE, COLOR_ERROR = 0, 1, 2, 3
 COLOR_LABELS = ["set", "particle attribute", "amplitude of a mode", "error to ground truth"]
 DIMS_MODES, DIMS_PCA = 0, 1
@@ -380,7 +384,3 @@ class FlexDLFlexViewer(ProtocolViewer):
         return [FigureView(plots.plot_error_histograms(amp, title=label), f"Errors of {label}", self._tkRoot)
                 for label, (amp, _) in reports.items()]
 
-
-__all__ = ["FlexDLFlexViewer", "flex_source", "set_label", "read_attribute", "flex_arrays",
-           "matched_amplitudes", "cloud_figure", "find_ground_truth", "error_reports", "error_table",
-           "write_error_reports_csv", "error_summary_lines"]
