@@ -1,0 +1,315 @@
+"""Particle images for DeepHEMNMA: lazy reading, ONE preprocessing pipeline, augmentation.
+
+Images are addressed by a global 0-based index ``i`` in ``[0, M)`` of an
+*image source*: either an in-memory array (M, N, N) or a list of
+``(stack path, 0-based index in the stack)`` pairs read lazily from .mrc/.mrcs
+files through ``mrcfile.mmap(..., permissive=True)``.
+
+Preprocessing (:func:`prepare_images`) is defined once here and used, with the
+parameters saved beside a trained model, identically for training, validation
+and prediction:
+
+1. optional CTF phase flip at the original size (:func:`phase_flip`),
+2. optional downsampling to the working size by Fourier cropping
+   (:func:`fourier_crop`),
+3. image normalisation (:func:`normalize_images`), by default ``"zscore"``:
+   each image to zero mean and unit standard deviation over the whole box.
+
+Training may add an in-plane rotation (:func:`rotate_images`) *after*
+preprocessing; the matching pose labels come from :func:`rotate_pose`
+(amplitudes are unchanged by an in-plane rotation).
+
+Geometry follows :mod:`continuousflex_dl.core.geometry`: images are indexed
+``[y, x]``, pixel ``(iy, ix)`` has coordinates ``(ix - n // 2, iy - n // 2)``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .geometry import euler_to_matrix, matrix_to_euler
+
+__all__ = [
+    "NORMALIZATIONS", "normalize_images", "fourier_crop", "phase_flip", "prepare_images",
+    "rotate_images", "rotate_pose", "ArrayImageSource", "MrcsImageSource", "as_image_source",
+    "iterate_batches",
+]
+
+#: Fraction of the box size used as the radius of the circular particle mask of
+#: the ``"background"`` normalisation (pixels farther than this from the
+#: centre are background).
+BACKGROUND_RADIUS_FRACTION = 0.45
+
+
+def _zscore(images: torch.Tensor) -> torch.Tensor:
+    flat = images.reshape(images.shape[0], -1)
+    mean = flat.mean(dim=1)
+    std = flat.std(dim=1, unbiased=False).clamp_min(1e-8)
+    return (images - mean[:, None, None]) / std[:, None, None]
+
+
+def _background(images: torch.Tensor) -> torch.Tensor:
+    n_y, n_x = images.shape[-2:]
+    y = torch.arange(n_y, device=images.device, dtype=images.dtype) - n_y // 2
+    x = torch.arange(n_x, device=images.device, dtype=images.dtype) - n_x // 2
+    outside = (y[:, None] ** 2 + x[None, :] ** 2) > (BACKGROUND_RADIUS_FRACTION * min(n_y, n_x)) ** 2
+    bg = images[:, outside]
+    mean = bg.mean(dim=1)
+    std = bg.std(dim=1, unbiased=False).clamp_min(1e-8)
+    return (images - mean[:, None, None]) / std[:, None, None]
+
+
+#: Image normalisations by name (the name is saved in a model's config.json).
+#: ``"zscore"``: per image, zero mean and unit standard deviation over the whole box.
+#: ``"background"``: per image, zero mean and unit standard deviation of the
+#: background, the pixels outside a centred circle of radius
+#: ``BACKGROUND_RADIUS_FRACTION * box`` (Xmipp-style particle normalisation).
+NORMALIZATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "zscore": _zscore,
+    "background": _background,
+}
+
+
+def normalize_images(images: torch.Tensor, method: str = "zscore") -> torch.Tensor:
+    """Normalise each image of a batch (the one normalisation of the package).
+
+    images: (B, H, W) real tensor (any unit). method: a key of :data:`NORMALIZATIONS`.
+    Returns (B, H, W), dimensionless, same dtype/device.
+    """
+    if method not in NORMALIZATIONS:
+        raise ValueError(f"Unknown image normalisation {method!r}; choose one of {sorted(NORMALIZATIONS)}.")
+    if images.ndim != 3:
+        raise ValueError(f"Expected a batch of images (B, H, W), got shape {tuple(images.shape)}.")
+    return NORMALIZATIONS[method](images)
+
+
+def fourier_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Downsample square images (B, N, N) to (B, size, size) by Fourier cropping.
+
+    Keeps the ``size`` lowest frequencies along each axis (an ideal low-pass
+    at the new Nyquist frequency) and preserves mean intensities. The box
+    centre ``N // 2`` maps to ``size // 2`` for even sizes, so the pixel size
+    becomes ``pixel_size * N / size``. ``size == N`` returns the input.
+    """
+    n = images.shape[-1]
+    if images.shape[-2] != n:
+        raise ValueError(f"Fourier cropping needs square images, got {tuple(images.shape[-2:])}.")
+    if size > n or size < 2:
+        raise ValueError(f"Working size {size} must be between 2 and the image size {n}.")
+    if size == n:
+        return images
+    f = torch.fft.fftshift(torch.fft.fft2(images), dim=(-2, -1))
+    lo = n // 2 - size // 2
+    f = f[..., lo:lo + size, lo:lo + size]
+    out = torch.fft.ifft2(torch.fft.ifftshift(f, dim=(-2, -1))).real
+    return out * (size * size / (n * n))
+
+
+def phase_flip(images: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
+    """Flip the phases of images where their CTF is negative.
+
+    images: (B, N, N). ctf: (B, N, N) or (N, N) CTF values (or signs) sampled
+    in the centred Fourier layout, zero frequency at ``[N // 2, N // 2]``
+    (the layout of ``numpy.fft.fftshift``). Returns (B, N, N) real images.
+    """
+    if ctf.shape[-2:] != images.shape[-2:]:
+        raise ValueError(f"CTF shape {tuple(ctf.shape[-2:])} does not match image shape "
+                         f"{tuple(images.shape[-2:])}.")
+    sign = torch.where(ctf < 0, -1.0, 1.0).to(images.dtype)
+    sign = torch.fft.ifftshift(sign, dim=(-2, -1))
+    return torch.fft.ifft2(torch.fft.fft2(images) * sign).real
+
+
+def prepare_images(images: Union[np.ndarray, torch.Tensor], working_size: Optional[int] = None,
+                   normalization: str = "zscore", ctf: Optional[torch.Tensor] = None,
+                   device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """The one preprocessing of particle images (training, validation and prediction).
+
+    images: (B, N, N) raw images. working_size: output box in px (None keeps N),
+    reached by :func:`fourier_crop`. ctf: optional (B, N, N) CTF in the centred
+    Fourier layout for :func:`phase_flip`. Returns a float32 tensor
+    (B, 1, working_size, working_size) on ``device``.
+    """
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    x = x.to(device=device, dtype=torch.float32)
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3:
+        raise ValueError(f"Expected images of shape (B, N, N), got {tuple(x.shape)}.")
+    if ctf is not None:
+        x = phase_flip(x, torch.as_tensor(ctf, device=x.device, dtype=torch.float32))
+    if working_size is not None:
+        x = fourier_crop(x, int(working_size))
+    return normalize_images(x, normalization)[:, None]
+
+
+def rotate_images(images: torch.Tensor, angles_deg: torch.Tensor) -> torch.Tensor:
+    """Rotate images in plane about their centre ``(n // 2, n // 2)``.
+
+    images: (B, C, H, W); angles_deg: (B,) degrees. The content at image
+    coordinates ``p = (x, y)`` moves to ``R(a) p`` with
+    ``R(a) = [[cos a, -sin a], [sin a, cos a]]`` (bilinear interpolation,
+    zero outside the box, so normalise before rotating). The pose of the
+    rotated image is given by :func:`rotate_pose` with the same angles.
+    """
+    b, _, h, w = images.shape
+    a = torch.as_tensor(angles_deg, dtype=images.dtype, device=images.device) * (math.pi / 180.0)
+    cos, sin = torch.cos(a)[:, None, None], torch.sin(a)[:, None, None]
+    y = torch.arange(h, dtype=images.dtype, device=images.device) - h // 2
+    x = torch.arange(w, dtype=images.dtype, device=images.device) - w // 2
+    yy, xx = torch.meshgrid(y, x, indexing="ij")
+    # Output pixel p takes the value at R(-a) p of the input.
+    src_x = cos * xx + sin * yy + w // 2
+    src_y = -sin * xx + cos * yy + h // 2
+    grid = torch.stack([2 * src_x / (w - 1) - 1, 2 * src_y / (h - 1) - 1], dim=-1)
+    return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros",
+                                           align_corners=True)
+
+
+def rotate_pose(angles_deg: np.ndarray, shifts_px: np.ndarray,
+                inplane_deg: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Pose of a particle image after :func:`rotate_images` by ``inplane_deg``.
+
+    angles_deg: (B, 3) Euler ZYZ (rot, tilt, psi); shifts_px: (B, 2) (shiftX,
+    shiftY); inplane_deg: (B,). Since a model point lands at
+    ``(A r)[:2] + s`` (px), rotating the image by ``R(a)`` gives the pose
+    ``A' = Rz_active(a) A`` and ``s' = R(a) s`` (so psi' = psi - a).
+    Returns ``(angles_deg (B, 3), shifts_px (B, 2))``.
+    """
+    angles_deg = np.asarray(angles_deg, dtype=float)
+    shifts_px = np.asarray(shifts_px, dtype=float)
+    a = np.asarray(inplane_deg, dtype=float)
+    zeros = np.zeros_like(a)
+    # geometry's Rz is passive: the active rotation by a is Rz(-a).
+    r3 = euler_to_matrix(np.stack([zeros, zeros, -a], -1))
+    new_angles = matrix_to_euler(r3 @ euler_to_matrix(angles_deg))
+    r2 = r3[..., :2, :2]
+    new_shifts = np.einsum("...ij,...j->...i", r2, shifts_px)
+    return new_angles, new_shifts
+
+
+class ArrayImageSource:
+    """Images held in memory: (M, N, N) array."""
+
+    def __init__(self, images: np.ndarray):
+        images = np.asarray(images)
+        if images.ndim != 3 or images.shape[1] != images.shape[2]:
+            raise ValueError(f"Expected a stack of square images (M, N, N), got shape {images.shape}.")
+        self.images = images
+        self.image_size = int(images.shape[-1])
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def read(self, indices: Sequence[int]) -> np.ndarray:
+        """Images ``indices`` as a float32 array (B, N, N)."""
+        return np.asarray(self.images[np.asarray(indices, dtype=int)], dtype=np.float32)
+
+
+class MrcsImageSource:
+    """Images read lazily from MRC stacks, addressed by ``(path, 0-based index)`` pairs.
+
+    Files are memory-mapped on first use (``mrcfile.mmap``, ``permissive=True``)
+    and kept open; the open handles are not pickled (data-loader workers
+    reopen them).
+    """
+
+    def __init__(self, entries: Sequence[Tuple[Union[str, os.PathLike], int]]):
+        if len(entries) == 0:
+            raise ValueError("No particle images given.")
+        self.entries: List[Tuple[str, int]] = [(os.fspath(p), int(i)) for p, i in entries]
+        self._handles: Dict[str, object] = {}
+        first = self._data(self.entries[0][0])
+        self.image_size = int(first.shape[-1])
+        if first.shape[-2] != first.shape[-1]:
+            raise ValueError(f"{self.entries[0][0]}: images must be square, got {first.shape[-2:]}.")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+    def _data(self, path: str) -> np.ndarray:
+        if path not in self._handles:
+            import mrcfile
+            if not os.path.exists(path):
+                raise ValueError(f"Particle stack not found: {path}")
+            self._handles[path] = mrcfile.mmap(path, mode="r", permissive=True)
+        data = self._handles[path].data
+        if data is None:
+            raise ValueError(f"{path}: could not read image data.")
+        return data if data.ndim == 3 else data[None]
+
+    def read(self, indices: Sequence[int]) -> np.ndarray:
+        """Images ``indices`` as a float32 array (B, N, N)."""
+        out = np.empty((len(indices), self.image_size, self.image_size), dtype=np.float32)
+        for k, i in enumerate(indices):
+            path, j = self.entries[int(i)]
+            data = self._data(path)
+            if not 0 <= j < data.shape[0]:
+                raise ValueError(f"{path}: image index {j} out of range (stack of {data.shape[0]}).")
+            if data.shape[-1] != self.image_size or data.shape[-2] != self.image_size:
+                raise ValueError(f"{path}: image size {data.shape[-2:]} differs from {self.image_size}.")
+            out[k] = data[j]
+        return out
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            h.close()
+        self._handles = {}
+
+
+ImageSourceLike = Union[np.ndarray, Sequence[Tuple[Union[str, os.PathLike], int]],
+                        ArrayImageSource, MrcsImageSource]
+
+
+def as_image_source(images: ImageSourceLike):
+    """An image source from an array (M, N, N), a list of (stack path, index) pairs, or a source."""
+    if hasattr(images, "read") and hasattr(images, "image_size"):
+        return images
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        return ArrayImageSource(np.asarray(images))
+    if isinstance(images, (list, tuple)):
+        return MrcsImageSource(images)
+    raise ValueError("Images must be an array (M, N, N), a list of (stack path, index) pairs "
+                     f"or an image source, got {type(images).__name__}.")
+
+
+CtfLike = Union[None, np.ndarray, Callable[[np.ndarray], np.ndarray]]
+
+
+def _ctf_batch(ctf: CtfLike, indices: np.ndarray) -> Optional[np.ndarray]:
+    if ctf is None:
+        return None
+    if callable(ctf):
+        return np.asarray(ctf(indices), dtype=np.float32)
+    return np.asarray(ctf[indices], dtype=np.float32)
+
+
+def iterate_batches(source, indices: np.ndarray, batch_size: int, working_size: Optional[int],
+                    normalization: str, ctf: CtfLike = None,
+                    rng: Optional[np.random.Generator] = None,
+                    device: Union[str, torch.device] = "cpu") -> Iterator[Tuple[np.ndarray, torch.Tensor]]:
+    """Yield ``(batch indices (B,), prepared images (B, 1, w, w))`` over ``indices``.
+
+    rng: shuffles the order if given (otherwise the order of ``indices``).
+    ctf: None, an array (M, N, N) of CTFs in the centred Fourier layout, or a
+    callable ``ctf(indices (B,)) -> (B, N, N)``; phase flipping uses it.
+    Images go through :func:`prepare_images` (the one preprocessing).
+    """
+    if batch_size < 1:
+        raise ValueError(f"Batch size must be positive, got {batch_size}.")
+    order = np.asarray(indices, dtype=int)
+    if rng is not None:
+        order = order[rng.permutation(len(order))]
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        raw = source.read(idx)
+        yield idx, prepare_images(raw, working_size, normalization, _ctf_batch(ctf, idx), device)

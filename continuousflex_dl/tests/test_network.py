@@ -1,0 +1,303 @@
+"""DeepHEMNMA network core: preprocessing, geometry of augmentation, training, reload, resume.
+
+Synthetic particles: three Gaussian blobs whose positions move linearly with
+the amplitudes (Å), plus white noise, so a network can learn the amplitudes.
+"""
+import csv
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from continuousflex_dl import __version__
+from continuousflex_dl.core import dataset as ds
+from continuousflex_dl.core import training as tr
+from continuousflex_dl.core.geometry import euler_to_matrix, random_rotations
+from continuousflex_dl.core.network import build_model, matrix_to_rotation_6d, rotation_6d_to_matrix
+
+torch.set_num_threads(2)
+
+AMP_SCALE = 50.0  # Å, standard deviation of the synthetic amplitudes
+
+
+def synthetic(n_particles, copies, k, n=32, noise=0.2, seed=0):
+    """Images (M, n, n), amplitudes (M, k) in Å and particle ids (M,), M = n_particles * copies."""
+    rng = np.random.default_rng(seed)
+    geo = np.random.default_rng(1234)
+    base = geo.uniform(-6, 6, (3, 2))
+    mix = geo.normal(0, 1, (3, 2, k))
+    mix *= 3.0 * np.sqrt(k / 2) / np.linalg.norm(mix, axis=(1, 2), keepdims=True)
+    q = rng.normal(0, 1, (n_particles, k)) * AMP_SCALE
+    y, x = np.mgrid[:n, :n] - n // 2
+    clean = np.zeros((n_particles, n, n))
+    for j in range(3):
+        pos = base[j] + np.einsum("ik,pk->pi", mix[j], q / AMP_SCALE)
+        clean += np.exp(-((x - pos[:, :1, None]) ** 2 + (y - pos[:, 1:, None]) ** 2) / (2 * 2.0 ** 2))
+    images = np.repeat(clean, copies, 0) + rng.normal(0, noise, (n_particles * copies, n, n))
+    return images.astype(np.float32), np.repeat(q, copies, 0), np.repeat(np.arange(n_particles), copies)
+
+
+# ---------------------------------------------------------------- preprocessing
+
+def test_fourier_crop_keeps_band_limited_content():
+    n, w = 32, 16
+    x = np.arange(n) - n // 2
+    img = 3.0 + np.cos(2 * np.pi * 3 * x / n)[None, :] * np.sin(2 * np.pi * 2 * x / n)[:, None]
+    out = ds.fourier_crop(torch.tensor(img[None]), w)[0].numpy()
+    xs = np.arange(w) - w // 2  # working pixel j sits at original coordinate 2 j
+    expected = 3.0 + np.cos(2 * np.pi * 3 * xs / w)[None, :] * np.sin(2 * np.pi * 2 * xs / w)[:, None]
+    assert out.shape == (w, w)
+    np.testing.assert_allclose(out, expected, atol=1e-10)
+    with pytest.raises(ValueError):
+        ds.fourier_crop(torch.zeros(1, 16, 16), 32)
+
+
+def test_normalizations():
+    rng = np.random.default_rng(0)
+    img = torch.tensor(rng.normal(5.0, 3.0, (4, 32, 32)))
+    z = ds.normalize_images(img, "zscore")
+    np.testing.assert_allclose(z.mean(dim=(1, 2)).numpy(), 0, atol=1e-12)
+    np.testing.assert_allclose(z.std(dim=(1, 2), unbiased=False).numpy(), 1, atol=1e-12)
+    # background: pixels outside 0.45 * 32 = 14.4 px from the centre get mean 0, std 1
+    img[:, 12:20, 12:20] += 100.0
+    b = ds.normalize_images(img, "background")
+    y, x = np.mgrid[:32, :32] - 16
+    outside = torch.tensor(x ** 2 + y ** 2 > 14.4 ** 2)
+    np.testing.assert_allclose(b[:, outside].mean(1).numpy(), 0, atol=1e-12)
+    np.testing.assert_allclose(b[:, outside].std(1, unbiased=False).numpy(), 1, atol=1e-12)
+    assert float(b[:, 16, 16].min()) > 20  # the particle stands out of the background
+    with pytest.raises(ValueError):
+        ds.normalize_images(img, "divide-by-255")
+
+
+def test_phase_flip_matches_numpy():
+    rng = np.random.default_rng(1)
+    img = rng.normal(size=(2, 32, 32))
+    f = np.fft.fftshift(np.fft.fftfreq(32))
+    r2 = f[None, :] ** 2 + f[:, None] ** 2
+    ctf = np.cos(2 * np.pi * 60 * r2) * np.ones((2, 1, 1))  # centred layout, changes sign
+    expected = np.real(np.fft.ifft2(np.fft.fft2(img) * np.fft.ifftshift(np.sign(ctf), axes=(-2, -1))))
+    out = ds.phase_flip(torch.tensor(img), torch.tensor(ctf)).numpy()
+    np.testing.assert_allclose(out, expected, atol=1e-10)
+    np.testing.assert_allclose(ds.phase_flip(torch.tensor(img), -torch.ones(32, 32)).numpy(), -img, atol=1e-10)
+
+
+def test_mrcs_source_reads_lazily(tmp_path):
+    import mrcfile
+    rng = np.random.default_rng(2)
+    stack = rng.normal(size=(5, 16, 16)).astype(np.float32)
+    single = rng.normal(size=(16, 16)).astype(np.float32)
+    with mrcfile.new(tmp_path / "a.mrcs") as m:
+        m.set_data(stack)
+    with mrcfile.new(tmp_path / "b.mrc") as m:
+        m.set_data(single)
+    src = ds.as_image_source([(str(tmp_path / "a.mrcs"), 3), (tmp_path / "b.mrc", 0),
+                              (str(tmp_path / "a.mrcs"), 0)])
+    assert len(src) == 3 and src.image_size == 16
+    np.testing.assert_array_equal(src.read([0, 1, 2]), np.stack([stack[3], single, stack[0]]))
+    bad = ds.as_image_source([(str(tmp_path / "a.mrcs"), 7)])
+    with pytest.raises(ValueError, match="out of range"):
+        bad.read([0])
+    src.close()
+
+
+# ---------------------------------------------------------- augmentation geometry
+
+def _blob_image(p_xy, n=64, sigma=1.5):
+    y, x = np.mgrid[:n, :n] - n // 2
+    return np.exp(-((x - p_xy[0]) ** 2 + (y - p_xy[1]) ** 2) / (2 * sigma ** 2))
+
+
+def _centroid(img):
+    n = img.shape[-1]
+    y, x = np.mgrid[:n, :n] - n // 2
+    return np.array([(img * x).sum(), (img * y).sum()]) / img.sum()
+
+
+def test_inplane_rotation_moves_image_and_pose_consistently():
+    """Rotated image of a projected point == projection of the point with the rotated pose."""
+    angles = np.array([[30.0, 70.0, -20.0], [-100.0, 120.0, 45.0]])
+    shifts = np.array([[3.0, -2.0], [-4.0, 1.5]])
+    inplane = np.array([35.0, -110.0])
+    r = np.array([9.0, -5.0, 7.0])  # a model point, Å, pixel size 1
+    p = np.einsum("bij,j->bi", euler_to_matrix(angles), r)[:, :2] + shifts
+    images = torch.tensor(np.stack([_blob_image(pp) for pp in p])[:, None])
+    rotated = ds.rotate_images(images, torch.tensor(inplane)).numpy()[:, 0]
+    new_angles, new_shifts = ds.rotate_pose(angles, shifts, inplane)
+    p_new = np.einsum("bij,j->bi", euler_to_matrix(new_angles), r)[:, :2] + new_shifts
+    for b in range(2):
+        np.testing.assert_allclose(_centroid(rotated[b]), p_new[b], atol=0.05)
+    # independent statement of the convention: psi decreases by the in-plane angle, rot/tilt stay
+    np.testing.assert_allclose(new_angles[:, :2], angles[:, :2], atol=1e-9)
+    np.testing.assert_allclose(((new_angles[:, 2] - angles[:, 2] + inplane + 180) % 360) - 180, 0, atol=1e-9)
+
+
+def test_rotation_6d_round_trip():
+    mats = random_rotations(20, np.random.default_rng(3))
+    d6 = matrix_to_rotation_6d(torch.tensor(mats))
+    np.testing.assert_allclose(rotation_6d_to_matrix(d6).numpy(), mats, atol=1e-12)
+    noisy = rotation_6d_to_matrix(d6 + 0.3 * torch.randn(20, 6, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(noisy @ np.swapaxes(noisy, 1, 2), np.broadcast_to(np.eye(3), (20, 3, 3)),
+                               atol=1e-12)
+    np.testing.assert_allclose(np.linalg.det(noisy), 1, atol=1e-12)
+
+
+def test_model_shapes_and_input_checks():
+    assert build_model(3)(torch.zeros(2, 1, 32, 32)).shape == (2, 3)
+    net = build_model(2, predict_pose=True)
+    assert net(torch.zeros(2, 32, 32)).shape == (2, 10)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in net.head)
+    assert n_linear == 4 and net.backbone.conv1.in_channels == 1
+    with pytest.raises(ValueError):
+        net(torch.zeros(2, 3, 32, 32))
+    with pytest.raises(ValueError):
+        build_model(0)
+
+
+def test_split_by_particle_is_disjoint_and_seeded():
+    ids = np.repeat(np.arange(50), 3)
+    a_tr, a_va = tr.split_by_particle(ids, 0.2, seed=5)
+    b_tr, b_va = tr.split_by_particle(ids, 0.2, seed=5)
+    np.testing.assert_array_equal(a_va, b_va)
+    assert set(ids[a_tr]).isdisjoint(ids[a_va])
+    assert sorted(np.concatenate([a_tr, a_va])) == list(range(150))
+    assert len(set(ids[a_va])) == 10
+    with pytest.raises(ValueError):
+        tr.split_by_particle(np.zeros(5), 0.2)
+
+
+# --------------------------------------------------------------------- training
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-mode model trained 4 epochs on 320 images (160 particles x 2 noisy copies)."""
+    images, q, pid = synthetic(160, 2, 2)
+    out = tmp_path_factory.mktemp("model2")
+    cfg = tr.TrainConfig(modes=[7, 8], working_size=16, pixel_size=2.0, epochs=4, batch_size=16,
+                         val_fraction=0.2, learning_rate=1e-3)
+    seen = []
+    inputs = {}
+    real_iterate = tr.iterate_batches
+
+    def recording(source, indices, *args, **kwargs):  # records the network inputs of train and predict
+        for idx, x in real_iterate(source, indices, *args, **kwargs):
+            for i, xi in zip(idx, x):
+                inputs.setdefault(int(i), []).append(xi.clone())
+            yield idx, x
+    tr.iterate_batches = recording
+    try:
+        rows = tr.train(images, q, pid, out, cfg, seed=0, progress=seen.append)
+        train_inputs = {i: v[-1] for i, v in inputs.items()}
+        inputs.clear()
+        pred = tr.predict(out, images[:8], batch_size=3)
+        pred_inputs = {i: v[-1] for i, v in inputs.items()}
+    finally:
+        tr.iterate_batches = real_iterate
+    return dict(images=images, q=q, pid=pid, out=out, rows=rows, seen=seen, cfg=cfg,
+                train_inputs=train_inputs, pred_inputs=pred_inputs, pred=pred)
+
+
+def test_training_learns_amplitudes(trained):
+    q, pid = trained["q"], trained["pid"]
+    train_idx, val_idx = tr.split_by_particle(pid, 0.2, seed=0)
+    assert set(pid[train_idx]).isdisjoint(pid[val_idx])
+    baseline = np.abs(q[val_idx] - q[train_idx].mean(0)).mean()
+    pred = tr.predict(trained["out"], trained["images"][val_idx], batch_size=32)
+    mae = np.abs(pred - q[val_idx]).mean()
+    best_row = min(trained["rows"], key=lambda r: r["val_loss"])
+    np.testing.assert_allclose(mae, best_row["val_mae"], rtol=1e-4)
+    assert mae <= 0.6 * baseline, f"val MAE {mae:.2f} A vs mean-predictor {baseline:.2f} A"
+
+
+def test_model_directory_contents(trained):
+    out, rows = trained["out"], trained["rows"]
+    cfg = json.loads((out / "config.json").read_text())
+    q, pid = trained["q"], trained["pid"]
+    train_idx, _ = tr.split_by_particle(pid, 0.2, seed=0)
+    np.testing.assert_allclose(cfg["target_mean"], q[train_idx].mean(0))
+    np.testing.assert_allclose(cfg["target_std"], q[train_idx].std(0))
+    assert cfg["modes"] == [7, 8] and cfg["n_outputs"] == 2 and cfg["image_size"] == 32
+    assert cfg["working_size"] == 16 and cfg["normalization"] == "zscore" and cfg["version"] == __version__
+    with open(out / "metrics.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in table] == [1, 2, 3, 4] == [r["epoch"] for r in trained["seen"]]
+    assert list(table[0]) == tr.METRICS_COLUMNS
+    np.testing.assert_allclose([float(r["val_mae"]) for r in table], [r["val_mae"] for r in rows], rtol=1e-6)
+    assert all(float(r["images_per_s"]) > 0 for r in table)
+
+
+def test_reload_predicts_identically(trained):
+    loaded = tr.load_model(trained["out"], "cpu")
+    images = trained["images"][:8]
+    np.testing.assert_allclose(tr.predict(loaded, images, batch_size=5), trained["pred"], rtol=1e-5, atol=1e-5)
+    # the same network on the same preprocessed input, by hand
+    x = ds.prepare_images(images, 16, "zscore")
+    with torch.no_grad():
+        out = loaded.model(x).numpy()
+    manual = out * np.array(loaded.config.target_std) + np.array(loaded.config.target_mean)
+    np.testing.assert_allclose(trained["pred"], manual, rtol=1e-5, atol=1e-4)
+
+
+def test_same_preprocessing_in_training_and_prediction(trained):
+    train_inputs, pred_inputs = trained["train_inputs"], trained["pred_inputs"]
+    common = set(train_inputs) & set(pred_inputs)
+    assert len(common) == 8  # validation saw the same images as prediction (index in the set)
+    for i in common:  # no augmentation here: the network saw exactly the same tensor
+        assert torch.equal(train_inputs[i], pred_inputs[i])
+    # the normalisation makes predictions blind to intensity scale/offset (the 1/255 bug)
+    images = trained["images"][:8]
+    np.testing.assert_allclose(tr.predict(trained["out"], images * 255.0 + 7.0), trained["pred"],
+                               rtol=1e-4, atol=1e-3)
+
+
+def test_four_modes_resume_and_reproducibility(tmp_path):
+    """A run interrupted after epoch 1 and resumed ends exactly like an uninterrupted run."""
+    images, q, pid = synthetic(12, 3, 4, seed=7)
+    cfg = tr.TrainConfig(modes=[7, 8, 9, 10], working_size=16, epochs=2, batch_size=12, val_fraction=0.25,
+                         architecture="resnet18", lr_schedule="cosine", loss="mse")
+    full = tr.train(images, q, pid, tmp_path / "full", cfg, seed=3)
+
+    def crash(row):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(images, q, pid, tmp_path / "part", cfg, seed=3, progress=crash)
+    assert torch.load(tmp_path / "part" / "last.pt", weights_only=False)["epoch"] == 1
+    resumed = tr.train(images, q, pid, tmp_path / "part", cfg, seed=3, resume=True)
+    assert [r["epoch"] for r in resumed] == [1, 2]
+    np.testing.assert_allclose([r["val_loss"] for r in resumed], [r["val_loss"] for r in full], rtol=1e-5)
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6)
+    pred = tr.predict(tmp_path / "part", images[:5])
+    assert pred.shape == (5, 4) and np.all(np.isfinite(pred))
+    with pytest.raises(ValueError, match="pose"):
+        tr.predict(tmp_path / "part", images[:5], return_pose=True)
+    with pytest.raises(ValueError, match="modes"):
+        tr.train(images, q[:, :3], pid, tmp_path / "bad", cfg)
+
+
+def test_pose_prediction_with_rotation_augmentation(tmp_path):
+    images, q, pid = synthetic(16, 2, 2, seed=9)
+    rng = np.random.default_rng(9)
+    mats = random_rotations(16, rng)
+    from continuousflex_dl.core.geometry import matrix_to_euler
+    angles = np.repeat(matrix_to_euler(mats), 2, 0)
+    shifts = np.repeat(rng.normal(0, 2, (16, 2)), 2, 0)
+    cfg = tr.TrainConfig(modes=[7, 8], working_size=16, epochs=1, batch_size=16, val_fraction=0.25,
+                         architecture="resnet18", predict_pose=True, augment_rotation=True)
+    with pytest.raises(ValueError, match="poses"):
+        tr.train(images, q, pid, tmp_path / "m", cfg)
+    rows = tr.train(images, q, pid, tmp_path / "m", cfg, poses=(angles, shifts))
+    assert 0 <= rows[0]["val_angle_deg"] <= 180 and rows[0]["val_shift_px"] >= 0
+    saved = tr.TrainConfig.load(tmp_path / "m" / "config.json")
+    assert saved.n_outputs == 10
+    np.testing.assert_allclose(saved.shift_scale, np.sqrt(np.mean(shifts[tr.split_by_particle(pid, 0.25)[0]] ** 2)))
+    amps, ang, sh = tr.predict(tmp_path / "m", images[:4], return_pose=True)
+    assert amps.shape == (4, 2) and ang.shape == (4, 3) and sh.shape == (4, 2)
+    assert np.all((ang[:, 1] >= 0) & (ang[:, 1] <= 180))
+    with pytest.raises(ValueError, match="px"):
+        tr.predict(tmp_path / "m", images[:4, :16, :16])
