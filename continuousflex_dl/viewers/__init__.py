@@ -1,2 +1,3 @@
 from .viewer_nma import FlexDLNMAViewer  # noqa: F401
 from .viewer_train import FlexDLTrainingViewer  # noqa: F401
+from .viewer_flex import FlexDLFlexViewer  # noqa: F401
