@@ -24,7 +24,7 @@ setup(
     python_requires=">=3.8",
     packages=find_packages(),
     include_package_data=True,
-    package_data={"continuousflex_dl": ["protocols.conf", "templates/*.json"]},
+    package_data={"continuousflex_dl": ["protocols.conf", "templates/*.json.template"]},
     install_requires=[
         "scipion-pyworkflow>=3.11",
         "scipion-em>=3.11",
