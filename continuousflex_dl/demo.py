@@ -2,7 +2,10 @@
 
 ``make demo`` (or ``python -m continuousflex_dl demo``) runs: import 4AKE ->
 NMA -> synthesize particles (random orientations and shifts, CTF, SNR 0.1,
-the paper's amplitude relation on modes 7-9) -> later stages as they exist.
+the paper's amplitude relation on modes 7-9; a training part and a test
+part) -> HEMNMA alignment of the training part -> outlier removal -> train
+DeepHEMNMA on the HEMNMA amplitudes -> predict the test part -> error
+report and point-cloud PNG -> a trajectory as a multi-model PDB.
 Each stage is a normal Scipion protocol, so the project opens in the Scipion
 GUI afterwards.
 """
@@ -22,14 +25,18 @@ logger = logging.getLogger("continuousflex_dl.demo")
 @dataclass
 class DemoSize:
     """Sizes of a demo run (the default fits 2 CPU cores; ``--full`` is the paper's)."""
-    n_particles: int = 1200
+    n_particles: int = 400       # aligned by HEMNMA, then used to train the network
+    n_test: int = 200            # predicted by the network
     box: int = 64
     pixel_size: float = 2.0
     max_shift: float = 3.0
+    working_size: int = 64       # HEMNMA and network
+    epochs: int = 15
 
     @classmethod
     def full(cls) -> "DemoSize":
-        return cls(n_particles=8000, box=256, pixel_size=1.0, max_shift=5.0)
+        return cls(n_particles=6000, n_test=2000, box=256, pixel_size=1.0, max_shift=5.0,
+                   working_size=128, epochs=50)
 
 
 def _say(msg: str) -> None:
@@ -67,7 +74,8 @@ def run_demo(out_dir: Path, size: DemoSize, seed: int = 0) -> dict:
     from pwem.protocols import ProtImportPdb
 
     from .core.structure import example_structure_path
-    from .protocols import FlexDLProtNMA, FlexDLProtSynthesize
+    from .protocols import (FlexDLProtAlign, FlexDLProtNMA, FlexDLProtOutliers, FlexDLProtPredict,
+                            FlexDLProtSynthesize, FlexDLProtTrain)
 
     project = _new_project("continuousflex_dl_demo")
     _say(f"Scipion project '{project.getName()}' in {project.getPath()}")
@@ -78,27 +86,89 @@ def run_demo(out_dir: Path, size: DemoSize, seed: int = 0) -> dict:
     stages["nma"] = _run(project, project.newProtocol(
         FlexDLProtNMA, inputStructure=stages["import"].outputPdb, numberOfModes=20),
         "Normal mode analysis")
+    synth = dict(inputModes=stages["nma"].outputModes, modeList="7-9", boxSize=size.box,
+                 samplingRate=size.pixel_size, maxShift=size.max_shift, defocusMin=5000, defocusMax=5000,
+                 snr=0.1)
     stages["synthesis"] = _run(project, project.newProtocol(
-        FlexDLProtSynthesize, inputModes=stages["nma"].outputModes, modeList="7-9",
-        numberOfImages=size.n_particles, boxSize=size.box, samplingRate=size.pixel_size,
-        maxShift=size.max_shift,
-        defocusMin=5000, defocusMax=5000, snr=0.1, seed=seed),
-        f"Synthesize {size.n_particles} particles ({size.box} px, CTF, SNR 0.1)")
+        FlexDLProtSynthesize, numberOfImages=size.n_particles, seed=seed, **synth),
+        f"Synthesize {size.n_particles} training particles ({size.box} px, CTF, SNR 0.1)")
+    stages["synthesis_test"] = _run(project, project.newProtocol(
+        FlexDLProtSynthesize, numberOfImages=size.n_test, seed=seed + 1, **synth),
+        f"Synthesize {size.n_test} test particles")
+    stages["hemnma"] = _run(project, project.newProtocol(
+        FlexDLProtAlign, inputParticles=stages["synthesis"].outputParticles,
+        inputModes=stages["nma"].outputModes, modeList="7-9", maxShift=size.max_shift + 1,
+        workingSize=size.working_size, numberOfThreads=2),
+        f"HEMNMA alignment of {size.n_particles} particles")
+    stages["outliers"] = _run(project, project.newProtocol(
+        FlexDLProtOutliers, inputParticles=stages["hemnma"].outputParticles, fraction=0.1),
+        "Outlier removal (10 %)")
+    stages["train"] = _run(project, project.newProtocol(
+        FlexDLProtTrain, inputParticles=stages["outliers"].outputParticles,
+        workingSize=size.working_size, epochs=size.epochs, seed=seed),
+        "DeepHEMNMA training on the HEMNMA amplitudes")
+    stages["predict"] = _run(project, project.newProtocol(
+        FlexDLProtPredict, inputModel=stages["train"].outputModel,
+        inputParticles=stages["synthesis_test"].outputParticles),
+        f"DeepHEMNMA prediction of {size.n_test} test particles")
     _report(project, stages)
     return stages
 
 
+#: The paper's numbers for this case (all random, SNR 0.1, CTF): HEMNMA after outlier removal
+#: and the network (Table I, last row; Table II).
+PAPER_HEMNMA_MAE = 6.58
+PAPER_NETWORK_MAE = 27.60
+
+
 def _report(project, stages) -> None:
+    import numpy as np
+
     from . import convert
-    rows = convert.modes_table(stages["nma"].outputModes)
-    print("\nNormal modes of adenylate kinase (heavy atoms, cutoff 8 Å):")
-    print("  mode  eigenvalue  collectivity  enabled")
-    for r in rows[6:12]:
-        print(f"  {r['number']:4d}  {r['eigenvalue']:10.5f}  {r['collectivity']:12.3f}  "
-              f"{'yes' if r['enabled'] else 'no'}")
+    from .core.analysis import amplitude_errors, format_error_table, pose_errors, write_error_csv
+    from .core.nma import displace
+    from .core.structure import centre, write_multimodel_pdb
+    from .core.trajectory import principal_path
+    from .viewers.plots import plot_point_cloud
+
+    out = Path(os.path.abspath(stages["nma"]._getExtraPath())).parents[2] / "demo_results"
+    out.mkdir(exist_ok=True)
+    truth = convert.read_particles(stages["synthesis"].outputParticles, need_amplitudes=True)
+    hem = convert.read_particles(stages["hemnma"].outputParticles, need_amplitudes=True)
+    kept = convert.read_particles(stages["outliers"].outputParticles, need_amplitudes=True)
+    test_truth = convert.read_particles(stages["synthesis_test"].outputParticles, need_amplitudes=True)
+    pred = convert.read_particles(stages["predict"].outputParticles, need_amplitudes=True)
+    atoms, modes = convert.read_modes(stages["nma"].outputModes, [7, 8, 9])
+    by_id = {i: k for k, i in enumerate(truth.ids)}
+    kept_rows = np.array([by_id[i] for i in kept.ids])
+    reports = {
+        "HEMNMA (all)": amplitude_errors(hem.amplitudes, truth.amplitudes, [7, 8, 9], modes),
+        "HEMNMA (outliers removed)": amplitude_errors(kept.amplitudes, truth.amplitudes[kept_rows],
+                                                      [7, 8, 9], modes),
+        "DeepHEMNMA (test set)": amplitude_errors(pred.amplitudes, test_truth.amplitudes, [7, 8, 9], modes),
+    }
+    poses = pose_errors(hem.angles, truth.angles, hem.shifts, truth.shifts)
+    write_error_csv(out / "errors.csv", list(reports.values()) + [poses])
+    table = format_error_table(reports)
+    print("\nAmplitude errors against the ground truth (mean ± std of |error|, Å):")
+    print(table)
+    print(f"Paper (same case, 256 px): HEMNMA {PAPER_HEMNMA_MAE} Å after outlier removal, "
+          f"network {PAPER_NETWORK_MAE} Å.")
+    print(f"HEMNMA poses: angular error median {poses.angular_median:.1f}°, "
+          f"shift error median {poses.shift_median:.2f} px")
+    fig = plot_point_cloud({"ground truth": test_truth.amplitudes, "DeepHEMNMA": pred.amplitudes},
+                           [7, 8, 9], title="Conformational space of the test particles")
+    fig.savefig(out / "point_cloud.png", dpi=110)
+    path = principal_path(pred.amplitudes, 12)
+    write_multimodel_pdb(out / "trajectory_pc1.pdb", atoms, displace(atoms.coords, modes, path))
+    (out / "errors.md").write_text(table + "\n")
     where = lambda prot, *p: os.path.abspath(prot._getExtraPath(*p))  # noqa: E731
-    print(f"\nMode animations (ChimeraX/VMD): {where(stages['nma'], 'animations')}")
-    print(f"Particles and ground truth (RELION star): {where(stages['synthesis'])}")
+    print(f"\nResults in {out}:")
+    print("  errors.csv / errors.md   error report (Tables I-II format)")
+    print("  point_cloud.png          amplitudes of the test particles, truth and predicted (Figure 3a)")
+    print("  trajectory_pc1.pdb       motion along the cloud's first principal component (ChimeraX/VMD)")
+    print(f"Mode animations: {where(stages['nma'], 'animations')}")
+    print(f"Trained model: {where(stages['train'], 'model')}")
     print(f"\nOpen the project in the Scipion GUI:\n  SCIPION_USER_DATA={os.environ['SCIPION_USER_DATA']} "
           f"{sys.executable} -m pyworkflow.apps.pw_project {os.path.basename(project.getName())}")
 
@@ -108,13 +178,21 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=Path("demo_output"),
                         help="folder for the Scipion project (default: ./demo_output)")
-    parser.add_argument("--full", action="store_true", help="the paper's size (256 px, 8000 particles)")
-    parser.add_argument("--particles", type=int, help="number of particles (overrides the size preset)")
+    parser.add_argument("--full", action="store_true",
+                        help="the paper's size (256 px, 6000 training + 2000 test particles); needs a GPU "
+                             "or hours of CPU")
+    parser.add_argument("--particles", type=int, help="training particles (overrides the size preset)")
+    parser.add_argument("--test-particles", type=int, help="test particles (overrides the size preset)")
+    parser.add_argument("--epochs", type=int, help="training epochs (overrides the size preset)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     size = DemoSize.full() if args.full else DemoSize()
     if args.particles:
         size.n_particles = args.particles
+    if args.test_particles:
+        size.n_test = args.test_particles
+    if args.epochs:
+        size.epochs = args.epochs
     t0 = time.time()
     run_demo(args.output.absolute(), size, args.seed)
     _say(f"Demo finished in {time.time() - t0:.0f} s")
