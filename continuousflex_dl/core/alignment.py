@@ -297,11 +297,13 @@ def _system(model: _Model, images: torch.Tensor, filt: torch.Tensor, rot, q, shi
     return cost, ncc, jtj, jtr
 
 
-def _refine_chunk(model: _Model, images, filt, rot, q, shifts, q_lo, q_hi, max_shift, iters):
+def _refine_chunk(model: _Model, images, filt, rot, q, shifts, q_lo, q_hi, max_shift, iters,
+                  tol: float = 1e-6):
     k = model.modes.shape[0]
     cost, ncc, jtj, jtr = _system(model, images, filt, rot, q, shifts)
     lam = torch.full((images.shape[0],), 1e-3, dtype=torch.float64, device=images.device)
     eye = torch.eye(jtj.shape[1], dtype=torch.float64, device=images.device)
+    done = torch.zeros_like(cost, dtype=torch.bool)
     for _ in range(iters):
         diag = torch.diagonal(jtj, dim1=1, dim2=2)
         damp = lam[:, None] * diag + 1e-9 * diag.amax(1, keepdim=True)
@@ -314,10 +316,15 @@ def _refine_chunk(model: _Model, images, filt, rot, q, shifts, q_lo, q_hi, max_s
         bm = better[:, None]
         q, shifts = torch.where(bm, q_t, q), torch.where(bm, s_t, shifts)
         rot = torch.where(better[:, None, None], rot_t, rot)
+        gain = (cost - c2) / (cost + 1e-30)
         cost, ncc = torch.where(better, c2, cost), torch.where(better, n2, ncc)
         jtj = torch.where(better[:, None, None], jtj2, jtj)
         jtr = torch.where(bm, jtr2, jtr)
         lam = torch.where(better, lam * 0.3, lam * 10).clamp(1e-8, 1e8)
+        # Converged: an accepted step that gains almost nothing, or steps rejected at large damping.
+        done |= (better & (gain < tol)) | (lam > 1e4)
+        if bool(torch.all(done)):
+            break
     return rot, q, shifts, ncc
 
 
@@ -441,8 +448,11 @@ def align_particles(images: ArrayLike, coords: np.ndarray, modes: np.ndarray, pi
                     weights: Optional[np.ndarray] = None, max_shift_px: float = 5.0,
                     amplitude_range: Optional[np.ndarray] = None, working_size: int = 64,
                     search_size: int = 32, angular_step_deg: float = 15.0,
-                    amplitude_seeds: int = 3, amplitude_grid: int = 3, n_candidates: int = 6, n_final: int = 2,
-                    search_iters: int = 12, refine_iters: int = 15, batch_size: int = 128,
+                    amplitude_seeds: int = 3, amplitude_grid: int = 3,
+                    n_candidates: int = 8, n_final: int = 1,
+                    search_iters: int = 10, refine_iters: int = 15, bead_cell: float = 1.5,
+                    search_lowpass: Optional[float] = 0.25,
+                    batch_size: int = 128,
                     device: Union[str, torch.device] = "cpu", seed: int = 0,
                     progress: Optional[Callable[[float, str], None]] = None) -> AlignmentResult:
     """HEMNMA elastic and rigid alignment of particle images (see the module docstring).
@@ -463,6 +473,9 @@ def align_particles(images: ArrayLike, coords: np.ndarray, modes: np.ndarray, pi
         per mode of the grid tried at every candidate pose; n_candidates: distinct poses refined per
         image at the search size; n_final: of those, refined at the working size.
     search_iters / refine_iters: Levenberg-Marquardt iterations of the two refinements.
+    bead_cell: bead size of the search model, in search pixels.
+    search_lowpass: width (cycles/px at the search size) of the Gaussian low-pass applied
+        in the search-size refinement (widens its basin of convergence); None: off.
     batch_size: images aligned at once (bounds memory).
     seed: the method is deterministic; kept for the project's seeding rule.
     progress: optional ``callback(fraction_done, message)``.
@@ -495,6 +508,8 @@ def align_particles(images: ArrayLike, coords: np.ndarray, modes: np.ndarray, pi
     amplitude_range = np.asarray(amplitude_range, dtype=np.float64).reshape(k, 2)
     if np.any(amplitude_range[:, 1] < amplitude_range[:, 0]):
         raise ValueError("Each amplitude range must be (lowest, highest) with lowest <= highest.")
+    if ctf is not None and ctf.batch_size not in (1, m):
+        raise ValueError(f"The CTF describes {ctf.batch_size} images but {m} images were given.")
     work = min(int(working_size), box)
     search = min(int(search_size), work)
     if search < 8:
@@ -504,7 +519,7 @@ def align_particles(images: ArrayLike, coords: np.ndarray, modes: np.ndarray, pi
     t0 = time.time()
 
     # Models: beads of about one search pixel for the search, all atoms for the final fit.
-    bead = coarse_grain(coords, modes, sig, wts, cell=ps_s)
+    bead = coarse_grain(coords, modes, sig, wts, cell=bead_cell * ps_s)
     model_s = _Model(*bead, search, ps_s, device)
     model_w = _Model(coords, modes, sig, wts, work, ps_w, device)
     logger.info("HEMNMA: %d images of %d px, %d atoms (%d beads), %d modes; search %d px, work %d px",
@@ -550,6 +565,10 @@ def align_particles(images: ArrayLike, coords: np.ndarray, modes: np.ndarray, pi
     axes = [lo[i] + (np.arange(n_grid) + 0.5) / n_grid * (hi[i] - lo[i]) for i in range(k)]
     grid = torch.as_tensor(np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, k) if k
                            else np.zeros((1, 0)), dtype=torch.float32, device=device)
+    # Gaussian low-pass of the search-size refinement: wider basins of convergence.
+    ky = torch.fft.fftfreq(search, device=device)[:, None]
+    kx = torch.fft.rfftfreq(search, device=device)[None, :]
+    smooth = torch.exp(-(kx * kx + ky * ky) / (2 * search_lowpass ** 2)) if search_lowpass else 1.0
     q_lo = torch.as_tensor(lo, dtype=torch.float32, device=device)
     q_hi = torch.as_tensor(hi, dtype=torch.float32, device=device)
     out_q, out_rot, out_s, out_score = [], [], [], []
@@ -575,7 +594,8 @@ def align_particles(images: ArrayLike, coords: np.ndarray, modes: np.ndarray, pi
             q0 = torch.zeros(len(flat), 0, device=device)
             s0 = best_shift[own_t, torch.as_tensor(flat, device=device)]
         logger.info("HEMNMA: global search done (%.1f s)", time.time() - t0)
-        r1, q1, s1, ncc1 = _refine(model_s, img_s[own_t], filt_s[own_t], rot0, q0, s0, q_lo, q_hi,
+        r1, q1, s1, ncc1 = _refine(model_s, img_s[own_t], (filt_s * smooth)[own_t], rot0, q0, s0,
+                                   q_lo, q_hi,
                                    max_shift_px * search / box * 1.1, search_iters, chunk=64)
         # The n_final best per image go to the working size.
         order = torch.argsort(ncc1.reshape(mb, n_candidates), dim=1, descending=True)[:, :n_final]
