@@ -200,11 +200,13 @@ class FlexDLProtAlign(FlexDLProtBase):
         result = self._gather()
         with open(self._getExtraPath("input.json")) as f:
             numbers = json.load(f)["mode_numbers"]
+        from ..viewers.viewer_flex import error_summary_lines
         return [f"{len(result.score)} particles aligned with modes {numbers}.",
                 f"Score (normalised cross-correlation): mean {result.score.mean():.3f}, "
                 f"median {np.median(result.score):.3f}.",
                 "Amplitudes (Å): " + ", ".join(f"mode {m}: {a.mean():.1f} ± {a.std():.1f}"
-                                              for m, a in zip(numbers, result.amplitudes.T))]
+                                              for m, a in zip(numbers, result.amplitudes.T))
+                ] + error_summary_lines(self.outputParticles, self.inputParticles.get(), self.inputModes.get())
 
     def _methods(self):
         if not hasattr(self, "outputParticles"):

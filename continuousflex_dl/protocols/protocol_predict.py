@@ -89,9 +89,11 @@ class FlexDLProtPredict(FlexDLProtBase):
             return []
         data = np.load(self._getExtraPath("predicted.npz"))
         modes = self.inputModel.get().getModes()
+        from ..viewers.viewer_flex import error_summary_lines
         return [f"Amplitudes of {len(data['ids'])} particles predicted for modes {modes}.",
                 "Mean ± std (Å): " + ", ".join(f"mode {m}: {a.mean():.1f} ± {a.std():.1f}"
-                                               for m, a in zip(modes, data["amplitudes"].T))]
+                                               for m, a in zip(modes, data["amplitudes"].T))
+                ] + error_summary_lines(self.outputParticles, self.inputParticles.get())
 
     def _methods(self):
         return ["Normal-mode amplitudes were predicted with a trained DeepHEMNMA network [Hamitouche2022]."]

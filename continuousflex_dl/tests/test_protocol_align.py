@@ -48,6 +48,8 @@ class TestProtAlign(BaseTest):
         self.assertLess(pose.angular_median, 1.0)
         self.assertLess(pose.shift_median, 0.1)
         self.assertTrue(all(hasattr(p, "_cfdlScore") for p in out))
+        summary = "\n".join(self.align.summary())
+        self.assertIn("Amplitude errors against the ground truth (16 particles)", summary)
 
     def test_continued_run_skips_finished_chunks(self):
         chunk0, chunk1 = self.align._chunkFile(0), self.align._chunkFile(1)
