@@ -7,17 +7,20 @@ least-squares sense with a free scale and offset, i.e. the largest normalised
 cross-correlation (NCC). Three stages, all batched over images:
 
 1. **Global search** at ``search_size`` px on a coarse-grained copy of the
-   structure (atoms grouped into beads of about one search pixel): a
+   structure (atoms grouped into beads of ``bead_cell`` search pixels): a
    quasi-uniform set of rotations (Fibonacci directions x in-plane angles,
-   ``angular_step_deg`` apart) times a star of amplitude seeds (the centre of
-   the amplitude box and bin centres along each mode), scored against every
-   image by FFT cross-correlation over all shifts within ``max_shift_px``.
-   The projections are shared by all images; a CTF is applied to the image
-   side (a real CTF commutes with correlation) and to the reference norms.
-2. **Local refinement** of the best ``n_candidates`` distinct poses per image
-   at the search size: Levenberg-Marquardt on amplitudes, a small axis-angle
-   rotation update and shifts together, with analytic Jacobians of the
-   projector.
+   ``angular_step_deg`` apart; the in-plane angles by rotating the images of
+   each direction) times a star of amplitude seeds (the centre of the
+   amplitude box and bin centres along each mode), scored against every image
+   by FFT cross-correlation over all shifts within ``max_shift_px``. The
+   projections are shared by all images; a CTF is applied to the image side
+   (a real CTF commutes with correlation) and to the reference norms.
+2. For the ``n_candidates`` best distinct rotations of each image, a grid of
+   amplitudes (``amplitude_grid`` values per mode) with shift search, then
+   **local refinement** at the search size: Levenberg-Marquardt on
+   amplitudes, a small axis-angle rotation update and shifts together, with
+   analytic Jacobians of the projector, on low-passed images
+   (``search_lowpass``) to widen the basin of convergence.
 3. The ``n_final`` best of those are refined again with all atoms at
    ``working_size`` px; the one with the highest NCC is returned.
 
@@ -470,8 +473,9 @@ def align_particles(images: ArrayLike, coords: np.ndarray, modes: np.ndarray, pi
         global search (reduced by Fourier cropping; never above the input box).
     angular_step_deg: spacing of the global rotation grid; amplitude_seeds: values per
         mode in the star of amplitude seeds of the global search; amplitude_grid: values
-        per mode of the grid tried at every candidate pose; n_candidates: distinct poses refined per
-        image at the search size; n_final: of those, refined at the working size.
+        per mode of the grid tried at every candidate pose (at most ~256 combinations);
+        n_candidates: distinct poses refined per image at the search size; n_final: of
+        those, refined at the working size.
     search_iters / refine_iters: Levenberg-Marquardt iterations of the two refinements.
     bead_cell: bead size of the search model, in search pixels.
     search_lowpass: width (cycles/px at the search size) of the Gaussian low-pass applied
@@ -537,7 +541,7 @@ def align_particles(images: ArrayLike, coords: np.ndarray, modes: np.ndarray, pi
                 s[i] = lo[i] + f * (hi[i] - lo[i])
                 if not np.allclose(s, mid):
                     seeds.append(s)
-    seeds = np.array(seeds).reshape(-1, k)
+    seeds = np.array(seeds).reshape(len(seeds), k)
     rots, n_psi = rotation_grid(angular_step_deg, return_n_psi=True)
     rot_t = torch.as_tensor(rots, dtype=torch.float32, device=device)
     directions = rot_t[::n_psi]                 # psi = 0 of every projection direction
@@ -593,7 +597,7 @@ def align_particles(images: ArrayLike, coords: np.ndarray, modes: np.ndarray, pi
         else:
             q0 = torch.zeros(len(flat), 0, device=device)
             s0 = best_shift[own_t, torch.as_tensor(flat, device=device)]
-        logger.info("HEMNMA: global search done (%.1f s)", time.time() - t0)
+        logger.debug("HEMNMA: global search done (%.1f s)", time.time() - t0)
         r1, q1, s1, ncc1 = _refine(model_s, img_s[own_t], (filt_s * smooth)[own_t], rot0, q0, s0,
                                    q_lo, q_hi,
                                    max_shift_px * search / box * 1.1, search_iters, chunk=64)
@@ -601,7 +605,7 @@ def align_particles(images: ArrayLike, coords: np.ndarray, modes: np.ndarray, pi
         order = torch.argsort(ncc1.reshape(mb, n_candidates), dim=1, descending=True)[:, :n_final]
         sel = (order + torch.arange(mb, device=device)[:, None] * n_candidates).reshape(-1)
         own2 = own_t[sel]
-        logger.info("HEMNMA: search-size refinement done (%.1f s)", time.time() - t0)
+        logger.debug("HEMNMA: search-size refinement done (%.1f s)", time.time() - t0)
         r2, q2, s2, ncc2 = _refine(model_w, img_w[own2], filt_w[own2], r1[sel], q1[sel],
                                    s1[sel] * (work / search), q_lo, q_hi,
                                    max_shift_px * work / box * 1.1, refine_iters, chunk=16)

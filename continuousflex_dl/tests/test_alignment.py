@@ -163,3 +163,17 @@ def test_bad_inputs(ake):
     with pytest.raises(ValueError, match="CTF"):
         al.align_particles(img, coords, modes, PIXEL,
                            ctf=CTFParams(defocus_u=np.ones(3) * 5e3, defocus_v=np.ones(3) * 5e3))
+
+
+def test_rigid_alignment_without_modes(ake):
+    coords, _ = ake
+    rng = np.random.default_rng(5)
+    rot, shifts = random_rotations(3, rng), rng.uniform(-2, 2, size=(3, 2))
+    img = project_gaussians(coords, rot, shifts, BOX, PIXEL)
+    res = al.align_particles(img, coords, np.zeros((0, len(coords), 3)), PIXEL, max_shift_px=2.0,
+                             angular_step_deg=20.0)
+    assert res.amplitudes.shape == (3, 0)
+    assert np.all(angular_distance_deg(res.rotations, rot) < 0.1)     # measured < 1e-4 deg
+    assert np.all(np.abs(res.shifts - shifts) < 0.01)
+    back = al.AlignmentResult(**res.to_dict())
+    np.testing.assert_array_equal(back.angles, res.angles)
