@@ -297,13 +297,13 @@ def _system(model: _Model, images: torch.Tensor, filt: torch.Tensor, rot, q, shi
     full = torch.cat([scale[:, None, None] * jf, pf[:, None]], 1)
     jtj = torch.matmul(full, full.transpose(1, 2)).double()
     jtr = torch.matmul(full, resid[..., None])[..., 0].double()
-    return cost, ncc, jtj, jtr
+    return cost, ncc, jtj, jtr, ii
 
 
 def _refine_chunk(model: _Model, images, filt, rot, q, shifts, q_lo, q_hi, max_shift, iters,
                   tol: float = 1e-6):
     k = model.modes.shape[0]
-    cost, ncc, jtj, jtr = _system(model, images, filt, rot, q, shifts)
+    cost, ncc, jtj, jtr, energy = _system(model, images, filt, rot, q, shifts)
     lam = torch.full((images.shape[0],), 1e-3, dtype=torch.float64, device=images.device)
     eye = torch.eye(jtj.shape[1], dtype=torch.float64, device=images.device)
     done = torch.zeros_like(cost, dtype=torch.bool)
@@ -314,7 +314,7 @@ def _refine_chunk(model: _Model, images, filt, rot, q, shifts, q_lo, q_hi, max_s
         q_t = torch.minimum(torch.maximum(q + delta[:, :k], q_lo), q_hi)
         rot_t = torch.matmul(_rodrigues(delta[:, k:k + 3]), rot)
         s_t = (shifts + delta[:, k + 3:k + 5]).clamp(-max_shift, max_shift)
-        c2, n2, jtj2, jtr2 = _system(model, images, filt, rot_t, q_t, s_t)
+        c2, n2, jtj2, jtr2, _ = _system(model, images, filt, rot_t, q_t, s_t)
         better = c2 < cost
         bm = better[:, None]
         q, shifts = torch.where(bm, q_t, q), torch.where(bm, s_t, shifts)
@@ -324,8 +324,9 @@ def _refine_chunk(model: _Model, images, filt, rot, q, shifts, q_lo, q_hi, max_s
         jtj = torch.where(better[:, None, None], jtj2, jtj)
         jtr = torch.where(bm, jtr2, jtr)
         lam = torch.where(better, lam * 0.3, lam * 10).clamp(1e-8, 1e8)
-        # Converged: an accepted step that gains almost nothing, or steps rejected at large damping.
-        done |= (better & (gain < tol)) | (lam > 1e4)
+        # Converged: an accepted step that gains almost nothing, steps rejected at large
+        # damping, or a fit at the float32 precision of the image.
+        done |= (better & (gain < tol)) | (lam > 1e4) | (cost < 1e-7 * energy)
         if bool(torch.all(done)):
             break
     return rot, q, shifts, ncc
