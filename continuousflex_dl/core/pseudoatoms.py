@@ -44,7 +44,7 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812
 
 from .projection import pixel_profiles
 
@@ -155,7 +155,8 @@ def prepare_map(volume: np.ndarray, threshold: Optional[float] = None,
 # ----------------------------------------------------------------------------- forward model
 
 def _half_width(sigma_px: float) -> int:
-    return int(math.ceil(_CUT_SIGMAS * sigma_px + 0.5))
+    # A patch reaches at least h voxels from its pseudoatom (centres are rounded to a voxel).
+    return max(1, int(math.ceil(_CUT_SIGMAS * sigma_px)))
 
 
 def _patches(pos: torch.Tensor, s_px: float, box: int, derivative: bool = False):
@@ -172,14 +173,15 @@ def _patches(pos: torch.Tensor, s_px: float, box: int, derivative: bool = False)
     idx = start[:, :, None] + steps                               # (N, 3, P)
     inside = (idx >= 0) & (idx < box)
     sig = torch.full((pos.shape[0],), s_px, dtype=pos.dtype, device=pos.device)
-    profs, ders = [], []
-    for a in range(3):
-        if derivative:
-            g, d = pixel_profiles(local[:, a], p, sig, derivative=True)
-            ders.append(d * inside[:, a])
-        else:
-            g = pixel_profiles(local[:, a], p, sig)
-        profs.append(g * inside[:, a])
+    inside = inside.transpose(0, 1).to(pos.dtype)                 # (3, N, P)
+    if derivative:
+        g, d = pixel_profiles(local.T, p, sig, derivative=True)   # (3, N, P) each
+        g, d = g * inside, d * inside
+        ders = [d[0], d[1], d[2]]
+    else:
+        g = pixel_profiles(local.T, p, sig) * inside
+        ders = []
+    profs = [g[0], g[1], g[2]]
     idx = idx.clamp(0, box - 1)
     flat = ((idx[:, 2, :, None, None] * box + idx[:, 1, None, :, None]) * box
             + idx[:, 0, None, None, :])
@@ -190,13 +192,20 @@ def _outer(gz, gy, gx):
     return gz[:, :, None, None] * gy[:, None, :, None] * gx[:, None, None, :]
 
 
-def _render(pos: torch.Tensor, w: torch.Tensor, s_px: float, box: int) -> torch.Tensor:
-    vol = torch.zeros(box ** 3, dtype=pos.dtype, device=pos.device)
+def _render(pos: torch.Tensor, w: torch.Tensor, s_px: float, box: int,
+            start: Optional[torch.Tensor] = None, sign: float = 1.0) -> torch.Tensor:
+    """``start + sign * map`` (or the map) of pseudoatoms at voxel coordinates ``pos`` (N, 3)."""
+    vol = (torch.zeros(box ** 3, dtype=pos.dtype, device=pos.device) if start is None
+           else start.reshape(-1).clone())
     for a in range(0, pos.shape[0], _CHUNK):
         flat, (gx, gy, gz), _ = _patches(pos[a:a + _CHUNK], s_px, box)
-        vals = _outer(gz, gy, gx) * w[a:a + _CHUNK, None, None, None]
+        vals = _outer(gz, gy, gx) * (sign * w[a:a + _CHUNK])[:, None, None, None]
         vol.index_add_(0, flat.reshape(-1), vals.reshape(-1))
     return vol.reshape(box, box, box)
+
+
+def _residual(vol: torch.Tensor, pos: torch.Tensor, w: torch.Tensor, s_px: float) -> torch.Tensor:
+    return _render(pos, w, s_px, vol.shape[0], start=vol, sign=-1.0)
 
 
 def render_pseudoatoms(coords, weights, sigma: float, box: int, pixel_size: float,
@@ -222,22 +231,30 @@ def relative_error(volume, approximation) -> float:
 
 # ----------------------------------------------------------------------------- fitting
 
-def _matched_filter(res: torch.Tensor, s_px: float) -> torch.Tensor:
-    """Correlation of the residual with a voxel-centred Gaussian (separable)."""
+def _matched_filter(res: torch.Tensor, s_px: float) -> Tuple[torch.Tensor, float]:
+    """Correlation of the residual (n, n, n) with a voxel-centred Gaussian (separable,
+    three banded matrix products), and the squared norm of that Gaussian."""
     h = _half_width(s_px)
+    n = res.shape[0]
     pos = torch.full((1,), float(h), dtype=res.dtype, device=res.device)
     k = pixel_profiles(pos, 2 * h + 1, torch.full((1,), s_px, dtype=res.dtype, device=res.device))[0]
-    x = res[None, None]
-    x = F.conv3d(x, k.view(1, 1, -1, 1, 1), padding=(h, 0, 0))
-    x = F.conv3d(x, k.view(1, 1, 1, -1, 1), padding=(0, h, 0))
-    x = F.conv3d(x, k.view(1, 1, 1, 1, -1), padding=(0, 0, h))
-    return x[0, 0], float((k ** 2).sum()) ** 3
+    i = torch.arange(n, device=res.device)
+    off = i[:, None] - i[None, :] + h
+    band = torch.where((off >= 0) & (off <= 2 * h), k[off.clamp(0, 2 * h)], torch.zeros((), dtype=res.dtype,
+                                                                                       device=res.device))
+    x = torch.matmul(res, band)                                   # along x
+    x = torch.matmul(band.T, x)                                   # along y
+    x = torch.matmul(band.T, x.reshape(n, n * n)).reshape(n, n, n)  # along z
+    return x, float((k ** 2).sum()) ** 3
 
 
-def _new_atoms(res: torch.Tensor, allowed: torch.Tensor, s_px: float, n_add: int):
-    """Up to ``n_add`` pseudoatoms at the largest local maxima of the matched filter."""
+def _new_atoms(res: torch.Tensor, allowed: torch.Tensor, s_px: float, n_add: int,
+               floor: float = 0.0):
+    """Up to ``n_add`` pseudoatoms at the largest local maxima of the matched filter
+    (only maxima above ``floor`` times the largest value)."""
     filt, g2 = _matched_filter(res, s_px)
     peaks = (filt == F.max_pool3d(filt[None, None], 3, 1, 1)[0, 0]) & (filt > 0) & allowed
+    peaks &= filt >= floor * filt.max()
     values = filt[peaks]
     if values.numel() == 0:
         return None, None
@@ -246,9 +263,39 @@ def _new_atoms(res: torch.Tensor, allowed: torch.Tensor, s_px: float, n_add: int
     return zyx.flip(1).to(res.dtype), values[order] / g2
 
 
+def _merge_close(pos: torch.Tensor, w: torch.Tensor, distance: float):
+    """Merge pseudoatoms closer than ``distance`` voxels (heaviest first) into one at their
+    weighted mean with the summed weight: two Gaussians of one width that close are
+    nearly one Gaussian, and near-duplicates make elastic networks floppy."""
+    if distance <= 0 or pos.shape[0] < 2:
+        return pos, w
+    from scipy.spatial import cKDTree
+    p = pos.detach().cpu().double().numpy()
+    wt = w.detach().cpu().double().numpy()
+    pairs = cKDTree(p).query_pairs(distance, output_type="ndarray")
+    if len(pairs) == 0:
+        return pos, w
+    neighbours = [[] for _ in range(len(p))]
+    for i, j in pairs:
+        neighbours[i].append(j)
+        neighbours[j].append(i)
+    taken = np.zeros(len(p), bool)
+    new_p, new_w = [], []
+    for i in np.argsort(-wt, kind="stable"):
+        if taken[i]:
+            continue
+        group = [i] + [j for j in neighbours[i] if not taken[j]]
+        taken[group] = True
+        gw = wt[group]
+        new_w.append(gw.sum())
+        new_p.append((p[group] * gw[:, None]).sum(0) / max(gw.sum(), 1e-30))
+    return (torch.as_tensor(np.array(new_p), dtype=pos.dtype, device=pos.device),
+            torch.as_tensor(np.array(new_w), dtype=w.dtype, device=w.device))
+
+
 def _refine(vol, pos, w, s_px, box, iterations, step, target_norm, lo, hi):
     """Damped diagonal Gauss-Newton on weights and positions; returns pos, w, residual, step."""
-    res = vol - _render(pos, w, s_px, box)
+    res = _residual(vol, pos, w, s_px)
     err = float(torch.linalg.vector_norm(res))
     for _ in range(iterations):
         dw = torch.empty_like(w)
@@ -257,13 +304,14 @@ def _refine(vol, pos, w, s_px, box, iterations, step, target_norm, lo, hi):
         for a in range(0, pos.shape[0], _CHUNK):
             sl = slice(a, a + _CHUNK)
             flat, (gx, gy, gz), (dx, dy, dz) = _patches(pos[sl], s_px, box, derivative=True)
-            r = rflat[flat]                                          # (n, P, P, P)
-            rz = torch.einsum("nzyx,nz->nyx", r, gz)
-            ryx = torch.einsum("nyx,ny->nx", rz, gy)
-            c0 = torch.einsum("nx,nx->n", ryx, gx)
-            cx = torch.einsum("nx,nx->n", ryx, dx)
-            cy = torch.einsum("nyx,ny,nx->n", rz, dy, gx)
-            cz = torch.einsum("nzyx,nz,ny,nx->n", r, dz, gy, gx)
+            n, p = gx.shape
+            r = rflat[flat].reshape(n, p, p * p)                     # (n, Pz, Py*Px)
+            rz = torch.bmm(torch.stack([gz, dz], 1), r).reshape(n, 2, p, p)   # z contracted
+            ry = torch.einsum("nkyx,ny->nkx", rz, gy)                # (n, 2, Px): [g_z g_y, d_z g_y]
+            c0 = (ry[:, 0] * gx).sum(1)
+            cx = (ry[:, 0] * dx).sum(1)
+            cz = (ry[:, 1] * gx).sum(1)
+            cy = torch.einsum("nyx,ny,nx->n", rz[:, 0], dy, gx)
             sx, sy, sz = (gx * gx).sum(1), (gy * gy).sum(1), (gz * gz).sum(1)
             tx, ty, tz = (dx * dx).sum(1), (dy * dy).sum(1), (dz * dz).sum(1)
             wi = w[sl].clamp_min(1e-12)
@@ -275,7 +323,7 @@ def _refine(vol, pos, w, s_px, box, iterations, step, target_norm, lo, hi):
         while True:
             new_w = (w + step * dw).clamp_min(0.0)
             new_pos = torch.minimum(torch.maximum(pos + step * dpos, lo), hi)
-            new_res = vol - _render(new_pos, new_w, s_px, box)
+            new_res = _residual(vol, new_pos, new_w, s_px)
             new_err = float(torch.linalg.vector_norm(new_res))
             if new_err < err or step < 1e-3:
                 break
@@ -296,7 +344,7 @@ def volume_to_pseudoatoms(volume, pixel_size: float, sigma: Optional[float] = No
                           threshold: Optional[float] = None, mask: Optional[np.ndarray] = None,
                           grow_fraction: float = 0.3, min_grow: int = 32,
                           iterations: int = 10, final_iterations: int = 30,
-                          min_weight: float = 1e-3,
+                          min_weight: float = 1e-3, merge_distance: float = 1.0,
                           device: Union[str, torch.device] = "cpu",
                           progress: Optional[Callable[[float, str], None]] = None) -> PseudoatomResult:
     """Approximate a map by Gaussian pseudoatoms of width ``sigma`` Å.
@@ -307,10 +355,12 @@ def volume_to_pseudoatoms(volume, pixel_size: float, sigma: Optional[float] = No
     max_atoms: the most pseudoatoms; the result says honestly whether the target was reached.
     threshold / mask: see :func:`prepare_map`; new pseudoatoms are placed only
     where the prepared map is positive.
-    grow_fraction / min_grow: each round adds ``max(min_grow, grow_fraction * N)``
-    pseudoatoms at the largest maxima of the residual (matched filter).
+    grow_fraction / min_grow: the first round places a pseudoatom on every maximum of
+    the matched-filtered map above 20 % of the largest; each further round adds
+    ``max(min_grow, grow_fraction * N)`` at the largest maxima of the residual.
     iterations / final_iterations: refinement steps per round and at the end.
     min_weight: pseudoatoms lighter than this fraction of the heaviest are removed.
+    merge_distance: pseudoatoms closer than this many sigmas are merged into one.
     Deterministic (no random choices). Returns a :class:`PseudoatomResult`.
     """
     t0 = time.time()
@@ -331,7 +381,7 @@ def volume_to_pseudoatoms(volume, pixel_size: float, sigma: Optional[float] = No
     if not np.any(vol_np > 0):
         raise ValueError("The map has no positive density left (check the threshold or the mask).")
     dev = torch.device(device)
-    vol = torch.as_tensor(vol_np, dtype=torch.float64, device=dev)
+    vol = torch.as_tensor(vol_np, dtype=torch.float32, device=dev)
     allowed = vol > 0
     s_px = sigma / pixel_size
     norm_v = float(torch.linalg.vector_norm(vol))
@@ -349,10 +399,12 @@ def volume_to_pseudoatoms(volume, pixel_size: float, sigma: Optional[float] = No
     stalled = 0
     while True:
         room = int(max_atoms) - pos.shape[0]
-        n_add = min(room, max(int(min_grow), int(grow_fraction * pos.shape[0])))
+        first = pos.shape[0] == 0
+        n_add = room if first else min(room, max(int(min_grow), int(grow_fraction * pos.shape[0])))
         if n_add <= 0:
             break
-        new_pos, new_w = _new_atoms(res, allowed, s_px, n_add)
+        # First round: every clear blob of the map (matched-filter maxima above 20 % of the top).
+        new_pos, new_w = _new_atoms(res, allowed, s_px, n_add, 0.2 if first else 0.0)
         if new_pos is None:
             break
         pos = torch.cat([pos, new_pos])
@@ -360,9 +412,10 @@ def volume_to_pseudoatoms(volume, pixel_size: float, sigma: Optional[float] = No
         pos, w, res, step = _refine(vol, pos, w, s_px, box, iterations, max(step, 0.25),
                                     target_norm, lo, hi)
         keep = w > min_weight * w.max()
-        if not bool(keep.all()):
-            pos, w = pos[keep], w[keep]
-            res = vol - _render(pos, w, s_px, box)
+        n_before = pos.shape[0]
+        pos, w = _merge_close(pos[keep], w[keep], merge_distance * s_px)
+        if pos.shape[0] != n_before:
+            res = _residual(vol, pos, w, s_px)
         new_err = float(torch.linalg.vector_norm(res)) / norm_v
         history.append((int(pos.shape[0]), new_err))
         logger.info("Pseudoatoms: %d, relative error %.4f (target %.4f)", pos.shape[0], new_err,
@@ -375,7 +428,7 @@ def volume_to_pseudoatoms(volume, pixel_size: float, sigma: Optional[float] = No
             break
     pos, w, res, step = _refine(vol, pos, w, s_px, box, final_iterations, step, 0.0, lo, hi)
     keep = w > min_weight * w.max()
-    pos, w = pos[keep], w[keep]
+    pos, w = _merge_close(pos[keep], w[keep], merge_distance * s_px)
     err = relative_error(vol, _render(pos, w, s_px, box))
     history.append((int(pos.shape[0]), err))
     coords = ((pos - box // 2) * pixel_size).cpu().numpy()
