@@ -59,7 +59,8 @@ class TestProtAlign(BaseTest):
         self.align.alignChunkStep(0)
         self.align.alignChunkStep(1)
         self.assertEqual(os.path.getmtime(chunk0), mtime0)
-        np.testing.assert_allclose(np.load(chunk1)["amplitudes"], before, atol=1e-4)
+        # Recomputed in float32, possibly with another thread count: equal to 0.01 Å.
+        np.testing.assert_allclose(np.load(chunk1)["amplitudes"], before, atol=1e-2)
 
     def test_outlier_removal_keeps_the_central_particles(self):
         prot = self.newProtocol(FlexDLProtOutliers, inputParticles=self.truth, fraction=0.25, robust=False)
