@@ -420,7 +420,7 @@ def volume_to_pseudoatoms(volume, pixel_size: float, sigma: Optional[float] = No
         history.append((int(pos.shape[0]), new_err))
         logger.info("Pseudoatoms: %d, relative error %.4f (target %.4f)", pos.shape[0], new_err,
                     target_error)
-        report(min(1.0, math.log(max(new_err, 1e-12)) / math.log(target_error)),
+        report(min(1.0, max(0.0, math.log(max(new_err, 1e-12)) / math.log(target_error))),
                f"{pos.shape[0]} pseudoatoms, error {new_err:.4f}")
         stalled = stalled + 1 if new_err > 0.995 * err else 0
         err = new_err

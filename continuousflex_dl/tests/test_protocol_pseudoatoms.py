@@ -60,6 +60,9 @@ class TestProtPseudoatoms(BaseTest):
         self.assertTrue(nma_prot.outputStructure.getPseudoAtoms())
         patoms, vectors = convert.read_modes(nma_prot.outputModes, [7, 8, 9])
         self.assertEqual(patoms.n_atoms, atoms.n_atoms)
+        # The modes' structure keeps the widths and weights that synthesis and alignment project.
+        np.testing.assert_allclose(patoms.sigma, atoms.sigma)
+        np.testing.assert_allclose(patoms.weights, atoms.weights, atol=0.006)
         atomic = nma.compute_modes(self.atoms, 9, 8.0).vectors[6:9]
         at_pseudo = pa.interpolate_vectors(self.atoms, atomic, patoms.coords, PIXEL)
         self.assertGreaterEqual(nma.subspace_overlap(vectors, at_pseudo), 0.8)
