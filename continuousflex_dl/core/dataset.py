@@ -9,7 +9,8 @@ Preprocessing (:func:`prepare_images`) is defined once here and used, with the
 parameters saved beside a trained model, identically for training, validation
 and prediction:
 
-1. optional CTF phase flip at the original size (:func:`phase_flip`),
+1. optional CTF phase flip at the original size (``ctf.phase_flip``: the
+   Fourier transform times the sign of the CTF, CTFs in ``rfft2`` layout),
 2. optional downsampling to the working size by Fourier cropping
    (:func:`fourier_crop`),
 3. image normalisation (:func:`normalize_images`), by default ``"zscore"``:
@@ -31,12 +32,13 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 import torch
 
+from .ctf import CTFParams, ctf_image, phase_flip
 from .geometry import euler_to_matrix, matrix_to_euler
 
 __all__ = [
-    "NORMALIZATIONS", "normalize_images", "fourier_crop", "phase_flip", "prepare_images",
+    "NORMALIZATIONS", "normalize_images", "fourier_crop", "prepare_images",
     "rotate_images", "rotate_pose", "ArrayImageSource", "MrcsImageSource", "as_image_source",
-    "iterate_batches",
+    "ctf_batch", "iterate_batches",
 ]
 
 #: Fraction of the box size used as the radius of the circular particle mask of
@@ -109,29 +111,15 @@ def fourier_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return out * (size * size / (n * n))
 
 
-def phase_flip(images: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
-    """Flip the phases of images where their CTF is negative.
-
-    images: (B, N, N). ctf: (B, N, N) or (N, N) CTF values (or signs) sampled
-    in the centred Fourier layout, zero frequency at ``[N // 2, N // 2]``
-    (the layout of ``numpy.fft.fftshift``). Returns (B, N, N) real images.
-    """
-    if ctf.shape[-2:] != images.shape[-2:]:
-        raise ValueError(f"CTF shape {tuple(ctf.shape[-2:])} does not match image shape "
-                         f"{tuple(images.shape[-2:])}.")
-    sign = torch.where(ctf < 0, -1.0, 1.0).to(images.dtype)
-    sign = torch.fft.ifftshift(sign, dim=(-2, -1))
-    return torch.fft.ifft2(torch.fft.fft2(images) * sign).real
-
-
 def prepare_images(images: Union[np.ndarray, torch.Tensor], working_size: Optional[int] = None,
                    normalization: str = "zscore", ctf: Optional[torch.Tensor] = None,
                    device: Union[str, torch.device] = "cpu") -> torch.Tensor:
     """The one preprocessing of particle images (training, validation and prediction).
 
     images: (B, N, N) raw images. working_size: output box in px (None keeps N),
-    reached by :func:`fourier_crop`. ctf: optional (B, N, N) CTF in the centred
-    Fourier layout for :func:`phase_flip`. Returns a float32 tensor
+    reached by :func:`fourier_crop`. ctf: optional (B, N, N // 2 + 1) CTFs in
+    ``torch.fft.rfft2`` layout (``ctf.ctf_image``) for phase flipping.
+    Returns a float32 tensor
     (B, 1, working_size, working_size) on ``device``.
     """
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
@@ -282,26 +270,39 @@ def as_image_source(images: ImageSourceLike):
                      f"or an image source, got {type(images).__name__}.")
 
 
-CtfLike = Union[None, np.ndarray, Callable[[np.ndarray], np.ndarray]]
+CtfLike = Union[None, CTFParams, np.ndarray, torch.Tensor, Callable[[np.ndarray], np.ndarray]]
 
 
-def _ctf_batch(ctf: CtfLike, indices: np.ndarray) -> Optional[np.ndarray]:
+def ctf_batch(ctf: CtfLike, indices: np.ndarray, box: int, pixel_size: float) -> Optional[torch.Tensor]:
+    """CTFs (B, box, box // 2 + 1) in rfft2 layout of images ``indices``, or None.
+
+    ctf: None; a ``CTFParams`` with one entry per image of the source (or a
+    single entry for all), evaluated with ``ctf_image`` at ``pixel_size``
+    (Å/px of the raw images); an array (M, box, box // 2 + 1) of precomputed
+    CTFs; or a callable ``ctf(indices (B,)) -> (B, box, box // 2 + 1)``.
+    """
     if ctf is None:
         return None
+    if isinstance(ctf, CTFParams):
+        if not pixel_size or pixel_size <= 0:
+            raise ValueError("Phase flipping from CTF parameters needs the pixel size (Å/px) of the images.")
+        params = ctf if ctf.batch_size == 1 else ctf.select(np.asarray(indices))
+        out = ctf_image(params, box, pixel_size)
+        return out.expand(len(indices), -1, -1) if out.shape[0] == 1 else out
     if callable(ctf):
-        return np.asarray(ctf(indices), dtype=np.float32)
-    return np.asarray(ctf[indices], dtype=np.float32)
+        return torch.as_tensor(np.asarray(ctf(np.asarray(indices)), dtype=np.float32))
+    return torch.as_tensor(np.asarray(ctf[np.asarray(indices)], dtype=np.float32))
 
 
 def iterate_batches(source, indices: np.ndarray, batch_size: int, working_size: Optional[int],
                     normalization: str, ctf: CtfLike = None,
                     rng: Optional[np.random.Generator] = None,
-                    device: Union[str, torch.device] = "cpu") -> Iterator[Tuple[np.ndarray, torch.Tensor]]:
+                    device: Union[str, torch.device] = "cpu",
+                    pixel_size: float = 0.0) -> Iterator[Tuple[np.ndarray, torch.Tensor]]:
     """Yield ``(batch indices (B,), prepared images (B, 1, w, w))`` over ``indices``.
 
     rng: shuffles the order if given (otherwise the order of ``indices``).
-    ctf: None, an array (M, N, N) of CTFs in the centred Fourier layout, or a
-    callable ``ctf(indices (B,)) -> (B, N, N)``; phase flipping uses it.
+    ctf, pixel_size: phase flipping (see :func:`ctf_batch`), or None.
     Images go through :func:`prepare_images` (the one preprocessing).
     """
     if batch_size < 1:
@@ -312,4 +313,5 @@ def iterate_batches(source, indices: np.ndarray, batch_size: int, working_size: 
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         raw = source.read(idx)
-        yield idx, prepare_images(raw, working_size, normalization, _ctf_batch(ctf, idx), device)
+        yield idx, prepare_images(raw, working_size, normalization,
+                                  ctf_batch(ctf, idx, source.image_size, pixel_size), device)

@@ -14,6 +14,7 @@ import torch
 from continuousflex_dl import __version__
 from continuousflex_dl.core import dataset as ds
 from continuousflex_dl.core import training as tr
+from continuousflex_dl.core.ctf import CTFParams, ctf_image
 from continuousflex_dl.core.geometry import euler_to_matrix, random_rotations
 from continuousflex_dl.core.network import build_model, matrix_to_rotation_6d, rotation_6d_to_matrix
 
@@ -22,13 +23,13 @@ torch.set_num_threads(2)
 AMP_SCALE = 50.0  # Å, standard deviation of the synthetic amplitudes
 
 
-def synthetic(n_particles, copies, k, n=32, noise=0.2, seed=0):
+def synthetic(n_particles, copies, k, n=32, noise=0.2, seed=0, move_px=3.0):
     """Images (M, n, n), amplitudes (M, k) in Å and particle ids (M,), M = n_particles * copies."""
     rng = np.random.default_rng(seed)
     geo = np.random.default_rng(1234)
     base = geo.uniform(-6, 6, (3, 2))
     mix = geo.normal(0, 1, (3, 2, k))
-    mix *= 3.0 * np.sqrt(k / 2) / np.linalg.norm(mix, axis=(1, 2), keepdims=True)
+    mix *= move_px * np.sqrt(k / 2) / np.linalg.norm(mix, axis=(1, 2), keepdims=True)
     q = rng.normal(0, 1, (n_particles, k)) * AMP_SCALE
     y, x = np.mgrid[:n, :n] - n // 2
     clean = np.zeros((n_particles, n, n))
@@ -72,16 +73,24 @@ def test_normalizations():
         ds.normalize_images(img, "divide-by-255")
 
 
-def test_phase_flip_matches_numpy():
+def test_phase_flip_in_preprocessing_matches_numpy():
     rng = np.random.default_rng(1)
-    img = rng.normal(size=(2, 32, 32))
-    f = np.fft.fftshift(np.fft.fftfreq(32))
-    r2 = f[None, :] ** 2 + f[:, None] ** 2
-    ctf = np.cos(2 * np.pi * 60 * r2) * np.ones((2, 1, 1))  # centred layout, changes sign
-    expected = np.real(np.fft.ifft2(np.fft.fft2(img) * np.fft.ifftshift(np.sign(ctf), axes=(-2, -1))))
-    out = ds.phase_flip(torch.tensor(img), torch.tensor(ctf)).numpy()
-    np.testing.assert_allclose(out, expected, atol=1e-10)
-    np.testing.assert_allclose(ds.phase_flip(torch.tensor(img), -torch.ones(32, 32)).numpy(), -img, atol=1e-10)
+    img = rng.normal(size=(3, 32, 32))
+    params = CTFParams(defocus_u=[8000.0, 12000.0, 15000.0], defocus_v=[7000.0, 12000.0, 14000.0],
+                       defocus_angle=[10.0, 0.0, 70.0])
+    ctf = ctf_image(params, 32, 2.0, dtype=torch.float64).numpy()
+    assert (ctf < 0).any() and (ctf > 0).any()
+    flipped = np.fft.irfft2(np.fft.rfft2(img) * np.where(ctf < 0, -1.0, 1.0), s=(32, 32))
+    expected = ds.normalize_images(torch.tensor(flipped), "zscore")[:, None].numpy()
+    src = ds.ArrayImageSource(img)
+    # CTF parameters (evaluated at the pixel size) and precomputed CTF images give the same batch
+    for given in (params, ctf):
+        (idx, x), = ds.iterate_batches(src, np.arange(3), 8, None, "zscore", given, pixel_size=2.0)
+        np.testing.assert_allclose(x.numpy(), expected, atol=1e-5)
+    (idx, x), = ds.iterate_batches(src, np.array([2, 0]), 8, None, "zscore", params, pixel_size=2.0)
+    np.testing.assert_allclose(x.numpy(), expected[[2, 0]], atol=1e-5)
+    with pytest.raises(ValueError, match="pixel size"):
+        list(ds.iterate_batches(src, np.arange(3), 8, None, "zscore", params))
 
 
 def test_mrcs_source_reads_lazily(tmp_path):
@@ -176,7 +185,7 @@ def trained(tmp_path_factory):
     images, q, pid = synthetic(160, 2, 2)
     out = tmp_path_factory.mktemp("model2")
     cfg = tr.TrainConfig(modes=[7, 8], working_size=16, pixel_size=2.0, epochs=4, batch_size=16,
-                         val_fraction=0.2, learning_rate=1e-3)
+                         val_fraction=0.2, learning_rate=3e-4)
     seen = []
     inputs = {}
     real_iterate = tr.iterate_batches
@@ -287,17 +296,21 @@ def test_pose_prediction_with_rotation_augmentation(tmp_path):
     from continuousflex_dl.core.geometry import matrix_to_euler
     angles = np.repeat(matrix_to_euler(mats), 2, 0)
     shifts = np.repeat(rng.normal(0, 2, (16, 2)), 2, 0)
-    cfg = tr.TrainConfig(modes=[7, 8], working_size=16, epochs=1, batch_size=16, val_fraction=0.25,
-                         architecture="resnet18", predict_pose=True, augment_rotation=True)
+    cfg = tr.TrainConfig(modes=[7, 8], working_size=16, pixel_size=2.0, epochs=1, batch_size=16,
+                         val_fraction=0.25, architecture="resnet18", predict_pose=True, augment_rotation=True)
+    ctf = CTFParams(defocus_u=rng.uniform(5000, 15000, 32), defocus_v=rng.uniform(5000, 15000, 32))
     with pytest.raises(ValueError, match="poses"):
         tr.train(images, q, pid, tmp_path / "m", cfg)
-    rows = tr.train(images, q, pid, tmp_path / "m", cfg, poses=(angles, shifts))
+    rows = tr.train(images, q, pid, tmp_path / "m", cfg, poses=(angles, shifts), ctf=ctf)
     assert 0 <= rows[0]["val_angle_deg"] <= 180 and rows[0]["val_shift_px"] >= 0
     saved = tr.TrainConfig.load(tmp_path / "m" / "config.json")
     assert saved.n_outputs == 10
     np.testing.assert_allclose(saved.shift_scale, np.sqrt(np.mean(shifts[tr.split_by_particle(pid, 0.25)[0]] ** 2)))
-    amps, ang, sh = tr.predict(tmp_path / "m", images[:4], return_pose=True)
+    assert saved.phase_flip
+    with pytest.raises(ValueError, match="CTF"):
+        tr.predict(tmp_path / "m", images[:4])
+    amps, ang, sh = tr.predict(tmp_path / "m", images[:4], return_pose=True, ctf=ctf.select(slice(0, 4)))
     assert amps.shape == (4, 2) and ang.shape == (4, 3) and sh.shape == (4, 2)
     assert np.all((ang[:, 1] >= 0) & (ang[:, 1] <= 180))
     with pytest.raises(ValueError, match="px"):
-        tr.predict(tmp_path / "m", images[:4, :16, :16])
+        tr.predict(tmp_path / "m", images[:4, :16, :16], ctf=ctf.select(slice(0, 4)))
