@@ -10,8 +10,8 @@ number of pseudoatoms reaches a maximum.
 
 Forward model: the same pixel-integrated Gaussians as
 :func:`projection.density_map` (so maps, projections and pseudoatoms agree),
-evaluated on a local patch of ``+-(4 sigma + 1/2)`` voxels around each
-pseudoatom (the rest of a Gaussian holds < 1e-4 of its weight).
+evaluated on a local patch reaching at least ``4 sigma`` from each pseudoatom
+along every axis (the rest of a Gaussian holds < 2e-4 of its weight).
 
 Conventions:
 
@@ -212,7 +212,7 @@ def render_pseudoatoms(coords, weights, sigma: float, box: int, pixel_size: floa
                        device: Union[str, torch.device] = "cpu") -> torch.Tensor:
     """Map (box, box, box) ``[z, y, x]`` float64 of pseudoatoms ``coords`` (N, 3) Å
     (box-centre frame), ``weights`` (N,), width ``sigma`` Å: the same values as
-    :func:`projection.density_map` up to the patch truncation (< 1e-4 of each weight)."""
+    :func:`projection.density_map` up to the patch truncation (< 2e-4 of each weight)."""
     if not sigma > 0 or not pixel_size > 0:
         raise ValueError("sigma (Å) and the pixel size (Å/px) must be positive.")
     dev = torch.device(device)
