@@ -314,3 +314,20 @@ def test_pose_prediction_with_rotation_augmentation(tmp_path):
     assert np.all((ang[:, 1] >= 0) & (ang[:, 1] <= 180))
     with pytest.raises(ValueError, match="px"):
         tr.predict(tmp_path / "m", images[:4, :16, :16], ctf=ctf.select(slice(0, 4)))
+
+
+def test_early_stopping_plateau_schedule_and_best_checkpoint(tmp_path, monkeypatch):
+    """Validation loss rising every epoch: LR halves after 2 bad epochs, stop after 3, best = epoch 1."""
+    images, q, pid = synthetic(8, 1, 2, seed=4)
+    calls = []
+
+    def rising_validation(*args, **kwargs):
+        calls.append(1)
+        return {"val_loss": float(len(calls)), "val_mae": float(len(calls))}
+    monkeypatch.setattr(tr, "_validate", rising_validation)
+    cfg = tr.TrainConfig(modes=[7, 8], working_size=16, epochs=10, batch_size=8, val_fraction=0.25,
+                         architecture="resnet18", learning_rate=1e-3, patience=3, lr_patience=1)
+    rows = tr.train(images, q, pid, tmp_path, cfg)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["lr"] for r in rows], [1e-3, 1e-3, 1e-3, 5e-4])
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 1
