@@ -8,7 +8,13 @@ The Scipion ``Plugin`` class is loaded lazily (PEP 562) so that
 ``import continuousflex_dl.core`` never pulls in pyworkflow, pwem or tkinter.
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# Idle OpenMP threads that spin make torch several times slower on a shared or busy
+# machine (measured 7x on 2 cores); let them sleep unless the user says otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def __getattr__(name):

@@ -195,6 +195,10 @@ def compute_modes(coords: np.ndarray, n_modes: int = 20, cutoff: float = 8.0, ga
                                               refine_iterations, coarse_beads)
     else:
         raise ValueError(f"Unknown NMA method {method!r}: use 'auto', 'exact' or 'coarse'.")
+    scale = float(abs(hessian.diagonal()).mean())
+    if values[0] < 1e-7 * scale:
+        raise ValueError(f"Mode 7 has a zero frequency: at a cutoff of {cutoff:.2f} Å the elastic network "
+                         f"is floppy (some atoms have too few springs). Increase the cutoff.")
     vectors = np.concatenate([rigid.T, vecs.T]).reshape(n_modes, n, 3)
     vectors[N_RIGID:] = fix_signs(vectors[N_RIGID:])
     eigenvalues = np.concatenate([np.zeros(N_RIGID), values])
@@ -207,7 +211,11 @@ def _exact_flexible_modes(hessian, rigid, k):
     scale = float(abs(hessian.diagonal()).mean())
     n_ask = min(k + N_RIGID, n3 - 1)
     v0 = np.ones(n3) / np.sqrt(n3)  # deterministic start
-    values, vecs = spla.eigsh(hessian.tocsc(), k=n_ask, sigma=-1e-6 * scale, which="LM", v0=v0)
+    try:
+        values, vecs = spla.eigsh(hessian.tocsc(), k=n_ask, sigma=-1e-6 * scale, which="LM", v0=v0)
+    except spla.ArpackNoConvergence as exc:
+        raise ValueError("The eigensolver did not converge: the elastic network is probably floppy. "
+                         "Increase the cutoff.") from exc
     order = np.argsort(values)
     values, vecs = values[order], vecs[:, order]
     # Remove the rigid-body null space exactly, then re-orthonormalise within the rest.

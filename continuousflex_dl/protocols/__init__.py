@@ -6,3 +6,4 @@ from .protocol_train import FlexDLProtTrain  # noqa: F401
 from .protocol_predict import FlexDLProtPredict  # noqa: F401
 from .protocol_trajectory import FlexDLProtTrajectory  # noqa: F401
 from .protocol_cluster import FlexDLProtCluster  # noqa: F401
+from .protocol_pseudoatoms import FlexDLProtPseudoatoms  # noqa: F401

@@ -55,9 +55,11 @@ class FlexDLProtNMA(FlexDLProtBase):
                       label="Cutoff (Å)", validators=[params.Positive],
                       help="Atoms closer than this are joined by springs. 8 Å for heavy atoms, "
                            "about 15 Å for CA-only networks.")
-        form.addParam("rcPercentage", params.FloatParam, default=95.0, condition="cutoffMode != 1",
+        form.addParam("rcPercentage", params.FloatParam, default=100.0, condition="cutoffMode != 1",
                       label="Cutoff percentile (%)", validators=[params.Range(1, 100)],
-                      help="Percentile of the nearest-neighbour distance distribution used as cutoff.")
+                      help="Percentile of the distribution of distances from each atom to its 5 nearest "
+                           "neighbours used as cutoff. 100 (the largest) keeps pseudoatomic networks rigid "
+                           "enough; lower values can leave atoms with too few springs.")
         form.addParam("springConstant", params.FloatParam, default=1.0, label="Spring constant",
                       expertLevel=params.LEVEL_ADVANCED, validators=[params.Positive],
                       help="Scales the eigenvalues only; the modes do not depend on it.")

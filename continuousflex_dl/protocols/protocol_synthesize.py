@@ -90,7 +90,9 @@ class FlexDLProtSynthesize(FlexDLProtBase):
             numbers = convert.parse_mode_list(self.modeList.get())
             atoms, modes = convert.read_modes(self.inputModes.get(), numbers)
             return atoms, modes, numbers
-        return load_atoms(self.inputStructure.get().getFileName(), "heavy"), None, []
+        structure = self.inputStructure.get()
+        selection = "all" if structure.getPseudoAtoms() else "heavy"
+        return load_atoms(structure.getFileName(), selection), None, []
 
     def _relation(self):
         name = AMPLITUDE_RELATIONS[self.amplitudeRelation.get()]

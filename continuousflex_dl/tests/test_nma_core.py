@@ -125,3 +125,10 @@ def test_mode_files_round_trip_and_mismatch(tmp_path, adk_modes):
     np.testing.assert_allclose(back, adk_modes.vectors[:9], rtol=1e-7, atol=1e-12)
     with pytest.raises(ValueError, match="do not match"):
         read_mode_files(paths[:1], n_atoms=214)
+
+
+def test_floppy_network_is_refused():
+    # A chain of atoms 3 Å apart with a 3.5 Å cutoff is connected but floppy (hinges at every atom).
+    chain = np.column_stack([3.0 * np.arange(12), 0.3 * np.sin(np.arange(12)), 0.2 * np.cos(np.arange(12))])
+    with pytest.raises(ValueError, match="[Ff]loppy|cutoff"):
+        compute_modes(chain, n_modes=8, cutoff=3.5)
