@@ -8,7 +8,9 @@ the full 128-px working size, bfloat16 autocast, and Fourier cropping to a
 64-px working size. Training throughput is that of ``training.train`` (one
 epoch, metrics.csv's images_per_s).
 
-    python bench/bench_network.py [--size 128] [--images 256] [--threads 2] [--device cpu]
+    python bench/bench_network.py [--size 128] [--images 128] [--repeats 3] [--threads 2] [--device cpu]
+
+The machine may be shared: the best of the repeats is the figure to compare.
 """
 import argparse
 import sys
@@ -24,23 +26,28 @@ from continuousflex_dl.core import training as tr  # noqa: E402
 from continuousflex_dl.core.network import build_model  # noqa: E402
 
 
-def prediction_rate(images, working_size, device, batch_size, bfloat16):
+def prediction_rates(images, working_size, device, batch_size, bfloat16, repeats):
+    """images/s of ``repeats`` full predictions (after one warm-up batch)."""
     config = tr.TrainConfig(modes=[7, 8, 9], image_size=images.shape[-1], working_size=working_size,
                             n_outputs=3, target_mean=[0.0] * 3, target_std=[1.0] * 3)
     torch.manual_seed(0)
     model = tr.LoadedModel(build_model(3).to(device).eval(), config, torch.device(device))
     tr.predict(model, images[:batch_size], batch_size=batch_size, bfloat16=bfloat16)  # warm-up
-    t0 = time.perf_counter()
-    tr.predict(model, images, batch_size=batch_size, bfloat16=bfloat16)
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    return len(images) / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        tr.predict(model, images, batch_size=batch_size, bfloat16=bfloat16)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(len(images) / (time.perf_counter() - t0))
+    return np.array(rates)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=128, help="image box (px)")
-    parser.add_argument("--images", type=int, default=256, help="images to predict")
+    parser.add_argument("--images", type=int, default=128, help="images to predict")
+    parser.add_argument("--repeats", type=int, default=3, help="timed predictions of all images")
     parser.add_argument("--train-images", type=int, default=96, help="images in the training epoch")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
@@ -48,14 +55,15 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    images = rng.normal(size=(args.images, args.size, args.size)).astype(np.float32)
+    images = rng.normal(size=(max(args.images, args.train_images), args.size, args.size)).astype(np.float32)
     print(f"device: {args.device}  threads: {args.threads}  torch {torch.__version__}  "
           f"image: {args.size} px  ResNet34 + 4-layer MLP, 3 modes")
     for label, ws, bf in [("float32, working size %d" % args.size, None, False),
                           ("bfloat16 autocast, working size %d" % args.size, None, True),
                           ("float32, Fourier-cropped to %d" % (args.size // 2), args.size // 2, False)]:
-        rate = prediction_rate(images, ws, args.device, args.batch_size, bf)
-        print(f"prediction ({label}): {rate:.1f} images/s")
+        rates = prediction_rates(images[:args.images], ws, args.device, args.batch_size, bf, args.repeats)
+        print(f"prediction ({label}): best {rates.max():.1f} images/s, median {np.median(rates):.1f} "
+              f"({args.repeats} runs of {len(images)} images)")
     q = rng.normal(size=(args.train_images, 3))
     ids = np.arange(args.train_images)
     cfg = tr.TrainConfig(modes=[7, 8, 9], epochs=1, batch_size=32, val_fraction=0.1)

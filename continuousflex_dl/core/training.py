@@ -496,6 +496,9 @@ def predict(model: Union[LoadedModel, str, os.PathLike], images, batch_size: int
         raise ValueError(f"Images are {source.image_size} px but the model was trained on "
                          f"{config.image_size} px images.")
     net = model.model.eval()
+    channels_last = model.device.type == "cpu"  # oneDNN convolutions are ~1.3x faster in NHWC
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
     m = len(source)
     amps = np.empty((m, config.n_modes))
     ang = np.empty((m, 3)) if return_pose else None
@@ -503,6 +506,8 @@ def predict(model: Union[LoadedModel, str, os.PathLike], images, batch_size: int
     done = 0
     for idx, x in iterate_batches(source, np.arange(m), batch_size, config.working_size,
                                   config.normalization, ctf, None, model.device, config.pixel_size):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(model.device, config.amp or bfloat16, bfloat16):
             dec = _decode(config, net(x))
         amps[idx] = dec["amplitudes"]
