@@ -209,7 +209,10 @@ class MrcsImageSource:
     def __init__(self, entries: Sequence[Tuple[Union[str, os.PathLike], int]]):
         if len(entries) == 0:
             raise ValueError("No particle images given.")
-        self.entries: List[Tuple[str, int]] = [(os.fspath(p), int(i)) for p, i in entries]
+        try:
+            self.entries: List[Tuple[str, int]] = [(os.fspath(p), int(i)) for p, i in entries]
+        except (TypeError, ValueError):
+            raise ValueError("Image entries must be (stack path, 0-based index) pairs.") from None
         self._handles: Dict[str, object] = {}
         first = self._data(self.entries[0][0])
         self.image_size = int(first.shape[-1])

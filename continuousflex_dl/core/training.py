@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .dataset import CtfLike, as_image_source, iterate_batches, rotate_images, rotate_pose
+from .dataset import NORMALIZATIONS, CtfLike, as_image_source, iterate_batches, rotate_images, rotate_pose
 from .geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler
 from .network import DeepHEMNMANet, build_model, matrix_to_rotation_6d, rotation_6d_to_matrix
 
@@ -304,6 +304,9 @@ def train(images, amplitudes: np.ndarray, particle_ids: np.ndarray, out_dir: Uni
         raise ValueError(f"rank {rank} must be in [0, world_size={world_size}).")
     if config.working_size is not None and config.working_size > source.image_size:
         raise ValueError(f"Working size {config.working_size} exceeds the image size {source.image_size}.")
+    if config.normalization not in NORMALIZATIONS:
+        raise ValueError(f"Unknown image normalisation {config.normalization!r}; "
+                         f"choose one of {sorted(NORMALIZATIONS)}.")
     if config.epochs < 1 or config.batch_size < 1:
         raise ValueError("epochs and batch_size must be positive.")
 
@@ -364,7 +367,9 @@ def train(images, amplitudes: np.ndarray, particle_ids: np.ndarray, out_dir: Uni
         t0 = time.perf_counter()
         rng = np.random.default_rng([seed, epoch])
         torch.manual_seed(seed * 100003 + epoch)
-        order = train_idx[rng.permutation(len(train_idx))][rank::world_size]
+        order = train_idx[rng.permutation(len(train_idx))]
+        # equal shards, so that data-parallel ranks run the same number of steps
+        order = order[:len(order) - len(order) % world_size][rank::world_size] if world_size > 1 else order
         net.train()
         total, count = 0.0, 0
         for idx, x in iterate_batches(source, order, config.batch_size, config.working_size,

@@ -331,3 +331,24 @@ def test_early_stopping_plateau_schedule_and_best_checkpoint(tmp_path, monkeypat
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     np.testing.assert_allclose([r["lr"] for r in rows], [1e-3, 1e-3, 1e-3, 5e-4])
     assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 1
+
+
+def test_data_parallel_ranks_share_the_training_split(tmp_path, monkeypatch):
+    images, q, pid = synthetic(10, 2, 2, seed=5)
+    seen = {}
+    real_iterate = tr.iterate_batches
+
+    def recording(source, indices, *args, **kwargs):
+        seen.setdefault(rank, []).append(np.array(indices))
+        return real_iterate(source, indices, *args, **kwargs)
+    monkeypatch.setattr(tr, "iterate_batches", recording)
+    cfg = tr.TrainConfig(modes=[7, 8], working_size=16, epochs=1, batch_size=8, val_fraction=0.2,
+                         architecture="resnet18")
+    for rank in (0, 1):
+        tr.train(images, q, pid, tmp_path / f"rank{rank}", cfg, seed=1, world_size=2, rank=rank)
+    train_idx, val_idx = tr.split_by_particle(pid, 0.2, seed=1)
+    (train0, val0), (train1, val1) = seen[0], seen[1]
+    assert len(train0) == len(train1) == len(train_idx) // 2
+    assert set(train0).isdisjoint(train1) and set(train0) | set(train1) == set(train_idx)
+    np.testing.assert_array_equal(val0, val_idx)
+    assert (tmp_path / "rank0" / "best.pt").exists() and not (tmp_path / "rank1").exists()
