@@ -4,7 +4,6 @@ Synthetic particles: three Gaussian blobs whose positions move linearly with
 the amplitudes (Å), plus white noise, so a network can learn the amplitudes.
 """
 import csv
-import dataclasses
 import json
 
 import numpy as np
