@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler
-from .projection import pixel_profiles, project_gaussians
+from .projection import fourier_crop, pixel_profiles, project_gaussians
 
 logger = logging.getLogger(__name__)
 
@@ -119,36 +119,6 @@ def _rotate_in_plane(images: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
     out = torch.nn.functional.grid_sample(src, grid, mode="bilinear", padding_mode="zeros",
                                           align_corners=True)
     return out[:, 0]
-
-
-def fourier_crop(images: torch.Tensor, size: int, correct_pixel_blur: bool = True) -> torch.Tensor:
-    """Reduce images (B, n, n) to (B, size, size) by Fourier cropping, keeping the box in Å.
-
-    The box centre ``n // 2`` maps to ``size // 2`` and the pixel sum is kept (pixels
-    hold integrals). The Nyquist row/column of an even ``size`` is dropped. With
-    ``correct_pixel_blur`` the spectrum is multiplied by
-    ``sinc(f * new_px) / sinc(f * old_px)``, so the result matches pixel-integrated
-    projections computed directly at the coarser pixel.
-    """
-    n = images.shape[-1]
-    if size > n:
-        raise ValueError(f"Cannot Fourier-crop images of {n} px to a larger size {size} px.")
-    x = torch.roll(images, shifts=(-(n // 2), -(n // 2)), dims=(-2, -1))
-    ft = torch.fft.rfft2(x)
-    rows = torch.as_tensor(np.round(np.fft.fftfreq(size) * size).astype(np.int64) % n, device=images.device)
-    ft = ft[..., rows, : size // 2 + 1]
-    f = torch.fft.fftfreq(size, device=images.device, dtype=images.dtype)
-    fx = torch.fft.rfftfreq(size, device=images.device, dtype=images.dtype)
-    filt = torch.ones(size, size // 2 + 1, device=images.device, dtype=images.dtype)
-    if correct_pixel_blur:
-        ratio = size / n
-        filt = (torch.sinc(f)[:, None] * torch.sinc(fx)[None, :]
-                / (torch.sinc(f * ratio)[:, None] * torch.sinc(fx * ratio)[None, :]))
-    if size % 2 == 0:
-        filt[size // 2, :] = 0
-        filt[:, size // 2] = 0
-    out = torch.fft.irfft2(ft * filt, s=(size, size))
-    return torch.roll(out, shifts=(size // 2, size // 2), dims=(-2, -1))
 
 
 def coarse_grain(coords: np.ndarray, modes: np.ndarray, sigma: np.ndarray, weights: np.ndarray,

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .ctf import CTFParams, ctf_image, phase_flip
+from . import projection
 from .geometry import euler_to_matrix, matrix_to_euler
 
 __all__ = [
@@ -90,26 +91,12 @@ def normalize_images(images: torch.Tensor, method: str = "zscore") -> torch.Tens
 
 
 def fourier_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Downsample square images (B, N, N) to (B, size, size) by Fourier cropping.
-
-    Keeps the ``size`` lowest frequencies along each axis (an ideal low-pass
-    at the new Nyquist frequency) and preserves mean intensities. The box
-    centre ``N // 2`` maps to ``size // 2`` for even sizes, so the pixel size
-    becomes ``pixel_size * N / size``. ``size == N`` returns the input.
-    """
-    n = images.shape[-1]
-    if images.shape[-2] != n:
-        raise ValueError(f"Fourier cropping needs square images, got {tuple(images.shape[-2:])}.")
-    if size > n or size < 2:
-        raise ValueError(f"Working size {size} must be between 2 and the image size {n}.")
-    if size == n:
+    """Downsample square images (B, N, N) to (B, size, size) by Fourier cropping, keeping
+    pixel values (see :func:`projection.fourier_crop`; box centre ``N // 2`` -> ``size // 2``,
+    pixel size becomes ``pixel_size * N / size``). ``size == N`` returns the input."""
+    if size == images.shape[-1]:
         return images
-    f = torch.fft.fftshift(torch.fft.fft2(images), dim=(-2, -1))
-    lo = n // 2 - size // 2
-    f = f[..., lo:lo + size, lo:lo + size]
-    out = torch.fft.ifft2(torch.fft.ifftshift(f, dim=(-2, -1))).real
-    return out * (size * size / (n * n))
-
+    return projection.fourier_crop(images, size, correct_pixel_blur=False, preserve="mean")
 
 def prepare_images(images: Union[np.ndarray, torch.Tensor], working_size: Optional[int] = None,
                    normalization: str = "zscore", ctf: Optional[torch.Tensor] = None,

@@ -21,7 +21,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-__all__ = ["project_gaussians", "density_map", "pixel_profiles"]
+__all__ = ["fourier_crop", "project_gaussians", "density_map", "pixel_profiles"]
 
 ArrayLike = Union[np.ndarray, torch.Tensor, float]
 
@@ -154,3 +154,40 @@ def density_map(coords: ArrayLike, box: int, pixel_size: float, sigma: ArrayLike
         yx = (gy[:, :, None] * gx[:, None, :]).reshape(gx.shape[0], -1)   # (n, box*box)
         vol += torch.matmul(gz.transpose(0, 1) * w[sl], yx).reshape(box, box, box)
     return vol
+
+
+def fourier_crop(images: torch.Tensor, size: int, correct_pixel_blur: bool = True,
+                 preserve: str = "sum") -> torch.Tensor:
+    """Reduce images (B, n, n) to (B, size, size) by Fourier cropping, keeping the box in Å.
+
+    The box centre ``n // 2`` maps to ``size // 2`` and the pixel sum is kept (pixels
+    hold integrals). The Nyquist row/column of an even ``size`` is dropped. With
+    ``correct_pixel_blur`` the spectrum is multiplied by
+    ``sinc(f * new_px) / sinc(f * old_px)``, so the result matches pixel-integrated
+    projections computed directly at the coarser pixel. ``preserve='mean'`` scales the
+    result so pixel values (not their sum) are kept, as for images that hold densities.
+    """
+    n = images.shape[-1]
+    if images.shape[-2] != n:
+        raise ValueError(f"Fourier cropping needs square images, got {tuple(images.shape[-2:])}.")
+    if size > n or size < 2:
+        raise ValueError(f"Cannot Fourier-crop images of {n} px to {size} px (2 to {n} px).")
+    if preserve not in ("sum", "mean"):
+        raise ValueError(f"preserve must be 'sum' or 'mean', not {preserve!r}.")
+    x = torch.roll(images, shifts=(-(n // 2), -(n // 2)), dims=(-2, -1))
+    ft = torch.fft.rfft2(x)
+    rows = torch.as_tensor(np.round(np.fft.fftfreq(size) * size).astype(np.int64) % n, device=images.device)
+    ft = ft[..., rows, : size // 2 + 1]
+    f = torch.fft.fftfreq(size, device=images.device, dtype=images.dtype)
+    fx = torch.fft.rfftfreq(size, device=images.device, dtype=images.dtype)
+    filt = torch.ones(size, size // 2 + 1, device=images.device, dtype=images.dtype)
+    if correct_pixel_blur:
+        ratio = size / n
+        filt = (torch.sinc(f)[:, None] * torch.sinc(fx)[None, :]
+                / (torch.sinc(f * ratio)[:, None] * torch.sinc(fx * ratio)[None, :]))
+    if size % 2 == 0:
+        filt[size // 2, :] = 0
+        filt[:, size // 2] = 0
+    out = torch.fft.irfft2(ft * filt, s=(size, size))
+    out = torch.roll(out, shifts=(size // 2, size // 2), dims=(-2, -1))
+    return out * (size * size / (n * n)) if preserve == "mean" else out
