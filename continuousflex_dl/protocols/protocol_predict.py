@@ -1,4 +1,6 @@
 """DeepHEMNMA prediction: amplitudes (and poses) of new particles in milliseconds each."""
+import os
+
 import numpy as np
 from pwem.objects import SetOfParticlesFlex
 from pyworkflow.protocol import params
@@ -47,7 +49,7 @@ class FlexDLProtPredict(FlexDLProtBase):
         loaded = load_model(model.getModelDir(), self._getDevice())
         pose = model.predictsPose()
         out = predict(loaded, self._images(parts, model), batch_size=self.batchSize.get(),
-                      return_pose=pose,
+                      return_pose=pose, ctf=parts.ctf if loaded.config.phase_flip else None,
                       progress=lambda done, total: self.info(f"Predicted {done} / {total} particles"))
         amplitudes, angles, shifts = out if pose else (out, None, None)
         if shifts is not None:  # the model's pixels -> the particles' pixels
@@ -78,11 +80,19 @@ class FlexDLProtPredict(FlexDLProtBase):
             return [f"The particles cover {extent:.1f} Å ({parts.getXDim()} px at {parts.getSamplingRate():g} Å/px) "
                     f"but the model was trained on {extent_model:.1f} Å boxes ({model.getImageSize()} px at "
                     f"{model.getPixelSize():g} Å/px). Re-extract or window the particles to the same box in Å."]
+        if self._modelPhaseFlips(model) and not parts.hasCTF():
+            return ["The model was trained on phase-flipped images: the particles need a CTF."]
         if parts.getXDim() < model.getImageSize():
             return [f"The particles ({parts.getXDim()} px) are smaller than the model's images "
                     f"({model.getImageSize()} px): their pixel size is coarser than the training data's. "
                     f"Use particles at {model.getPixelSize():g} Å/px or finer."]
         return []
+
+    @staticmethod
+    def _modelPhaseFlips(model) -> bool:
+        from ..core.training import CONFIG_FILE, TrainConfig
+        path = os.path.join(model.getModelDir() or "", CONFIG_FILE)
+        return os.path.exists(path) and TrainConfig.load(path).phase_flip
 
     def _summary(self):
         if not hasattr(self, "outputParticles"):

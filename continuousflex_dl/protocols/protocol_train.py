@@ -32,6 +32,9 @@ class FlexDLProtTrain(FlexDLProtBase):
                       label="Working size (px)",
                       help="The network sees images Fourier-cropped to this size (0: full size). "
                            "64 px trains fast on a CPU; 128 px on a GPU.")
+        form.addParam("phaseFlip", params.BooleanParam, default=True, label="Phase flip with the CTF?",
+                      help="Correct the CTF phases of the images before the network sees them (when the "
+                           "particles have a CTF). Prediction then applies the same correction.")
         form.addParam("predictPose", params.BooleanParam, default=False, label="Also predict the pose?",
                       help="Also regress the orientation (6-D rotation representation) and the shifts; "
                            "needs particles with a projection alignment.")
@@ -81,7 +84,8 @@ class FlexDLProtTrain(FlexDLProtBase):
         poses = (parts.angles, parts.shifts) if self.predictPose.get() else None
         train(list(zip(parts.stacks, parts.indices.tolist())), parts.amplitudes, parts.ids, self._modelDir(),
               config, device=self._getDevice(), seed=self.seed.get(),
-              resume=os.path.exists(os.path.join(self._modelDir(), "last.pt")), poses=poses)
+              resume=os.path.exists(os.path.join(self._modelDir(), "last.pt")), poses=poses,
+              ctf=parts.ctf if self.phaseFlip.get() else None)
 
     def createOutputStep(self):
         from ..core.training import load_model

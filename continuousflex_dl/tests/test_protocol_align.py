@@ -6,10 +6,10 @@ from pyworkflow.tests import BaseTest, setupTestProject
 
 from continuousflex_dl import convert
 from continuousflex_dl.core.analysis import amplitude_errors, pose_errors
-from continuousflex_dl.protocols import (FlexDLProtAlign, FlexDLProtNMA, FlexDLProtOutliers,
+from continuousflex_dl.protocols import (FlexDLProtAlign, FlexDLProtOutliers,
                                          FlexDLProtSynthesize)
 from continuousflex_dl.protocols.protocol_outliers import DISTANCE_ATTR
-from continuousflex_dl.tests.test_protocol_nma import import_structure
+from continuousflex_dl.tests.test_protocol_nma import compute_test_modes
 
 N_IMAGES = 16
 
@@ -18,10 +18,7 @@ class TestProtAlign(BaseTest):
     @classmethod
     def setUpClass(cls):
         setupTestProject(cls)
-        structure = import_structure(cls)
-        nma = cls.newProtocol(FlexDLProtNMA, inputStructure=structure, numberOfModes=10)
-        cls.launchProtocol(nma)
-        cls.modes = nma.outputModes
+        cls.modes = compute_test_modes(cls)
         synth = cls.newProtocol(FlexDLProtSynthesize, inputModes=cls.modes, modeList="7-9",
                                 numberOfImages=N_IMAGES, boxSize=48, samplingRate=2.0, maxShift=2.0,
                                 applyCTF=False, addNoise=False, seed=11)

@@ -4,19 +4,16 @@ from pyworkflow.tests import BaseTest, setupTestProject
 
 from continuousflex_dl import convert
 from continuousflex_dl.core.training import load_model
-from continuousflex_dl.protocols import (FlexDLProtNMA, FlexDLProtPredict, FlexDLProtSynthesize,
+from continuousflex_dl.protocols import (FlexDLProtPredict, FlexDLProtSynthesize,
                                          FlexDLProtTrain)
-from continuousflex_dl.tests.test_protocol_nma import import_structure
+from continuousflex_dl.tests.test_protocol_nma import compute_test_modes
 
 
 class TestProtNetwork(BaseTest):
     @classmethod
     def setUpClass(cls):
         setupTestProject(cls)
-        structure = import_structure(cls)
-        nma = cls.newProtocol(FlexDLProtNMA, inputStructure=structure, numberOfModes=10)
-        cls.launchProtocol(nma)
-        common = dict(inputModes=nma.outputModes, modeList="7-9", boxSize=32, samplingRate=3.0,
+        common = dict(inputModes=compute_test_modes(cls), modeList="7-9", boxSize=32, samplingRate=3.0,
                       inPlaneRotation=False, maxShift=0.0, applyCTF=False, addNoise=False)
         cls.train_set = cls.launchProtocol(cls.newProtocol(
             FlexDLProtSynthesize, numberOfImages=96, seed=1, **common)).outputParticles

@@ -18,6 +18,14 @@ def import_structure(test, name="4ake"):
     return prot.outputPdb
 
 
+def compute_test_modes(test, n_modes=10, **kwargs):
+    """Import adenylate kinase and compute its normal modes in the test's project."""
+    nma = test.newProtocol(FlexDLProtNMA, inputStructure=import_structure(test), numberOfModes=n_modes,
+                           **kwargs)
+    test.launchProtocol(nma)
+    return nma.outputModes
+
+
 class TestProtNMA(BaseTest):
     @classmethod
     def setUpClass(cls):

@@ -13,18 +13,15 @@ from continuousflex_dl.core.nma import displace
 from continuousflex_dl.core.projection import project_gaussians
 from continuousflex_dl.core.star import read_particles_star
 from continuousflex_dl.core.structure import centre
-from continuousflex_dl.protocols import FlexDLProtNMA, FlexDLProtSynthesize
-from continuousflex_dl.tests.test_protocol_nma import import_structure
+from continuousflex_dl.protocols import FlexDLProtSynthesize
+from continuousflex_dl.tests.test_protocol_nma import compute_test_modes
 
 
 class TestProtSynthesize(BaseTest):
     @classmethod
     def setUpClass(cls):
         setupTestProject(cls)
-        structure = import_structure(cls)
-        nma = cls.newProtocol(FlexDLProtNMA, inputStructure=structure, numberOfModes=10)
-        cls.launchProtocol(nma)
-        cls.modes = nma.outputModes
+        cls.modes = compute_test_modes(cls)
 
     def _synthesize(self, **kwargs):
         args = dict(inputModes=self.modes, modeList="7-9", numberOfImages=12, boxSize=49,
