@@ -84,7 +84,8 @@ class FlexDLProtCluster(FlexDLProtBase):
                            "distance of the amplitudes, Å). amplitude ranges: one group per line of "
                            "ranges; a particle may fall in several groups or none.")
         form.addParam("numberOfClusters", params.IntParam, default=3, condition="method == 0",
-                      validators=[params.GE(1)], label="Number of clusters")
+                      validators=[params.GE(1)], label="Number of clusters",
+                      help="k in k-means: how many groups of similar conformations to make.")
         form.addParam("seed", params.IntParam, default=0, condition="method == 0", label="Random seed",
                       help="k-means++ starts; the same seed gives the same clusters.")
         form.addParam("ranges", params.TextParam, default="", condition="method == 1", width=60,

@@ -25,7 +25,8 @@ class FlexDLProtPredict(FlexDLProtBase):
                       help="Particles covering the same box in Å as the training particles; a different "
                            "pixel size is handled by Fourier cropping.")
         form.addParam("batchSize", params.IntParam, default=128, validators=[params.GT(0)],
-                      expertLevel=params.LEVEL_ADVANCED, label="Batch size")
+                      expertLevel=params.LEVEL_ADVANCED, label="Batch size",
+                      help="Images predicted at once; lower it if the GPU runs out of memory.")
         self._addDeviceParam(form)
 
     def _insertAllSteps(self):

@@ -52,26 +52,31 @@ class FlexDLProtSynthesize(FlexDLProtBase):
                       label="Amplitude table", help="Text/CSV file: one row per image, one column per mode.")
         form.addSection(label="Images")
         form.addParam("numberOfImages", params.IntParam, default=1000, validators=[params.GT(0)],
-                      label="Number of images")
+                      label="Number of images",
+                      help="The paper used 6,000 training and 2,000 test images per data set.")
         form.addParam("boxSize", params.IntParam, default=128, validators=[params.GE(8)],
                       label="Box size (px)", help="Any size, odd or even.")
         form.addParam("samplingRate", params.FloatParam, default=1.0, validators=[params.Positive],
-                      label="Pixel size (Å/px)")
+                      label="Pixel size (Å/px)",
+                      help="Sampling of the images; the box covers box size x pixel size Å.")
         form.addParam("inPlaneRotation", params.BooleanParam, default=True, label="Random in-plane rotation?",
                       help="Yes: orientations uniform on SO(3). No: uniform projection directions, psi = 0.")
         form.addParam("maxShift", params.FloatParam, default=5.0, validators=[params.GE(0)],
                       label="Maximum shift (px)", help="Shifts uniform in [-S, S] along x and y; 0 for none.")
-        form.addParam("applyCTF", params.BooleanParam, default=True, label="Apply CTF?")
+        form.addParam("applyCTF", params.BooleanParam, default=True, label="Apply CTF?",
+                      help="Modulate the projections by a CTF (RELION's formula); each particle stores its CTF.")
         form.addParam("defocusMin", params.FloatParam, default=5000.0, condition="applyCTF",
                       label="Minimum defocus (Å)", help="Underfocus; the paper used 0.5 µm = 5000 Å.")
         form.addParam("defocusMax", params.FloatParam, default=5000.0, condition="applyCTF",
                       label="Maximum defocus (Å)", help="Equal to the minimum for a fixed defocus.")
-        form.addParam("voltage", params.FloatParam, default=300.0, condition="applyCTF", label="Voltage (kV)")
+        form.addParam("voltage", params.FloatParam, default=300.0, condition="applyCTF", label="Voltage (kV)",
+                      help="Acceleration voltage, for the electron wavelength.")
         form.addParam("sphericalAberration", params.FloatParam, default=2.7, condition="applyCTF",
-                      label="Spherical aberration (mm)")
+                      label="Spherical aberration (mm)", help="Cs of the objective lens.")
         form.addParam("amplitudeContrast", params.FloatParam, default=0.1, condition="applyCTF",
-                      label="Amplitude contrast")
-        form.addParam("addNoise", params.BooleanParam, default=True, label="Add noise?")
+                      label="Amplitude contrast", help="Fraction of amplitude contrast (0.07-0.1 for cryo-EM).")
+        form.addParam("addNoise", params.BooleanParam, default=True, label="Add noise?",
+                      help="Add white Gaussian noise at the SNR below (after the CTF).")
         form.addParam("snr", params.FloatParam, default=0.1, condition="addNoise", validators=[params.Positive],
                       label="SNR", help="var(clean CTF-modulated projection) / var(noise), per image, "
                                         "over the whole box. 0.1 in the paper.")

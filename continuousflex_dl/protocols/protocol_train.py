@@ -41,7 +41,8 @@ class FlexDLProtTrain(FlexDLProtBase):
         form.addSection(label="Training")
         form.addParam("epochs", params.IntParam, default=30, validators=[params.GT(0)], label="Epochs",
                       help="Largest number of passes over the training images (early stopping may end sooner).")
-        form.addParam("batchSize", params.IntParam, default=32, validators=[params.GT(0)], label="Batch size")
+        form.addParam("batchSize", params.IntParam, default=32, validators=[params.GT(0)], label="Batch size",
+                      help="Images per optimisation step (32 as in the paper); lower it if memory runs out.")
         form.addParam("learningRate", params.FloatParam, default=1e-3, validators=[params.Positive],
                       label="Learning rate", help="Adam's initial learning rate; reduced when the validation "
                                                   "loss stops improving.")

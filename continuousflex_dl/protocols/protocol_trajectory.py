@@ -113,17 +113,22 @@ class FlexDLProtTrajectory(FlexDLProtBase):
                            "component. range: from the smallest to the largest projection. std: the "
                            "mean -/+ a number of standard deviations.")
         form.addParam("lowPercentile", params.FloatParam, default=2.0, label="Low percentile (%)",
-                      condition="pathType == 0 and extent == 0", validators=[params.Range(0, 100)])
+                      condition="pathType == 0 and extent == 0", validators=[params.Range(0, 100)],
+                      help="The path starts at this percentile of the particles' projections on the "
+                           "principal component (ignores the most extreme particles).")
         form.addParam("highPercentile", params.FloatParam, default=98.0, label="High percentile (%)",
-                      condition="pathType == 0 and extent == 0", validators=[params.Range(0, 100)])
+                      condition="pathType == 0 and extent == 0", validators=[params.Range(0, 100)],
+                      help="The path ends at this percentile of the projections on the principal component.")
         form.addParam("numberOfStd", params.FloatParam, default=2.0, label="Standard deviations",
-                      condition="pathType == 0 and extent == 2", validators=[params.Positive])
+                      condition="pathType == 0 and extent == 2", validators=[params.Positive],
+                      help="The path spans the mean ± this many standard deviations along the component.")
         form.addParam("points", params.TextParam, default="", condition="pathType != 0",
                       label="Points (Å)", width=60,
                       help="One point per line, one amplitude (Å) per mode of the particles, in the "
                            "order of their modes, e.g. for modes 7-9:\n-150 50 120\n0 0 0\n150 -50 -120")
         form.addParam("numberOfFrames", params.IntParam, default=10, condition="pathType != 2",
-                      validators=[params.GE(2)], label="Number of frames")
+                      validators=[params.GE(2)], label="Number of frames",
+                      help="Structures along the path (models of the multi-model PDB).")
 
     # --------------------------- STEPS -----------------------------------------
     def _insertAllSteps(self):
