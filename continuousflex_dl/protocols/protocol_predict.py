@@ -27,6 +27,12 @@ class FlexDLProtPredict(FlexDLProtBase):
         form.addParam("batchSize", params.IntParam, default=128, validators=[params.GT(0)],
                       expertLevel=params.LEVEL_ADVANCED, label="Batch size",
                       help="Images predicted at once; lower it if the GPU runs out of memory.")
+        form.addParam("bfloat16", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
+                      label="bfloat16 on the CPU?",
+                      help="Run the network in bfloat16 on the CPU: several times faster on CPUs with "
+                           "bfloat16 support. Amplitudes differ from float32 by about 0.6 Å on average "
+                           "(up to 8 Å for single particles, measured on the demo). GPUs always use "
+                           "mixed precision.")
         self._addDeviceParam(form)
 
     def _insertAllSteps(self):
@@ -51,6 +57,7 @@ class FlexDLProtPredict(FlexDLProtBase):
         pose = model.predictsPose()
         out = predict(loaded, self._images(parts, model), batch_size=self.batchSize.get(),
                       return_pose=pose, ctf=parts.ctf if loaded.config.phase_flip else None,
+                      bfloat16=self.bfloat16.get(),
                       progress=lambda done, total: self.info(f"Predicted {done} / {total} particles"))
         amplitudes, angles, shifts = out if pose else (out, None, None)
         if shifts is not None:  # the model's pixels -> the particles' pixels
