@@ -42,8 +42,11 @@ def pixel_profiles(positions: torch.Tensor, box: int, sigma_px: torch.Tensor,
     unit Gaussian centred at ``positions[..., n]``; with ``derivative=True`` also
     ``dG/dposition`` of the same shape.
     """
-    edges = torch.arange(box + 1, dtype=positions.dtype, device=positions.device) - 0.5
     inv = 1.0 / (sigma_px * math.sqrt(2.0))
+    half = int(math.ceil(WINDOW_SIGMAS * float(torch.max(sigma_px)))) + 1
+    if not derivative and 2 * half + 1 < box:
+        return _windowed_profiles(positions, box, inv, half)
+    edges = torch.arange(box + 1, dtype=positions.dtype, device=positions.device) - 0.5
     t = (edges - positions[..., None]) * inv[..., None]
     cdf = torch.erf(t)
     g = 0.5 * (cdf[..., 1:] - cdf[..., :-1])
@@ -52,6 +55,25 @@ def pixel_profiles(positions: torch.Tensor, box: int, sigma_px: torch.Tensor,
     # d/dp 0.5 erf((e - p) / (s sqrt 2)) = -exp(-t^2) / (s sqrt(2 pi)).
     pdf = torch.exp(-t * t) * (inv[..., None] / math.sqrt(math.pi))
     return g, -(pdf[..., 1:] - pdf[..., :-1])
+
+
+#: Profiles are evaluated within this many widths of each centre (the Gaussian mass
+#: beyond 6 widths, 2e-9, is below float32 resolution).
+WINDOW_SIGMAS = 6.0
+
+
+def _windowed_profiles(positions: torch.Tensor, box: int, inv: torch.Tensor, half: int) -> torch.Tensor:
+    """:func:`pixel_profiles` evaluated only on the 2 * half + 1 pixels around each centre
+    (erf is the cost of projection; this evaluates ~10 instead of box + 1 per atom)."""
+    k = torch.arange(-half, half + 2, dtype=positions.dtype, device=positions.device)
+    c = torch.round(positions)
+    t = (c[..., None] + (k - 0.5) - positions[..., None]) * inv[..., None]
+    cdf = torch.erf(t)
+    g = 0.5 * (cdf[..., 1:] - cdf[..., :-1])
+    idx = c[..., None].long() + k[:-1].long()
+    g = g * ((idx >= 0) & (idx < box))
+    out = torch.zeros(positions.shape + (box,), dtype=positions.dtype, device=positions.device)
+    return out.scatter_add_(-1, idx.clamp_(0, box - 1), g)
 
 
 def _check_common(box: int, pixel_size: float) -> int:

@@ -110,3 +110,13 @@ def test_batched_coords_and_bad_inputs():
         project_gaussians(coords[0], rot, np.zeros((2, 2)), 9, 0.0)
     with pytest.raises(ValueError, match="sigma"):
         project_gaussians(coords[0], rot, np.zeros((2, 2)), 9, 1.0, sigma=np.ones(4))
+
+
+def test_windowed_profiles_equal_the_full_evaluation():
+    from continuousflex_dl.core.projection import pixel_profiles
+    gen = torch.Generator().manual_seed(0)
+    pos = torch.rand(4, 50, generator=gen, dtype=torch.float64) * 80 - 8  # some atoms off the box
+    sigma = torch.rand(50, generator=gen, dtype=torch.float64) * 1.5 + 0.2
+    fast = pixel_profiles(pos, 64, sigma)
+    full, _ = pixel_profiles(pos, 64, sigma, derivative=True)  # evaluated on every pixel edge
+    torch.testing.assert_close(fast, full, atol=1e-9, rtol=0)
