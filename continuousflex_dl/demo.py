@@ -121,6 +121,11 @@ PAPER_HEMNMA_MAE = 6.58
 PAPER_NETWORK_MAE = 27.60
 
 
+def results_dir(stages) -> Path:
+    """The demo's result folder, inside the Scipion project."""
+    return Path(os.path.abspath(stages["nma"]._getExtraPath())).parents[2] / "demo_results"
+
+
 def _report(project, stages) -> None:
     import numpy as np
 
@@ -131,7 +136,7 @@ def _report(project, stages) -> None:
     from .core.trajectory import principal_path
     from .viewers.plots import plot_point_cloud
 
-    out = Path(os.path.abspath(stages["nma"]._getExtraPath())).parents[2] / "demo_results"
+    out = results_dir(stages)
     out.mkdir(exist_ok=True)
     truth = convert.read_particles(stages["synthesis"].outputParticles, need_amplitudes=True)
     hem = convert.read_particles(stages["hemnma"].outputParticles, need_amplitudes=True)
