@@ -111,12 +111,17 @@ def main(argv=None) -> dict:
     amp_err = np.abs(res.amplitudes - q_true)
     ang_err = angular_distance_deg(res.rotations, rot_true)
     sh_err = np.linalg.norm(res.shifts - s_true, axis=1)
+    from continuousflex_dl.core.analysis import mahalanobis_distances, outlier_mask
+    keep = outlier_mask(mahalanobis_distances(res.amplitudes), fraction=0.1)  # as the paper: 10 %
     figures = {
         "n": args.n, "size": args.size, "pixel_size": args.pixel_size, "snr": args.snr,
         "defocus_um": args.defocus_um, "modes": args.modes, "threads": args.threads,
         "mae_per_mode": dict(zip(map(str, args.modes), np.round(amp_err.mean(0), 3).tolist())),
         "mae_all": round(float(amp_err.mean()), 3),
         "median_amp_error": round(float(np.median(amp_err)), 3),
+        "mae_all_after_10pct_outlier_removal": round(float(amp_err[keep].mean()), 3),
+        "mae_per_mode_after_outlier_removal": dict(zip(map(str, args.modes),
+                                                       np.round(amp_err[keep].mean(0), 3).tolist())),
         "angular_error_mean_deg": round(float(ang_err.mean()), 3),
         "angular_error_median_deg": round(float(np.median(ang_err)), 3),
         "fraction_angle_over_10deg": round(float(np.mean(ang_err > 10)), 3),
