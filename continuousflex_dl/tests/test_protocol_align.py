@@ -72,3 +72,18 @@ class TestProtAlign(BaseTest):
         self.assertEqual({p.getObjId() for p in kept}, expected)
         for p in kept:
             self.assertAlmostEqual(getattr(p, DISTANCE_ATTR).get(), d[list(gt.ids).index(p.getObjId())], places=6)
+
+    def test_nan_images_are_refused_with_their_ids(self):
+        import mrcfile
+        synth = self.newProtocol(FlexDLProtSynthesize, inputModes=self.modes, modeList="7-9", numberOfImages=4,
+                                 boxSize=32, samplingRate=3.0, applyCTF=False, addNoise=False, seed=5)
+        self.launchProtocol(synth)
+        stack = convert.read_particles(synth.outputParticles).stacks[0]
+        with mrcfile.open(stack, mode="r+") as mrc:
+            mrc.data[2, 5, 5] = np.nan  # particle id 3
+        align = self.newProtocol(FlexDLProtAlign, inputParticles=synth.outputParticles, inputModes=self.modes,
+                                 modeList="7-9", workingSize=32)
+        with self.assertRaises(Exception):
+            self.launchProtocol(align)
+        log = "".join(open(align.getLogPaths()[1]).readlines()) + "".join(open(align.getLogPaths()[0]).readlines())
+        self.assertIn("ids [3] contain NaN", log)
