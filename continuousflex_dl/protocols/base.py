@@ -19,6 +19,14 @@ class FlexDLProtBase(EMProtocol):
                       help="auto: the first CUDA GPU when one is visible, else the CPU. "
                            "cuda: refuse to run without a GPU. cpu: never use a GPU.")
 
+    def _addFlexInputParams(self, form, modes_help: str):
+        """``inputParticles`` (amplitudes of this plugin) and ``inputModes`` (their normal modes)."""
+        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticlesFlex",
+                      label="Particles with amplitudes", important=True,
+                      help="Output of the HEMNMA, DeepHEMNMA or synthesis protocol of this plugin.")
+        form.addParam("inputModes", params.PointerParam, pointerClass="SetOfNormalModes",
+                      label="Normal modes", important=True, help=modes_help)
+
     def _getDevice(self) -> str:
         import torch
         choice = DEVICE_CHOICES[self.device.get()] if hasattr(self, "device") else "auto"

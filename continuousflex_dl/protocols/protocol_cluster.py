@@ -70,13 +70,8 @@ class FlexDLProtCluster(FlexDLProtBase):
 
     def _defineParams(self, form):
         form.addSection(label="Input")
-        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticlesFlex",
-                      label="Particles with amplitudes", important=True,
-                      help="Output of the HEMNMA, DeepHEMNMA or synthesis protocol of this plugin.")
-        form.addParam("inputModes", params.PointerParam, pointerClass="SetOfNormalModes",
-                      label="Normal modes", important=True,
-                      help="The normal modes of the amplitudes: their structure is displaced to "
-                           "each cluster centre.")
+        self._addFlexInputParams(form, "The normal modes of the amplitudes: their structure is "
+                                       "displaced to each cluster centre.")
         form.addSection(label="Clusters")
         form.addParam("method", params.EnumParam, choices=["k-means", "amplitude ranges"],
                       default=METHOD_KMEANS, display=params.EnumParam.DISPLAY_HLIST, label="Grouping",

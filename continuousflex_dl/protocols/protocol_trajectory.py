@@ -94,12 +94,7 @@ class FlexDLProtTrajectory(FlexDLProtBase):
 
     def _defineParams(self, form):
         form.addSection(label="Input")
-        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticlesFlex",
-                      label="Particles with amplitudes", important=True,
-                      help="Output of the HEMNMA, DeepHEMNMA or synthesis protocol of this plugin.")
-        form.addParam("inputModes", params.PointerParam, pointerClass="SetOfNormalModes",
-                      label="Normal modes", important=True,
-                      help="The normal modes of the amplitudes: their structure is displaced.")
+        self._addFlexInputParams(form, "The normal modes of the amplitudes: their structure is displaced.")
         form.addSection(label="Path")
         form.addParam("pathType", params.EnumParam, choices=PATH_LABELS, default=PATH_PCA,
                       label="Path",
