@@ -135,6 +135,7 @@ def main(argv=None) -> dict:
     for key, val in figures.items():
         print(f"{key}: {val}")
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(figures, indent=1))
     return figures
 
