@@ -6,6 +6,9 @@ from pathlib import Path
 from continuousflex_dl.scipion_env import configure_scipion
 
 SCIPION_ROOT = configure_scipion(Path(tempfile.mkdtemp(prefix="cfdl-scipion-")))
+# Every temporary file of the tests goes under the same root, removed after a green run.
+(SCIPION_ROOT / "tmp").mkdir()
+tempfile.tempdir = str(SCIPION_ROOT / "tmp")
 
 
 def pytest_sessionfinish(session, exitstatus):
