@@ -11,7 +11,7 @@ EXPECTED = {"FlexDLProtNMA", "FlexDLProtSynthesize", "FlexDLProtAlign", "FlexDLP
 
 
 def _ours(mapping):
-    return {k for k, v in mapping.items() if v.__module__.startswith("continuousflex_dl")}
+    return {k for k, v in mapping.items() if getattr(v, "__module__", "").startswith("continuousflex_dl")}
 
 
 def test_scipion_finds_protocols_objects_and_viewers():
