@@ -27,9 +27,17 @@ class FlexDLProtBase(EMProtocol):
         form.addParam("inputModes", params.PointerParam, pointerClass="SetOfNormalModes",
                       label="Normal modes", important=True, help=modes_help)
 
+    def _deviceChoice(self) -> str:
+        """The device parameter as a string ('auto' for protocols without one)."""
+        return DEVICE_CHOICES[self.device.get()] if hasattr(self, "device") else "auto"
+
+    def _usesGPU(self) -> bool:
+        """For steps' needsGPU: everything but an explicit 'cpu' may use a GPU."""
+        return self._deviceChoice() != "cpu"
+
     def _getDevice(self) -> str:
         import torch
-        choice = DEVICE_CHOICES[self.device.get()] if hasattr(self, "device") else "auto"
+        choice = self._deviceChoice()
         if choice == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         if choice == "cuda" and not torch.cuda.is_available():

@@ -72,13 +72,9 @@ class FlexDLProtAlign(FlexDLProtBase):
         n = self.inputParticles.get().getSize()
         size = self.chunkSize.get()
         chunk_steps = [self._insertFunctionStep(self.alignChunkStep, k, prerequisites=[convert_step],
-                                                needsGPU=self._getDeviceChoice() != "cpu")
+                                                needsGPU=self._usesGPU())
                        for k in range((n + size - 1) // size)]
         self._insertFunctionStep(self.createOutputStep, prerequisites=chunk_steps, needsGPU=False)
-
-    def _getDeviceChoice(self):
-        from .base import DEVICE_CHOICES
-        return DEVICE_CHOICES[self.device.get()]
 
     def _modeNumbers(self):
         text = (self.modeList.get() or "").strip()

@@ -65,10 +65,6 @@ class FlexDLProtTrain(FlexDLProtBase):
         self._insertFunctionStep(self.trainStep, needsGPU=self._usesGPU())
         self._insertFunctionStep(self.createOutputStep, needsGPU=False)
 
-    def _usesGPU(self):
-        from .base import DEVICE_CHOICES
-        return DEVICE_CHOICES[self.device.get()] != "cpu"
-
     def _modelDir(self):
         return self._getExtraPath("model")
 
