@@ -23,11 +23,12 @@ whatever ``chunk_size``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -308,6 +309,21 @@ class SynthesisResult:
     def scipion_matrices(self) -> np.ndarray:
         """Scipion ALIGN_PROJ 4x4 pose matrices (n, 4, 4), see :mod:`.geometry`."""
         return pose_to_scipion_matrix(self.angles, self.shifts)
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the ground truth as .npz: the arrays, and the scalars as one JSON field."""
+        values = asdict(self)
+        arrays = {k: v for k, v in values.items() if isinstance(v, np.ndarray)}
+        scalars = {k: v for k, v in values.items() if k not in arrays}
+        np.savez(path, _scalars=json.dumps(scalars), **arrays)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "SynthesisResult":
+        """Read what :meth:`save` wrote."""
+        data = np.load(path)
+        values = json.loads(str(data["_scalars"]))
+        values.update({k: data[k] for k in data.files if k != "_scalars"})
+        return cls(**values)
 
     def write_star(self, path: Union[str, os.PathLike], stack_name: Optional[str] = None) -> str:
         """Write the ground truth as a RELION .star file (see :mod:`.star`); returns the path.

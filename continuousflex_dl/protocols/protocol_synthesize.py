@@ -1,7 +1,4 @@
 """Synthetic particle images of a flexible structure, with their ground truth."""
-import json
-from dataclasses import asdict
-
 import numpy as np
 from pwem.objects import SetOfParticlesFlex
 from pyworkflow.protocol import params
@@ -127,11 +124,11 @@ class FlexDLProtSynthesize(FlexDLProtBase):
             amplitude_contrast=self.amplitudeContrast.get(),
             snr=self.snr.get() if self.addNoise.get() else None, sigma=atoms.sigma, weights=atoms.weights,
             seed=self.seed.get(), device=self._getDevice(), progress=progress)
-        save_synthesis(self._getExtraPath("ground_truth.npz"), result)
+        result.save(self._getExtraPath("ground_truth.npz"))
         result.write_star(self._getExtraPath("ground_truth.star"))
 
     def createOutputStep(self):
-        result = load_synthesis(self._getExtraPath("ground_truth.npz"))
+        result = SynthesisResult.load(self._getExtraPath("ground_truth.npz"))
         out = self._createSetOfParticlesFlex()
         convert.fill_synthetic_particles(out, result)
         self._defineOutputs(outputParticles=out)
@@ -186,18 +183,3 @@ class FlexDLProtSynthesize(FlexDLProtBase):
         return [f"{self.outputParticles.getSize()} synthetic particle images were computed as projections "
                 f"of the reference in random orientations uniform on SO(3), displaced along normal modes "
                 f"{self.modeList.get()}, with CTF and white noise as in DeepHEMNMA [Hamitouche2022]."]
-
-
-def save_synthesis(path, result: SynthesisResult) -> None:
-    """Write a SynthesisResult as .npz (arrays) with its scalars in a JSON field."""
-    fields = asdict(result)
-    arrays = {k: v for k, v in fields.items() if isinstance(v, np.ndarray)}
-    scalars = {k: v for k, v in fields.items() if k not in arrays}
-    np.savez(path, _scalars=json.dumps(scalars), **arrays)
-
-
-def load_synthesis(path) -> SynthesisResult:
-    data = np.load(path)
-    fields = json.loads(str(data["_scalars"]))
-    fields.update({k: data[k] for k in data.files if k != "_scalars"})
-    return SynthesisResult(**fields)

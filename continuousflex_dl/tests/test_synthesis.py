@@ -264,3 +264,20 @@ def test_synthesize_cuda_matches_cpu(tmp_path, toy):
     assert np.array_equal(cpu.angles, gpu.angles)
     with mrcfile.mmap(cpu.stack_path, mode="r") as a, mrcfile.mmap(gpu.stack_path, mode="r") as b:
         assert np.abs(np.asarray(a.data) - np.asarray(b.data)).max() < 1e-3 * np.abs(np.asarray(a.data)).max()
+
+
+def test_synthesis_result_save_load_round_trip(tmp_path):
+    from continuousflex_dl.core.synthesis import SynthesisResult
+    rng = np.random.default_rng(0)
+    n = 5
+    result = SynthesisResult(stack_path="s.mrcs", box=32, pixel_size=2.0, angles=rng.normal(size=(n, 3)),
+                             shifts=rng.normal(size=(n, 2)), amplitudes=rng.normal(size=(n, 3)),
+                             defocus_u=rng.uniform(5e3, 1e4, n), defocus_v=rng.uniform(5e3, 1e4, n),
+                             defocus_angle=rng.uniform(0, 180, n), voltage=300.0, cs=2.7,
+                             amplitude_contrast=0.1, ctf_applied=True, snr=None, seed=4, mode_numbers=[7, 8, 9])
+    result.save(tmp_path / "gt.npz")
+    back = SynthesisResult.load(tmp_path / "gt.npz")
+    for name in ("angles", "shifts", "amplitudes", "defocus_u", "defocus_v", "defocus_angle"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(result, name))
+    assert (back.box, back.pixel_size, back.snr, back.seed, back.mode_numbers, back.ctf_applied) == \
+        (32, 2.0, None, 4, [7, 8, 9], True)
