@@ -32,6 +32,11 @@ def _as_tensor(x, dtype=None, device=None) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x), dtype=dtype or torch.float32, device=device)
 
 
+def _coords_tensor(coords) -> torch.Tensor:
+    """Coordinates as a tensor: a tensor keeps its dtype/device, numpy becomes float32 on the CPU."""
+    return coords if isinstance(coords, torch.Tensor) else _as_tensor(coords, torch.float32, torch.device("cpu"))
+
+
 def pixel_profiles(positions: torch.Tensor, box: int, sigma_px: torch.Tensor,
                    derivative: bool = False):
     """Pixel-integrated 1-D Gaussian profiles.
@@ -115,11 +120,8 @@ def project_gaussians(coords: ArrayLike, rotations: ArrayLike, shifts: ArrayLike
     dtype/device follow ``coords`` when it is a tensor (float32 for numpy input).
     """
     box = _check_common(box, pixel_size)
-    if isinstance(coords, torch.Tensor):
-        dtype, device = coords.dtype, coords.device
-    else:
-        dtype, device = torch.float32, torch.device("cpu")
-    coords_t = _as_tensor(coords, dtype, device)
+    coords_t = _coords_tensor(coords)
+    dtype, device = coords_t.dtype, coords_t.device
     rot = _as_tensor(rotations, dtype, device)
     sh = _as_tensor(shifts, dtype, device)
     if rot.ndim != 3 or rot.shape[1:] != (3, 3):
@@ -155,11 +157,8 @@ def density_map(coords: ArrayLike, box: int, pixel_size: float, sigma: ArrayLike
     dtype/device follow ``coords`` when it is a tensor.
     """
     box = _check_common(box, pixel_size)
-    if isinstance(coords, torch.Tensor):
-        dtype, device = coords.dtype, coords.device
-    else:
-        dtype, device = torch.float32, torch.device("cpu")
-    c = _as_tensor(coords, dtype, device)
+    c = _coords_tensor(coords)
+    dtype, device = c.dtype, c.device
     if c.ndim != 2 or c.shape[1] != 3:
         raise ValueError(f"coords must have shape (N, 3), got {tuple(c.shape)}.")
     n = c.shape[0]
