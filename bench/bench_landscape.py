@@ -4,7 +4,7 @@ SetOfParticlesFlex of N particles, without a Scipion project.
 Builds a ground-truth set (three Gaussian clusters of amplitudes over 3 modes, random poses)
 and a copy with amplitudes + N(0, 4 Å) and psi + 10°, then times: writing both sets,
 reading one back (convert.read_particles), the error report of one against the other
-(viewer_flex.error_reports), a 3-D point cloud of both (viewer_flex.cloud_figure + PNG),
+(reports.error_reports), a 3-D point cloud of both (viewer_flex.cloud_figure + PNG),
 k-means (k = 3), copying the particles into one set per cluster (what FlexDLProtCluster's
 createOutputStep does), and 20 trajectory frames of a 1656-atom structure written as a
 multi-model PDB. Prints the figures (and the error report, to check it against the planted
@@ -36,7 +36,8 @@ from continuousflex_dl.core.geometry import (matrix_to_euler, pose_to_scipion_ma
                                              random_rotations)
 from continuousflex_dl.core.structure import atoms_from_coords, write_multimodel_pdb  # noqa: E402
 from continuousflex_dl.core.trajectory import kmeans, principal_path, trajectory_frames  # noqa: E402
-from continuousflex_dl.viewers.viewer_flex import cloud_figure, error_reports  # noqa: E402
+from continuousflex_dl.reports import error_reports  # noqa: E402
+from continuousflex_dl.viewers.viewer_flex import cloud_figure  # noqa: E402
 
 
 def build_sets(folder: Path, n: int, rng: np.random.Generator):

@@ -147,6 +147,14 @@ def flex_mode_numbers(particles) -> Optional[List[int]]:
     return [int(m) for m in str(value).split(",") if m.strip()]
 
 
+def flex_source(particles) -> str:
+    """Where a set's amplitudes came from (FlexInfo ``amplitudeSource``), or ''."""
+    info = particles.getFlexInfo() if hasattr(particles, "getFlexInfo") else None
+    if info is None or not hasattr(info, "amplitudeSource"):
+        return ""
+    return str(info.getAttr("amplitudeSource") or "")
+
+
 def read_particles(particles, need_amplitudes: bool = False) -> ParticleArrays:
     """Arrays of a SetOfParticles (or SetOfParticlesFlex). Raises ValueError with the fix
     for an empty set, or missing amplitudes when ``need_amplitudes``."""

@@ -197,7 +197,7 @@ class FlexDLProtAlign(FlexDLProtBase):
         result = self._gather()
         with open(self._getExtraPath("input.json")) as f:
             numbers = json.load(f)["mode_numbers"]
-        from ..viewers.viewer_flex import error_summary_lines
+        from ..reports import error_summary_lines
         return [f"{len(result.score)} particles aligned with modes {numbers}.",
                 f"Score (normalised cross-correlation): mean {result.score.mean():.3f}, "
                 f"median {np.median(result.score):.3f}.",

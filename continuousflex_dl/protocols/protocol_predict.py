@@ -107,7 +107,7 @@ class FlexDLProtPredict(FlexDLProtBase):
             return []
         data = np.load(self._getExtraPath("predicted.npz"))
         modes = self.inputModel.get().getModes()
-        from ..viewers.viewer_flex import error_summary_lines
+        from ..reports import error_summary_lines
         return [f"Amplitudes of {len(data['ids'])} particles predicted for modes {modes}.",
                 "Mean ± std (Å): " + ", ".join(f"mode {m}: {a.mean():.1f} ± {a.std():.1f}"
                                                for m, a in zip(modes, data["amplitudes"].T))

@@ -17,7 +17,8 @@ from continuousflex_dl.protocols import FlexDLProtNMA, FlexDLProtSynthesize
 from continuousflex_dl.protocols.protocol_cluster import FlexDLProtCluster, parse_ranges
 from continuousflex_dl.protocols.protocol_trajectory import FlexDLProtTrajectory, parse_points
 from continuousflex_dl.tests.test_protocol_nma import import_structure
-from continuousflex_dl.viewers.viewer_flex import FlexDLFlexViewer, error_summary_lines
+from continuousflex_dl.reports import error_summary_lines
+from continuousflex_dl.viewers.viewer_flex import FlexDLFlexViewer
 
 N_IMAGES = 40
 SPREAD = 10.0  # Å, the synthesis 'clusters' relation's Gaussian spread per mode
