@@ -28,7 +28,7 @@ def main():
     args = ap.parse_args()
     import torch
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    lines = [f"# Speed and memory report", "",
+    lines = ["# Speed and memory report", "",
              f"{time.strftime('%Y-%m-%d %H:%M')}, {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} CPU cores, {device}, torch {torch.__version__}", ""]
     for name in args.only or BENCHES:

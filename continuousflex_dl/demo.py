@@ -132,7 +132,7 @@ def _report(project, stages) -> None:
     from . import convert
     from .core.analysis import amplitude_errors, format_error_table, pose_errors, write_error_csv
     from .core.nma import displace
-    from .core.structure import centre, write_multimodel_pdb
+    from .core.structure import write_multimodel_pdb
     from .core.trajectory import principal_path
     from .viewers.plots import plot_point_cloud
 

@@ -194,5 +194,5 @@ class FlexDLProtCluster(FlexDLProtBase):
     def _methods(self):
         if not hasattr(self, "outputStructures"):
             return []
-        return [f"The particles were grouped in the space of their normal-mode amplitudes "
-                f"[Hamitouche2022]; each group can be reconstructed separately."]
+        return ["The particles were grouped in the space of their normal-mode amplitudes "
+                "[Hamitouche2022]; each group can be reconstructed separately."]

@@ -2,7 +2,6 @@
 import json
 import os
 
-import numpy as np
 from pwem.objects import AtomStruct
 from pyworkflow.protocol import params
 

@@ -1,5 +1,4 @@
 """Synthetic particle images of a flexible structure, with their ground truth."""
-import numpy as np
 from pwem.objects import SetOfParticlesFlex
 from pyworkflow.protocol import params
 

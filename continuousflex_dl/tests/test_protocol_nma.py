@@ -6,7 +6,7 @@ from pwem.protocols import ProtImportPdb
 from pyworkflow.tests import BaseTest, setupTestProject
 
 from continuousflex_dl import convert
-from continuousflex_dl.core.nma import compute_modes, read_mode_files, subspace_overlap
+from continuousflex_dl.core.nma import compute_modes, subspace_overlap
 from continuousflex_dl.core.structure import example_structure_path, load_atoms
 from continuousflex_dl.protocols import FlexDLProtNMA
 

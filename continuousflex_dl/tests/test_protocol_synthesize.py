@@ -1,5 +1,4 @@
 """Synthesis protocol: Scipion output carries the truth that reproduces the images."""
-import os
 
 import mrcfile
 import numpy as np

@@ -194,8 +194,8 @@ def test_synthesize_noise_and_reproducibility(tmp_path, toy):
               defocus=12000.0, in_plane=False)
     a = synthesize(tmp_path / "a.mrcs", coords, modes, 30, 48, 1.5, seed=3, chunk_size=256, **kw)
     time.sleep(1.1)  # the file must not record the time
-    b = synthesize(tmp_path / "b.mrcs", coords, modes, 30, 48, 1.5, seed=3, chunk_size=7, **kw)
-    c = synthesize(tmp_path / "c.mrcs", coords, modes, 30, 48, 1.5, seed=4, **kw)
+    synthesize(tmp_path / "b.mrcs", coords, modes, 30, 48, 1.5, seed=3, chunk_size=7, **kw)
+    synthesize(tmp_path / "c.mrcs", coords, modes, 30, 48, 1.5, seed=4, **kw)
     bytes_a = (tmp_path / "a.mrcs").read_bytes()
     assert bytes_a == (tmp_path / "b.mrcs").read_bytes()  # same seed, any chunk size
     assert bytes_a != (tmp_path / "c.mrcs").read_bytes()
