@@ -56,9 +56,13 @@ class TrainConfig:
     pixel_size: Å/px of the input images.
     normalization: image normalisation name (see ``dataset.NORMALIZATIONS``).
     predict_pose: also regress the pose (6-D rotation + shifts in px).
-    loss: "l1" or "mse" on standardised targets. lr_schedule: "plateau",
-    "cosine" or "none". patience: epochs without validation improvement before
-    stopping. augment_rotation: random in-plane rotations of training images.
+    loss: "l1" or "mse" on standardised targets. lr_schedule: "onecycle"
+    (stepped per batch: warm-up to ``learning_rate`` over the first 30 % of
+    the steps, then cosine decay; runs all its epochs), "plateau" (halved
+    after ``lr_patience`` epochs without improvement), "cosine" or "none".
+    patience: epochs without validation improvement before stopping (not
+    with "onecycle"). augment_rotation: random in-plane rotations of training
+    images.
     amp: mixed precision (CUDA only).
     n_outputs, target_mean, target_std, shift_scale, version, phase_flip (images
     were CTF phase-flipped, so prediction needs CTFs too): set by :func:`train`.
@@ -74,10 +78,10 @@ class TrainConfig:
     predict_pose: bool = False
     epochs: int = 50
     batch_size: int = 32
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     weight_decay: float = 0.0
     loss: str = "l1"
-    lr_schedule: str = "plateau"
+    lr_schedule: str = "onecycle"
     lr_patience: int = 3
     patience: int = 10
     val_fraction: float = 0.1
@@ -200,14 +204,17 @@ def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
                                 weight_decay=config.weight_decay)
 
 
-def _make_scheduler(config: TrainConfig, optimizer):
+def _make_scheduler(config: TrainConfig, optimizer, steps_per_epoch: int):
+    if config.lr_schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate,
+                                                   epochs=config.epochs, steps_per_epoch=max(1, steps_per_epoch))
     if config.lr_schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=config.lr_patience)
     if config.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs))
     if config.lr_schedule == "none":
         return None
-    raise ValueError(f"Unknown learning-rate schedule {config.lr_schedule!r}; use plateau, cosine or none.")
+    raise ValueError(f"Unknown learning-rate schedule {config.lr_schedule!r}; use onecycle, plateau, cosine or none.")
 
 
 def _loss_fn(config: TrainConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -325,7 +332,9 @@ def train(images, amplitudes: np.ndarray, particle_ids: np.ndarray, out_dir: Uni
     model = build_model(config.n_modes, config.predict_pose, config.architecture, config.hidden,
                         config.dropout).to(device)
     optimizer = _make_optimizer(config, model)
-    scheduler = _make_scheduler(config, optimizer)
+    n_train = len(train_idx) // world_size
+    scheduler = _make_scheduler(config, optimizer, (n_train + config.batch_size - 1) // config.batch_size)
+    per_batch = isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
     start_epoch, best_val, bad_epochs = 1, math.inf, 0
     rows: List[dict] = []
     last_path = out / LAST_FILE
@@ -343,6 +352,9 @@ def train(images, amplitudes: np.ndarray, particle_ids: np.ndarray, out_dir: Uni
             scheduler.load_state_dict(state["scheduler"])
             if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
                 scheduler.T_max = max(1, config.epochs)  # the run may be extended on resume
+        if per_batch and state.get("epochs", config.epochs) != config.epochs:
+            raise ValueError(f"Cannot resume a one-cycle run of {state['epochs']} epochs with {config.epochs} "
+                             "epochs: keep the number of epochs, or train anew.")
         start_epoch, best_val, bad_epochs = state["epoch"] + 1, state["best_val"], state["bad_epochs"]
         rows = [r for r in _read_metrics(out / METRICS_FILE) if r["epoch"] < start_epoch]
         logger.info("Resuming %s at epoch %d (best validation loss %.4g)", out, start_epoch, best_val)
@@ -390,6 +402,8 @@ def train(images, amplitudes: np.ndarray, particle_ids: np.ndarray, out_dir: Uni
             else:
                 loss.backward()
                 optimizer.step()
+            if per_batch:
+                scheduler.step()
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         train_seconds = time.perf_counter() - t0
@@ -400,12 +414,12 @@ def train(images, amplitudes: np.ndarray, particle_ids: np.ndarray, out_dir: Uni
         row["seconds"] = time.perf_counter() - t0
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(row["val_loss"])
-        elif scheduler is not None:
+        elif scheduler is not None and not per_batch:
             scheduler.step()
         improved = row["val_loss"] < best_val
         if improved:
             best_val, bad_epochs = row["val_loss"], 0
-        else:
+        elif not per_batch:  # a one-cycle run ends with its annealing: no early stop
             bad_epochs += 1
         rows.append(row)
         if writer:
@@ -414,7 +428,8 @@ def train(images, amplitudes: np.ndarray, particle_ids: np.ndarray, out_dir: Uni
                            out / BEST_FILE)
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                        "epoch": epoch, "best_val": best_val, "bad_epochs": bad_epochs}, last_path)
+                        "epoch": epoch, "epochs": config.epochs, "best_val": best_val,
+                        "bad_epochs": bad_epochs}, last_path)
             _write_metrics(out / METRICS_FILE, rows, columns)
         extra = ""
         if config.predict_pose:
@@ -471,7 +486,7 @@ def load_model(model_dir: Union[str, os.PathLike], device: Union[str, torch.devi
 def predict(model: Union[LoadedModel, str, os.PathLike], images, batch_size: int = 64,
             device: Union[str, torch.device, None] = None, ctf: CtfLike = None,
             return_pose: bool = False, progress: Optional[Callable[[int, int], None]] = None,
-            bfloat16: bool = False):
+            bfloat16: bool = False, rotations: int = 1):
     """Amplitudes (and optionally poses) of new particle images.
 
     model: a :class:`LoadedModel` or a model directory. images: as in
@@ -484,7 +499,13 @@ def predict(model: Union[LoadedModel, str, os.PathLike], images, batch_size: int
     bfloat16: run the network in bfloat16 autocast on CPU too (about twice as
     fast on CPUs with AVX512-BF16/AMX; amplitudes then differ by ~1e-2 of their
     spread). On CUDA, mixed precision follows ``config.amp``.
+    rotations: average the amplitudes over this many in-plane rotations of
+    each image (0, 360/R, ... degrees; test-time augmentation, R times the
+    work), for models trained with ``augment_rotation``. Poses come from the
+    unrotated image.
     """
+    if rotations < 1:
+        raise ValueError(f"rotations must be at least 1, got {rotations}.")
     if not isinstance(model, LoadedModel):
         model = load_model(model, device or "cpu")
     elif device is not None and torch.device(device) != model.device:
@@ -511,10 +532,16 @@ def predict(model: Union[LoadedModel, str, os.PathLike], images, batch_size: int
     done = 0
     for idx, x in iterate_batches(source, np.arange(m), batch_size, config.working_size,
                                   config.normalization, ctf, None, model.device, config.pixel_size):
+        if rotations > 1:  # copies r = 0..R-1 of the batch, rotated by r * 360 / R degrees, stacked
+            angles = torch.arange(rotations, dtype=x.dtype, device=x.device) * (360.0 / rotations)
+            x = rotate_images(x.repeat(rotations, 1, 1, 1), angles.repeat_interleave(len(idx)))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(model.device, config.amp or bfloat16, bfloat16):
-            dec = _decode(config, net(x))
+            out = net(x)
+        dec = _decode(config, out[:len(idx)])  # the unrotated copy gives the pose
+        if rotations > 1:
+            dec["amplitudes"] = _decode(config, out)["amplitudes"].reshape(rotations, len(idx), -1).mean(0)
         amps[idx] = dec["amplitudes"]
         if return_pose:
             ang[idx], sh[idx] = dec["angles"], dec["shifts"]

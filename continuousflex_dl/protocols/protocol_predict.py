@@ -24,6 +24,11 @@ class FlexDLProtPredict(FlexDLProtBase):
                       label="Particles", important=True,
                       help="Particles covering the same box in Å as the training particles; a different "
                            "pixel size is handled by Fourier cropping.")
+        form.addParam("rotations", params.IntParam, default=1, validators=[params.GE(1)],
+                      label="In-plane rotations to average",
+                      help="Predict each particle at this many in-plane rotations (0, 360/N, ... degrees) and "
+                           "average the amplitudes (test-time augmentation). Worth it for models trained with "
+                           "in-plane rotation augmentation; costs N times the time. 1: no averaging.")
         form.addParam("batchSize", params.IntParam, default=128, validators=[params.GT(0)],
                       expertLevel=params.LEVEL_ADVANCED, label="Batch size",
                       help="Images predicted at once; lower it if the GPU runs out of memory.")
@@ -57,7 +62,7 @@ class FlexDLProtPredict(FlexDLProtBase):
         pose = model.predictsPose()
         out = predict(loaded, self._images(parts, model), batch_size=self.batchSize.get(),
                       return_pose=pose, ctf=parts.ctf if loaded.config.phase_flip else None,
-                      bfloat16=self.bfloat16.get(),
+                      bfloat16=self.bfloat16.get(), rotations=self.rotations.get(),
                       progress=lambda done, total: self.info(f"Predicted {done} / {total} particles"))
         amplitudes, angles, shifts = out if pose else (out, None, None)
         if shifts is not None:  # the model's pixels -> the particles' pixels
@@ -108,7 +113,8 @@ class FlexDLProtPredict(FlexDLProtBase):
         data = np.load(self._getExtraPath("predicted.npz"))
         modes = self.inputModel.get().getModes()
         from ..reports import error_summary_lines
-        return [f"Amplitudes of {len(data['ids'])} particles predicted for modes {modes}.",
+        averaged = f", averaged over {self.rotations.get()} in-plane rotations" if self.rotations.get() > 1 else ""
+        return [f"Amplitudes of {len(data['ids'])} particles predicted for modes {modes}{averaged}.",
                 "Mean ± std (Å): " + ", ".join(f"mode {m}: {a.mean():.1f} ± {a.std():.1f}"
                                                for m, a in zip(modes, data["amplitudes"].T))
                 ] + error_summary_lines(self.outputParticles, self.inputParticles.get())

@@ -1,7 +1,6 @@
 """DeepHEMNMA training: a ResNet34 + MLP regressor of normal-mode amplitudes."""
 import os
 
-import numpy as np
 from pyworkflow.protocol import params
 
 from .. import convert
@@ -10,6 +9,7 @@ from ..objects import FlexDLModel
 from .base import FlexDLProtBase
 
 LOSSES = ["l1", "mse"]
+SCHEDULES = ["onecycle", "plateau", "cosine"]
 
 
 class FlexDLProtTrain(FlexDLProtBase):
@@ -40,15 +40,24 @@ class FlexDLProtTrain(FlexDLProtBase):
                            "needs particles with a projection alignment.")
         form.addSection(label="Training")
         form.addParam("epochs", params.IntParam, default=30, validators=[params.GT(0)], label="Epochs",
-                      help="Largest number of passes over the training images (early stopping may end sooner).")
+                      help="Passes over the training images (with the plateau or cosine schedule, early "
+                           "stopping may end sooner).")
         form.addParam("batchSize", params.IntParam, default=32, validators=[params.GT(0)], label="Batch size",
                       help="Images per optimisation step (32 as in the paper); lower it if memory runs out.")
-        form.addParam("learningRate", params.FloatParam, default=1e-3, validators=[params.Positive],
-                      label="Learning rate", help="Adam's initial learning rate; reduced when the validation "
-                                                  "loss stops improving.")
+        form.addParam("learningRate", params.FloatParam, default=2e-3, validators=[params.Positive],
+                      label="Learning rate", help="Adam's peak learning rate (one-cycle schedule) or its "
+                                                  "initial learning rate (the other schedules).")
+        form.addParam("lrSchedule", params.EnumParam, choices=SCHEDULES, default=0,
+                      expertLevel=params.LEVEL_ADVANCED, display=params.EnumParam.DISPLAY_HLIST,
+                      label="Learning-rate schedule",
+                      help="onecycle: warm up to the learning rate over the first 30 % of the steps, then "
+                           "decay; runs all epochs and trains fastest. plateau: halve the rate when the "
+                           "validation loss stops improving, with early stopping. cosine: cosine decay over "
+                           "the epochs, with early stopping.")
         form.addParam("valFraction", params.FloatParam, default=0.1, validators=[params.Range(0.01, 0.5)],
                       label="Validation fraction", help="Fraction of the particles held out for validation.")
         form.addParam("patience", params.IntParam, default=8, validators=[params.GT(0)],
+                      condition="lrSchedule != 0",
                       label="Early-stopping patience", expertLevel=params.LEVEL_ADVANCED,
                       help="Stop after this many epochs without validation improvement.")
         form.addParam("loss", params.EnumParam, choices=LOSSES, default=0, expertLevel=params.LEVEL_ADVANCED,
@@ -56,7 +65,9 @@ class FlexDLProtTrain(FlexDLProtBase):
                       help="l1 (mean absolute error, as in the paper) or mse, on standardised amplitudes.")
         form.addParam("augment", params.BooleanParam, default=False, label="In-plane rotation augmentation?",
                       help="Rotate training images by random in-plane angles (amplitudes unchanged, pose "
-                           "labels rotated accordingly).")
+                           "labels rotated accordingly). Useful when the particles have random in-plane "
+                           "angles, as real particles do; predict such a model with in-plane rotation "
+                           "averaging (8 rotations lowered the error by 10-22 % in the benchmark).")
         form.addParam("seed", params.IntParam, default=0, label="Random seed",
                       help="Split, initialisation, shuffling and augmentation; same seed, same model.")
         self._addDeviceParam(form)
@@ -76,6 +87,7 @@ class FlexDLProtTrain(FlexDLProtBase):
                              pixel_size=parts.pixel_size, predict_pose=self.predictPose.get(),
                              epochs=self.epochs.get(), batch_size=self.batchSize.get(),
                              learning_rate=self.learningRate.get(), loss=LOSSES[self.loss.get()],
+                             lr_schedule=SCHEDULES[self.lrSchedule.get()],
                              patience=self.patience.get(), val_fraction=self.valFraction.get(),
                              augment_rotation=self.augment.get(), seed=self.seed.get())
         poses = (parts.angles, parts.shifts) if self.predictPose.get() else None

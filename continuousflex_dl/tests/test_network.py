@@ -4,6 +4,7 @@ Synthetic particles: three Gaussian blobs whose positions move linearly with
 the amplitudes (Å), plus white noise, so a network can learn the amplitudes.
 """
 import csv
+from dataclasses import replace
 import json
 
 import numpy as np
@@ -248,6 +249,21 @@ def test_reload_predicts_identically(trained):
     np.testing.assert_allclose(trained["pred"], manual, rtol=1e-5, atol=1e-4)
 
 
+def test_rotation_averaging_is_the_mean_over_rotated_copies(trained):
+    loaded = tr.load_model(trained["out"], "cpu")
+    images = trained["images"][:6]
+    x = ds.prepare_images(images, 16, "zscore")
+    with torch.no_grad():  # by hand: the network on the normalised images rotated by 0, 120, 240 degrees
+        outs = [loaded.model(ds.rotate_images(x, torch.full((6,), a))).numpy() for a in (0.0, 120.0, 240.0)]
+    manual = np.mean(outs, axis=0) * np.array(loaded.config.target_std) + np.array(loaded.config.target_mean)
+    averaged = tr.predict(loaded, images, batch_size=4, rotations=3)
+    np.testing.assert_allclose(averaged, manual, rtol=1e-4, atol=1e-3)
+    assert np.abs(averaged - trained["pred"][:6]).max() > 1e-3  # the rotated copies do count
+    np.testing.assert_allclose(tr.predict(loaded, images, rotations=1), trained["pred"][:6], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="rotations"):
+        tr.predict(loaded, images, rotations=0)
+
+
 def test_same_preprocessing_in_training_and_prediction(trained):
     train_inputs, pred_inputs = trained["train_inputs"], trained["pred_inputs"]
     common = set(train_inputs) & set(pred_inputs)
@@ -264,7 +280,8 @@ def test_four_modes_resume_and_reproducibility(tmp_path):
     """A run interrupted after epoch 1 and resumed ends exactly like an uninterrupted run."""
     images, q, pid = synthetic(12, 3, 4, seed=7)
     cfg = tr.TrainConfig(modes=[7, 8, 9, 10], working_size=16, epochs=2, batch_size=12, val_fraction=0.25,
-                         architecture="resnet18", lr_schedule="cosine", loss="mse")
+                         architecture="resnet18", loss="mse")
+    assert cfg.lr_schedule == "onecycle"  # the default, stepped per batch: resume must restore it exactly
     full = tr.train(images, q, pid, tmp_path / "full", cfg, seed=3)
 
     def crash(row):
@@ -272,6 +289,8 @@ def test_four_modes_resume_and_reproducibility(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         tr.train(images, q, pid, tmp_path / "part", cfg, seed=3, progress=crash)
     assert torch.load(tmp_path / "part" / "last.pt", weights_only=False)["epoch"] == 1
+    with pytest.raises(ValueError, match="one-cycle"):  # its schedule is fixed by the number of epochs
+        tr.train(images, q, pid, tmp_path / "part", replace(cfg, epochs=3), seed=3, resume=True)
     resumed = tr.train(images, q, pid, tmp_path / "part", cfg, seed=3, resume=True)
     assert [r["epoch"] for r in resumed] == [1, 2]
     np.testing.assert_allclose([r["val_loss"] for r in resumed], [r["val_loss"] for r in full], rtol=1e-5)
@@ -325,11 +344,17 @@ def test_early_stopping_plateau_schedule_and_best_checkpoint(tmp_path, monkeypat
         return {"val_loss": float(len(calls)), "val_mae": float(len(calls))}
     monkeypatch.setattr(tr, "_validate", rising_validation)
     cfg = tr.TrainConfig(modes=[7, 8], working_size=16, epochs=10, batch_size=8, val_fraction=0.25,
-                         architecture="resnet18", learning_rate=1e-3, patience=3, lr_patience=1)
+                         architecture="resnet18", learning_rate=1e-3, patience=3, lr_patience=1,
+                         lr_schedule="plateau")
     rows = tr.train(images, q, pid, tmp_path, cfg)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     np.testing.assert_allclose([r["lr"] for r in rows], [1e-3, 1e-3, 1e-3, 5e-4])
     assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 1
+    # one-cycle runs all its epochs (one step each here); the rate peaks at 30 % of the steps
+    rows = tr.train(images, q, pid, tmp_path / "onecycle", replace(cfg, lr_schedule="onecycle", epochs=10))
+    assert [r["epoch"] for r in rows] == list(range(1, 11))
+    lrs = [r["lr"] for r in rows]  # the rate after each epoch's step
+    assert int(np.argmax(lrs)) == 1 and max(lrs) == pytest.approx(1e-3, rel=0.05) and lrs[-1] < 0.1 * max(lrs)
 
 
 def test_data_parallel_ranks_share_the_training_split(tmp_path, monkeypatch):
@@ -350,4 +375,5 @@ def test_data_parallel_ranks_share_the_training_split(tmp_path, monkeypatch):
     assert len(train0) == len(train1) == len(train_idx) // 2
     assert set(train0).isdisjoint(train1) and set(train0) | set(train1) == set(train_idx)
     np.testing.assert_array_equal(val0, val_idx)
+    np.testing.assert_array_equal(val1, val_idx)  # every rank validates on the whole validation split
     assert (tmp_path / "rank0" / "best.pt").exists() and not (tmp_path / "rank1").exists()

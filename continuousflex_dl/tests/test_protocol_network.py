@@ -37,8 +37,10 @@ class TestProtNetwork(BaseTest):
         self.assertEqual(list(curves.axes[0].lines[0].get_xdata()), [1, 2])  # one point per epoch
         self.assertEqual(load_model(model.getModelDir()).config.modes, [7, 8, 9])
 
-        predict = self.newProtocol(FlexDLProtPredict, inputModel=model, inputParticles=self.test_set)
+        predict = self.newProtocol(FlexDLProtPredict, inputModel=model, inputParticles=self.test_set,
+                                   rotations=2)
         self.launchProtocol(predict)
+        self.assertIn("averaged over 2 in-plane rotations", predict.summary()[0])
         out = predict.outputParticles
         self.assertSetSize(out, 40)
         self.assertEqual(convert.flex_mode_numbers(out), [7, 8, 9])
