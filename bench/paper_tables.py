@@ -13,7 +13,7 @@ paper used 256 px, 6000 training and 2000 test images.
 
 Writes a Markdown table to --out (default bench/results/paper_table<N>.md).
 
-    python bench/paper_tables.py --table 1 --box 64 --train 2000 --test 500 --epochs 15
+    python bench/paper_tables.py --table 1 --box 64 --working-size 32 --train 6000 --test 2000 --epochs 20
     python bench/paper_tables.py --table 2 --box 64 --train 400 --test 200 --epochs 15
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from continuousflex_dl.core.dataset import MrcsImageSource  # noqa: E402
 from continuousflex_dl.core.nma import compute_modes  # noqa: E402
 from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms  # noqa: E402
 from continuousflex_dl.core.synthesis import synthesize  # noqa: E402
-from continuousflex_dl.core.training import TrainConfig, predict, train  # noqa: E402
+from continuousflex_dl.core.training import TrainConfig, load_model, predict, train  # noqa: E402
 
 MODES = [7, 8, 9]
 #: Table I of the paper (network, global MAE in Å), in the order of CASES.
@@ -71,10 +71,11 @@ def train_and_test(folder, train_entries, amplitudes, ids, test_set, args, augme
                          patience=max(5, args.epochs // 3), seed=args.seed)
     out = Path(folder) / f"model_{time.time_ns()}"
     train(train_entries, amplitudes, ids, out, config, device=args.device, seed=args.seed)
-    plain = predict(out, entries(test_set), device=args.device)
+    model = load_model(out, args.device)
+    plain = predict(model, entries(test_set))
     if not augment or args.rotations < 2:
         return plain, plain
-    return predict(out, entries(test_set), device=args.device, rotations=args.rotations), plain
+    return predict(model, entries(test_set), rotations=args.rotations), plain
 
 
 def fmt(report):

@@ -169,12 +169,17 @@ class _Targets:
                          dim=1).float()
 
 
+def _decode_amplitudes(config: TrainConfig, out: torch.Tensor) -> np.ndarray:
+    """Network outputs (B, n_outputs) -> amplitudes (B, K) in Å (standardisation undone)."""
+    amplitudes = out.detach().float().cpu()[:, :config.n_modes].double().numpy()
+    return amplitudes * np.asarray(config.target_std) + np.asarray(config.target_mean)
+
+
 def _decode(config: TrainConfig, out: torch.Tensor) -> Dict[str, np.ndarray]:
     """Network outputs (B, n_outputs) -> amplitudes (B, K) Å [, angles (B, 3) deg, shifts (B, 2) px]."""
+    res = {"amplitudes": _decode_amplitudes(config, out)}
     out = out.detach().float().cpu()
     k = config.n_modes
-    res = {"amplitudes": out[:, :k].double().numpy() * np.asarray(config.target_std)
-           + np.asarray(config.target_mean)}
     if config.predict_pose:
         mat = rotation_6d_to_matrix(out[:, k:k + 6].double()).numpy()
         res["matrices"] = mat
@@ -541,7 +546,7 @@ def predict(model: Union[LoadedModel, str, os.PathLike], images, batch_size: int
             out = net(x)
         dec = _decode(config, out[:len(idx)])  # the unrotated copy gives the pose
         if rotations > 1:
-            dec["amplitudes"] = _decode(config, out)["amplitudes"].reshape(rotations, len(idx), -1).mean(0)
+            dec["amplitudes"] = _decode_amplitudes(config, out).reshape(rotations, len(idx), -1).mean(0)
         amps[idx] = dec["amplitudes"]
         if return_pose:
             ang[idx], sh[idx] = dec["angles"], dec["shifts"]
