@@ -61,7 +61,12 @@ class AmplitudeErrorReport:
     per_mode_mean, per_mode_std: (K,) mean and (population, ddof=0) std per mode.
     per_mode_median: (K,) median per mode.
     rmsd_mean, rmsd_mean_minus_std, rmsd_mean_plus_std: RMSD (Å) of the reference
-    displaced by per_mode_mean, per_mode_mean - std and + std (None without modes).
+    displaced by per_mode_mean, max(per_mode_mean - std, 0) and per_mode_mean + std
+    (None without modes). An absolute error is never negative, so the lower value is
+    clipped at 0 per mode and the three are ordered: minus <= mean <= plus.
+    rmsd_per_particle: (M,) RMSD (Å) of the reference displaced by each particle's
+    signed errors, i.e. the atomic RMSD between its predicted and true conformations
+    (None without modes).
     """
     mode_numbers: np.ndarray
     abs_errors: np.ndarray
@@ -72,6 +77,7 @@ class AmplitudeErrorReport:
     rmsd_mean: Optional[float] = None
     rmsd_mean_minus_std: Optional[float] = None
     rmsd_mean_plus_std: Optional[float] = None
+    rmsd_per_particle: Optional[np.ndarray] = None
 
     @property
     def n_particles(self) -> int:
@@ -92,6 +98,10 @@ class AmplitudeErrorReport:
             if value is not None:
                 out.append(dict(quantity=name, mode="all", mean=float(value), std="", median="",
                                 unit="A", n=n))
+        if self.rmsd_per_particle is not None:
+            r = self.rmsd_per_particle
+            out.append(dict(quantity="rmsd_per_particle", mode="all", mean=float(r.mean()),
+                            std=float(r.std()), median=float(np.median(r)), unit="A", n=n))
         return out
 
 
@@ -122,7 +132,8 @@ def amplitude_errors(pred: np.ndarray, truth: np.ndarray,
 
     pred, truth: (M, K) amplitudes in Å, rows paired (see :func:`match_by_id`).
     mode_numbers: K mode numbers for labels (default 7..6+K).
-    modes: optional (K, N, 3) mode vectors to fill the RMSD fields.
+    modes: optional (K, N, 3) mode vectors to fill the RMSD fields (for the
+    per-particle RMSD only their (K, K) Gram matrix is used, so memory stays O(K N)).
     """
     pred = _as_2d("pred", pred)
     truth = _as_2d("truth", truth)
@@ -148,8 +159,12 @@ def amplitude_errors(pred: np.ndarray, truth: np.ndarray,
         if modes.ndim != 3 or modes.shape[0] != k:
             raise ValueError(f"modes must have shape ({k}, N, 3) to match the amplitudes; "
                              f"got {modes.shape}.")
-        r = rmsd_of_amplitude_errors(modes, np.stack([mean, mean - std, mean + std]))
+        r = rmsd_of_amplitude_errors(modes, np.stack([mean, np.maximum(mean - std, 0.0), mean + std]))
         report.rmsd_mean, report.rmsd_mean_minus_std, report.rmsd_mean_plus_std = map(float, r)
+        flat = modes.reshape(k, -1)
+        e = pred - truth
+        squared = np.einsum("mk,kl,ml->m", e, flat @ flat.T, e) / modes.shape[1]
+        report.rmsd_per_particle = np.sqrt(np.maximum(squared, 0.0))
     return report
 
 
@@ -289,7 +304,8 @@ def format_error_table(report: Union[Report, Mapping[str, Report]], paper_row: O
 
     Amplitude report columns: ``Mode <m> (Å)`` (mean ± std of absolute errors)
     for each mode, ``All (Å)`` (global mean), ``RMSD (Å)`` (reference displaced
-    by the per-mode means; with ``[mean-std, mean+std]`` when available).
+    by the per-mode means; with ``[mean-std, mean+std]``, the lower one clipped at 0
+    per mode, when available).
     ``paper_row`` keys: mode numbers (int) -> ``(mean, std)`` or a number,
     ``'all'`` and ``'rmsd'`` -> number or string. Several amplitude reports
     must share their mode numbers.

@@ -46,6 +46,10 @@ def test_rmsd_of_amplitude_errors_equals_displace_then_rms():
         np.linalg.norm(errors) / np.sqrt(n), rel=1e-12)
     batch = an.rmsd_of_amplitude_errors(ortho, np.stack([errors, 2 * errors]))
     np.testing.assert_allclose(batch, np.array([1, 2]) * np.linalg.norm(errors) / np.sqrt(n))
+    # A report's per-particle RMSD (from the modes' Gram matrix) is the same displacement RMSD.
+    pred = rng.normal(scale=5, size=(6, 3))
+    report = an.amplitude_errors(pred, np.zeros((6, 3)), modes=modes)
+    np.testing.assert_allclose(report.rmsd_per_particle, an.rmsd_of_amplitude_errors(modes, pred), rtol=1e-10)
 
 
 def test_amplitude_report_rmsd_fields_and_csv(tmp_path):
@@ -58,6 +62,15 @@ def test_amplitude_report_rmsd_fields_and_csv(tmp_path):
     assert r.rmsd_mean == pytest.approx(np.linalg.norm(mean) / np.sqrt(n))
     assert r.rmsd_mean_minus_std == pytest.approx(np.linalg.norm(mean - std) / np.sqrt(n))
     assert r.rmsd_mean_plus_std == pytest.approx(np.linalg.norm(mean + std) / np.sqrt(n))
+    # Per particle: |pred - truth| / sqrt(N) for orthonormal modes.
+    np.testing.assert_allclose(r.rmsd_per_particle, np.linalg.norm(pred, axis=1) / np.sqrt(n))
+    # A spread wider than the mean: the lower value is clipped at 0 per mode, never above the mean.
+    wide = an.amplitude_errors(np.array([[0.0, 1.0], [0.0, 1.0], [0.0, 10.0]]), np.zeros((3, 2)),
+                               modes=modes)
+    lower = np.maximum(wide.per_mode_mean - wide.per_mode_std, 0.0)
+    assert lower[1] == 0.0  # mode 8: mean 4, std 4.24
+    assert wide.rmsd_mean_minus_std == pytest.approx(np.linalg.norm(lower) / np.sqrt(n))
+    assert wide.rmsd_mean_minus_std <= wide.rmsd_mean <= wide.rmsd_mean_plus_std
     pose = an.pose_errors(np.zeros((4, 3)), np.zeros((4, 3)), np.zeros((4, 2)), np.ones((4, 2)))
     path = an.write_error_csv(tmp_path / "errors.csv", [r, pose])
     rows = list(csv.DictReader(open(path)))
@@ -66,6 +79,7 @@ def test_amplitude_report_rmsd_fields_and_csv(tmp_path):
     assert float(by[("amplitude_abs_error", "8")]["std"]) == pytest.approx(np.sqrt(3))
     assert float(by[("amplitude_abs_error", "all")]["mean"]) == pytest.approx(2.5)
     assert float(by[("rmsd_mean", "all")]["mean"]) == pytest.approx(r.rmsd_mean)
+    assert float(by[("rmsd_per_particle", "all")]["std"]) == pytest.approx(r.rmsd_per_particle.std())
     assert float(by[("shift_error", "")]["median"]) == pytest.approx(np.sqrt(2))
     table = an.format_error_table(r, paper_row={7: (1.5, 0.5), "all": 1.9})
     lines = table.splitlines()
