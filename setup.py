@@ -36,7 +36,10 @@ setup(
         "mrcfile>=1.4",
         "matplotlib>=3.5",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        # scipion-em-relion: its star converter is the client our pose convention is tested against.
+        "test": ["pytest>=7", "scipion-em-relion==5.0.2"],
+    },
     entry_points={
         "pyworkflow.plugin": ["continuousflex_dl = continuousflex_dl"],
         "console_scripts": ["continuousflex-dl = continuousflex_dl.__main__:main"],

@@ -29,7 +29,8 @@ in Å is unchanged), with a correction of the pixel-integration blur so that
 a cropped image equals a projection computed directly at the coarser pixel.
 
 Pose convention: :mod:`geometry` (Euler ZYZ in degrees, shifts in pixels of
-the *input* images, ``[x, y] = (A r)[:2] / pixel_size + shift + box // 2``).
+the *input* images, ``[x, y] = (A r)[:2] / pixel_size - shift + box // 2``: the shift is
+RELION's origin).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
-from .geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler
+from .geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler, particle_offset_px
 from .projection import fourier_crop, pixel_profiles, project_gaussians
 
 logger = logging.getLogger(__name__)
@@ -207,17 +208,18 @@ class _Model:
         ps, c = self.pixel_size, self.box // 2
         x = self.coords + torch.einsum("bk,knd->bnd", q, self.modes)
         y = torch.matmul(x, rot.transpose(1, 2))                         # (B, N, 3) rotated, Å
-        px = y[..., 0] / ps + shifts[:, 0:1] + c
-        py = y[..., 1] / ps + shifts[:, 1:2] + c
+        offset = particle_offset_px(shifts) + c
+        px = y[..., 0] / ps + offset[:, 0:1]
+        py = y[..., 1] / ps + offset[:, 1:2]
         gx, dgx = pixel_profiles(px, self.box, self.sigma_px, derivative=True)
         gy, dgy = pixel_profiles(py, self.box, self.sigma_px, derivative=True)
         image = torch.matmul(gy.transpose(1, 2) * self.weights, gx)
         # d(px, py)/d(params): (B, D, N) each.
         vrot = torch.einsum("bij,knj->bkni", rot[:, :2, :], self.modes) / ps   # (B, K, N, 2)
-        zero, one = torch.zeros_like(px), torch.ones_like(px)
+        zero, d_shift = torch.zeros_like(px), particle_offset_px(torch.ones_like(px))
         yx, yy, yz = y[..., 0] / ps, y[..., 1] / ps, y[..., 2] / ps
-        dpx = torch.cat([vrot[..., 0], torch.stack([zero, yz, -yy, one, zero], 1)], 1)
-        dpy = torch.cat([vrot[..., 1], torch.stack([-yz, zero, yx, zero, one], 1)], 1)
+        dpx = torch.cat([vrot[..., 0], torch.stack([zero, yz, -yy, d_shift, zero], 1)], 1)
+        dpy = torch.cat([vrot[..., 1], torch.stack([-yz, zero, yx, zero, d_shift], 1)], 1)
         left = torch.cat([dgy.transpose(1, 2)[:, None] * (self.weights * dpy)[:, :, None, :],
                           gy.transpose(1, 2)[:, None] * (self.weights * dpx)[:, :, None, :]], -1)
         right = torch.cat([gx, dgx], 1)                                    # (B, 2N, n)
@@ -327,7 +329,7 @@ def _global_search(ref_ft: torch.Tensor, img: torch.Tensor,
     """NCC of every image (M, n, n) with every reference spectrum (P, n, n//2+1) over integer
     shifts within ``max_shift`` px. Returns scores (M, P) and the best shifts (M, P, 2) px."""
     m, n = img.shape[0], img.shape[-1]
-    dx, dy, flat = _shift_window(max_shift, n, img.device)
+    window, flat = _shift_window(max_shift, n, img.device)
     img = img - img.mean(dim=(-2, -1), keepdim=True)
     f_img = torch.fft.rfft2(img) * filt
     img_norm = torch.sqrt((img * img).sum(dim=(-2, -1)))
@@ -345,18 +347,19 @@ def _global_search(ref_ft: torch.Tensor, img: torch.Tensor,
             val, arg = cc.max(-1)
             scores[i0:i0 + 16, start:start + chunk] = val / (img_norm[i0:i0 + 16, None]
                                                              * ref_norm[i0:i0 + 16])
-            best[i0:i0 + 16, start:start + chunk, 0] = dx[arg].to(img.dtype)
-            best[i0:i0 + 16, start:start + chunk, 1] = dy[arg].to(img.dtype)
+            best[i0:i0 + 16, start:start + chunk] = window[arg].to(img.dtype)
     return scores, best
 
 
 def _shift_window(max_shift: float, n: int, device):
+    """The integer particle displacements within ``max_shift`` px of the box centre, as pose
+    shifts (S, 2) px, and their flat indices (S,) in an n x n cross-correlation map."""
     r = int(math.ceil(max_shift))
     d = torch.arange(-r, r + 1, device=device)
     dy, dx = torch.meshgrid(d, d, indexing="ij")
     keep = (dx * dx + dy * dy) <= (max_shift + 0.5) ** 2
     dx, dy = dx[keep], dy[keep]
-    return dx, dy, (dy % n) * n + (dx % n)
+    return particle_offset_px(torch.stack([dx, dy], -1)), (dy % n) * n + (dx % n)
 
 
 def _amplitude_grid_search(model: _Model, img: torch.Tensor, filt: torch.Tensor, rot: torch.Tensor,
@@ -364,7 +367,7 @@ def _amplitude_grid_search(model: _Model, img: torch.Tensor, filt: torch.Tensor,
     """For B candidate poses (rot (B,3,3)) of images img (B, n, n), the best of the G
     amplitude vectors ``grid`` (G, K) and its integer shift: returns (q (B,K), shifts (B,2), ncc (B,))."""
     b_all, n, g = img.shape[0], img.shape[-1], grid.shape[0]
-    dx, dy, flat = _shift_window(max_shift, n, img.device)
+    window, flat = _shift_window(max_shift, n, img.device)
     wgt = _half_plane_weights(n, img.device, img.dtype)
     out_q, out_s, out_c = [], [], []
     for b0 in range(0, b_all, chunk):
@@ -385,7 +388,7 @@ def _amplitude_grid_search(model: _Model, img: torch.Tensor, filt: torch.Tensor,
         best = ncc.argmax(1)
         ar = torch.arange(b, device=img.device)
         out_q.append(grid[best])
-        out_s.append(torch.stack([dx[arg[ar, best]], dy[arg[ar, best]]], -1).to(img.dtype))
+        out_s.append(window[arg[ar, best]].to(img.dtype))
         out_c.append(ncc[ar, best])
     return torch.cat(out_q), torch.cat(out_s), torch.cat(out_c)
 

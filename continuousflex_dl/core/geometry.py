@@ -7,17 +7,25 @@ Convention (Xmipp / RELION, and Scipion's ALIGN_PROJ ``Transform``):
   rotations ``Rz(a) = [[cos a, sin a, 0], [-sin a, cos a, 0], [0, 0, 1]]`` and
   ``Ry(b) = [[cos b, 0, -sin b], [0, 1, 0], [sin b, 0, cos b]]``
   (RELION's and Xmipp's ``Euler_angles2matrix``).
-* Image formation: a point ``r`` of the reference (Å, origin at the box
-  centre) lands at ``(A @ r)[:2] / pixel_size + shift`` (pixels) in the
-  particle image, then is summed along the viewing direction ``z``.
-  ``shift = (shiftX, shiftY)`` in pixels, as RELION's ``rlnOriginX/Y`` and
-  Xmipp's ``shiftX/Y``.
+* Image formation (RELION's ``ObservationModel::predictObservation``): a
+  point ``r`` of the reference (Å, origin at the box centre) lands at
+  ``(A @ r)[:2] / pixel_size - shift`` (pixels from the box centre) in the
+  particle image, then is summed along the viewing direction ``z``. So the
+  angles rotate the reference into the observation, and the shift
+  ``(shiftX, shiftY)`` in pixels is RELION's origin (``rlnOriginX/Y``, and
+  ``rlnOriginX/YAngst`` divided by the pixel size) and Xmipp's ``shiftX/Y``:
+  it shifts the observation into the reference projection, and the particle
+  centre sits at **box centre minus shift** (:func:`particle_offset_px`).
 * Image arrays are indexed ``[y, x]``; pixel ``(iy, ix)`` has coordinates
   ``(ix - n // 2, iy - n // 2)`` (the FFT centre), volumes ``[z, y, x]``.
 * Scipion stores the pose of a projection as the 4x4 matrix
   ``T = inv([[A, -s], [0, 1]])`` with ``s = (shiftX, shiftY, 0)``, i.e.
   ``T[:3, :3] = A.T`` and ``T[:3, 3] = A.T @ s``, the same as Scipion's
-  Xmipp and RELION converters (``matrixFromGeometry(..., inverseTransform=True)``).
+  Xmipp and RELION converters (``matrixFromGeometry(..., inverseTransform=True)``),
+  which write ``rlnOrigin = -translation(inv(T)) = shift``.
+
+Versions before 0.2 placed the particle at box centre *plus* shift: their
+poses have mirrored shifts in every other program.
 
 Functions accept numpy arrays or torch tensors of any leading batch shape.
 """
@@ -31,7 +39,7 @@ import torch
 
 __all__ = [
     "euler_to_matrix", "matrix_to_euler", "pose_to_scipion_matrix",
-    "scipion_matrix_to_pose", "random_rotations", "angular_distance_deg",
+    "scipion_matrix_to_pose", "particle_offset_px", "random_rotations", "angular_distance_deg",
 ]
 
 
@@ -108,6 +116,17 @@ def scipion_matrix_to_pose(matrix: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     a = np.swapaxes(matrix[..., :3, :3], -1, -2)
     shifts = np.einsum("...ij,...j->...i", a, matrix[..., :3, 3])
     return matrix_to_euler(a), shifts[..., :2]
+
+
+def particle_offset_px(shifts_px):
+    """Offset (px) of the particle centre from the box centre for pose shifts (px), and back.
+
+    shifts_px: (..., 2) ``(shiftX, shiftY)`` (numpy or torch). Returns ``-shifts_px``: the
+    origin shifts the observation into the reference projection, so the particle sits at
+    box centre minus the shift (RELION). The map is its own inverse: a particle seen
+    ``d`` px from the box centre has the shifts ``particle_offset_px(d)``.
+    """
+    return -shifts_px
 
 
 def random_rotations(n: int, generator: np.random.Generator) -> np.ndarray:

@@ -3,7 +3,7 @@
 Every atom ``n`` is an isotropic 3-D Gaussian of standard deviation ``sigma_n``
 (Å) integrating to ``weight_n``. Pose convention (see :mod:`geometry`): an atom
 at ``r`` (Å, reference frame, origin at the box centre) lands at pixel
-coordinates ``[x, y] = (A @ r)[:2] / pixel_size + shift + box // 2`` of an
+coordinates ``[x, y] = (A @ r)[:2] / pixel_size - shift + box // 2`` of an
 image indexed ``[y, x]``, and the density is summed along ``z``.
 
 Each pixel holds the *integral* of the projected Gaussian over the pixel
@@ -20,6 +20,8 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
+
+from .geometry import particle_offset_px
 
 __all__ = ["fourier_crop", "project_gaussians", "density_map", "pixel_profiles"]
 
@@ -113,7 +115,8 @@ def project_gaussians(coords: ArrayLike, rotations: ArrayLike, shifts: ArrayLike
 
     coords: (N, 3) or (B, N, 3) Å in the reference frame (already centred).
     rotations: (B, 3, 3) matrices ``A`` (:func:`geometry.euler_to_matrix`).
-    shifts: (B, 2) pixels ``(shiftX, shiftY)``.
+    shifts: (B, 2) pixels ``(shiftX, shiftY)``, RELION's origin: the particle centre sits at
+    box centre minus the shift (:func:`geometry.particle_offset_px`).
     box: image size in pixels (odd or even); pixel_size: Å/px.
     sigma: Å, a number or (N,); weights: (N,) or None (ones).
     Returns (B, box, box) indexed ``[y, x]``; each atom integrates to its weight.
@@ -137,9 +140,9 @@ def project_gaussians(coords: ArrayLike, rotations: ArrayLike, shifts: ArrayLike
     sigma_t, w = _atom_params(sigma, weights, n, dtype, device)
     # Only x and y of A @ r are needed: (B, N, 2).
     xy = torch.matmul(coords_t, rot[:, :2, :].transpose(1, 2)) / pixel_size
-    centre = box // 2
-    px = xy[..., 0] + sh[:, 0:1] + centre
-    py = xy[..., 1] + sh[:, 1:2] + centre
+    offset = particle_offset_px(sh) + box // 2
+    px = xy[..., 0] + offset[:, 0:1]
+    py = xy[..., 1] + offset[:, 1:2]
     s_px = sigma_t / pixel_size
     gx = pixel_profiles(px, box, s_px)            # (B, N, box)
     gy = pixel_profiles(py, box, s_px)            # (B, N, box)

@@ -133,12 +133,14 @@ def test_align_with_ctf_and_noise(ake):
     coords, modes = ake
     ctf = CTFParams(defocus_u=np.array([5000.0, 8000.0, 6000.0, 7000.0, 5500.0, 9000.0]),
                     defocus_v=np.array([5000.0, 7600.0, 6000.0, 7000.0, 5500.0, 9000.0]))
-    img, q, rot, shifts, scale = _particles(coords, modes, 6, seed=11, ctf=ctf, snr=1.0)
+    img, q, rot, shifts, scale = _particles(coords, modes, 6, seed=12, ctf=ctf, snr=1.0)
     res = al.align_particles(torch.tensor(img), coords, modes, PIXEL, ctf=ctf, max_shift_px=2.0,
                              amplitude_range=np.tile([-1.25 * scale, 1.25 * scale], (3, 1)),
-                             angular_step_deg=20.0)
+                             angular_step_deg=15.0)
     mae, ang, sh = _errors(res, q, rot, shifts)
-    # Measured: MAE per mode (1.9, 1.0, 1.2) Å, angles 0.2-1.4 deg, shifts <= 0.06 px.
+    # Measured: MAE per mode (1.6, 1.9, 1.3) Å, angles <= 1.1 deg, shifts <= 0.07 px. Over seeds
+    # 11-18 every set has MAE < 3.2 Å and angles < 2.7 deg (a 20 deg step loses 1-2 particles
+    # of 6 to a wrong orientation on some seeds).
     assert np.all(mae < 4.0), mae
     assert np.all(ang < 3.0) and np.all(sh < 0.2), (ang, sh)
     # The search reaches the optimum: no worse a fit than the true parameters.

@@ -31,7 +31,9 @@ def test_atom_lands_at_expected_pixel(box, shift):
     r = np.array([[5.0, -3.0, 7.0]])                 # Å
     angles = np.array([[30.0, 50.0, -20.0]])
     a = euler_to_matrix(angles)
-    expected = (a[0] @ r[0])[:2] / pixel_size + np.array(shift) + box // 2
+    # RELION: the origin (our shift) shifts the observation into the projection, so the atom
+    # is seen at its projected position minus the shift.
+    expected = (a[0] @ r[0])[:2] / pixel_size - np.array(shift) + box // 2
     img = project_gaussians(torch.tensor(r, dtype=torch.float64), torch.tensor(a),
                             torch.tensor([shift]), box, pixel_size, sigma=3.0)[0]
     cx, cy = _centroid(img.numpy())
