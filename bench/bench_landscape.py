@@ -47,7 +47,7 @@ def build_sets(folder: Path, n: int, rng: np.random.Generator):
     angles = matrix_to_euler(random_rotations(n, rng))
     shifts = rng.uniform(-3, 3, (n, 2))
     truth = SetOfParticlesFlex(filename=str(folder / "truth.sqlite"), progName=convert.FLEX_PROG_NAME)
-    convert.set_acquisition(truth, 2.0, 300.0, 2.7, 0.1, False)
+    convert.set_acquisition(truth, 2.0, None)
     truth.setAlignmentProj()
     truth.setFlexInfo(convert.flex_info([7, 8, 9], convert.SOURCE_GROUND_TRUTH))
     mats = pose_to_scipion_matrix(angles, shifts)

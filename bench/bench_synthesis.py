@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from continuousflex_dl.core.nma import compute_modes  # noqa: E402
 from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms  # noqa: E402
-from continuousflex_dl.core.synthesis import synthesize  # noqa: E402
+from continuousflex_dl.core.synthesis import CTFSampler, synthesize  # noqa: E402
 
 
 def rss_kib(field: str = "VmRSS") -> int:
@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
     coords = centre(atoms.coords)
     modes = compute_modes(coords, n_modes=9).vectors[6:9]
     common = dict(coords=coords, modes=modes, box=args.box, pixel_size=args.pixel_size,
-                  max_shift_px=2.0, defocus_min=5000.0, defocus_max=20000.0, snr=args.snr,
+                  max_shift_px=2.0, ctf=CTFSampler(defocus_min=5000.0, defocus_max=20000.0), snr=args.snr,
                   chunk_size=args.chunk_size, device=args.device, seed=0)
     figures = {"box": args.box, "atoms": int(len(coords)), "device": args.device,
                "torch_threads": torch.get_num_threads(), "chunk_size": args.chunk_size}

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from continuousflex_dl.core.alignment import align_particles  # noqa: E402
 from continuousflex_dl.core.analysis import amplitude_errors, mahalanobis_distances, outlier_mask  # noqa: E402
+from continuousflex_dl.core.ctf import CTFParams  # noqa: E402
 from continuousflex_dl.core.dataset import MrcsImageSource  # noqa: E402
 from continuousflex_dl.core.nma import compute_modes  # noqa: E402
 from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms  # noqa: E402
@@ -54,7 +55,7 @@ def make_set(folder, name, coords, modes, atoms, n, args, in_plane, shift, noisy
     return synthesize(Path(folder) / f"{name}.mrcs", coords, modes, n, args.box, args.pixel_size,
                       relation="paper", mode_numbers=MODES, in_plane=in_plane,
                       max_shift_px=5.0 * args.box / 256 if shift else 0.0,
-                      ctf=noisy, defocus=5000.0, snr=0.1 if noisy else None,
+                      ctf=CTFParams(5000.0, 5000.0) if noisy else None, snr=0.1 if noisy else None,
                       sigma=atoms.sigma, weights=atoms.weights, seed=seed, device=args.device)
 
 
@@ -110,7 +111,7 @@ def table2(args, folder):
     te = make_set(folder, "test", coords, modes, atoms, args.test, args, True, True, True, args.seed + 1)
     images = MrcsImageSource(entries(tr)).read(np.arange(tr.n_images))
     t0 = time.time()
-    res = align_particles(images, coords, modes, args.pixel_size, ctf=tr.ctf_params(), sigma=atoms.sigma,
+    res = align_particles(images, coords, modes, args.pixel_size, ctf=tr.ctf, sigma=atoms.sigma,
                           weights=atoms.weights, max_shift_px=5.0 * args.box / 256 + 1,
                           working_size=min(args.working_size, args.box), device=args.device, seed=args.seed)
     seconds = time.time() - t0

@@ -59,8 +59,34 @@ def modes_table(modes_set: SetOfNormalModes) -> List[dict]:
 
 
 def enabled_mode_numbers(modes_set: SetOfNormalModes, first: int = 7) -> List[int]:
-    """Numbers of the enabled modes from ``first`` on (the default mode list of later protocols)."""
+    """Numbers of the enabled modes from ``first`` on."""
     return [r["number"] for r in modes_table(modes_set) if r["enabled"] and r["number"] >= first]
+
+
+#: How many modes a protocol uses when its mode list is left empty.
+DEFAULT_MODE_COUNT = 3
+DEFAULT_MODES_HELP = (f"Empty: the first {DEFAULT_MODE_COUNT} enabled non-rigid modes of the input "
+                      f"(usually 7-9); the summary says which.")
+
+
+def default_mode_numbers(modes_set: SetOfNormalModes) -> List[int]:
+    """The mode list of a protocol whose mode field is empty: the first
+    :data:`DEFAULT_MODE_COUNT` enabled non-rigid modes (e.g. [7, 8, 9])."""
+    return enabled_mode_numbers(modes_set)[:DEFAULT_MODE_COUNT]
+
+
+def read_mode_vectors(modes_set: SetOfNormalModes, mode_numbers: Sequence[int]) -> np.ndarray:
+    """The chosen modes (K, N, 3) of a SetOfNormalModes, from their files only (the
+    structure is not parsed, so this works where ProDy cannot be imported, as in the
+    GUI under ``python -O``). Raises ValueError with the fix if a mode does not exist."""
+    files = {r["number"]: r["file"] for r in modes_table(modes_set)}
+    missing = [n for n in mode_numbers if n not in files]
+    if missing:
+        raise ValueError(f"Modes {missing} are not in the set (it has modes 1-{max(files)}).")
+    vectors = [read_mode_files([files[n]])[0] for n in mode_numbers]
+    if len({v.shape for v in vectors}) > 1:
+        raise ValueError("The mode files have different numbers of atoms: recompute the normal modes.")
+    return np.stack(vectors)
 
 
 def read_modes(modes_set: SetOfNormalModes, mode_numbers: Sequence[int]) -> Tuple[Atoms, np.ndarray]:
@@ -74,11 +100,11 @@ def read_modes(modes_set: SetOfNormalModes, mode_numbers: Sequence[int]) -> Tupl
         raise ValueError("The normal modes have no atomic structure attached; "
                          "compute them with the NMA protocol of this plugin.")
     atoms = load_atoms(structure.getFileName(), "all")
-    files = {r["number"]: r["file"] for r in modes_table(modes_set)}
-    missing = [n for n in mode_numbers if n not in files]
-    if missing:
-        raise ValueError(f"Modes {missing} are not in the set (it has modes 1-{max(files)}).")
-    return atoms, read_mode_files([files[n] for n in mode_numbers], n_atoms=atoms.n_atoms)
+    vectors = read_mode_vectors(modes_set, mode_numbers)
+    if vectors.shape[1] != atoms.n_atoms:
+        raise ValueError(f"The mode files have {vectors.shape[1]} atoms, the structure {atoms.n_atoms}. "
+                         "The modes do not match the structure: recompute them on this structure.")
+    return atoms, vectors
 
 
 def parse_mode_list(text: str) -> List[int]:
@@ -124,10 +150,7 @@ class ParticleArrays:
     mode_numbers: Optional[List[int]] = None
     angles: Optional[np.ndarray] = None
     shifts: Optional[np.ndarray] = None
-    ctf: Optional[object] = None
-    voltage: float = 300.0
-    cs: float = 2.7
-    amplitude_contrast: float = 0.1
+    ctf: Optional[CTFParams] = None
 
 
 def flex_info(mode_numbers: Sequence[int], source: str) -> FlexInfo:
@@ -175,13 +198,9 @@ def read_particles(particles, need_amplitudes: bool = False) -> ParticleArrays:
         if has_pose and p.hasTransform():
             mats.append(p.getTransform().getMatrix())
         if has_ctf:
-            c = p.getCTF()
-            ctf.append((c.getDefocusU(), c.getDefocusV(), c.getDefocusAngle()))
+            ctf.append(_ctf_row(p.getCTF()))
     out = ParticleArrays(ids=np.array(ids), stacks=stacks, indices=np.array(indices),
-                         pixel_size=float(particles.getSamplingRate()), box=int(particles.getXDim()),
-                         voltage=float(acq.getVoltage() or 300.0),
-                         cs=float(acq.getSphericalAberration() or 2.7),
-                         amplitude_contrast=float(acq.getAmplitudeContrast() or 0.1))
+                         pixel_size=float(particles.getSamplingRate()), box=int(particles.getXDim()))
     if zflex and len(zflex) == n and all(len(z) for z in zflex):
         out.amplitudes = np.stack(zflex)
         out.mode_numbers = flex_mode_numbers(particles)
@@ -191,29 +210,64 @@ def read_particles(particles, need_amplitudes: bool = False) -> ParticleArrays:
     if len(mats) == n:
         out.angles, out.shifts = scipion_matrix_to_pose(np.stack(mats))
     if len(ctf) == n:
-        d = np.array(ctf, dtype=float)
-        out.ctf = CTFParams(defocus_u=d[:, 0], defocus_v=d[:, 1], defocus_angle=d[:, 2],
-                            voltage=out.voltage, cs=out.cs, amplitude_contrast=out.amplitude_contrast)
+        out.ctf = read_ctf(acq, ctf)
     return out
 
 
-def set_acquisition(out, pixel_size: float, voltage: float, cs: float, amplitude_contrast: float,
-                    has_ctf: bool) -> None:
-    """Sampling rate, acquisition and flags of a new set of particles."""
+# One CTF end to end: Scipion's CTFModel (per particle) + Acquisition (per set) <-> CTFParams.
+#: Acquisition values Scipion leaves unset are read as these (a 300 kV microscope).
+DEFAULT_ACQUISITION = {"voltage": 300.0, "cs": 2.7, "amplitude_contrast": 0.1}
+
+
+def _ctf_row(model: CTFModel) -> Tuple[float, float, float, float]:
+    """(defocusU Å, defocusV Å, defocusAngle deg, phaseShift deg) of one CTFModel."""
+    return (model.getDefocusU(), model.getDefocusV(), model.getDefocusAngle(),
+            model.getPhaseShift() or 0.0)
+
+
+def read_ctf(acquisition, rows: Sequence[Tuple[float, float, float, float]]) -> CTFParams:
+    """CTFParams (B = len(rows)) from a set's Acquisition and its particles' CTF rows."""
+    d = np.array(rows, dtype=float).reshape(-1, 4)
+    values = (acquisition.getVoltage(), acquisition.getSphericalAberration(),
+              acquisition.getAmplitudeContrast())
+    voltage, cs, q = (float(v) if v else DEFAULT_ACQUISITION[k] for v, k in zip(values, DEFAULT_ACQUISITION))
+    return CTFParams(defocus_u=d[:, 0], defocus_v=d[:, 1], defocus_angle=d[:, 2], voltage=voltage, cs=cs,
+                     amplitude_contrast=q, phase_shift=d[:, 3])
+
+
+def ctf_model(ctf: CTFParams, i: int) -> CTFModel:
+    """The CTFModel of image ``i`` of ``ctf`` (the inverse of :func:`read_ctf` per particle)."""
+    model = CTFModel(defocusU=float(ctf.column("defocus_u")[i]), defocusV=float(ctf.column("defocus_v")[i]),
+                     defocusAngle=float(ctf.column("defocus_angle")[i]))
+    model.setPhaseShift(float(ctf.column("phase_shift")[i]))
+    return model
+
+
+def set_acquisition(out, pixel_size: float, ctf: Optional[CTFParams]) -> None:
+    """Sampling rate, acquisition (from ``ctf``, or :data:`DEFAULT_ACQUISITION` without one)
+    and CTF flag of a new set of particles. A set has one acquisition: its images share voltage,
+    Cs and amplitude contrast."""
+    values = dict(DEFAULT_ACQUISITION)
+    if ctf is not None:
+        for name in values:
+            column = ctf.column(name)
+            if np.ptp(column) > 0:
+                raise ValueError(f"The images have different {name} values; a Scipion set has one "
+                                 "acquisition: split them into one set per value.")
+            values[name] = float(column[0])
     out.setSamplingRate(pixel_size)
     acq = out.getAcquisition()
-    acq.setVoltage(voltage)
-    acq.setSphericalAberration(cs)
-    acq.setAmplitudeContrast(amplitude_contrast)
+    acq.setVoltage(values["voltage"])
+    acq.setSphericalAberration(values["cs"])
+    acq.setAmplitudeContrast(values["amplitude_contrast"])
     acq.setMagnification(50000)
-    out.setHasCTF(has_ctf)
+    out.setHasCTF(ctf is not None)
 
 
 def fill_synthetic_particles(out, result, source: str = SOURCE_GROUND_TRUTH) -> None:
     """Append the particles of a core SynthesisResult to a SetOfParticlesFlex ``out``
     (location, CTF, ALIGN_PROJ Transform, zFlex) and set its FlexInfo."""
-    set_acquisition(out, result.pixel_size, result.voltage, result.cs, result.amplitude_contrast,
-                    bool(result.ctf_applied))
+    set_acquisition(out, result.pixel_size, result.ctf)
     out.setAlignmentProj()
     out.setFlexInfo(flex_info(result.mode_numbers, source))
     matrices = result.scipion_matrices()
@@ -222,9 +276,8 @@ def fill_synthetic_particles(out, result, source: str = SOURCE_GROUND_TRUTH) -> 
         p.setLocation(i + 1, result.stack_path)
         p.setTransform(Transform(matrices[i]))
         p.setZFlex(result.amplitudes[i].tolist())
-        if result.ctf_applied:
-            p.setCTF(CTFModel(defocusU=float(result.defocus_u[i]), defocusV=float(result.defocus_v[i]),
-                              defocusAngle=float(result.defocus_angle[i])))
+        if result.ctf is not None:
+            p.setCTF(ctf_model(result.ctf, i))
         out.append(p)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Optional, Union
+from typing import Dict, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -114,6 +114,22 @@ class CTFParams:
         """Field ``name`` as a (B,) float64 array."""
         return np.broadcast_to(np.asarray(getattr(self, name), dtype=np.float64), (self.batch_size,)).copy()
 
+    def to_columns(self, prefix: str = "ctf_") -> Dict[str, np.ndarray]:
+        """Every field as a (B,) float64 array named ``prefix + field`` (for ``np.savez``);
+        :meth:`from_columns` reads them back exactly."""
+        return {prefix + f.name: self.column(f.name) for f in fields(self)}
+
+    @classmethod
+    def from_columns(cls, columns: Mapping[str, np.ndarray], prefix: str = "ctf_"
+                     ) -> Optional["CTFParams"]:
+        """Inverse of :meth:`to_columns` (a dict or an ``np.load`` archive); None when the
+        columns are absent (images without CTF). Fields the columns lack take their defaults."""
+        names = [f.name for f in fields(cls)]
+        if prefix + names[0] not in columns:
+            return None
+        return cls(**{name: np.asarray(columns[prefix + name], dtype=np.float64)
+                      for name in names if prefix + name in columns})
+
     def select(self, index) -> "CTFParams":
         """Parameters of a subset of images (``index``: slice, integer array or mask)."""
         out = {}
@@ -121,6 +137,13 @@ class CTFParams:
             value = getattr(self, f.name)
             out[f.name] = value if np.ndim(value) == 0 else np.asarray(value)[index]
         return CTFParams(**out)
+
+    def expand(self, n: int) -> "CTFParams":
+        """The same parameters as (n,) arrays of ``n`` images (B = 1 or n -> B = n)."""
+        if self.batch_size not in (1, n):
+            raise ValueError(f"The CTF describes {self.batch_size} images; give one for all images "
+                             f"or one per image ({n}).")
+        return CTFParams(**{f.name: np.broadcast_to(self.column(f.name), (n,)).copy() for f in fields(self)})
 
 
 def _frequencies(box: int, pixel_size: float, device) -> tuple:

@@ -8,7 +8,8 @@ by RELION 3.0 and by Scipion's RELION importer) with, per image:
 * ``_rlnOriginX/_rlnOriginY`` (px, RELION 3.0) and ``_rlnOriginXAngst/_rlnOriginYAngst``
   (Å, RELION 3.1), both equal to the pose shifts ``(shiftX, shiftY)`` of :mod:`.geometry`;
 * ``_rlnDefocusU/_rlnDefocusV`` (Å, underfocus > 0), ``_rlnDefocusAngle`` (deg),
-  ``_rlnVoltage`` (kV), ``_rlnSphericalAberration`` (mm), ``_rlnAmplitudeContrast``;
+  ``_rlnVoltage`` (kV), ``_rlnSphericalAberration`` (mm), ``_rlnAmplitudeContrast``,
+  ``_rlnPhaseShift`` (deg) from a :class:`~.ctf.CTFParams` (:data:`CTF_LABELS`);
 * ``_rlnImagePixelSize`` (Å/px) and, for RELION 3.0, ``_rlnDetectorPixelSize`` (= pixel size,
   µm) with ``_rlnMagnification`` 10000, so that ``pixel = detector * 1e4 / magnification``;
 * one ``_cfdlAmplitudeMode<k>`` column (Å) per normal mode ``k`` (1-based mode number).
@@ -24,8 +25,16 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from .ctf import CTFParams
+
 __all__ = ["write_star", "read_star", "write_particles_star", "read_particles_star",
-           "ParticlesStar", "AMPLITUDE_LABEL"]
+           "ParticlesStar", "AMPLITUDE_LABEL", "CTF_LABELS"]
+
+#: RELION's label of each CTFParams field (RELION 3.0 particle columns; 3.1 keeps the
+#: acquisition ones in data_optics).
+CTF_LABELS = {"defocus_u": "rlnDefocusU", "defocus_v": "rlnDefocusV", "defocus_angle": "rlnDefocusAngle",
+              "voltage": "rlnVoltage", "cs": "rlnSphericalAberration",
+              "amplitude_contrast": "rlnAmplitudeContrast", "phase_shift": "rlnPhaseShift"}
 
 #: Column label of the amplitude of mode ``k``: ``AMPLITUDE_LABEL.format(k)``.
 AMPLITUDE_LABEL = "_cfdlAmplitudeMode{}"
@@ -116,7 +125,7 @@ class ParticlesStar:
 
     stacks: (n,) stack path of each image as written; indices: (n,) 0-based index in its stack;
     angles (n, 3) deg; shifts (n, 2) px; pixel_size Å/px (None if absent);
-    defocus_u/v (n,) Å; defocus_angle (n,) deg; voltage, cs, amplitude_contrast (n,);
+    ctf: CTFParams (B = n) or None when the file has no defocus columns;
     amplitudes (n, K) Å and mode_numbers (K,) from the ``_cfdlAmplitudeMode<k>`` columns.
     """
     stacks: List[str]
@@ -124,25 +133,19 @@ class ParticlesStar:
     angles: np.ndarray
     shifts: np.ndarray
     pixel_size: Optional[float]
-    defocus_u: Optional[np.ndarray] = None
-    defocus_v: Optional[np.ndarray] = None
-    defocus_angle: Optional[np.ndarray] = None
-    voltage: Optional[np.ndarray] = None
-    cs: Optional[np.ndarray] = None
-    amplitude_contrast: Optional[np.ndarray] = None
+    ctf: Optional[CTFParams] = None
     amplitudes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     mode_numbers: List[int] = field(default_factory=list)
 
 
 def write_particles_star(path: PathLike, stack_name: str, angles: np.ndarray, shifts: np.ndarray,
-                         pixel_size: float, *, defocus_u=None, defocus_v=None, defocus_angle=None,
-                         voltage: float = 300.0, cs: float = 2.7, amplitude_contrast: float = 0.1,
+                         pixel_size: float, *, ctf: Optional[CTFParams] = None,
                          amplitudes: Optional[np.ndarray] = None,
                          mode_numbers: Optional[Sequence[int]] = None,
                          indices: Optional[Sequence[int]] = None) -> None:
     """Write the ground truth of images ``0..n-1`` of ``stack_name`` (or of ``indices``,
     0-based) as ``data_particles``. angles (n, 3) deg; shifts (n, 2) px; pixel_size Å/px;
-    defocus_u/v (n,) Å and defocus_angle (n,) deg (None: no CTF columns); amplitudes (n, K) Å
+    ctf: CTFParams (B = 1 or n; None: no CTF columns); amplitudes (n, K) Å
     with their 1-based ``mode_numbers`` (default 7..6+K)."""
     angles = np.asarray(angles, dtype=float)
     shifts = np.asarray(shifts, dtype=float)
@@ -162,14 +165,9 @@ def write_particles_star(path: PathLike, stack_name: str, angles: np.ndarray, sh
         "rlnOriginX": shifts[:, 0], "rlnOriginY": shifts[:, 1],
         "rlnOriginXAngst": shifts[:, 0] * pixel_size, "rlnOriginYAngst": shifts[:, 1] * pixel_size,
     }
-    if defocus_u is not None:
-        col = lambda v: np.broadcast_to(np.asarray(v, dtype=float), (n,))  # noqa: E731
-        table.update({
-            "rlnDefocusU": col(defocus_u), "rlnDefocusV": col(defocus_v if defocus_v is not None else defocus_u),
-            "rlnDefocusAngle": col(0.0 if defocus_angle is None else defocus_angle),
-            "rlnVoltage": col(voltage), "rlnSphericalAberration": col(cs),
-            "rlnAmplitudeContrast": col(amplitude_contrast),
-        })
+    if ctf is not None:
+        ctf = ctf.expand(n)
+        table.update({label: ctf.column(name) for name, label in CTF_LABELS.items()})
     table.update({"rlnImagePixelSize": [float(pixel_size)] * n,
                   "rlnDetectorPixelSize": [float(pixel_size)] * n,
                   "rlnMagnification": [10000.0] * n})
@@ -231,7 +229,12 @@ def read_particles_star(path: PathLike) -> ParticlesStar:
     amplitudes = np.stack([num(lab) for lab in amp_labels], -1) if amp_labels else np.zeros((n, 0))
     return ParticlesStar(
         stacks=stacks, indices=np.asarray(indices, dtype=int), angles=angles, shifts=shifts,
-        pixel_size=pixel_size, defocus_u=num("_rlnDefocusU"), defocus_v=num("_rlnDefocusV"),
-        defocus_angle=num("_rlnDefocusAngle"), voltage=num("_rlnVoltage"),
-        cs=num("_rlnSphericalAberration"), amplitude_contrast=num("_rlnAmplitudeContrast"),
-        amplitudes=amplitudes, mode_numbers=numbers)
+        pixel_size=pixel_size, ctf=_read_ctf(t), amplitudes=amplitudes, mode_numbers=numbers)
+
+
+def _read_ctf(table: Dict[str, List[str]]) -> Optional[CTFParams]:
+    """The CTF columns of a particle table (:data:`CTF_LABELS`), or None without defocus."""
+    if "_rlnDefocusU" not in table:
+        return None
+    return CTFParams(**{name: np.asarray(table["_" + label], dtype=float)
+                        for name, label in CTF_LABELS.items() if "_" + label in table})

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AMPLITUDE_RELATIONS", "sample_orientations", "sample_shifts", "sample_amplitudes",
-    "sample_defocus", "add_noise", "measured_snr", "SynthesisResult", "synthesize",
+    "sample_defocus", "CTFSampler", "add_noise", "measured_snr", "SynthesisResult", "synthesize",
 ]
 
 #: Bound on atoms x images x (box + 1) per projector call (its profile tensors), ~16 MiB each.
@@ -95,6 +95,24 @@ def sample_defocus(n: int, rng: np.random.Generator, defocus_min: float, defocus
     d = rng.uniform(defocus_min, defocus_max, n) if defocus_max > defocus_min else np.full(n, float(defocus_min))
     angle = rng.uniform(0.0, 180.0, n) if astigmatism > 0 else np.zeros(n)
     return d + astigmatism / 2, d - astigmatism / 2, angle
+
+
+@dataclass(frozen=True)
+class CTFSampler:
+    """Random per-image CTFs for :func:`synthesize`: defocus by :func:`sample_defocus`
+    (``defocus_min``/``defocus_max`` Å, ``astigmatism`` Å), one acquisition for all images
+    (voltage kV, cs mm, amplitude_contrast). A fixed defocus: ``defocus_min == defocus_max``."""
+    defocus_min: float = 5000.0
+    defocus_max: float = 20000.0
+    astigmatism: float = 0.0
+    voltage: float = 300.0
+    cs: float = 2.7
+    amplitude_contrast: float = 0.1
+
+    def sample(self, n: int, rng: np.random.Generator) -> CTFParams:
+        """CTF parameters of ``n`` images (B = n)."""
+        u, v, angle = sample_defocus(n, rng, self.defocus_min, self.defocus_max, self.astigmatism)
+        return CTFParams(u, v, angle, self.voltage, self.cs, self.amplitude_contrast)
 
 
 # --------------------------------------------------------------------------- amplitudes
@@ -274,11 +292,10 @@ class SynthesisResult:
     """Ground truth of a synthesized stack of ``n`` images.
 
     stack_path: the .mrcs file (n, box, box) float32, voxel size = pixel_size;
-    angles: (n, 3) Euler ZYZ (rot, tilt, psi) deg; shifts: (n, 2) (shiftX, shiftY) px;
-    amplitudes: (n, K) Å in the order of ``mode_numbers`` (1-based mode numbers);
-    defocus_u, defocus_v: (n,) Å (underfocus > 0); defocus_angle: (n,) deg;
-    voltage kV, cs mm, amplitude_contrast; ctf_applied: False when images carry no CTF;
-    snr: None when noise-free; seed.
+    angles: (n, 3) Euler ZYZ (rot, tilt, psi) deg; shifts: (n, 2) (shiftX, shiftY) px
+    (:mod:`.geometry`: RELION's origin); amplitudes: (n, K) Å in the order of ``mode_numbers``
+    (1-based mode numbers); ctf: the CTF of every image (B = n), None when the images carry
+    none; snr: None when noise-free; seed.
     """
     stack_path: str
     box: int
@@ -286,13 +303,7 @@ class SynthesisResult:
     angles: np.ndarray
     shifts: np.ndarray
     amplitudes: np.ndarray
-    defocus_u: np.ndarray
-    defocus_v: np.ndarray
-    defocus_angle: np.ndarray
-    voltage: float
-    cs: float
-    amplitude_contrast: float
-    ctf_applied: bool
+    ctf: Optional[CTFParams]
     snr: Optional[float]
     seed: int
     mode_numbers: List[int] = field(default_factory=list)
@@ -301,29 +312,25 @@ class SynthesisResult:
     def n_images(self) -> int:
         return int(self.angles.shape[0])
 
-    def ctf_params(self) -> CTFParams:
-        """Per-image CTF parameters (B = n)."""
-        return CTFParams(self.defocus_u, self.defocus_v, self.defocus_angle, self.voltage,
-                         self.cs, self.amplitude_contrast)
-
     def scipion_matrices(self) -> np.ndarray:
         """Scipion ALIGN_PROJ 4x4 pose matrices (n, 4, 4), see :mod:`.geometry`."""
         return pose_to_scipion_matrix(self.angles, self.shifts)
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the ground truth as .npz: the arrays, and the scalars as one JSON field."""
-        values = asdict(self)
-        arrays = {k: v for k, v in values.items() if isinstance(v, np.ndarray)}
-        scalars = {k: v for k, v in values.items() if k not in arrays}
-        np.savez(path, _scalars=json.dumps(scalars), **arrays)
+        """Write the ground truth as .npz: the arrays, the CTF columns
+        (:meth:`CTFParams.to_columns`) and the scalars as one JSON field."""
+        scalars = {k: getattr(self, k) for k in ("stack_path", "box", "pixel_size", "snr", "seed",
+                                                 "mode_numbers")}
+        ctf = {} if self.ctf is None else self.ctf.to_columns()
+        np.savez(path, _scalars=json.dumps(scalars), angles=self.angles, shifts=self.shifts,
+                 amplitudes=self.amplitudes, **ctf)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "SynthesisResult":
         """Read what :meth:`save` wrote."""
         data = np.load(path)
-        values = json.loads(str(data["_scalars"]))
-        values.update({k: data[k] for k in data.files if k != "_scalars"})
-        return cls(**values)
+        return cls(angles=data["angles"], shifts=data["shifts"], amplitudes=data["amplitudes"],
+                   ctf=CTFParams.from_columns(data), **json.loads(str(data["_scalars"])))
 
     def write_star(self, path: Union[str, os.PathLike], stack_name: Optional[str] = None) -> str:
         """Write the ground truth as a RELION .star file (see :mod:`.star`); returns the path.
@@ -335,11 +342,8 @@ class SynthesisResult:
                 stack_name = os.path.relpath(self.stack_path, os.path.dirname(os.path.abspath(path)))
             except ValueError:
                 stack_name = str(self.stack_path)
-        write_particles_star(
-            path, stack_name, self.angles, self.shifts, self.pixel_size,
-            defocus_u=self.defocus_u, defocus_v=self.defocus_v, defocus_angle=self.defocus_angle,
-            voltage=self.voltage, cs=self.cs, amplitude_contrast=self.amplitude_contrast,
-            amplitudes=self.amplitudes, mode_numbers=self.mode_numbers)
+        write_particles_star(path, stack_name, self.angles, self.shifts, self.pixel_size, ctf=self.ctf,
+                             amplitudes=self.amplitudes, mode_numbers=self.mode_numbers)
         return str(path)
 
 
@@ -349,9 +353,7 @@ def synthesize(out_stack: Union[str, os.PathLike], coords, modes, n_images: int,
                relation: str = "paper", relation_params: Optional[Dict] = None,
                mode_numbers: Optional[Sequence[int]] = None,
                in_plane: bool = True, max_shift_px: float = 0.0,
-               ctf: bool = True, defocus: Optional[float] = None,
-               defocus_min: float = 5000.0, defocus_max: float = 20000.0, astigmatism: float = 0.0,
-               voltage: float = 300.0, cs: float = 2.7, amplitude_contrast: float = 0.1,
+               ctf: Union[CTFSampler, CTFParams, None] = CTFSampler(),
                snr: Optional[float] = None,
                sigma: Union[float, np.ndarray] = 1.0, weights: Optional[np.ndarray] = None,
                seed: int = 0, chunk_size: int = 256, device: Union[str, torch.device] = "cpu",
@@ -364,9 +366,9 @@ def synthesize(out_stack: Union[str, os.PathLike], coords, modes, n_images: int,
 
     amplitudes: (n_images, K) Å, or None to draw them with :func:`sample_amplitudes`
     (``relation``, ``relation_params``). Poses: :func:`sample_orientations` (``in_plane``),
-    :func:`sample_shifts` (``max_shift_px``). CTF (``ctf=True``): fixed ``defocus`` Å, or
-    uniform in [defocus_min, defocus_max] Å per image, with ``astigmatism`` Å (U - V) at a
-    random angle; voltage kV, cs mm, amplitude_contrast. ``snr``: None for noise-free images,
+    :func:`sample_shifts` (``max_shift_px``). ctf: a :class:`CTFSampler` (random defocus per
+    image, the default), given :class:`CTFParams` (one for all images, B = 1, or one per
+    image, B = n_images), or None for images without CTF. ``snr``: None for noise-free images,
     else white noise per :func:`add_noise`. sigma (Å, number or (N,)) and weights ((N,)):
     Gaussian width and weight of each atom in the projection.
 
@@ -418,15 +420,7 @@ def synthesize(out_stack: Union[str, os.PathLike], coords, modes, n_images: int,
     amplitudes = np.asarray(amplitudes, dtype=np.float64)
     if amplitudes.shape != (n, k):
         raise ValueError(f"Amplitudes must have shape ({n}, {k}) (images, modes), got {amplitudes.shape}.")
-    if ctf:
-        if defocus is not None:
-            defocus_u, defocus_v, defocus_angle = sample_defocus(n, rng_ctf, defocus, defocus, astigmatism)
-        else:
-            defocus_u, defocus_v, defocus_angle = sample_defocus(n, rng_ctf, defocus_min, defocus_max,
-                                                                 astigmatism)
-        CTFParams(defocus_u[:1], defocus_v[:1], 0.0, voltage, cs, amplitude_contrast)  # validates
-    else:
-        defocus_u = defocus_v = defocus_angle = np.zeros(n)
+    ctf = _ctf_of_images(ctf, n, rng_ctf)
 
     from .nma import displace
     from .projection import project_gaussians
@@ -455,9 +449,8 @@ def synthesize(out_stack: Union[str, os.PathLike], coords, modes, n_images: int,
                 project_gaussians(xyz[i:i + step] if k else xyz, rot_t[i:i + step], shift_t[i:i + step],
                                   box, pixel_size, sigma=sigma_t, weights=weights_t)
                 for i in range(0, stop - start, step)]).to(torch.float32)
-            if ctf:
-                params = CTFParams(defocus_u[start:stop], defocus_v[start:stop],
-                                   defocus_angle[start:stop], voltage, cs, amplitude_contrast)
+            if ctf is not None:
+                params = ctf.select(slice(start, stop))
                 images = apply_ctf(images, ctf_image(params, box, pixel_size, device=device))
             if snr is not None:
                 images = add_noise(images, snr, rng_noise)
@@ -470,14 +463,23 @@ def synthesize(out_stack: Union[str, os.PathLike], coords, modes, n_images: int,
     _finish_stack(out_stack, stats)
     return SynthesisResult(
         stack_path=str(out_stack), box=box, pixel_size=float(pixel_size), angles=angles,
-        shifts=shifts, amplitudes=amplitudes, defocus_u=np.asarray(defocus_u, dtype=float),
-        defocus_v=np.asarray(defocus_v, dtype=float), defocus_angle=np.asarray(defocus_angle, dtype=float),
-        voltage=float(voltage), cs=float(cs), amplitude_contrast=float(amplitude_contrast),
-        ctf_applied=bool(ctf), snr=None if snr is None else float(snr), seed=int(seed),
-        mode_numbers=mode_numbers)
+        shifts=shifts, amplitudes=amplitudes, ctf=ctf, snr=None if snr is None else float(snr),
+        seed=int(seed), mode_numbers=mode_numbers)
 
 
 # --------------------------------------------------------------------------- helpers
+
+def _ctf_of_images(ctf: Union[CTFSampler, CTFParams, None], n: int,
+                   rng: np.random.Generator) -> Optional[CTFParams]:
+    """The CTF of each of the ``n`` images (every field an (n,) array), or None."""
+    if ctf is None:
+        return None
+    if isinstance(ctf, CTFSampler):
+        ctf = ctf.sample(n, rng)
+    if not isinstance(ctf, CTFParams):
+        raise ValueError(f"ctf must be a CTFSampler, CTFParams or None, got {type(ctf).__name__}.")
+    return ctf.expand(n)
+
 
 def _check_count(n, what: str) -> int:
     if int(n) != n or n < 1:

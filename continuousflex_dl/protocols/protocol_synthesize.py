@@ -4,7 +4,7 @@ from pyworkflow.protocol import params
 
 from .. import convert
 from ..core.structure import centre, load_atoms
-from ..core.synthesis import AMPLITUDE_RELATIONS, SynthesisResult, synthesize
+from ..core.synthesis import AMPLITUDE_RELATIONS, CTFSampler, SynthesisResult, synthesize
 from .base import FlexDLProtBase
 
 INPUT_MODES, INPUT_STRUCTURE = 0, 1
@@ -104,6 +104,14 @@ class FlexDLProtSynthesize(FlexDLProtBase):
                            "table": {"path": self.amplitudeTable.get()}}[name]
         return name, relation_params
 
+    def _ctfSampler(self):
+        """The CTF of the form as a core CTFSampler (None without CTF)."""
+        if not self.applyCTF.get():
+            return None
+        return CTFSampler(defocus_min=self.defocusMin.get(), defocus_max=self.defocusMax.get(),
+                          voltage=self.voltage.get(), cs=self.sphericalAberration.get(),
+                          amplitude_contrast=self.amplitudeContrast.get())
+
     def synthesizeStep(self):
         self._logToRunLog()
         atoms, modes, numbers = self._reference()
@@ -118,9 +126,7 @@ class FlexDLProtSynthesize(FlexDLProtBase):
             self.boxSize.get(), self.samplingRate.get(),
             relation=relation, relation_params=relation_params, mode_numbers=numbers or None,
             in_plane=self.inPlaneRotation.get(), max_shift_px=self.maxShift.get(),
-            ctf=self.applyCTF.get(), defocus_min=self.defocusMin.get(), defocus_max=self.defocusMax.get(),
-            voltage=self.voltage.get(), cs=self.sphericalAberration.get(),
-            amplitude_contrast=self.amplitudeContrast.get(),
+            ctf=self._ctfSampler(),
             snr=self.snr.get() if self.addNoise.get() else None, sigma=atoms.sigma, weights=atoms.weights,
             seed=self.seed.get(), device=self._getDevice(), progress=progress)
         result.save(self._getExtraPath("ground_truth.npz"))

@@ -111,6 +111,20 @@ def test_batch_and_validation():
             s.phase_shift) == (1.2e4, 1.1e4, 15.0, 200.0, 2.0, 0.07, 0.0)
 
 
+def test_columns_round_trip(tmp_path):
+    """The npz columns of a CTF batch read back to the same parameters (relion-style isInverse)."""
+    p = CTFParams(defocus_u=np.array([1.2e4, 9e3]), defocus_v=np.array([1.1e4, 8.5e3]),
+                  defocus_angle=np.array([15.0, 170.0]), voltage=200.0, cs=2.0,
+                  amplitude_contrast=0.07, phase_shift=np.array([0.0, 90.0]))
+    np.savez(tmp_path / "c.npz", ids=np.arange(2), **p.to_columns())
+    back = CTFParams.from_columns(np.load(tmp_path / "c.npz"))
+    for name in ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amplitude_contrast",
+                 "phase_shift"):
+        np.testing.assert_array_equal(back.column(name), p.column(name))
+    assert back.batch_size == 2
+    assert CTFParams.from_columns({"ids": np.arange(2)}) is None
+
+
 def test_apply_ctf_and_phase_flip_against_numpy():
     rng = np.random.default_rng(0)
     box = 32

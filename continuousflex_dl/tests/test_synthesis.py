@@ -15,8 +15,8 @@ from continuousflex_dl.core.projection import project_gaussians
 from continuousflex_dl.core import synthesis
 from continuousflex_dl.core.star import read_particles_star, read_star, write_star
 from continuousflex_dl.core.synthesis import (
-    add_noise, measured_snr, sample_amplitudes, sample_defocus, sample_orientations, sample_shifts,
-    synthesize,
+    CTFSampler, add_noise, measured_snr, sample_amplitudes, sample_defocus, sample_orientations,
+    sample_shifts, synthesize,
 )
 
 
@@ -152,8 +152,9 @@ def _expected(coords, modes, res, i, ctf=True):
                             torch.tensor(euler_to_matrix(res.angles[i:i + 1]), dtype=torch.float32),
                             torch.tensor(res.shifts[i:i + 1], dtype=torch.float32), res.box, res.pixel_size)
     if ctf:
-        img = apply_ctf(img, ctf_image(CTFParams(res.defocus_u[i], res.defocus_v[i], res.defocus_angle[i],
-                                                 res.voltage, res.cs, res.amplitude_contrast),
+        c = res.ctf
+        img = apply_ctf(img, ctf_image(CTFParams(c.defocus_u[i], c.defocus_v[i], c.defocus_angle[i],
+                                                 c.voltage[i], c.cs[i], c.amplitude_contrast[i]),
                                        res.box, res.pixel_size))
     return img[0].numpy()
 
@@ -164,7 +165,8 @@ def test_synthesize_stack_matches_ground_truth(tmp_path, toy, monkeypatch):
     monkeypatch.setattr(synthesis, "_PROJECTION_ELEMENTS", 3 * 100 * 33)
     calls = []
     res = synthesize(tmp_path / "a.mrcs", coords, modes, 12, 32, 2.0, max_shift_px=2.0,
-                     defocus_min=8000.0, defocus_max=15000.0, astigmatism=300.0, seed=11, chunk_size=5,
+                     ctf=CTFSampler(defocus_min=8000.0, defocus_max=15000.0, astigmatism=300.0),
+                     seed=11, chunk_size=5,
                      progress=lambda done, total: calls.append((done, total)))
     assert calls == [(5, 12), (10, 12), (12, 12)]
     with mrcfile.mmap(res.stack_path, mode="r") as mrc:
@@ -176,7 +178,7 @@ def test_synthesize_stack_matches_ground_truth(tmp_path, toy, monkeypatch):
     assert res.amplitudes.shape == (12, 3) and np.allclose(res.amplitudes[:, 1] ** 2 + res.amplitudes[:, 2] ** 2,
                                                            200.0 ** 2)
     assert res.mode_numbers == [7, 8, 9] and np.abs(res.shifts).max() <= 2.0
-    assert np.allclose(res.defocus_u - res.defocus_v, 300.0)
+    assert np.allclose(res.ctf.defocus_u - res.ctf.defocus_v, 300.0) and res.ctf.batch_size == 12
     for i in (0, 6, 11):
         exp = _expected(coords, modes, res, i)
         assert np.abs(data[i] - exp).max() < 1e-4 * np.abs(exp).max()
@@ -184,22 +186,35 @@ def test_synthesize_stack_matches_ground_truth(tmp_path, toy, monkeypatch):
     rigid = project_gaussians(torch.tensor(coords, dtype=torch.float32),
                               torch.tensor(euler_to_matrix(res.angles[:1]), dtype=torch.float32),
                               torch.tensor(res.shifts[:1], dtype=torch.float32), 32, 2.0)
-    rigid = apply_ctf(rigid, ctf_image(res.ctf_params().select(slice(0, 1)), 32, 2.0))[0].numpy()
+    rigid = apply_ctf(rigid, ctf_image(res.ctf.select(slice(0, 1)), 32, 2.0))[0].numpy()
     assert np.abs(data[0] - rigid).max() > 0.1 * np.abs(rigid).max()
 
 
+def _stack(path):
+    with mrcfile.open(path, permissive=True) as mrc:
+        return np.array(mrc.data)
+
+
 def test_synthesize_noise_and_reproducibility(tmp_path, toy):
+    """Same seed and chunk size: the same bytes. Another chunk size: the same poses, amplitudes,
+    CTFs and noise, images equal to float32 rounding (the CPU's matrix kernels may sum in
+    another order for another batch shape, e.g. on AMD EPYC), never bit-exactness."""
     coords, modes = toy
     kw = dict(amplitudes=None, relation="uniform", relation_params={"range": 20.0}, snr=0.5,
-              defocus=12000.0, in_plane=False)
+              ctf=CTFParams(12000.0, 12000.0), in_plane=False)
     a = synthesize(tmp_path / "a.mrcs", coords, modes, 30, 48, 1.5, seed=3, chunk_size=256, **kw)
     time.sleep(1.1)  # the file must not record the time
-    synthesize(tmp_path / "b.mrcs", coords, modes, 30, 48, 1.5, seed=3, chunk_size=7, **kw)
+    a2 = synthesize(tmp_path / "a2.mrcs", coords, modes, 30, 48, 1.5, seed=3, chunk_size=256, **kw)
+    b = synthesize(tmp_path / "b.mrcs", coords, modes, 30, 48, 1.5, seed=3, chunk_size=7, **kw)
     synthesize(tmp_path / "c.mrcs", coords, modes, 30, 48, 1.5, seed=4, **kw)
     bytes_a = (tmp_path / "a.mrcs").read_bytes()
-    assert bytes_a == (tmp_path / "b.mrcs").read_bytes()  # same seed, any chunk size
-    assert bytes_a != (tmp_path / "c.mrcs").read_bytes()
-    assert np.all(a.angles[:, 2] == 0) and np.all(a.defocus_u == 12000.0)
+    assert bytes_a == (tmp_path / "a2.mrcs").read_bytes()  # same seed and chunk size
+    for name in ("angles", "shifts", "amplitudes"):
+        assert np.array_equal(getattr(a, name), getattr(b, name))
+    data_a, data_b = _stack(a.stack_path), _stack(b.stack_path)
+    assert np.abs(data_a - data_b).max() <= 1e-5 * np.abs(data_a).max()
+    assert np.abs(data_a - _stack(tmp_path / "c.mrcs")).max() > 0.1 * np.abs(data_a).max()
+    assert np.all(a.angles[:, 2] == 0) and np.all(a.ctf.defocus_u == 12000.0)
     assert np.abs(a.amplitudes).max() <= 20.0
     with mrcfile.mmap(a.stack_path, mode="r") as mrc:
         data = np.array(mrc.data)
@@ -210,8 +225,8 @@ def test_synthesize_noise_and_reproducibility(tmp_path, toy):
 
 def test_synthesize_without_modes_or_ctf(tmp_path, toy):
     coords, _ = toy
-    res = synthesize(tmp_path / "r.mrcs", coords, None, 4, 32, 2.0, ctf=False, seed=1)
-    assert res.amplitudes.shape == (4, 0) and not res.ctf_applied
+    res = synthesize(tmp_path / "r.mrcs", coords, None, 4, 32, 2.0, ctf=None, seed=1)
+    assert res.amplitudes.shape == (4, 0) and res.ctf is None
     with mrcfile.mmap(res.stack_path, mode="r") as mrc:
         img = np.array(mrc.data[2])
     # Without CTF the projection of 100 unit-weight atoms inside the box sums to ~100.
@@ -233,7 +248,7 @@ def test_synthesize_validation(tmp_path, toy, bad):
 def test_star_round_trip(tmp_path, toy):
     coords, modes = toy
     res = synthesize(tmp_path / "s.mrcs", coords, modes, 6, 32, 2.0, max_shift_px=3.0, seed=5,
-                     defocus_min=9000.0, defocus_max=14000.0, astigmatism=200.0,
+                     ctf=CTFSampler(defocus_min=9000.0, defocus_max=14000.0, astigmatism=200.0),
                      mode_numbers=[7, 9, 12])
     star = res.write_star(tmp_path / "gt.star")
     raw = read_star(star)["particles"]
@@ -243,10 +258,10 @@ def test_star_round_trip(tmp_path, toy):
     assert back.stacks == ["s.mrcs"] * 6 and np.array_equal(back.indices, np.arange(6))
     assert np.array_equal(back.angles, res.angles) and np.array_equal(back.shifts, res.shifts)
     assert np.array_equal(back.amplitudes, res.amplitudes) and back.mode_numbers == [7, 9, 12]
-    assert np.array_equal(back.defocus_u, res.defocus_u) and np.array_equal(back.defocus_v, res.defocus_v)
-    assert np.array_equal(back.defocus_angle, res.defocus_angle)
-    assert back.pixel_size == 2.0 and np.all(back.voltage == 300.0) and np.all(back.cs == 2.7)
-    assert np.all(back.amplitude_contrast == 0.1)
+    for name in ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amplitude_contrast",
+                 "phase_shift"):
+        assert np.array_equal(back.ctf.column(name), res.ctf.column(name)), name
+    assert back.pixel_size == 2.0 and np.all(back.ctf.voltage == 300.0) and np.all(back.ctf.cs == 2.7)
     # RELION 3.1 style (shifts in Å only, pixel size from detector/magnification).
     write_star(tmp_path / "r31.star", {"particles": {
         "rlnImageName": ["000003@x.mrcs"], "rlnOriginXAngst": [3.0], "rlnOriginYAngst": [-1.5],
@@ -272,12 +287,16 @@ def test_synthesis_result_save_load_round_trip(tmp_path):
     n = 5
     result = SynthesisResult(stack_path="s.mrcs", box=32, pixel_size=2.0, angles=rng.normal(size=(n, 3)),
                              shifts=rng.normal(size=(n, 2)), amplitudes=rng.normal(size=(n, 3)),
-                             defocus_u=rng.uniform(5e3, 1e4, n), defocus_v=rng.uniform(5e3, 1e4, n),
-                             defocus_angle=rng.uniform(0, 180, n), voltage=300.0, cs=2.7,
-                             amplitude_contrast=0.1, ctf_applied=True, snr=None, seed=4, mode_numbers=[7, 8, 9])
+                             ctf=CTFParams(rng.uniform(5e3, 1e4, n), rng.uniform(5e3, 1e4, n),
+                                           rng.uniform(0, 180, n), 200.0, 2.0, 0.07).expand(n),
+                             snr=None, seed=4, mode_numbers=[7, 8, 9])
     result.save(tmp_path / "gt.npz")
     back = SynthesisResult.load(tmp_path / "gt.npz")
-    for name in ("angles", "shifts", "amplitudes", "defocus_u", "defocus_v", "defocus_angle"):
+    for name in ("angles", "shifts", "amplitudes"):
         np.testing.assert_array_equal(getattr(back, name), getattr(result, name))
-    assert (back.box, back.pixel_size, back.snr, back.seed, back.mode_numbers, back.ctf_applied) == \
-        (32, 2.0, None, 4, [7, 8, 9], True)
+    for name in ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amplitude_contrast"):
+        np.testing.assert_array_equal(back.ctf.column(name), result.ctf.column(name))
+    assert (back.box, back.pixel_size, back.snr, back.seed, back.mode_numbers) == (32, 2.0, None, 4, [7, 8, 9])
+    result.ctf = None
+    result.save(tmp_path / "none.npz")
+    assert SynthesisResult.load(tmp_path / "none.npz").ctf is None
