@@ -48,7 +48,7 @@ from .projection import fourier_crop, pixel_profiles, project_gaussians
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AlignmentResult", "align_particles", "rotation_grid", "fourier_crop",
+__all__ = ["AlignmentResult", "align_particles", "check_contrast", "rotation_grid", "fourier_crop",
            "coarse_grain", "normalised_cross_correlation"]
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -327,7 +327,9 @@ def _filters(ctf, m: int, n: int, pixel_size: float, device, dtype) -> torch.Ten
 def _global_search(ref_ft: torch.Tensor, img: torch.Tensor,
                    filt: torch.Tensor, max_shift: float, chunk: int = 256):
     """NCC of every image (M, n, n) with every reference spectrum (P, n, n//2+1) over integer
-    shifts within ``max_shift`` px. Returns scores (M, P) and the best shifts (M, P, 2) px."""
+    shifts within ``max_shift`` px. Returns scores (M, P), the best shifts (M, P, 2) px and
+    each image's best anti-correlation (M,): the largest ``-NCC`` over references and shifts,
+    which beats the best score when the image's contrast is inverted."""
     m, n = img.shape[0], img.shape[-1]
     window, flat = _shift_window(max_shift, n, img.device)
     img = img - img.mean(dim=(-2, -1), keepdim=True)
@@ -337,6 +339,7 @@ def _global_search(ref_ft: torch.Tensor, img: torch.Tensor,
     filt2 = (filt * filt * wgt).reshape(m, -1) / (n * n)
     scores = torch.empty(m, ref_ft.shape[0], dtype=img.dtype, device=img.device)
     best = torch.empty(m, ref_ft.shape[0], 2, dtype=img.dtype, device=img.device)
+    anti = torch.full((m,), -math.inf, dtype=img.dtype, device=img.device)
     for start in range(0, ref_ft.shape[0], chunk):
         f_ref = ref_ft[start:start + chunk]
         power = (f_ref.real ** 2 + f_ref.imag ** 2).reshape(f_ref.shape[0], -1)
@@ -345,10 +348,37 @@ def _global_search(ref_ft: torch.Tensor, img: torch.Tensor,
             cc = torch.fft.irfft2(f_img[i0:i0 + 16, None] * f_ref.conj()[None], s=(n, n))
             cc = cc.reshape(cc.shape[0], cc.shape[1], -1)[..., flat]     # (Mc, Pc, S)
             val, arg = cc.max(-1)
-            scores[i0:i0 + 16, start:start + chunk] = val / (img_norm[i0:i0 + 16, None]
-                                                             * ref_norm[i0:i0 + 16])
+            norm = img_norm[i0:i0 + 16, None] * ref_norm[i0:i0 + 16]
+            scores[i0:i0 + 16, start:start + chunk] = val / norm
             best[i0:i0 + 16, start:start + chunk] = window[arg].to(img.dtype)
-    return scores, best
+            neg = (-cc.min(-1).values / norm).max(-1).values
+            anti[i0:i0 + 16] = torch.maximum(anti[i0:i0 + 16], neg)
+    return scores, best, anti
+
+
+#: Fewest images of a batch on which inverted contrast is judged, and the fraction of them
+#: whose best anti-correlation must beat their best correlation. Images of a hopeless SNR
+#: split about evenly; inverted particles at SNR 0.1 do so for nearly all.
+POLARITY_MIN_IMAGES, POLARITY_FRACTION = 10, 0.75
+
+
+def check_contrast(best: np.ndarray, anti: np.ndarray) -> None:
+    """Refuse particles whose contrast is inverted (dark protein on a bright background).
+
+    best, anti: (M,) each image's best correlation and best anti-correlation with the
+    reference projections (:func:`_global_search`). Raises ValueError when, of at least
+    :data:`POLARITY_MIN_IMAGES` images, more than :data:`POLARITY_FRACTION` match the
+    reference better with the opposite sign.
+    """
+    best, anti = np.asarray(best, dtype=float), np.asarray(anti, dtype=float)
+    inverted = anti > best
+    if len(best) >= POLARITY_MIN_IMAGES and inverted.mean() > POLARITY_FRACTION:
+        raise ValueError(
+            f"The particles look contrast-inverted (dark protein on a bright background): "
+            f"{int(inverted.sum())} of {len(best)} images match the reference better with the "
+            f"opposite sign (median correlation {np.median(best):.3f}, anti-correlation "
+            f"{np.median(anti):.3f}). Set 'Invert contrast' to Yes (or invert the stack) and "
+            f"run again; this plugin expects white particles on black, as RELION does.")
 
 
 def _shift_window(max_shift: float, n: int, device):
@@ -557,8 +587,9 @@ def align_particles(images: ArrayLike, coords: np.ndarray, modes: np.ndarray, pi
         img_s, img_w = fourier_crop(batch, search), fourier_crop(batch, work)
         filt_s = _filters(ctf_b, mb, search, ps_s, device, torch.float32)
         filt_w = _filters(ctf_b, mb, work, ps_w, device, torch.float32)
-        scores, best_shift = _global_search(ref_ft, img_s, filt_s, max_shift_px * search / box)
+        scores, best_shift, anti = _global_search(ref_ft, img_s, filt_s, max_shift_px * search / box)
         scores_np = scores.cpu().numpy()
+        check_contrast(scores_np.max(1), anti.cpu().numpy())
         pick = np.stack([_distinct_candidates(scores_np[i], ref_rot, rots, n_candidates,
                                               angular_step_deg) for i in range(mb)])  # (mb, C)
         owner = np.repeat(np.arange(mb), n_candidates)

@@ -179,3 +179,32 @@ def test_rigid_alignment_without_modes(ake):
     assert np.all(np.abs(res.shifts - shifts) < 0.01)
     back = al.AlignmentResult(**res.to_dict())
     np.testing.assert_array_equal(back.angles, res.angles)
+
+
+def test_inverted_contrast_is_refused(ake):
+    """Dark-on-bright particles (SNR 0.1, CTF) are refused with the fix; the same particles
+    with the right contrast, and pure noise, are not."""
+    coords, modes = ake
+    n = 12
+    ctf = CTFParams(defocus_u=np.full(n, 6000.0), defocus_v=np.full(n, 6000.0))
+    img, q, rot, shifts, scale = _particles(coords, modes, n, seed=5, ctf=ctf, snr=0.1)
+    kw = dict(ctf=ctf, max_shift_px=2.0, angular_step_deg=20.0, n_candidates=2, search_iters=3,
+              refine_iters=3, amplitude_range=np.tile([-1.25 * scale, 1.25 * scale], (3, 1)))
+    with pytest.raises(ValueError, match="contrast-inverted.*Invert contrast"):
+        al.align_particles(-img, coords, modes, PIXEL, **kw)
+    res = al.align_particles(img, coords, modes, PIXEL, **kw)
+    assert np.median(angular_distance_deg(res.rotations, rot)) < 10.0
+    noise = np.random.default_rng(0).normal(size=img.shape).astype(np.float32)
+    al.align_particles(noise, coords, modes, PIXEL, **kw)   # no signal either way: not refused
+
+
+def test_check_contrast_needs_a_clear_majority():
+    best = np.full(20, 0.2)
+    al.check_contrast(best, best - 0.01)
+    al.check_contrast(best[:9], best[:9] + 0.1)              # too few images to judge
+    anti = best.copy()
+    anti[:14] += 0.1                                         # 70 %: not a clear majority
+    al.check_contrast(best, anti)
+    anti[:16] = 0.3
+    with pytest.raises(ValueError, match="16 of 20"):
+        al.check_contrast(best, anti)
