@@ -20,6 +20,10 @@ Training may add an in-plane rotation (:func:`rotate_images`) *after*
 preprocessing; the matching pose labels come from :func:`rotate_pose`
 (amplitudes are unchanged by an in-plane rotation).
 
+Images no method can use are refused by :func:`check_images` (NaN or
+infinite pixels, constant images), the one check of alignment, training and
+prediction.
+
 Geometry follows :mod:`continuousflex_dl.core.geometry`: images are indexed
 ``[y, x]``, pixel ``(iy, ix)`` has coordinates ``(ix - n // 2, iy - n // 2)``.
 """
@@ -39,7 +43,7 @@ from .geometry import euler_to_matrix, matrix_to_euler
 __all__ = [
     "NORMALIZATIONS", "normalize_images", "fourier_crop", "prepare_images",
     "rotate_images", "rotate_pose", "ArrayImageSource", "MrcsImageSource", "as_image_source",
-    "ctf_batch", "iterate_batches",
+    "ctf_batch", "iterate_batches", "find_bad_images", "check_images", "FLAT_TOLERANCE",
 ]
 
 #: Fraction of the box size used as the radius of the circular particle mask of
@@ -151,7 +155,7 @@ def rotate_pose(angles_deg: np.ndarray, shifts_px: np.ndarray,
 
     angles_deg: (B, 3) Euler ZYZ (rot, tilt, psi); shifts_px: (B, 2) (shiftX,
     shiftY); inplane_deg: (B,). Since a model point lands at
-    ``(A r)[:2] + s`` (px), rotating the image by ``R(a)`` gives the pose
+    ``(A r)[:2] - s`` (px), rotating the image by ``R(a)`` gives the pose
     ``A' = Rz_active(a) A`` and ``s' = R(a) s`` (so psi' = psi - a).
     Returns ``(angles_deg (B, 3), shifts_px (B, 2))``.
     """
@@ -305,3 +309,68 @@ def iterate_batches(source, indices: np.ndarray, batch_size: int, working_size: 
         raw = source.read(idx)
         yield idx, prepare_images(raw, working_size, normalization,
                                   ctf_batch(ctf, idx, source.image_size, pixel_size), device)
+
+
+#: An image is constant (flat) when its pixel range (max - min) is at most this
+#: fraction of its largest absolute pixel value: all-zero images, blank frames,
+#: a constant written over a particle. Real particle images, even with a large
+#: offset, vary by far more (their noise alone).
+FLAT_TOLERANCE = 1e-5
+
+
+def find_bad_images(images: ImageSourceLike, batch_size: int = 1024) -> Tuple[np.ndarray, np.ndarray]:
+    """Images that no method can use, found in one pass over the source.
+
+    images: an image source, array (M, N, N) or (stack path, index) pairs.
+    Returns two sorted arrays of 0-based image indices: images with a NaN or
+    infinite pixel, and constant images (see :data:`FLAT_TOLERANCE`), which
+    carry no signal and which per-image normalisation cannot scale.
+    """
+    source = as_image_source(images)
+    nonfinite: List[np.ndarray] = []
+    flat: List[np.ndarray] = []
+    for start in range(0, len(source), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(source)))
+        x = source.read(idx)
+        finite = np.isfinite(x).all(axis=(1, 2))
+        with np.errstate(invalid="ignore", over="ignore"):
+            spread = x.max(axis=(1, 2)) - x.min(axis=(1, 2))
+            scale = np.abs(x).max(axis=(1, 2))
+            constant = finite & (spread <= FLAT_TOLERANCE * scale)
+        nonfinite.append(idx[~finite])
+        flat.append(idx[constant])
+    return np.concatenate(nonfinite), np.concatenate(flat)
+
+
+def _which(indices: np.ndarray, ids: Optional[np.ndarray], total: int, first: int = 10) -> str:
+    """'Particles with ids [...] and 3 more' (or 0-based image indices when no ids)."""
+    more = f" and {len(indices) - first} more" if len(indices) > first else ""
+    if ids is None:
+        return f"Images with 0-based indices {indices[:first].tolist()}{more} (of {total})"
+    return f"Particles with ids {np.asarray(ids)[indices[:first]].tolist()}{more}"
+
+
+def check_images(images: ImageSourceLike, ids: Optional[Sequence] = None, before: str = "using them",
+                 batch_size: int = 1024) -> None:
+    """Refuse images with NaN or infinite pixels and constant images (the one such check).
+
+    images: as in :func:`find_bad_images`. ids: (M,) particle ids named in
+    the message (Scipion ids in protocols; None: 0-based image indices).
+    before: what the user is about to do ("training", "aligning", ...).
+    Raises ValueError listing the first ten offenders of each kind and their
+    number, and saying to remove them.
+    """
+    source = as_image_source(images)
+    if ids is not None and len(ids) != len(source):
+        raise ValueError(f"Need one particle id per image ({len(source)}), got {len(ids)}.")
+    nonfinite, flat = find_bad_images(source, batch_size)
+    problems = []
+    if len(nonfinite):
+        problems.append(f"{_which(nonfinite, ids, len(source))} contain NaN or infinite pixels "
+                        f"({len(nonfinite)} of {len(source)} images)")
+    if len(flat):
+        problems.append(f"{_which(flat, ids, len(source))} are constant images, every pixel the same value "
+                        f"(blank or zeroed; {len(flat)} of {len(source)} images)")
+    if problems:
+        raise ValueError("; ".join(problems) + f". They carry no usable signal: remove them (make a subset "
+                         f"without them) before {before}.")

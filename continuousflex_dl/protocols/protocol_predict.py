@@ -12,7 +12,9 @@ from .base import FlexDLProtBase
 
 
 class FlexDLProtPredict(FlexDLProtBase):
-    """Predict normal-mode amplitudes of particles with a trained DeepHEMNMA model."""
+    """Predict normal-mode amplitudes of particles with a trained DeepHEMNMA model.
+
+    Particles with NaN, infinite or constant images are refused by id."""
     _label = "DeepHEMNMA prediction"
     _possibleOutputs = {"outputParticles": SetOfParticlesFlex}
 
@@ -62,7 +64,7 @@ class FlexDLProtPredict(FlexDLProtBase):
         pose = model.predictsPose()
         out = predict(loaded, self._images(parts, model), batch_size=self.batchSize.get(),
                       return_pose=pose, ctf=parts.ctf if loaded.config.phase_flip else None,
-                      bfloat16=self.bfloat16.get(), rotations=self.rotations.get(),
+                      bfloat16=self.bfloat16.get(), rotations=self.rotations.get(), ids=parts.ids,
                       progress=lambda done, total: self.info(f"Predicted {done} / {total} particles"))
         amplitudes, angles, shifts = out if pose else (out, None, None)
         if shifts is not None:  # the model's pixels -> the particles' pixels
