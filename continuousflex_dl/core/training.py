@@ -5,24 +5,41 @@ A *model directory* holds everything needed to predict:
 * ``config.json``: the :class:`TrainConfig` (modes, sizes, pixel size,
   normalisation name, architecture, target statistics, package version),
 * ``best.pt``: the weights with the lowest validation loss,
-* ``last.pt``: the last epoch's weights, optimizer and scheduler states (resume),
+* ``last.pt``: the last epoch's weights, optimizer, scheduler and
+  gradient-scaler states, the config and a fingerprint of the training data
+  (resume); ``last.previous.pt``: the epoch before (fallback),
 * ``metrics.csv``: one row per epoch (epoch, train_loss, val_loss, val_mae,
   lr, images_per_s, seconds [, val_angle_deg, val_shift_px]).
+
+Every file is written to a temporary name in the same folder and then
+``os.replace``-d, so a kill leaves the previous complete file. Checkpoints
+hold only tensors and plain values and are loaded with
+``torch.load(weights_only=True)``, which refuses anything that could run code.
+
+Resuming (``train(..., resume=True)``) continues from ``last.pt`` (or from
+``last.previous.pt`` when ``last.pt`` is damaged) only with the same data and
+the same settings; of the settings only ``epochs`` (not with the one-cycle
+schedule, which the number of epochs defines) and ``patience`` may change.
+Anything else is refused with a message saying what changed.
 
 Targets are standardised per output with the mean/std of the *training split*
 only (saved in config.json). Shifts are divided by one isotropic scale (no
 mean), so in-plane rotation augmentation commutes with standardisation; the
 6-D rotation is not scaled. The split is by particle id: all images of one
-particle (e.g. several noisy copies) are on the same side.
+particle (e.g. several noisy copies) are on the same side. Images with NaN or
+infinite pixels and constant images are refused (``dataset.check_images``).
 """
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
+import io
 import json
 import logging
 import math
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -32,16 +49,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from .dataset import NORMALIZATIONS, CtfLike, as_image_source, iterate_batches, rotate_images, rotate_pose
+from .ctf import CTFParams
+from .dataset import (NORMALIZATIONS, CtfLike, as_image_source, check_images, iterate_batches, rotate_images,
+                      rotate_pose)
 from .geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler
 from .network import DeepHEMNMANet, build_model, matrix_to_rotation_6d, rotation_6d_to_matrix
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "LoadedModel", "split_by_particle", "train", "load_model", "predict",
-           "METRICS_COLUMNS"]
+__all__ = ["TrainConfig", "LoadedModel", "CheckpointError", "split_by_particle", "train", "load_model",
+           "predict", "changed_settings", "save_checkpoint", "load_checkpoint", "METRICS_COLUMNS",
+           "FITTED_FIELDS", "RESUMABLE_SETTINGS"]
 
 CONFIG_FILE, BEST_FILE, LAST_FILE, METRICS_FILE = "config.json", "best.pt", "last.pt", "metrics.csv"
+PREVIOUS_FILE = "last.previous.pt"
 METRICS_COLUMNS = ["epoch", "train_loss", "val_loss", "val_mae", "lr", "images_per_s", "seconds"]
 POSE_METRICS_COLUMNS = ["val_angle_deg", "val_shift_px"]
 
@@ -64,8 +85,10 @@ class TrainConfig:
     with "onecycle"). augment_rotation: random in-plane rotations of training
     images.
     amp: mixed precision (CUDA only).
-    n_outputs, target_mean, target_std, shift_scale, version, phase_flip (images
-    were CTF phase-flipped, so prediction needs CTFs too): set by :func:`train`.
+    phase_flip (images were CTF phase-flipped, so prediction needs CTFs too)
+    and seed: set by :func:`train` from its arguments.
+    The fields of :data:`FITTED_FIELDS` are values :func:`train` fits to the
+    data; all other fields are user settings (:meth:`settings`).
     """
     modes: List[int]
     image_size: int = 0
@@ -105,14 +128,49 @@ class TrainConfig:
         """Box (px) the network sees."""
         return int(self.working_size or self.image_size)
 
+    def settings(self) -> dict:
+        """The user settings (every field but :data:`FITTED_FIELDS`), as plain values."""
+        return {k: v for k, v in _plain(asdict(self)).items() if k not in FITTED_FIELDS}
+
     def save(self, path: Union[str, os.PathLike]) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2))
+        _replace_file(Path(path), json.dumps(_plain(asdict(self)), indent=2).encode())
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        """A config from saved fields (fields unknown to this version are ignored)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "TrainConfig":
-        data = json.loads(Path(path).read_text())
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+#: TrainConfig fields that :func:`train` fits to the data (not user settings).
+FITTED_FIELDS = ("image_size", "n_outputs", "target_mean", "target_std", "shift_scale", "version")
+#: Settings a stopped training may change when it continues: they decide when
+#: it stops, not what an epoch computes (``epochs`` not with "onecycle").
+RESUMABLE_SETTINGS = ("epochs", "patience")
+
+
+def _plain(value):
+    """JSON-plain copy (numpy scalars -> Python numbers, tuples -> lists)."""
+    return json.loads(json.dumps(value, default=lambda v: v.tolist()))
+
+
+def changed_settings(saved: TrainConfig, new: TrainConfig) -> List[str]:
+    """'name: old -> new' for each setting of ``new`` that a run saved with ``saved`` cannot continue with."""
+    resumable = set(RESUMABLE_SETTINGS)
+    if saved.lr_schedule == "onecycle":
+        resumable.discard("epochs")
+    old, now = saved.settings(), new.settings()
+    changes = []
+    for name in now:
+        if name in resumable or old.get(name) == now[name]:
+            continue
+        note = " (a one-cycle schedule is fixed by its number of epochs)" if name == "epochs" else ""
+        changes.append(f"{name}: {old.get(name)!r} -> {now[name]!r}{note}")
+    return changes
 
 
 @dataclass
@@ -241,10 +299,11 @@ def _loss_fn(config: TrainConfig) -> Callable[[torch.Tensor, torch.Tensor], torc
 
 
 def _write_metrics(path: Path, rows: List[dict], columns: List[str]) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    _replace_file(path, text.getvalue().encode())
 
 
 def _read_metrics(path: Path) -> List[dict]:
@@ -256,42 +315,134 @@ def _read_metrics(path: Path) -> List[dict]:
             for r in rows]
 
 
-def _fit_stats(config: TrainConfig, amplitudes: np.ndarray, shifts: Optional[np.ndarray],
-               train_idx: np.ndarray) -> TrainConfig:
-    mean = amplitudes[train_idx].mean(axis=0)
-    std = amplitudes[train_idx].std(axis=0)
-    std = np.where(std > 1e-8, std, 1.0)
-    shift_scale = 1.0
-    if shifts is not None:
-        rms = float(np.sqrt(np.mean(shifts[train_idx] ** 2)))
-        shift_scale = rms if rms > 1e-6 else 1.0
-    return replace(config, target_mean=mean.tolist(), target_std=std.tolist(), shift_scale=shift_scale)
+# ------------------------------------------------------------------ checkpoint files
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: damaged (empty, truncated) or, with
+    ``unsafe``, holding objects other than tensors and plain values (which
+    could run code, so it was not unpickled)."""
+
+    def __init__(self, message: str, unsafe: bool = False):
+        super().__init__(message)
+        self.unsafe = unsafe
 
 
-def train(images, amplitudes: np.ndarray, particle_ids: np.ndarray, out_dir: Union[str, os.PathLike],
-          config: TrainConfig, device: Union[str, torch.device] = "cpu", seed: int = 0,
-          resume: bool = False, progress: Optional[Callable[[dict], None]] = None,
-          poses: Optional[Tuple[np.ndarray, np.ndarray]] = None, ctf: CtfLike = None,
-          world_size: int = 1, rank: int = 0) -> List[dict]:
-    """Train a DeepHEMNMA network and write a model directory ``out_dir``.
+def _write_synced(path: Path, write: Callable) -> None:
+    """``write(file)`` into a new ``path``, flushed and synced to disk."""
+    with open(path, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
 
-    images: (M, N, N) array, list of (stack path, 0-based index) pairs, or an
-    image source (see ``dataset``). amplitudes: (M, K) in Å, columns in the
-    order of ``config.modes``. particle_ids: (M,) split key (images of one
-    particle never straddle training and validation). poses: ``(angles_deg
-    (M, 3), shifts_px (M, 2))``, required when ``config.predict_pose``.
-    ctf: optional phase flipping: ``ctf.CTFParams`` with one entry per image
-    (evaluated at ``config.pixel_size``), precomputed CTFs (M, N, N // 2 + 1)
-    in rfft2 layout, or a callable (see ``dataset.ctf_batch``).
-    seed: split, initialisation, shuffling and augmentation (reproducible).
-    resume: continue from ``out_dir/last.pt`` if present (same split and
-    statistics, next epoch). progress: called with each epoch's metrics dict.
-    world_size/rank: data-parallel sharding of training batches; only rank 0
-    writes files (wrap in DDP yourself after ``torch.distributed`` init).
-    Returns the metrics rows of all epochs so far (see ``METRICS_COLUMNS``).
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, then os.replace."""
+    tmp = path.with_name(path.name + ".tmp")
+    _write_synced(tmp, lambda fh: fh.write(data))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(state: dict, path: Union[str, os.PathLike],
+                    previous: Optional[Union[str, os.PathLike]] = None) -> None:
+    """Save ``state`` (tensors and plain values only) to ``path`` atomically.
+
+    The file is written to ``path + '.tmp'`` in the same folder, synced and
+    renamed over ``path``, so ``path`` is always a complete checkpoint.
+    previous: first move the current ``path`` there (the fallback of :func:`train`).
     """
-    from .. import __version__
-    device = torch.device(device)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    _write_synced(tmp, lambda fh: torch.save(state, fh))
+    if previous is not None and path.exists():
+        os.replace(path, previous)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> dict:
+    """A checkpoint dict with a ``"model"`` state, loaded with ``weights_only=True``.
+
+    Raises :class:`CheckpointError` naming the file when it is empty,
+    truncated, not a checkpoint, or holds objects other than tensors and
+    plain values (refused unread: such a file could run code).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the run was probably killed while writing it")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):
+            raise CheckpointError(f"{path} holds Python objects other than tensors and plain values, so it "
+                                  "was not loaded (such a file can run code; it was not written by this "
+                                  "plugin)", unsafe=True) from None
+        raise CheckpointError(f"{path} ({size} bytes) is damaged: it cannot be unpickled") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path} ({size} bytes) is truncated or damaged ({reason})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a DeepHEMNMA checkpoint (no model weights in it)")
+    return state
+
+
+def _load_last(out: Path, device: torch.device) -> Optional[dict]:
+    """The newest loadable of ``last.pt`` and ``last.previous.pt`` (None: neither exists).
+
+    A damaged ``last.pt`` falls back to ``last.previous.pt`` with a warning;
+    an unsafe file, or no loadable file, raises ValueError saying what to do.
+    """
+    problems, damaged = [], []
+    for path in (out / LAST_FILE, out / PREVIOUS_FILE):
+        if not path.exists():
+            continue
+        try:
+            state = load_checkpoint(path, device)
+        except CheckpointError as err:
+            if err.unsafe:
+                raise ValueError(f"Cannot continue the training: {err}. Delete it to continue from the "
+                                 "epoch before (if its checkpoint is sound) or from scratch, or Restart the "
+                                 "protocol.") from None
+            problems.append(str(err))
+            damaged.append(str(path))
+            continue
+        if problems:
+            logger.warning("%s; continuing from %s (epoch %d) instead", problems[0], path, state["epoch"])
+        return state
+    if problems:
+        raise ValueError(f"Cannot continue the training: {'; '.join(problems)}. Delete "
+                         f"{' and '.join(damaged)} to train from scratch, or Restart the protocol.")
+    return None
+
+
+# ------------------------------------------------------------------ training steps
+
+@dataclass
+class _Data:
+    """The checked inputs of :func:`train`."""
+    source: object
+    amplitudes: np.ndarray            # (M, K) Å
+    particle_ids: np.ndarray          # (M,)
+    angles: Optional[np.ndarray]      # (M, 3) degrees, with predict_pose
+    shifts: Optional[np.ndarray]      # (M, 2) px, with predict_pose
+    ctf: CtfLike
+
+    def fingerprint(self, world_size: int) -> str:
+        """SHA-256 of what training results depend on besides the settings and the pixels."""
+        h = hashlib.sha256(f"{len(self.source)} {self.source.image_size} {world_size}".encode())
+        h.update(repr(self.particle_ids.tolist()).encode())
+        for a in (self.amplitudes, self.angles, self.shifts):
+            if a is not None:
+                h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+        if isinstance(self.ctf, CTFParams):
+            for a in (self.ctf.defocus_u, self.ctf.defocus_v, self.ctf.defocus_angle):
+                h.update(np.ascontiguousarray(np.asarray(a, dtype=np.float64)).tobytes())
+        return h.hexdigest()
+
+
+def _check_inputs(images, amplitudes: np.ndarray, particle_ids: np.ndarray, config: TrainConfig,
+                  poses: Optional[Tuple[np.ndarray, np.ndarray]], ctf: CtfLike,
+                  world_size: int, rank: int) -> _Data:
+    """Shapes, values and settings of :func:`train`, checked; raises ValueError with the fix."""
     source = as_image_source(images)
     amplitudes = np.asarray(amplitudes, dtype=np.float64)
     if amplitudes.ndim == 1:
@@ -321,121 +472,249 @@ def train(images, amplitudes: np.ndarray, particle_ids: np.ndarray, out_dir: Uni
                          f"choose one of {sorted(NORMALIZATIONS)}.")
     if config.epochs < 1 or config.batch_size < 1:
         raise ValueError("epochs and batch_size must be positive.")
+    check_images(source, particle_ids, "training")
+    return _Data(source, amplitudes, particle_ids, angles, shifts, ctf)
 
+
+def _fit_stats(config: TrainConfig, amplitudes: np.ndarray, shifts: Optional[np.ndarray],
+               train_idx: np.ndarray) -> TrainConfig:
+    mean = amplitudes[train_idx].mean(axis=0)
+    std = amplitudes[train_idx].std(axis=0)
+    std = np.where(std > 1e-8, std, 1.0)
+    shift_scale = 1.0
+    if shifts is not None:
+        rms = float(np.sqrt(np.mean(shifts[train_idx] ** 2)))
+        shift_scale = rms if rms > 1e-6 else 1.0
+    return replace(config, target_mean=mean.tolist(), target_std=std.tolist(), shift_scale=shift_scale)
+
+
+class _Trainer:
+    """The network, optimizer, schedule and epoch counters of one training run.
+
+    Built from a complete config (``train`` fills in the fitted values);
+    ``train_epoch`` + ``evaluate`` + ``end_epoch`` make one epoch,
+    ``state_dict``/``load_state_dict`` are the checkpoint (tensors and plain
+    values only).
+    """
+
+    def __init__(self, config: TrainConfig, data: _Data, train_idx: np.ndarray, val_idx: np.ndarray,
+                 device: torch.device, world_size: int, rank: int):
+        self.config, self.data, self.device = config, data, device
+        self.train_idx, self.val_idx = train_idx, val_idx
+        self.world_size, self.rank = world_size, rank
+        torch.manual_seed(config.seed)
+        self.model = build_model(config.n_modes, config.predict_pose, config.architecture, config.hidden,
+                                 config.dropout).to(device)
+        self.optimizer = _make_optimizer(config, self.model)
+        n_train = len(train_idx) // world_size
+        self.scheduler = _make_scheduler(config, self.optimizer,
+                                         (n_train + config.batch_size - 1) // config.batch_size)
+        self.per_batch = isinstance(self.scheduler, torch.optim.lr_scheduler.OneCycleLR)
+        self.net: nn.Module = self.model
+        if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.net = nn.parallel.DistributedDataParallel(self.model)
+        self.use_amp = config.amp and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and not torch.cuda.is_bf16_supported()) \
+            if device.type == "cuda" else None
+        self.loss_fn = _loss_fn(config)
+        self.targets = _Targets(config, data.amplitudes, data.angles, data.shifts)
+        self.next_epoch, self.best_val, self.bad_epochs = 1, math.inf, 0
+        self.rows: List[dict] = []
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.bad_epochs >= self.config.patience
+
+    def state_dict(self) -> dict:
+        """The checkpoint of the epoch just ended."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "epoch": self.next_epoch - 1, "best_val": float(self.best_val),
+                "bad_epochs": int(self.bad_epochs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+                self.scheduler.T_max = max(1, self.config.epochs)  # the run may be extended on resume
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.next_epoch = int(state["epoch"]) + 1
+        self.best_val, self.bad_epochs = float(state["best_val"]), int(state["bad_epochs"])
+
+    def train_batch(self, idx: np.ndarray, x: torch.Tensor, rng: np.random.Generator) -> float:
+        """One optimisation step on prepared images x (B, 1, w, w); returns the batch loss."""
+        inplane = None
+        if self.config.augment_rotation:
+            inplane = rng.uniform(0.0, 360.0, len(idx))
+            x = rotate_images(x, torch.as_tensor(inplane, dtype=x.dtype, device=self.device))
+        y = self.targets.batch(idx, inplane).to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        with _autocast(self.device, self.use_amp):
+            pred = self.net(x)
+        loss = self.loss_fn(pred, y)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        if self.per_batch:
+            self.scheduler.step()
+        return float(loss.detach())
+
+    def train_epoch(self, epoch: int) -> dict:
+        """One pass over this rank's share of the training split (seeded by seed and epoch)."""
+        config = self.config
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([config.seed, epoch])
+        torch.manual_seed(config.seed * 100003 + epoch)
+        order = self.train_idx[rng.permutation(len(self.train_idx))]
+        if self.world_size > 1:  # equal shards, so that data-parallel ranks run the same number of steps
+            order = order[:len(order) - len(order) % self.world_size][self.rank::self.world_size]
+        self.net.train()
+        total, count = 0.0, 0
+        for idx, x in iterate_batches(self.data.source, order, config.batch_size, config.working_size,
+                                      config.normalization, self.data.ctf, None, self.device,
+                                      config.pixel_size):
+            total += self.train_batch(idx, x, rng) * len(idx)
+            count += len(idx)
+        seconds = time.perf_counter() - t0
+        return {"epoch": epoch, "train_loss": total / max(count, 1),
+                "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": count / max(seconds, 1e-9)}
+
+    def evaluate(self) -> dict:
+        """Validation metrics of the current weights (see ``_validate``)."""
+        d = self.data
+        return _validate(self.model, self.config, d.source, self.val_idx, self.targets, d.amplitudes,
+                         d.angles, d.shifts, self.loss_fn, d.ctf, self.device, self.use_amp)
+
+    def end_epoch(self, row: dict) -> bool:
+        """Step the epoch schedules and early-stopping counters; True if the validation loss improved."""
+        if not math.isfinite(row["val_loss"]):
+            raise ValueError(f"Training diverged at epoch {row['epoch']}: the validation loss is "
+                             f"{row['val_loss']}. Lower the learning rate (now {self.config.learning_rate:g}) "
+                             "and Restart.")
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(row["val_loss"])
+        elif self.scheduler is not None and not self.per_batch:
+            self.scheduler.step()
+        improved = row["val_loss"] < self.best_val
+        if improved:
+            self.best_val, self.bad_epochs = row["val_loss"], 0
+        elif not self.per_batch:  # a one-cycle run ends with its annealing: no early stop
+            self.bad_epochs += 1
+        self.rows.append(row)
+        self.next_epoch = row["epoch"] + 1
+        return improved
+
+
+def _resume(out: Path, trainer: _Trainer, fingerprint: str) -> None:
+    """Load ``out``'s last checkpoint into ``trainer``, if there is one and it matches; else raise."""
+    state = _load_last(out, trainer.device)
+    if state is None:
+        return
+    config = trainer.config
+    saved = TrainConfig.from_dict(state["config"]) if "config" in state else TrainConfig.load(out / CONFIG_FILE)
+    problems = changed_settings(saved, config)
+    if state.get("data", fingerprint) != fingerprint:
+        problems.append("the particles (their number, box, ids, amplitudes, poses or CTFs) differ from "
+                        "those it was trained on")
+    if problems:
+        raise ValueError(f"Cannot continue the training in {out}: " + "; ".join(problems) + ". Set the "
+                         "settings back to continue it, or train anew (Restart the protocol, or train "
+                         "into another folder).")
+    trainer.load_state_dict(state)
+    trainer.rows = [r for r in _read_metrics(out / METRICS_FILE) if r["epoch"] < trainer.next_epoch]
+    best = out / BEST_FILE
+    if math.isfinite(trainer.best_val):
+        try:
+            load_checkpoint(best, "cpu")
+        except (CheckpointError, FileNotFoundError) as err:
+            if getattr(err, "unsafe", False):
+                raise ValueError(f"Cannot continue the training: {err}. Delete it and Restart.") from None
+            logger.warning("%s: the best weights so far are lost; the next epoch writes %s anew",
+                           err, BEST_FILE)
+            trainer.best_val = math.inf
+    logger.info("Resuming %s at epoch %d (best validation loss %.4g)", out, trainer.next_epoch,
+                trainer.best_val)
+
+
+def _save_epoch(out: Path, trainer: _Trainer, improved: bool, fingerprint: str, columns: List[str]) -> None:
+    """best.pt (when improved), last.pt (the previous one kept as last.previous.pt), metrics.csv."""
+    model = trainer.model.state_dict()
+    epoch = trainer.next_epoch - 1
+    if improved:
+        save_checkpoint({"model": model, "epoch": epoch, "val_loss": float(trainer.best_val)}, out / BEST_FILE)
+    state = trainer.state_dict()
+    state.update(config=_plain(asdict(trainer.config)), data=fingerprint)
+    save_checkpoint(state, out / LAST_FILE, previous=out / PREVIOUS_FILE)
+    _write_metrics(out / METRICS_FILE, trainer.rows, columns)
+
+
+def train(images, amplitudes: np.ndarray, particle_ids: np.ndarray, out_dir: Union[str, os.PathLike],
+          config: TrainConfig, device: Union[str, torch.device] = "cpu", seed: int = 0,
+          resume: bool = False, progress: Optional[Callable[[dict], None]] = None,
+          poses: Optional[Tuple[np.ndarray, np.ndarray]] = None, ctf: CtfLike = None,
+          world_size: int = 1, rank: int = 0) -> List[dict]:
+    """Train a DeepHEMNMA network and write a model directory ``out_dir``.
+
+    images: (M, N, N) array, list of (stack path, 0-based index) pairs, or an
+    image source (see ``dataset``); images with NaN/infinite pixels or
+    constant images are refused (ValueError naming their particle ids).
+    amplitudes: (M, K) in Å, columns in the
+    order of ``config.modes``. particle_ids: (M,) split key (images of one
+    particle never straddle training and validation). poses: ``(angles_deg
+    (M, 3), shifts_px (M, 2))``, required when ``config.predict_pose``.
+    ctf: optional phase flipping: ``ctf.CTFParams`` with one entry per image
+    (evaluated at ``config.pixel_size``), precomputed CTFs (M, N, N // 2 + 1)
+    in rfft2 layout, or a callable (see ``dataset.ctf_batch``).
+    seed: split, initialisation, shuffling and augmentation (reproducible).
+    resume: continue from ``out_dir/last.pt`` if present (next epoch; a
+    damaged last.pt falls back to last.previous.pt). Refused (ValueError
+    saying what changed) when the data or a setting other than
+    :data:`RESUMABLE_SETTINGS` differs. progress: called with each epoch's metrics dict.
+    world_size/rank: data-parallel sharding of training batches; only rank 0
+    writes files (wrap in DDP yourself after ``torch.distributed`` init).
+    Returns the metrics rows of all epochs so far (see ``METRICS_COLUMNS``).
+    """
+    from .. import __version__
+    device = torch.device(device)
+    data = _check_inputs(images, amplitudes, particle_ids, config, poses, ctf, world_size, rank)
     out = Path(out_dir)
     writer = rank == 0
     if writer:
         out.mkdir(parents=True, exist_ok=True)
-    config = replace(config, modes=[int(k) for k in config.modes], image_size=source.image_size,
+    config = replace(config, modes=[int(k) for k in config.modes], image_size=data.source.image_size,
                      n_outputs=len(config.modes) + (8 if config.predict_pose else 0),
                      version=__version__, seed=int(seed), phase_flip=ctf is not None)
-    train_idx, val_idx = split_by_particle(particle_ids, config.val_fraction, seed)
-    config = _fit_stats(config, amplitudes, shifts, train_idx)
-    loss_fn = _loss_fn(config)
-
-    torch.manual_seed(seed)
-    model = build_model(config.n_modes, config.predict_pose, config.architecture, config.hidden,
-                        config.dropout).to(device)
-    optimizer = _make_optimizer(config, model)
-    n_train = len(train_idx) // world_size
-    scheduler = _make_scheduler(config, optimizer, (n_train + config.batch_size - 1) // config.batch_size)
-    per_batch = isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
-    start_epoch, best_val, bad_epochs = 1, math.inf, 0
-    rows: List[dict] = []
-    last_path = out / LAST_FILE
-    if resume and last_path.exists():
-        state = torch.load(last_path, map_location=device, weights_only=False)
-        saved = TrainConfig.load(out / CONFIG_FILE)
-        if saved.modes != config.modes or saved.predict_pose != config.predict_pose:
-            raise ValueError(f"Cannot resume: {out} was trained for modes {saved.modes} "
-                             f"(pose {saved.predict_pose}), not {config.modes}.")
-        config = replace(config, target_mean=saved.target_mean, target_std=saved.target_std,
-                         shift_scale=saved.shift_scale)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
-            if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
-                scheduler.T_max = max(1, config.epochs)  # the run may be extended on resume
-        if per_batch and state.get("epochs", config.epochs) != config.epochs:
-            raise ValueError(f"Cannot resume a one-cycle run of {state['epochs']} epochs with {config.epochs} "
-                             "epochs: keep the number of epochs, or train anew.")
-        start_epoch, best_val, bad_epochs = state["epoch"] + 1, state["best_val"], state["bad_epochs"]
-        rows = [r for r in _read_metrics(out / METRICS_FILE) if r["epoch"] < start_epoch]
-        logger.info("Resuming %s at epoch %d (best validation loss %.4g)", out, start_epoch, best_val)
+    train_idx, val_idx = split_by_particle(data.particle_ids, config.val_fraction, seed)
+    config = _fit_stats(config, data.amplitudes, data.shifts, train_idx)
+    trainer = _Trainer(config, data, train_idx, val_idx, device, world_size, rank)
+    fingerprint = data.fingerprint(world_size)
+    if resume:
+        _resume(out, trainer, fingerprint)
     if writer:
         config.save(out / CONFIG_FILE)
-    targets = _Targets(config, amplitudes, angles, shifts)
-
-    net: nn.Module = model
-    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        net = nn.parallel.DistributedDataParallel(model)
-    use_amp = config.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported()) \
-        if device.type == "cuda" else None
     columns = METRICS_COLUMNS + (POSE_METRICS_COLUMNS if config.predict_pose else [])
     logger.info("Training on %d images (%d particles), validating on %d images; %d modes %s, %s",
-                len(train_idx), len(np.unique(particle_ids[train_idx])), len(val_idx), config.n_modes,
+                len(train_idx), len(np.unique(data.particle_ids[train_idx])), len(val_idx), config.n_modes,
                 config.modes, device)
 
-    for epoch in range(start_epoch, config.epochs + 1):
-        if bad_epochs >= config.patience:
+    for epoch in range(trainer.next_epoch, config.epochs + 1):
+        if trainer.stopped_early:
             break
         t0 = time.perf_counter()
-        rng = np.random.default_rng([seed, epoch])
-        torch.manual_seed(seed * 100003 + epoch)
-        order = train_idx[rng.permutation(len(train_idx))]
-        # equal shards, so that data-parallel ranks run the same number of steps
-        order = order[:len(order) - len(order) % world_size][rank::world_size] if world_size > 1 else order
-        net.train()
-        total, count = 0.0, 0
-        for idx, x in iterate_batches(source, order, config.batch_size, config.working_size,
-                                      config.normalization, ctf, None, device, config.pixel_size):
-            inplane = None
-            if config.augment_rotation:
-                inplane = rng.uniform(0.0, 360.0, len(idx))
-                x = rotate_images(x, torch.as_tensor(inplane, dtype=x.dtype, device=device))
-            y = targets.batch(idx, inplane).to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, use_amp):
-                pred = net(x)
-            loss = loss_fn(pred, y)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            if per_batch:
-                scheduler.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-        train_seconds = time.perf_counter() - t0
-        row = {"epoch": epoch, "train_loss": total / max(count, 1),
-               "lr": optimizer.param_groups[0]["lr"], "images_per_s": count / max(train_seconds, 1e-9)}
-        row.update(_validate(model, config, source, val_idx, targets, amplitudes, angles, shifts,
-                             loss_fn, ctf, device, use_amp))
+        row = trainer.train_epoch(epoch)
+        row.update(trainer.evaluate())
         row["seconds"] = time.perf_counter() - t0
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(row["val_loss"])
-        elif scheduler is not None and not per_batch:
-            scheduler.step()
-        improved = row["val_loss"] < best_val
-        if improved:
-            best_val, bad_epochs = row["val_loss"], 0
-        elif not per_batch:  # a one-cycle run ends with its annealing: no early stop
-            bad_epochs += 1
-        rows.append(row)
+        improved = trainer.end_epoch(row)
         if writer:
-            if improved:
-                torch.save({"model": model.state_dict(), "epoch": epoch, "val_loss": best_val},
-                           out / BEST_FILE)
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                        "epoch": epoch, "epochs": config.epochs, "best_val": best_val,
-                        "bad_epochs": bad_epochs}, last_path)
-            _write_metrics(out / METRICS_FILE, rows, columns)
+            _save_epoch(out, trainer, improved, fingerprint, columns)
         extra = ""
         if config.predict_pose:
             extra = f" val_angle {row['val_angle_deg']:.2f} deg val_shift {row['val_shift_px']:.2f} px"
@@ -444,10 +723,10 @@ def train(images, amplitudes: np.ndarray, particle_ids: np.ndarray, out_dir: Uni
                     row["lr"], row["images_per_s"])
         if progress is not None:
             progress(dict(row))
-        if bad_epochs >= config.patience:
+        if trainer.stopped_early:
             logger.info("Early stopping after epoch %d: no validation improvement in %d epochs",
                         epoch, config.patience)
-    return rows
+    return trainer.rows
 
 
 @torch.no_grad()
@@ -473,7 +752,11 @@ def _validate(model, config, source, val_idx, targets, amplitudes, angles, shift
 
 
 def load_model(model_dir: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> LoadedModel:
-    """Load ``model_dir/config.json`` and ``model_dir/best.pt`` into an eval-mode network."""
+    """Load ``model_dir/config.json`` and ``model_dir/best.pt`` into an eval-mode network.
+
+    Raises ValueError naming the file when it is missing, damaged or holds
+    anything but tensors and plain values (loaded with ``weights_only=True``).
+    """
     model_dir = Path(model_dir)
     cfg_path, weights = model_dir / CONFIG_FILE, model_dir / BEST_FILE
     if not cfg_path.exists() or not weights.exists():
@@ -482,7 +765,11 @@ def load_model(model_dir: Union[str, os.PathLike], device: Union[str, torch.devi
     device = torch.device(device)
     model = build_model(config.n_modes, config.predict_pose, config.architecture, config.hidden,
                         config.dropout)
-    state = torch.load(weights, map_location=device, weights_only=True)
+    try:
+        state = load_checkpoint(weights, device)
+    except CheckpointError as err:
+        raise ValueError(f"Cannot load the trained model: {err}. Train it again (Restart the training "
+                         "protocol).") from None
     model.load_state_dict(state["model"])
     return LoadedModel(model.to(device).eval(), config, device)
 
@@ -491,7 +778,7 @@ def load_model(model_dir: Union[str, os.PathLike], device: Union[str, torch.devi
 def predict(model: Union[LoadedModel, str, os.PathLike], images, batch_size: int = 64,
             device: Union[str, torch.device, None] = None, ctf: CtfLike = None,
             return_pose: bool = False, progress: Optional[Callable[[int, int], None]] = None,
-            bfloat16: bool = False, rotations: int = 1):
+            bfloat16: bool = False, rotations: int = 1, ids: Optional[np.ndarray] = None):
     """Amplitudes (and optionally poses) of new particle images.
 
     model: a :class:`LoadedModel` or a model directory. images: as in
@@ -508,6 +795,8 @@ def predict(model: Union[LoadedModel, str, os.PathLike], images, batch_size: int
     each image (0, 360/R, ... degrees; test-time augmentation, R times the
     work), for models trained with ``augment_rotation``. Poses come from the
     unrotated image.
+    ids: (M,) particle ids named when images are refused (NaN or infinite
+    pixels, constant images: ValueError; None names 0-based indices).
     """
     if rotations < 1:
         raise ValueError(f"rotations must be at least 1, got {rotations}.")
@@ -526,6 +815,7 @@ def predict(model: Union[LoadedModel, str, os.PathLike], images, batch_size: int
     if source.image_size != config.image_size:
         raise ValueError(f"Images are {source.image_size} px but the model was trained on "
                          f"{config.image_size} px images.")
+    check_images(source, ids, "predicting")
     net = model.model.eval()
     channels_last = model.device.type == "cpu"  # oneDNN convolutions are ~1.3x faster in NHWC
     if channels_last:
@@ -553,4 +843,7 @@ def predict(model: Union[LoadedModel, str, os.PathLike], images, batch_size: int
         done += len(idx)
         if progress is not None:
             progress(done, m)
+    if not np.all(np.isfinite(amps)):
+        raise ValueError(f"The model gave non-finite amplitudes for {int((~np.isfinite(amps)).any(1).sum())} "
+                         "images: its weights are damaged; train it again.")
     return (amps, ang, sh) if return_pose else amps

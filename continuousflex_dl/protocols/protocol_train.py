@@ -17,8 +17,11 @@ class FlexDLProtTrain(FlexDLProtBase):
 
     The split into training and validation is by particle, target
     standardisation is fitted on the training split only and saved with the
-    model, and the best (lowest validation loss) weights are kept. A stopped
-    run continues from its last epoch."""
+    model, and the best (lowest validation loss) weights are kept. Continue
+    resumes a stopped run from its last epoch with the same particles and
+    settings (more epochs allowed, except with the one-cycle schedule);
+    other changes are refused with what changed: use Restart for them.
+    Particles with NaN, infinite or constant images are refused by id."""
     _label = "DeepHEMNMA training"
     _possibleOutputs = {"outputModel": FlexDLModel}
 
@@ -73,28 +76,37 @@ class FlexDLProtTrain(FlexDLProtBase):
         self._addDeviceParam(form)
 
     def _insertAllSteps(self):
-        self._insertFunctionStep(self.trainStep, needsGPU=self._usesGPU())
+        # The settings are the step's argument: Continue after a change reruns the training step,
+        # which continues the stopped run or refuses what cannot continue (then Restart).
+        self._insertFunctionStep(self.trainStep, self._settings(), needsGPU=self._usesGPU())
         self._insertFunctionStep(self.createOutputStep, needsGPU=False)
 
     def _modelDir(self):
         return self._getExtraPath("model")
 
-    def trainStep(self):
+    def _settings(self) -> dict:
+        """The form's training settings, as TrainConfig fields, and which particles."""
+        parts = self.inputParticles.get()
+        return dict(working_size=self.workingSize.get() or None, predict_pose=self.predictPose.get(),
+                    epochs=self.epochs.get(), batch_size=self.batchSize.get(),
+                    learning_rate=self.learningRate.get(), loss=LOSSES[self.loss.get()],
+                    lr_schedule=SCHEDULES[self.lrSchedule.get()], patience=self.patience.get(),
+                    val_fraction=self.valFraction.get(), augment_rotation=self.augment.get(),
+                    seed=self.seed.get(), phase_flip=self.phaseFlip.get(),
+                    particles=f"{parts.getObjId()}:{parts.getSize()}" if parts is not None else "")
+
+    def trainStep(self, settings: dict):
         self._logToRunLog()
+        settings = dict(settings)
+        settings.pop("particles")
+        phase_flip = settings.pop("phase_flip")
         parts = convert.read_particles(self.inputParticles.get(), need_amplitudes=True)
         modes = parts.mode_numbers or list(range(7, 7 + parts.amplitudes.shape[1]))
-        config = TrainConfig(modes=modes, working_size=self.workingSize.get() or None,
-                             pixel_size=parts.pixel_size, predict_pose=self.predictPose.get(),
-                             epochs=self.epochs.get(), batch_size=self.batchSize.get(),
-                             learning_rate=self.learningRate.get(), loss=LOSSES[self.loss.get()],
-                             lr_schedule=SCHEDULES[self.lrSchedule.get()],
-                             patience=self.patience.get(), val_fraction=self.valFraction.get(),
-                             augment_rotation=self.augment.get(), seed=self.seed.get())
-        poses = (parts.angles, parts.shifts) if self.predictPose.get() else None
+        config = TrainConfig(modes=modes, pixel_size=parts.pixel_size, **settings)
+        poses = (parts.angles, parts.shifts) if config.predict_pose else None
         train(list(zip(parts.stacks, parts.indices.tolist())), parts.amplitudes, parts.ids, self._modelDir(),
-              config, device=self._getDevice(), seed=self.seed.get(),
-              resume=os.path.exists(os.path.join(self._modelDir(), "last.pt")), poses=poses,
-              ctf=parts.ctf if self.phaseFlip.get() else None)
+              config, device=self._getDevice(), seed=config.seed, resume=True, poses=poses,
+              ctf=parts.ctf if phase_flip else None)
 
     def createOutputStep(self):
         from ..core.training import load_model

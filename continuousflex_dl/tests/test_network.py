@@ -131,11 +131,11 @@ def test_inplane_rotation_moves_image_and_pose_consistently():
     shifts = np.array([[3.0, -2.0], [-4.0, 1.5]])
     inplane = np.array([35.0, -110.0])
     r = np.array([9.0, -5.0, 7.0])  # a model point, Å, pixel size 1
-    p = np.einsum("bij,j->bi", euler_to_matrix(angles), r)[:, :2] + shifts
+    p = np.einsum("bij,j->bi", euler_to_matrix(angles), r)[:, :2] - shifts
     images = torch.tensor(np.stack([_blob_image(pp) for pp in p])[:, None])
     rotated = ds.rotate_images(images, torch.tensor(inplane)).numpy()[:, 0]
     new_angles, new_shifts = ds.rotate_pose(angles, shifts, inplane)
-    p_new = np.einsum("bij,j->bi", euler_to_matrix(new_angles), r)[:, :2] + new_shifts
+    p_new = np.einsum("bij,j->bi", euler_to_matrix(new_angles), r)[:, :2] - new_shifts
     for b in range(2):
         np.testing.assert_allclose(_centroid(rotated[b]), p_new[b], atol=0.05)
     # independent statement of the convention: psi decreases by the in-plane angle, rot/tilt stay
@@ -288,14 +288,14 @@ def test_four_modes_resume_and_reproducibility(tmp_path):
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         tr.train(images, q, pid, tmp_path / "part", cfg, seed=3, progress=crash)
-    assert torch.load(tmp_path / "part" / "last.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "part" / "last.pt", weights_only=True)["epoch"] == 1
     with pytest.raises(ValueError, match="one-cycle"):  # its schedule is fixed by the number of epochs
         tr.train(images, q, pid, tmp_path / "part", replace(cfg, epochs=3), seed=3, resume=True)
     resumed = tr.train(images, q, pid, tmp_path / "part", cfg, seed=3, resume=True)
     assert [r["epoch"] for r in resumed] == [1, 2]
     np.testing.assert_allclose([r["val_loss"] for r in resumed], [r["val_loss"] for r in full], rtol=1e-5)
-    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6)
@@ -377,3 +377,178 @@ def test_data_parallel_ranks_share_the_training_split(tmp_path, monkeypatch):
     np.testing.assert_array_equal(val0, val_idx)
     np.testing.assert_array_equal(val1, val_idx)  # every rank validates on the whole validation split
     assert (tmp_path / "rank0" / "best.pt").exists() and not (tmp_path / "rank1").exists()
+
+
+# ------------------------------------------------ reliability: checkpoints, resume, bad pixels
+
+SMALL = dict(modes=[7, 8], working_size=16, batch_size=8, val_fraction=0.25, architecture="resnet18")
+
+
+def _stop_after(epoch):
+    """A progress callback that interrupts training after ``epoch`` (as a kill would)."""
+    def progress(row):
+        if row["epoch"] == epoch:
+            raise KeyboardInterrupt
+    return progress
+
+
+class _RunsCode:
+    """Unpickling this object creates ``path`` (stands for any code a crafted checkpoint would run)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_kill_during_a_checkpoint_save_leaves_the_previous_one(tmp_path, monkeypatch):
+    images, q, pid = synthetic(8, 1, 2, seed=4)
+    cfg = tr.TrainConfig(**SMALL, epochs=2)
+    real_save = torch.save
+
+    def killed_while_saving(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and "optimizer" in obj and obj.get("epoch") == 2:
+            fh = f if hasattr(f, "write") else open(f, "wb")
+            fh.write(b"PK\x03\x04 half a checkpoint")
+            fh.flush()
+            raise KeyboardInterrupt
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", killed_while_saving)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(images, q, pid, tmp_path, cfg)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1  # complete, one epoch old
+    rows = tr.train(images, q, pid, tmp_path, cfg, resume=True)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_damaged_last_checkpoint_falls_back_to_the_previous_epoch(tmp_path, caplog):
+    images, q, pid = synthetic(8, 1, 2, seed=4)
+    cfg = tr.TrainConfig(**SMALL, epochs=3)
+    full = tr.train(images, q, pid, tmp_path / "full", cfg)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(images, q, pid, tmp_path / "part", cfg, progress=_stop_after(2))
+    assert torch.load(tmp_path / "part" / "last.previous.pt", weights_only=True)["epoch"] == 1
+    (tmp_path / "part" / "last.pt").write_bytes(b"")  # killed mid-write by a non-atomic copy, disk full...
+    with caplog.at_level("WARNING", logger="continuousflex_dl"):
+        resumed = tr.train(images, q, pid, tmp_path / "part", cfg, resume=True)
+    assert "last.pt is empty" in caplog.text and "epoch 1" in caplog.text
+    assert [r["epoch"] for r in resumed] == [1, 2, 3]
+    # epochs 2 and 3 recomputed from the epoch-1 checkpoint: the same run as the uninterrupted one
+    np.testing.assert_allclose([r["val_loss"] for r in resumed], [r["val_loss"] for r in full], rtol=1e-5)
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.5])
+def test_damaged_last_checkpoint_without_fallback_says_what_to_do(tmp_path, keep):
+    images, q, pid = synthetic(8, 1, 2, seed=4)
+    cfg = tr.TrainConfig(**SMALL, epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(images, q, pid, tmp_path, cfg, progress=_stop_after(1))
+    last = tmp_path / "last.pt"
+    last.write_bytes(last.read_bytes()[:int(keep * last.stat().st_size)])  # 0 bytes, or truncated
+    with pytest.raises(ValueError) as err:
+        tr.train(images, q, pid, tmp_path, cfg, resume=True)
+    message = str(err.value)
+    assert str(last) in message and "Restart" in message and "Delete" in message
+    assert ("empty" if keep == 0 else "truncated") in message
+    assert "Ran out of input" not in message
+
+
+def test_crafted_checkpoints_are_refused_unread(tmp_path):
+    images, q, pid = synthetic(8, 1, 2, seed=4)
+    cfg = tr.TrainConfig(**SMALL, epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(images, q, pid, tmp_path / "m", cfg, progress=_stop_after(1))
+    marker = tmp_path / "code_ran"
+    torch.save({"model": _RunsCode(marker), "epoch": 1}, tmp_path / "m" / "last.pt")
+    with pytest.raises(ValueError, match="not loaded"):
+        tr.train(images, q, pid, tmp_path / "m", cfg, resume=True)
+    assert not marker.exists()
+    torch.save({"model": _RunsCode(marker)}, tmp_path / "m" / "best.pt")
+    with pytest.raises(ValueError, match="best.pt"):
+        tr.load_model(tmp_path / "m")
+    assert not marker.exists()
+    (tmp_path / "m" / "best.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="best.pt is empty.*Train it again"):
+        tr.load_model(tmp_path / "m")
+
+
+def test_resume_refuses_changed_settings_and_data(tmp_path):
+    images, q, pid = synthetic(8, 1, 2, seed=4)
+    cfg = tr.TrainConfig(**SMALL, epochs=2, lr_schedule="plateau")
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(images, q, pid, tmp_path, cfg, progress=_stop_after(1))
+    for changed, what in [(dict(learning_rate=1e-4), "learning_rate: 0.002 -> 0.0001"),
+                          (dict(batch_size=4), "batch_size: 8 -> 4"),
+                          (dict(modes=[7, 9]), "modes: [7, 8] -> [7, 9]")]:
+        with pytest.raises(ValueError, match="Restart") as err:
+            tr.train(images, q, pid, tmp_path, replace(cfg, **changed), resume=True)
+        assert what in str(err.value)
+    with pytest.raises(ValueError, match="seed: 0 -> 1"):
+        tr.train(images, q, pid, tmp_path, cfg, seed=1, resume=True)
+    with pytest.raises(ValueError, match="particles .* differ"):
+        tr.train(images, q + 1.0, pid, tmp_path, cfg, resume=True)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1  # nothing was overwritten
+    # more epochs (not a one-cycle schedule) continue the same run
+    rows = tr.train(images, q, pid, tmp_path, replace(cfg, epochs=3), resume=True)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+
+
+def test_diverged_training_stops_with_advice(tmp_path, monkeypatch):
+    images, q, pid = synthetic(8, 1, 2, seed=4)
+    monkeypatch.setattr(tr, "_validate", lambda *a, **k: {"val_loss": float("nan"), "val_mae": float("nan")})
+    with pytest.raises(ValueError, match="diverged at epoch 1.*Lower the learning rate"):
+        tr.train(images, q, pid, tmp_path, tr.TrainConfig(**SMALL, epochs=1))
+    assert not (tmp_path / "best.pt").exists()
+
+
+def test_check_images_finds_nan_infinite_and_constant_images():
+    rng = np.random.default_rng(0)
+    images = rng.normal(0, 1, (30, 8, 8)).astype(np.float32)
+    images[3] = rng.normal(0, 1e-12, (8, 8))  # tiny values but real variation: fine
+    images[4] = 1e4 + rng.normal(0, 0.5, (8, 8))  # large offset, some noise: fine
+    images[5, 1, 2] = np.nan
+    images[7, 0, 0] = -np.inf
+    images[9] = 0.0
+    images[11] = 7.25
+    nonfinite, flat = ds.find_bad_images(images, batch_size=4)
+    assert nonfinite.tolist() == [5, 7] and flat.tolist() == [9, 11]
+    with pytest.raises(ValueError) as err:
+        ds.check_images(images, ids=np.arange(30) + 100, before="training")
+    message = str(err.value)
+    assert "ids [105, 107] contain NaN or infinite pixels (2 of 30 images)" in message
+    assert "ids [109, 111] are constant" in message and "before training" in message
+    with pytest.raises(ValueError, match=r"0-based indices \[5, 7\]"):
+        ds.check_images(images)
+    many = np.zeros((14, 4, 4), np.float32)
+    with pytest.raises(ValueError, match=r"\[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\] and 4 more are constant"):
+        ds.check_images(many, ids=np.arange(14))
+    ds.check_images(np.delete(images, [5, 7, 9, 11], axis=0))  # nothing to refuse
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "zero", "flat"])
+def test_training_refuses_bad_images_with_their_ids(tmp_path, bad):
+    images, q, pid = synthetic(8, 2, 2, seed=4)  # image i belongs to particle i // 2
+    value = {"nan": np.nan, "inf": np.inf, "zero": 0.0, "flat": 3.5}[bad]
+    if bad in ("nan", "inf"):
+        images[5, 3, 3] = value
+    else:
+        images[5] = value
+    with pytest.raises(ValueError, match=r"ids \[2\] (contain NaN|are constant)"):
+        tr.train(images, q, pid, tmp_path, tr.TrainConfig(**SMALL, epochs=1))
+    assert not (tmp_path / "last.pt").exists()
+
+
+@pytest.mark.parametrize("bad", ["nan", "zero"])
+def test_prediction_refuses_bad_images_instead_of_returning_nan(trained, bad):
+    images = trained["images"][:6].copy()
+    if bad == "nan":
+        images[2, 0, 0] = np.nan
+    else:
+        images[2] = 0.0
+    with pytest.raises(ValueError, match=r"ids \[12\] (contain NaN|are constant)"):
+        tr.predict(trained["out"], images, ids=np.arange(10, 16))
+    with pytest.raises(ValueError, match=r"indices \[2\]"):
+        tr.predict(trained["out"], images)

@@ -19,11 +19,17 @@ class TestProtNetwork(BaseTest):
             FlexDLProtSynthesize, numberOfImages=96, seed=1, **common)).outputParticles
         cls.test_set = cls.launchProtocol(cls.newProtocol(
             FlexDLProtSynthesize, numberOfImages=40, seed=2, **common)).outputParticles
+        cls.bad_set = cls.launchProtocol(cls.newProtocol(
+            FlexDLProtSynthesize, numberOfImages=5, seed=3, **common)).outputParticles
+        cls.train = cls.newProtocol(FlexDLProtTrain, inputParticles=cls.train_set, workingSize=0, epochs=2,
+                                    batchSize=16, valFraction=0.2, seed=0)
+        cls.launchProtocol(cls.train)
+
+    def _log(self, prot):
+        return "".join(open(path).read() for path in prot.getLogPaths()[:2])
 
     def test_train_then_predict(self):
-        train = self.newProtocol(FlexDLProtTrain, inputParticles=self.train_set, workingSize=0, epochs=2,
-                                 batchSize=16, valFraction=0.2, seed=0)
-        self.launchProtocol(train)
+        train = self.train
         model = train.outputModel
         self.assertEqual(model.getModes(), [7, 8, 9])
         self.assertEqual(model.getImageSize(), 32)
@@ -62,3 +68,38 @@ class TestProtNetwork(BaseTest):
         prot.inputModel.set(model)
         errors = prot.validate()
         self.assertTrue(any("96.0 Å" in e and "192.0 Å" in e for e in errors), errors)
+
+    def test_predict_refuses_nan_and_blank_particles_by_id(self):
+        import mrcfile
+        parts = convert.read_particles(self.bad_set)
+        with mrcfile.open(parts.stacks[0], mode="r+") as mrc:
+            mrc.data[parts.indices[parts.ids == 2][0], 4, 4] = np.nan
+            mrc.data[parts.indices[parts.ids == 4][0]] = 0.0
+        predict = self.newProtocol(FlexDLProtPredict, inputModel=self.train.outputModel, inputParticles=self.bad_set)
+        with self.assertRaises(Exception):
+            self.launchProtocol(predict)
+        log = self._log(predict)
+        self.assertIn("Particles with ids [2] contain NaN or infinite pixels", log)
+        self.assertIn("Particles with ids [4] are constant images", log)
+        self.assertFalse(hasattr(predict, "outputParticles"))
+
+    def test_continue_with_changed_settings(self):
+        """Continue after a finished run: a changed learning rate is refused, more epochs continue it."""
+        train = self.newProtocol(FlexDLProtTrain, inputParticles=self.train_set, workingSize=16, epochs=1,
+                                 batchSize=16, valFraction=0.2, seed=0, lrSchedule=1)  # plateau
+        self.launchProtocol(train)
+        first = train.metrics()
+        self.assertEqual([r["epoch"] for r in first], ["1"])
+        train.learningRate.set(1e-4)
+        with self.assertRaises(Exception):
+            self.launchProtocol(train)
+        log = self._log(train)
+        self.assertIn("learning_rate: 0.002 -> 0.0001", log)
+        self.assertIn("Restart", log)
+        self.assertEqual(train.metrics(), first)  # nothing was overwritten
+        train.learningRate.set(2e-3)
+        train.epochs.set(2)
+        self.launchProtocol(train)
+        rows = train.metrics()
+        self.assertEqual([r["epoch"] for r in rows], ["1", "2"])
+        self.assertEqual(rows[0], first[0])  # epoch 1 kept, epoch 2 trained from its checkpoint
