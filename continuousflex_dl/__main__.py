@@ -3,6 +3,7 @@
 Commands:
   demo        the whole pipeline on adenylate kinase in a Scipion project
   nma         normal modes of a PDB/mmCIF file into a folder of mode files
+  gui         the Scipion GUI on a project: gui [PROJECT folder or name] (none: project manager)
 """
 import sys
 
@@ -16,6 +17,9 @@ def main(argv=None) -> int:
     if command == "demo":
         from .demo import main as demo_main
         return demo_main(rest)
+    if command == "gui":
+        from .gui import main as gui_main
+        return gui_main(rest)
     if command == "nma":
         from .cli import nma_main
         return nma_main(rest)

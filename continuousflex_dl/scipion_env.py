@@ -1,4 +1,4 @@
-"""Point Scipion (pyworkflow) at a self-contained folder, for tests and the demo.
+"""Point Scipion (pyworkflow) at a self-contained folder, for tests, the demo and the GUI.
 
 Must run before anything imports pyworkflow: pyworkflow reads its environment
 once, at import time. Imports nothing from Scipion itself.
@@ -6,9 +6,19 @@ once, at import time. Imports nothing from Scipion itself.
 import os
 import sys
 from pathlib import Path
+from typing import Dict, Mapping, Optional
 
 HOSTS_CONF = ("[localhost]\n"
               "PARALLEL_COMMAND = mpirun -np %_(JOB_NODES)d --map-by node %_(COMMAND)s\n")
+
+
+def write_hosts_conf(folder: Path) -> Path:
+    """``folder/hosts.conf`` (a one-host configuration), written unless it exists."""
+    hosts = Path(folder) / "hosts.conf"
+    if not hosts.exists():
+        hosts.parent.mkdir(parents=True, exist_ok=True)
+        hosts.write_text(HOSTS_CONF)
+    return hosts
 
 
 def configure_scipion(root: Path, overwrite: bool = True) -> Path:
@@ -19,13 +29,10 @@ def configure_scipion(root: Path, overwrite: bool = True) -> Path:
     """
     root = Path(root).absolute()
     root.mkdir(parents=True, exist_ok=True)
-    hosts = root / "hosts.conf"
-    if not hosts.exists():
-        hosts.write_text(HOSTS_CONF)
     values = {
         "SCIPION_DOMAIN": "pwem",
         "SCIPION_HOME": str(root),
-        "SCIPION_HOSTS": str(hosts),
+        "SCIPION_HOSTS": str(write_hosts_conf(root)),
         "SCIPION_USER_DATA": str(root / "userdata"),
         "SCIPION_TESTS": str(root / "tests"),
         "SCIPION_TESTS_OUTPUT": str(root / "tests-output"),
@@ -38,3 +45,26 @@ def configure_scipion(root: Path, overwrite: bool = True) -> Path:
         if overwrite or key not in os.environ:
             os.environ[key] = value
     return root
+
+
+def gui_environment(user_data: Path, base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """The environment of a Scipion GUI process on the projects of ``user_data``.
+
+    ``base`` (default ``os.environ``) plus: SCIPION_DOMAIN=pwem (pyworkflow needs it
+    under ``python -O``), SCIPION_USER_DATA, SCIPION_HOSTS (``hosts.conf`` beside
+    ``user_data``, written if missing, unless SCIPION_HOSTS already names a file),
+    SCIPION_NOTIFY=False and SCIPION_PYTHON (this interpreter, for protocol runs).
+    A non-interactive MPLBACKEND (Agg, as tests set it) is removed so that
+    Scipion's plots open windows.
+    """
+    user_data = Path(user_data).absolute()
+    env = dict(os.environ if base is None else base)
+    hosts = env.get("SCIPION_HOSTS", "")
+    if not hosts or not os.path.isfile(hosts):
+        hosts = str(write_hosts_conf(user_data.parent))
+    env.update(SCIPION_DOMAIN="pwem", SCIPION_USER_DATA=str(user_data), SCIPION_HOSTS=hosts,
+               SCIPION_NOTIFY="False", SCIPION_PYTHON=sys.executable)
+    env.setdefault("SCIPION_HOME", str(user_data.parent))
+    if env.get("MPLBACKEND", "").lower() == "agg":
+        del env["MPLBACKEND"]
+    return env
