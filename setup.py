@@ -35,6 +35,10 @@ setup(
         "prody>=2.4",
         "mrcfile>=1.4",
         "matplotlib>=3.5",
+        # Central-slice insertion of the 3-D reconstruction; 0.6.0 imports torch-ctf without
+        # declaring it.
+        "torch-fourier-slice==0.6.0",
+        "torch-ctf==0.6.0",
     ],
     extras_require={
         # scipion-em-relion: its star converter is the client our pose convention is tested against.

@@ -121,8 +121,10 @@ def read_map(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, float]:
     return data, voxel
 
 
-def write_map(path: Union[str, os.PathLike], volume, pixel_size: float) -> Path:
-    """Write a map (n, n, n) ``[z, y, x]`` as MRC with voxel size ``pixel_size`` Å."""
+def write_map(path: Union[str, os.PathLike], volume, pixel_size: float,
+              origin: Optional[Tuple[float, float, float]] = None) -> Path:
+    """Write a map (n, n, n) ``[z, y, x]`` as MRC with voxel size ``pixel_size`` Å and, if
+    given, the header ``origin`` (x, y, z) Å: where ChimeraX places voxel (0, 0, 0)."""
     import mrcfile
     path = Path(_strip(path))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +132,8 @@ def write_map(path: Union[str, os.PathLike], volume, pixel_size: float) -> Path:
     with mrcfile.new(str(path), overwrite=True) as mrc:
         mrc.set_data(vol.astype(np.float32))
         mrc.voxel_size = float(pixel_size)
+        if origin is not None:
+            mrc.header.origin = tuple(float(v) for v in origin)
     return path
 
 
