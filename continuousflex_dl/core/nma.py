@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "NormalModes", "compute_modes", "anm_hessian", "contact_pairs", "relative_cutoff",
     "rigid_body_modes", "collectivity", "fix_signs", "displace", "animation_frames",
-    "subspace_overlap", "write_mode_files", "read_mode_files", "mode_file_name",
+    "subspace_overlap", "write_mode_files", "read_mode_files", "mode_file_name", "residue_profiles",
 ]
 
 N_RIGID = 6
@@ -305,6 +305,26 @@ def animation_frames(coords: np.ndarray, mode: np.ndarray, amplitude: float,
     """A back-and-forth movie along one mode (N, 3): 0 -> +A -> -A -> 0, shape (n_frames, N, 3)."""
     q = amplitude * np.sin(np.linspace(0, 2 * np.pi, n_frames, endpoint=False))
     return displace(coords, mode[None], q[:, None])
+
+
+def residue_profiles(vectors: np.ndarray, residue_numbers: np.ndarray):
+    """How far each residue moves along each mode: the largest atom displacement per residue.
+
+    vectors: (K, N, 3) modes (unit-norm 3N vectors, so values are Å of displacement per
+    Å of amplitude); residue_numbers: (N,) residue number of each atom (atoms of one
+    number in several chains count as one residue). Returns ``(residues (R,) sorted
+    unique numbers, profiles (K, R))``.
+    """
+    vectors = np.asarray(vectors, dtype=float)
+    residue_numbers = np.asarray(residue_numbers)
+    if vectors.ndim != 3 or vectors.shape[2] != 3 or residue_numbers.shape != vectors.shape[1:2]:
+        raise ValueError(f"Expected modes (K, N, 3) and N residue numbers; got {vectors.shape} and "
+                         f"{residue_numbers.shape}.")
+    residues, inverse = np.unique(residue_numbers, return_inverse=True)
+    profiles = np.zeros((len(vectors), len(residues)))
+    for k, v in enumerate(vectors):
+        np.maximum.at(profiles[k], inverse, np.linalg.norm(v, axis=1))
+    return residues, profiles
 
 
 def default_animation_amplitude(n_atoms: int, rms_displacement: float = 3.0) -> float:

@@ -15,6 +15,9 @@ SELECTION_LABELS = ["heavy atoms", "CA / P only", "all atoms", "custom"]
 CUTOFF_AUTO, CUTOFF_ABSOLUTE, CUTOFF_RELATIVE = 0, 1, 2
 AUTO_CUTOFF = {"ca": 15.0}  # Å; 8 Å for every other atomic selection
 METHODS = ["auto", "exact", "coarse"]
+#: Per-residue displacement profiles of every mode (extra folder), read by the viewer
+#: so that the GUI never parses the structure (ProDy fails under ``python -O``).
+PROFILES_FILE = "mode_profiles.npz"
 
 
 class FlexDLProtNMA(FlexDLProtBase):
@@ -90,6 +93,9 @@ class FlexDLProtNMA(FlexDLProtBase):
     def computeModesStep(self):
         self._logToRunLog()
         atoms = load_atoms(self.inputStructure.get().getFileName(), self._selection())
+        errors = self._checkAtoms(atoms)
+        if errors:
+            raise ValueError(errors[0])
         write_multimodel_pdb(self._getExtraPath("atoms.pdb"), atoms, atoms.coords)
         cutoff = self._cutoff(atoms)
         modes = nma.compute_modes(atoms.coords, self.numberOfModes.get(), cutoff,
@@ -97,6 +103,8 @@ class FlexDLProtNMA(FlexDLProtBase):
         nma.write_mode_files(self._getExtraPath("modes"), modes.vectors)
         np.savez(self._getExtraPath("modes_info.npz"), eigenvalues=modes.eigenvalues,
                  collectivity=modes.collectivity, cutoff=modes.cutoff)
+        residues, profiles = nma.residue_profiles(modes.vectors, atoms.group.getResnums())
+        np.savez(self._getExtraPath(PROFILES_FILE), residues=residues, profiles=profiles)
         amplitude = nma.default_animation_amplitude(atoms.n_atoms, self.animationRms.get())
         for k in range(nma.N_RIGID, modes.n_modes):
             frames = nma.animation_frames(atoms.coords, modes.vectors[k], amplitude)
@@ -112,6 +120,18 @@ class FlexDLProtNMA(FlexDLProtBase):
         if mode == CUTOFF_ABSOLUTE:
             return self.cutoff.get()
         return AUTO_CUTOFF.get(self._selection(), 8.0)
+
+    def modeProfile(self, number: int):
+        """``(residue numbers (R,), largest displacement (R,) per Å of amplitude)`` of mode
+        ``number`` (1-based), precomputed by the run. Raises ValueError with the fix."""
+        path = self._getExtraPath(PROFILES_FILE)
+        if not os.path.exists(path):
+            raise ValueError("This NMA run has no displacement profiles (it ran with an older version of "
+                             "the plugin): run it again to see them.")
+        data = np.load(path)
+        if not 1 <= number <= len(data["profiles"]):
+            raise ValueError(f"Mode {number} does not exist: choose 1-{len(data['profiles'])}.")
+        return data["residues"], data["profiles"][number - 1]
 
     def _animationFile(self, number):
         return self._getExtraPath("animations", "animated_mode_%03d.pdb" % number)
@@ -148,15 +168,23 @@ class FlexDLProtNMA(FlexDLProtBase):
         path = struct.getFileName()
         if not path or not os.path.exists(path):
             return [f"The structure file {path} does not exist."]
+        if not __debug__:
+            # The Scipion GUI runs optimised (python -O), where ProDy cannot be imported
+            # (biopython 1.81, pinned by scipion-em, relies on asserts): the selection is
+            # checked when the run starts (computeModesStep) instead.
+            return errors
         try:
             atoms = load_atoms(path, self._selection())
         except ValueError as exc:
             return [str(exc)]
+        return self._checkAtoms(atoms)
+
+    def _checkAtoms(self, atoms) -> list:
+        """Errors of a selection too small for the number of modes asked."""
         if 3 * atoms.n_atoms - nma.N_RIGID < self.numberOfModes.get():
-            errors.append(f"The selection has {atoms.n_atoms} atoms, which have at most "
-                          f"{3 * atoms.n_atoms - nma.N_RIGID} modes: ask for fewer modes "
-                          f"or select more atoms.")
-        return errors
+            return [f"The selection has {atoms.n_atoms} atoms, which have at most "
+                    f"{3 * atoms.n_atoms - nma.N_RIGID} modes: ask for fewer modes or select more atoms."]
+        return []
 
     def _summary(self):
         if not hasattr(self, "outputModes"):

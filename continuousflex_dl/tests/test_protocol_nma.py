@@ -83,10 +83,19 @@ class TestProtNMA(BaseTest):
         # Unit-norm mode: the squared per-atom displacements sum to 1, so the largest is below 1.
         self.assertTrue(0 < y.max() < 1)
         self.assertEqual(ax.get_title(), "Mode 8")
+        # The run stored the profile: the largest per-atom norm of mode 8 in each residue.
+        atoms, vectors = convert.read_modes(prot.outputModes, [8])
+        norms, resnums = np.linalg.norm(vectors[0], axis=1), atoms.group.getResnums()
+        np.testing.assert_array_equal(x, np.unique(resnums))
+        np.testing.assert_allclose(y, [norms[resnums == r].max() for r in x], rtol=1e-7)
         profile.save(self.getOutputPath("profile.png"))
         self.assertTrue(os.path.getsize(self.getOutputPath("profile.png")) > 1000)
         eigen = viewer._showEigen()[0]
         bars = sum(len(c.patches) for c in eigen._figure.axes[0].containers)
         self.assertEqual(bars, 10)
+        # A failing view reaches the user as an error dialog (pyworkflow would only print it).
         viewer.modeNumber.set(99)
-        self.assertEqual(type(viewer._showProfile()[0]).__name__, "MessageView")
+        shown = []
+        viewer.showError = lambda message, title="": shown.append(message)
+        viewer._visualizeParam("displayProfile")
+        self.assertEqual(shown, ["Mode 99 does not exist: choose 1-10."])

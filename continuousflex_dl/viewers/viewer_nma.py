@@ -1,17 +1,19 @@
-"""Viewer of the NMA protocol: mode table, eigenvalues/collectivity, displacement profiles, animations."""
+"""Viewer of the NMA protocol: mode table, eigenvalues/collectivity, displacement profiles, animations.
+
+Reads only what the NMA run stored (mode table, precomputed displacement profiles): the
+GUI process never parses a structure (ProDy cannot be imported under ``python -O``).
+"""
 import numpy as np
 from pyworkflow.protocol import params
 from pyworkflow.viewer import DESKTOP_TKINTER, ProtocolViewer
 
 from .. import convert
-from ..core.nma import read_mode_files
-from ..core.structure import load_atoms
 from ..protocols import FlexDLProtNMA
 from . import plots
-from .views import FigureView, TableRowsView
+from .views import ErrorDialogs, FigureView, TableRowsView
 
 
-class FlexDLNMAViewer(ProtocolViewer):
+class FlexDLNMAViewer(ErrorDialogs, ProtocolViewer):
     """Inspect normal modes: which are enabled, how collective, which atoms move."""
     _label = "normal modes viewer"
     _targets = [FlexDLProtNMA]
@@ -59,33 +61,21 @@ class FlexDLNMAViewer(ProtocolViewer):
             raise ValueError(f"Mode {number} does not exist: choose 1-{max(rows)}.")
         return rows[number]
 
+    def profileFigure(self):
+        """The displacement profile Figure of the chosen mode (headless)."""
+        number = self._modeRow()["number"]
+        residues, profile = self.protocol.modeProfile(number)
+        return plots.plot_mode_profile(profile, residues, mode_number=number,
+                                       ylabel="Largest atom displacement (Å per Å of amplitude)")
+
     def _showProfile(self, param=None):
-        try:
-            row = self._modeRow()
-        except ValueError as exc:
-            return [self.errorMessage(str(exc))]
-        fig = mode_profile_figure(self.protocol.outputModes, row)
-        return [FigureView(fig, f"Mode {row['number']}", self._tkRoot)]
+        return [FigureView(self.profileFigure(), f"Mode {self.modeNumber.get()}", self._tkRoot)]
 
     def _showAnimation(self, param=None):
-        try:
-            row = self._modeRow()
-        except ValueError as exc:
-            return [self.errorMessage(str(exc))]
+        row = self._modeRow()
         if not row["animation"]:
             return [self.infoMessage(f"Mode {row['number']} is a rigid-body mode: no animation.")]
         return [self.infoMessage(f"Animation of mode {row['number']}:\n{row['animation']}\n\n"
                                  f"ChimeraX: open the file, then 'coordset #1' plays it.\n"
                                  f"VMD: vmd {row['animation']}", "Mode animation")]
 
-
-def mode_profile_figure(modes_set, row):
-    """Per-residue displacement profile of one mode of a SetOfNormalModes (headless-callable)."""
-    atoms = load_atoms(modes_set.getPdb().getFileName(), "all")
-    vector = read_mode_files([row["file"]], n_atoms=atoms.n_atoms)[0]
-    resnums = atoms.group.getResnums()
-    # One point per residue: the largest displacement among its atoms.
-    keys, inverse = np.unique(resnums, return_inverse=True)
-    per_residue = np.zeros(len(keys))
-    np.maximum.at(per_residue, inverse, np.linalg.norm(vector, axis=1))
-    return plots.plot_mode_profile(per_residue, keys, mode_number=row["number"])
