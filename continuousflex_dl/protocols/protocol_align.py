@@ -1,5 +1,4 @@
 """HEMNMA: elastic (normal-mode amplitudes) and rigid (pose) alignment of particles, in chunks."""
-import json
 import os
 
 import numpy as np
@@ -7,8 +6,9 @@ from pwem.objects import SetOfParticlesFlex
 from pyworkflow.protocol import STEPS_PARALLEL, params
 
 from .. import convert
-from ..core.alignment import AlignmentResult, align_particles
-from ..core.dataset import MrcsImageSource
+from ..core.alignment import AlignmentResult
+from ..core.alignment_job import RESULT_KEYS, AlignmentJob, gather, run_chunk
+from ..core.chunks import chunk_bounds
 from ..core.structure import centre
 from .base import FlexDLProtBase
 
@@ -28,7 +28,9 @@ class FlexDLProtAlign(FlexDLProtBase):
     A global search over orientations and a coarse grid of amplitudes (FFT
     shift search, CTF applied) is followed by a joint local refinement of all
     parameters through the differentiable projector. Particles are processed
-    in chunks, as parallel steps: a stopped run continues where it stopped."""
+    in chunks, as parallel steps. Continue reuses a chunk only when it was computed
+    from the same particles, modes and settings; a changed setting recomputes what
+    it changes, and results are placed by particle id."""
     _label = "HEMNMA alignment"
     _possibleOutputs = {"outputParticles": SetOfParticlesFlex}
     stepsExecutionMode = STEPS_PARALLEL
@@ -68,13 +70,16 @@ class FlexDLProtAlign(FlexDLProtBase):
 
     # --------------------------- STEPS -----------------------------------------
     def _insertAllSteps(self):
-        convert_step = self._insertFunctionStep(self.convertInputStep, needsGPU=False)
-        n = self.inputParticles.get().getSize()
-        size = self.chunkSize.get()
-        chunk_steps = [self._insertFunctionStep(self.alignChunkStep, k, prerequisites=[convert_step],
-                                                needsGPU=self._usesGPU())
-                       for k in range((n + size - 1) // size)]
-        self._insertFunctionStep(self.createOutputStep, prerequisites=chunk_steps, needsGPU=False)
+        # Every step carries the job fingerprint (inputs and settings): Continue after a change
+        # reruns exactly the steps whose inputs changed, and chunk files are placed by id.
+        self._job = self._buildJob()
+        job_fp = self._job.fingerprint()
+        convert_step = self._insertFunctionStep(self.convertInputStep, job_fp, needsGPU=False)
+        chunk_steps = [self._insertFunctionStep(self.alignChunkStep, start, stop, job_fp,
+                                                prerequisites=[convert_step], needsGPU=self._usesGPU())
+                       for start, stop in chunk_bounds(len(self._job.ids), self.chunkSize.get())]
+        self._insertFunctionStep(self.createOutputStep, job_fp, self.chunkSize.get(),
+                                 prerequisites=chunk_steps, needsGPU=False)
 
     def _modeNumbers(self):
         text = (self.modeList.get() or "").strip()
@@ -82,90 +87,64 @@ class FlexDLProtAlign(FlexDLProtBase):
             return convert.parse_mode_list(text)
         return convert.enabled_mode_numbers(self.inputModes.get())
 
-    def convertInputStep(self):
-        self._logToRunLog()
+    def _options(self) -> dict:
+        """Keyword arguments of core.alignment.align_particles set by the form."""
+        return dict(max_shift_px=self.maxShift.get(), working_size=self.workingSize.get(),
+                    angular_step_deg=self.angularStep.get(),
+                    amplitude_range=self.amplitudeRange.get() or None,
+                    **EFFORT[list(EFFORT)[self.effort.get()]])
+
+    def _buildJob(self) -> AlignmentJob:
         numbers = self._modeNumbers()
         atoms, modes = convert.read_modes(self.inputModes.get(), numbers)
         parts = convert.read_particles(self.inputParticles.get())
-        ctf = None
-        if parts.ctf is not None:
-            c = parts.ctf
-            ctf = np.column_stack([c.defocus_u, c.defocus_v, c.defocus_angle])
-        np.savez(self._getExtraPath("input.npz"), coords=centre(atoms.coords), modes=modes,
-                 sigma=atoms.sigma, weights=atoms.weights, ids=parts.ids, indices=parts.indices,
-                 ctf=ctf if ctf is not None else np.zeros((0, 3)))
-        with open(self._getExtraPath("input.json"), "w") as f:
-            json.dump(dict(stacks=parts.stacks, mode_numbers=numbers, pixel_size=parts.pixel_size,
-                           voltage=parts.voltage, cs=parts.cs, amplitude_contrast=parts.amplitude_contrast),
-                      f)
-        os.makedirs(self._getExtraPath("chunks"), exist_ok=True)
-        self.info(f"{len(parts.ids)} particles of {parts.box} px, modes {numbers}, "
-                  f"{atoms.n_atoms} atoms in the reference")
+        return AlignmentJob(coords=centre(atoms.coords), modes=modes, sigma=atoms.sigma, weights=atoms.weights,
+                            mode_numbers=numbers, ids=parts.ids, stacks=parts.stacks, indices=parts.indices,
+                            pixel_size=parts.pixel_size, ctf=AlignmentJob.ctf_fields(parts.ctf, len(parts.ids)),
+                            options=self._options())
 
-    def _chunkFile(self, k):
-        return self._getExtraPath("chunks", "chunk_%05d.npz" % k)
+    def _jobFolder(self) -> str:
+        return self._getExtraPath()
 
-    def alignChunkStep(self, k):
-        from ..core.ctf import CTFParams
+    def convertInputStep(self, job_fp):
         self._logToRunLog()
-        out = self._chunkFile(k)
-        if os.path.exists(out):  # done by an earlier run
-            return
-        data = np.load(self._getExtraPath("input.npz"))
-        with open(self._getExtraPath("input.json")) as f:
-            meta = json.load(f)
-        size = self.chunkSize.get()
-        rows = np.arange(k * size, min((k + 1) * size, len(data["ids"])))
-        source = MrcsImageSource([(meta["stacks"][i], int(data["indices"][i])) for i in rows])
-        images = source.read(np.arange(len(rows)))
-        if not np.all(np.isfinite(images)):
-            bad = rows[~np.isfinite(images).all(axis=(1, 2))]
-            raise ValueError(f"Particles with ids {data['ids'][bad][:10].tolist()} contain NaN or "
-                             f"infinite pixels: remove them (subset) before aligning.")
-        ctf = None
-        if len(data["ctf"]):
-            c = data["ctf"][rows]
-            ctf = CTFParams(c[:, 0], c[:, 1], c[:, 2], meta["voltage"], meta["cs"], meta["amplitude_contrast"])
-        modes = data["modes"]
-        amp_range = None
-        if self.amplitudeRange.get() > 0:
-            r = self.amplitudeRange.get()
-            amp_range = np.tile([-r, r], (len(modes), 1))
+        job = getattr(self, "_job", None) or self._buildJob()
+        if job.fingerprint() != job_fp:
+            raise ValueError("The inputs changed while the run was starting: run it again.")
+        job.save(self._jobFolder())
+        self.info(f"{len(job.ids)} particles, modes {job.mode_numbers}, "
+                  f"{len(job.coords)} atoms in the reference; chunks of at most {self.chunkSize.get()} particles")
+        return [os.path.join(self._jobFolder(), name) for name in ("job.npz", "job.json")]
+
+    def alignChunkStep(self, start, stop, job_fp):
+        self._logToRunLog()
 
         def progress(fraction, message):
-            self.info(f"chunk {k}: {100 * fraction:.0f}% {message}")
+            self.info(f"rows {start}-{stop}: {100 * fraction:.0f}% {message}")
 
-        result = align_particles(images, data["coords"], modes, meta["pixel_size"], ctf=ctf,
-                                 sigma=data["sigma"], weights=data["weights"],
-                                 max_shift_px=self.maxShift.get(), amplitude_range=amp_range,
-                                 working_size=min(self.workingSize.get(), images.shape[-1]),
-                                 angular_step_deg=self.angularStep.get(), device=self._getDevice(),
-                                 progress=progress, **EFFORT[list(EFFORT)[self.effort.get()]])
-        tmp = out + ".tmp.npz"
-        np.savez(tmp, rows=rows, **result.to_dict())
-        os.replace(tmp, out)  # a chunk file exists only when complete
-        self.info(f"chunk {k}: {len(rows)} particles aligned, mean score {result.score.mean():.3f}")
+        path, _ = run_chunk(self._jobFolder(), start, stop, job_fp, device=self._getDevice(), progress=progress)
+        return [str(path)]
 
-    def _gather(self) -> AlignmentResult:
-        n = len(np.load(self._getExtraPath("input.npz"))["ids"])
-        size = self.chunkSize.get()
-        parts = [np.load(self._chunkFile(k)) for k in range((n + size - 1) // size)]
-        return AlignmentResult(**{key: np.concatenate([p[key] for p in parts])
-                                  for key in ("amplitudes", "angles", "shifts", "score")})
-
-    def createOutputStep(self):
-        result = self._gather()
-        data = np.load(self._getExtraPath("input.npz"))
-        with open(self._getExtraPath("input.json")) as f:
-            numbers = json.load(f)["mode_numbers"]
-        out = SetOfParticlesFlex(filename=self._getPath("particles_flex.sqlite"),
-                                 progName=convert.FLEX_PROG_NAME)
-        convert.fill_flex_particles(out, self.inputParticles.get(), data["ids"], result.amplitudes, numbers,
+    def createOutputStep(self, job_fp, chunk_size):
+        job, result = gather(self._jobFolder(), job_fp, chunk_size)
+        ids, numbers = job.ids, job.mode_numbers
+        tmp = self._getExtraPath("alignment.tmp.npz")
+        np.savez(tmp, ids=ids, mode_numbers=np.asarray(numbers), **result.to_dict())
+        os.replace(tmp, self._resultFile())
+        path = self._getPath("particles_flex.sqlite")
+        if os.path.exists(path):  # a continued run that had finished before
+            os.remove(path)
+        out = SetOfParticlesFlex(filename=path, progName=convert.FLEX_PROG_NAME)
+        convert.fill_flex_particles(out, self.inputParticles.get(), ids, result.amplitudes, numbers,
                                     convert.SOURCE_HEMNMA, result.angles, result.shifts,
                                     extra={SCORE_ATTR: result.score})
         self._defineOutputs(outputParticles=out)
         self._defineSourceRelation(self.inputParticles, out)
         self._defineSourceRelation(self.inputModes, out)
+
+    def _resultFile(self) -> str:
+        """ids, mode_numbers and the AlignmentResult arrays of the output, by particle."""
+        return self._getExtraPath("alignment.npz")
 
     # --------------------------- INFO ------------------------------------------
     def _validate(self):
@@ -194,9 +173,9 @@ class FlexDLProtAlign(FlexDLProtBase):
     def _summary(self):
         if not hasattr(self, "outputParticles"):
             return ["Not aligned yet."]
-        result = self._gather()
-        with open(self._getExtraPath("input.json")) as f:
-            numbers = json.load(f)["mode_numbers"]
+        with np.load(self._resultFile()) as data:
+            result = AlignmentResult(**{k: data[k] for k in RESULT_KEYS})
+            numbers = data["mode_numbers"].tolist()
         from ..reports import error_summary_lines
         return [f"{len(result.score)} particles aligned with modes {numbers}.",
                 f"Score (normalised cross-correlation): mean {result.score.mean():.3f}, "

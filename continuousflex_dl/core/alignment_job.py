@@ -1,0 +1,221 @@
+"""A HEMNMA alignment split into chunks that any process can compute from a folder.
+
+The protocol (or a script) writes an :class:`AlignmentJob` into a folder once;
+each chunk of rows ``[start, stop)`` is then aligned by :func:`run_chunk`, in
+the same process, in a thread, or in a separate process on another node
+(``python -m continuousflex_dl align-chunk``), and :func:`gather` places the
+results by particle id. The job's :meth:`~AlignmentJob.fingerprint` covers
+everything that changes the results (reference, modes, particles, CTFs,
+settings, package version); a chunk file is reused only when it was computed
+from the same job fingerprint, the same rows and the same image bytes.
+
+Folder layout: ``job.npz`` + ``job.json`` (the job), ``chunks/rows_<start>_<stop>.npz``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from .alignment import AlignmentResult, align_particles
+from .chunks import chunk_bounds, fingerprint, gather_by_id, read_chunk, write_chunk
+from .ctf import CTFParams
+from .dataset import MrcsImageSource
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AlignmentJob", "run_chunk", "gather", "chunk_path"]
+
+PathLike = Union[str, os.PathLike]
+RESULT_KEYS = ("amplitudes", "angles", "shifts", "score")
+
+
+@dataclass
+class AlignmentJob:
+    """Inputs and settings of a HEMNMA alignment of M particles with K modes.
+
+    coords: (N, 3) Å, the centred reference; modes: (K, N, 3) unit-norm modes;
+    sigma: (N,) Å atom widths; weights: (N,) or None; mode_numbers: the K mode numbers.
+    ids: (M,) particle ids; stacks: M stack paths; indices: (M,) 0-based indices in the stacks.
+    pixel_size: Å/px of the images. ctf: None, or per-particle CTF fields
+    (``CTFParams`` field name -> (M,) array: defocus in Å, angles in degrees, kV, mm).
+    options: keyword arguments of :func:`alignment.align_particles` (JSON-able), with
+    ``amplitude_range`` a number R (search ``[-R, R]`` Å on every mode) or None (default).
+    """
+    coords: np.ndarray
+    modes: np.ndarray
+    sigma: np.ndarray
+    weights: Optional[np.ndarray]
+    mode_numbers: List[int]
+    ids: np.ndarray
+    stacks: List[str]
+    indices: np.ndarray
+    pixel_size: float
+    ctf: Optional[Dict[str, np.ndarray]] = None
+    options: dict = field(default_factory=dict)
+
+    @staticmethod
+    def ctf_fields(ctf: Optional[CTFParams], n: int) -> Optional[Dict[str, np.ndarray]]:
+        """Per-particle CTF fields (name -> (n,) float64) of a ``CTFParams`` (or None)."""
+        if ctf is None:
+            return None
+        return {f.name: np.broadcast_to(np.asarray(getattr(ctf, f.name), dtype=np.float64), (n,)).copy()
+                for f in dataclasses.fields(ctf)}
+
+    def fingerprint(self) -> str:
+        """Digest of everything that changes the results (and the package version)."""
+        from .. import __version__
+        return fingerprint(__version__, self.coords, self.modes, np.asarray(self.sigma),
+                           self.weights, list(self.mode_numbers), self.ids, list(self.stacks),
+                           self.indices, float(self.pixel_size), self.ctf, self.options)
+
+    # ------------------------------------------------------------------ files
+    def save(self, folder: PathLike) -> None:
+        """Write ``job.npz`` and ``job.json`` in ``folder`` (each atomically)."""
+        folder = Path(folder)
+        (folder / "chunks").mkdir(parents=True, exist_ok=True)
+        arrays = dict(coords=self.coords, modes=self.modes, sigma=np.asarray(self.sigma),
+                      ids=self.ids, indices=self.indices)
+        if self.weights is not None:
+            arrays["weights"] = self.weights
+        for name, value in (self.ctf or {}).items():
+            arrays["ctf_" + name] = value
+        tmp = folder / f"job.npz.tmp{os.getpid()}.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, folder / "job.npz")
+        meta = dict(mode_numbers=[int(m) for m in self.mode_numbers], stacks=list(self.stacks),
+                    pixel_size=float(self.pixel_size), options=self.options,
+                    fingerprint=self.fingerprint())
+        tmp = folder / f"job.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, folder / "job.json")
+
+    @classmethod
+    def load(cls, folder: PathLike) -> "AlignmentJob":
+        """The job saved in ``folder`` (ValueError naming the folder if it has none)."""
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "job.json").read_text())
+            with np.load(folder / "job.npz", allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"No readable alignment job in {folder} ({exc}): run the protocol's "
+                             f"conversion step again (Continue does it).") from None
+        ctf = {k[4:]: v for k, v in arrays.items() if k.startswith("ctf_")} or None
+        job = cls(coords=arrays["coords"], modes=arrays["modes"], sigma=arrays["sigma"],
+                  weights=arrays.get("weights"), mode_numbers=meta["mode_numbers"], ids=arrays["ids"],
+                  stacks=meta["stacks"], indices=arrays["indices"], pixel_size=meta["pixel_size"],
+                  ctf=ctf, options=meta["options"])
+        if job.fingerprint() != meta["fingerprint"]:
+            raise ValueError(f"The alignment job in {folder} does not match its recorded fingerprint "
+                             f"(damaged or edited): run the protocol's conversion step again.")
+        return job
+
+    # ------------------------------------------------------------------ work
+    def read_images(self, start: int, stop: int) -> np.ndarray:
+        """Images of rows ``[start, stop)`` (B, box, box) float32; ValueError naming the
+        particle ids of images with NaN or infinite pixels."""
+        rows = np.arange(start, stop)
+        source = MrcsImageSource([(self.stacks[i], int(self.indices[i])) for i in rows])
+        try:
+            images = source.read(np.arange(len(rows)))
+        finally:
+            source.close()
+        finite = np.isfinite(images).all(axis=(1, 2))
+        if not finite.all():
+            raise ValueError(f"Particles with ids {self.ids[rows[~finite]][:10].tolist()} contain NaN or "
+                             f"infinite pixels: remove them (subset) before aligning.")
+        return images
+
+    def align(self, images: np.ndarray, start: int, stop: int, device: str = "cpu",
+              progress: Optional[Callable[[float, str], None]] = None) -> AlignmentResult:
+        """Align the images (B, box, box) of rows ``[start, stop)``."""
+        rows = np.arange(start, stop)
+        ctf = None
+        if self.ctf is not None:
+            ctf = CTFParams(**{name: value[rows] for name, value in self.ctf.items()})
+        options = dict(self.options)
+        r = options.pop("amplitude_range", None)
+        amplitude_range = np.tile([-float(r), float(r)], (len(self.modes), 1)) if r else None
+        options["working_size"] = min(int(options.get("working_size", 64)), images.shape[-1])
+        return align_particles(images, self.coords, self.modes, self.pixel_size, ctf=ctf, sigma=self.sigma,
+                               weights=self.weights, amplitude_range=amplitude_range, device=device,
+                               progress=progress, **options)
+
+
+def chunk_path(folder: PathLike, start: int, stop: int) -> Path:
+    """The chunk file of rows ``[start, stop)`` in a job folder."""
+    return Path(folder) / "chunks" / ("rows_%07d_%07d.npz" % (start, stop))
+
+
+def _provenance(job_fingerprint: str, start: int, stop: int, images: np.ndarray) -> dict:
+    return {"job": job_fingerprint, "start": int(start), "stop": int(stop),
+            "images": fingerprint(np.ascontiguousarray(images, dtype=np.float32))}
+
+
+def run_chunk(folder: PathLike, start: int, stop: int, expected_fingerprint: Optional[str] = None,
+              device: str = "cpu", progress: Optional[Callable[[float, str], None]] = None
+              ) -> Tuple[Path, bool]:
+    """Align rows ``[start, stop)`` of the job in ``folder`` unless an up-to-date chunk file exists.
+
+    expected_fingerprint: the job fingerprint the caller planned with; a job folder written
+    for other inputs or settings is refused (ValueError) instead of being mixed in.
+    Returns ``(chunk file, computed)`` (``computed`` False when a matching file was reused).
+    """
+    job = _load_checked(folder, expected_fingerprint)
+    job_fp = job.fingerprint()
+    if not 0 <= start < stop <= len(job.ids):
+        raise ValueError(f"Rows {start}-{stop} are outside the {len(job.ids)} particles of the job.")
+    images = job.read_images(start, stop)
+    provenance = _provenance(job_fp, start, stop, images)
+    out = chunk_path(folder, start, stop)
+    if read_chunk(out, provenance) is not None:
+        logger.info("rows %d-%d: up to date in %s", start, stop, out.name)
+        return out, False
+    result = job.align(images, start, stop, device=device, progress=progress)
+    write_chunk(out, provenance, job.ids[start:stop], result.to_dict())
+    logger.info("rows %d-%d: %d particles aligned, mean score %.3f", start, stop, stop - start,
+                float(result.score.mean()))
+    return out, True
+
+
+def _load_checked(folder: PathLike, expected_fingerprint: Optional[str]) -> AlignmentJob:
+    """The job in ``folder``, refused (ValueError) when it was prepared for another fingerprint."""
+    job = AlignmentJob.load(folder)
+    if expected_fingerprint is not None and job.fingerprint() != expected_fingerprint:
+        raise ValueError(f"The alignment job in {folder} was prepared for other inputs or settings "
+                         f"(fingerprint {job.fingerprint()[:12]}, expected {expected_fingerprint[:12]}): "
+                         f"run the protocol's conversion step again (Continue does it).")
+    return job
+
+
+def gather(folder: PathLike, expected_fingerprint: Optional[str], chunk_size: int
+           ) -> Tuple[AlignmentJob, AlignmentResult]:
+    """The job and its AlignmentResult (M rows in the order of ``job.ids``), each chunk's rows
+    placed by particle id.
+
+    chunk_size: the chunking the results were computed with (:func:`chunks.chunk_bounds`).
+    Raises ValueError when a chunk is missing or was computed for another job or other rows.
+    """
+    job = _load_checked(folder, expected_fingerprint)
+    job_fp = job.fingerprint()
+    pieces = []
+    for start, stop in chunk_bounds(len(job.ids), chunk_size):
+        path = chunk_path(folder, start, stop)
+        chunk = read_chunk(path)
+        if chunk is None:
+            raise ValueError(f"Rows {start}-{stop} are not aligned yet ({path} missing or damaged): "
+                             f"Continue the run.")
+        p = chunk.provenance
+        if p.get("job") != job_fp or (p.get("start"), p.get("stop")) != (start, stop):
+            raise ValueError(f"{path} was computed for other inputs or settings: Continue the run to "
+                             f"align these rows again.")
+        pieces.append((chunk.ids, chunk.arrays))
+    arrays = gather_by_id(job.ids, pieces)
+    return job, AlignmentResult(**{k: arrays[k] for k in RESULT_KEYS})
