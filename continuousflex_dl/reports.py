@@ -1,10 +1,15 @@
-"""Sets of particles with amplitudes as arrays, and their error reports against a ground truth.
+"""Sets of particles with amplitudes as arrays, their lineage in a project, and their error
+reports against a ground truth.
 
-Used by the landscape viewer and by protocols' summaries (no GUI code here).
+Used by the landscape viewer and by protocols' summaries (no GUI code here). Nothing here
+parses a structure, so it all runs in the GUI process (``python -O``, where ProDy cannot be
+imported): RMSDs come from the mode files alone.
 """
 import csv
+import logging
 from collections import OrderedDict
-from typing import Dict, List, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -12,15 +17,159 @@ from . import convert
 from .core import analysis
 from .convert import flex_source
 
-__all__ = ["flex_source", "set_label", "read_attribute", "flex_arrays", "matched_amplitudes",
-           "find_ground_truth", "error_reports", "error_table", "write_error_reports_csv",
-           "error_summary_lines"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["flex_source", "set_label", "run_label", "read_attribute", "flex_arrays", "matched_amplitudes",
+           "find_ground_truth", "Related", "related_sets", "error_reports", "error_table",
+           "ERROR_TABLE_NOTE", "write_error_reports_csv", "error_summary_lines"]
+
+#: The protocol attribute through which a set of particles derives from another.
+INPUT_PARTICLES = "inputParticles"
 
 
-def set_label(particles, default: str = "particles") -> str:
-    """A short name for a set in legends and tables: its source, else its object label."""
-    return flex_source(particles) or particles.getObjLabel() or default
+# ----------------------------------------------------------------------------- lineage
 
+def _key(obj):
+    """Identity of a Scipion object across loads: its id and file."""
+    return obj.getObjId(), getattr(obj, "getFileName", lambda: None)()
+
+
+def producer(obj, project):
+    """The protocol of ``project`` that produced ``obj`` (one of its outputs), or None."""
+    parent = obj.getObjParentId() if project is not None else None
+    if not parent:
+        return None
+    try:
+        prot = project.getProtocol(parent)
+    except Exception:  # noqa: BLE001 - an object outside this project has no producer here
+        return None
+    return prot if prot is not None and hasattr(prot, "iterOutputAttributes") else None
+
+
+def output_name(prot, obj) -> Optional[str]:
+    """The name of the output of ``prot`` that is ``obj`` (e.g. 'outputParticles'), or None."""
+    for name, out in prot.iterOutputAttributes():
+        if _key(out) == _key(obj):
+            return name
+    return None
+
+
+def run_label(prot) -> str:
+    """A protocol's run label without the 'package - ' prefix of default labels."""
+    label = prot.getRunName() or prot.getClassLabel()
+    package = prot.getClassPackageName() if hasattr(prot, "getClassPackageName") else ""
+    prefix = f"{package} - "
+    return label[len(prefix):] if package and label.startswith(prefix) else label
+
+
+def set_label(particles, default: str = "particles", project=None) -> str:
+    """A short name for a set in legends and tables: the run label of the protocol that made
+    it (with the amplitude source when the label does not say it), else its source, else its
+    object label, else ``default``."""
+    source = flex_source(particles)
+    prot = producer(particles, project)
+    if prot is not None:
+        label = run_label(prot)
+        return label if not source or source.lower() in label.lower() else f"{label} ({source})"
+    return source or particles.getObjLabel() or default
+
+
+def _lineage(particles, project) -> List[tuple]:
+    """``[(set, producing protocol or None), ...]``: ``particles``, then the set its protocol
+    read as ``inputParticles``, and so on up to the first set no protocol of the project made."""
+    chain, seen = [], set()
+    current = particles
+    while current is not None and _key(current) not in seen:
+        seen.add(_key(current))
+        prot = producer(current, project)
+        chain.append((current, prot))
+        pointer = getattr(prot, INPUT_PARTICLES, None) if prot is not None else None
+        current = pointer.get() if pointer is not None and hasattr(pointer, "get") else None
+    return chain
+
+
+def _modes_of(prots, project):
+    """The first normal modes (``inputModes``) of these protocols or of what they read."""
+    queue, seen = list(prots), set()
+    while queue:
+        prot = queue.pop(0)
+        if prot is None or prot.getObjId() in seen:
+            continue
+        seen.add(prot.getObjId())
+        modes = getattr(prot, "inputModes", None)
+        if modes is not None and modes.get() is not None:
+            return modes.get()
+        for name in (INPUT_PARTICLES, "inputModel"):
+            pointer = getattr(prot, name, None)
+            obj = pointer.get() if pointer is not None and hasattr(pointer, "get") else None
+            if obj is not None:
+                queue.append(producer(obj, project))
+    return None
+
+
+@dataclass
+class Related:
+    """What a landscape is compared with, found through the project's lineage.
+
+    truth: the ground-truth set of the same particles, or None. overlays: sets of the
+    same particles to draw with the main one (the truth first, then one set of each other
+    amplitude source, HEMNMA and DeepHEMNMA), each as ``(set, protocol, output name)``.
+    modes: the SetOfNormalModes of the amplitudes, or None.
+    """
+    truth: Optional[object] = None
+    overlays: List[tuple] = field(default_factory=list)
+    modes: Optional[object] = None
+
+
+def related_sets(main, project, target_protocol=None, max_overlays: int = 5) -> Related:
+    """Find, in ``project``, what to overlay on the SetOfParticlesFlex ``main`` and compare it with.
+
+    Sets of the same particles are those derived (through ``inputParticles``) from the
+    same first set as ``main``. The truth is the nearest one upstream marked 'ground
+    truth', else one made from it. For every other amplitude source (HEMNMA, DeepHEMNMA)
+    than main's, the set where that source first appears (an alignment or prediction
+    output, not a subset of one) is overlaid: upstream of main first, else the earliest
+    run. ``target_protocol``: the protocol being analysed, searched first for the modes.
+    """
+    related = Related()
+    if project is None:
+        return related
+    chain = _lineage(main, project)
+    root = _key(chain[-1][0])
+    main_source = flex_source(main)
+    candidates = [(s, p) for s, p in chain[1:]]  # upstream first
+    seen = {_key(s) for s, _ in chain}
+    for prot in project.getRuns():
+        for name, out in prot.iterOutputAttributes():
+            if _key(out) in seen or not flex_source(out):
+                continue
+            seen.add(_key(out))
+            lineage = _lineage(out, project)
+            if _key(lineage[-1][0]) == root:
+                candidates.append((out, prot))
+    by_source: Dict[str, tuple] = OrderedDict()
+    for s, prot in candidates:
+        source = flex_source(s)
+        if not source or source == main_source or source in by_source or prot is None:
+            continue
+        upstream = getattr(prot, INPUT_PARTICLES, None)
+        upstream = upstream.get() if upstream is not None else None
+        if source != convert.SOURCE_GROUND_TRUTH and upstream is not None and flex_source(upstream) == source:
+            continue  # a subset of a set of this source (outliers removed, a cluster): use the original
+        by_source[source] = (s, prot, output_name(prot, s))
+    truth = by_source.pop(convert.SOURCE_GROUND_TRUTH, None)
+    if truth is not None:
+        related.truth = truth[0]
+        related.overlays.append(truth)
+    elif main_source == convert.SOURCE_GROUND_TRUTH:
+        related.truth = main
+    related.overlays += list(by_source.values())
+    related.overlays = related.overlays[:max_overlays]
+    related.modes = _modes_of([target_protocol] + [p for _, p in chain], project)
+    return related
+
+
+# ----------------------------------------------------------------------------- arrays
 
 def read_attribute(particles, name: str) -> np.ndarray:
     """Per-particle values (M,) of a Float attribute (e.g. '_cfdlScore'), in id order.
@@ -36,23 +185,25 @@ def read_attribute(particles, name: str) -> np.ndarray:
     return np.asarray(values)
 
 
-def flex_arrays(sets: Sequence) -> "OrderedDict[str, convert.ParticleArrays]":
+def flex_arrays(sets: Sequence, labels: Optional[Sequence[str]] = None
+                ) -> "OrderedDict[str, convert.ParticleArrays]":
     """Read several SetOfParticlesFlex of the same modes: ``{unique label: ParticleArrays}``
-    in the given order. Raises ValueError when a set has no amplitudes or other modes."""
+    in the given order. labels: one per set (default :func:`set_label`); repeated labels get
+    ' (2)', ' (3)'. Raises ValueError when a set has no amplitudes or other modes."""
     out = OrderedDict()
     numbers = None
     for i, s in enumerate(sets):
         arrays = convert.read_particles(s, need_amplitudes=True)
         modes = arrays.mode_numbers or list(range(7, 7 + arrays.amplitudes.shape[1]))
+        base = labels[i] if labels is not None else set_label(s, f"set {i + 1}")
         if numbers is None:
             numbers = modes
         elif list(modes) != list(numbers):
-            raise ValueError(f"'{set_label(s)}' has amplitudes of modes {modes}, the first set of "
+            raise ValueError(f"'{base}' has amplitudes of modes {modes}, the first set of "
                              f"modes {numbers}: overlay sets of the same modes only.")
-        label = set_label(s, f"set {i + 1}")
-        n = 2
+        label, n = base, 2
         while label in out:
-            label = f"{set_label(s, 'set')} ({n})"
+            label = f"{base} ({n})"
             n += 1
         out[label] = arrays
     return out
@@ -78,21 +229,26 @@ def find_ground_truth(sets: Sequence):
     return None
 
 
-def error_reports(truth, others: Sequence, modes_set=None) -> "OrderedDict[str, tuple]":
+# ----------------------------------------------------------------------------- error reports
+
+def error_reports(truth, others: Sequence, modes_set=None, labels: Optional[Sequence[str]] = None
+                  ) -> "OrderedDict[str, tuple]":
     """Error reports of SetOfParticlesFlex ``others`` against ``truth`` (matched by id).
 
-    modes_set: optional SetOfNormalModes holding the particles' modes, to fill the
-    RMSD (Å) of the reference displaced by the mean errors (and mean -/+ std).
+    modes_set: optional SetOfNormalModes holding the particles' modes, to fill the RMSDs
+    (Å; read from the mode files only). labels: one per set of ``others``.
     Returns ``{label: (AmplitudeErrorReport, PoseErrorReport or None)}``; poses are
-    compared when both sets carry them (angles in degrees, shifts in px).
+    compared when both sets carry them (angles in degrees, shifts in px) and differ: poses
+    equal to the truth's for every particle were copied (e.g. by a prediction of amplitudes
+    only), not estimated, and get None.
     """
     if not others:
         raise ValueError("No set to compare with the ground truth.")
     t = convert.read_particles(truth, need_amplitudes=True)
     numbers = t.mode_numbers or list(range(7, 7 + t.amplitudes.shape[1]))
-    modes = convert.read_modes(modes_set, numbers)[1] if modes_set is not None else None
+    modes = convert.read_mode_vectors(modes_set, numbers) if modes_set is not None else None
     out = OrderedDict()
-    for label, a in flex_arrays(others).items():
+    for label, a in flex_arrays(others, labels).items():
         if a.mode_numbers is not None and list(a.mode_numbers) != list(numbers):
             raise ValueError(f"'{label}' has amplitudes of modes {a.mode_numbers}, the ground truth "
                              f"of modes {numbers}.")
@@ -100,7 +256,7 @@ def error_reports(truth, others: Sequence, modes_set=None) -> "OrderedDict[str, 
         ids, rows_a, rows_t = analysis.match_by_id(a.ids, rows, t.ids, np.arange(len(t.ids)))
         amp = analysis.amplitude_errors(a.amplitudes[rows_a], t.amplitudes[rows_t], numbers, modes)
         pose = None
-        if a.angles is not None and t.angles is not None:
+        if a.angles is not None and t.angles is not None and not _copied_poses(a, rows_a, t, rows_t):
             shifts = a.shifts is not None and t.shifts is not None
             pose = analysis.pose_errors(a.angles[rows_a], t.angles[rows_t],
                                         a.shifts[rows_a] if shifts else None,
@@ -109,21 +265,39 @@ def error_reports(truth, others: Sequence, modes_set=None) -> "OrderedDict[str, 
     return out
 
 
+def _copied_poses(a, rows_a, t, rows_t) -> bool:
+    """Whether the poses of ``a`` are those of ``t`` to the last bit (copied, not estimated)."""
+    same = np.array_equal(a.angles[rows_a], t.angles[rows_t])
+    if a.shifts is not None and t.shifts is not None:
+        same = same and np.array_equal(a.shifts[rows_a], t.shifts[rows_t])
+    return bool(same)
+
+
+ERROR_TABLE_NOTE = ("Every cell: mean ± standard deviation over the particles of the absolute amplitude "
+                    "error (Å), of each particle's atomic RMSD between its conformation and the true one "
+                    "(Å), and of the angular (°) and shift (px) errors.")
+
+
+def _spread(values) -> str:
+    values = np.asarray(values, dtype=float)
+    return f"{values.mean():.2f} ± {values.std():.2f}"
+
+
 def error_table(reports) -> tuple:
-    """``(header, rows)`` of error reports for a table: one row per set, mean ± std per mode
-    (Å), the global mean (Å), the RMSD (Å), angular (°) and shift (px) mean errors."""
+    """``(header, rows)`` of error reports for a table: one row per set; every value is
+    mean ± std over the particles (see :data:`ERROR_TABLE_NOTE`): per mode and over all
+    modes (Å), atomic RMSD per particle (Å), angular (°) and shift (px) errors."""
     first = next(iter(reports.values()))[0]
     header = (["Set", "Particles"] + [f"Mode {m} (Å)" for m in first.mode_numbers]
-              + ["All (Å)", "RMSD (Å)", "Angle (°)", "Shift (px)"])
+              + ["All modes (Å)", "RMSD (Å)", "Angle (°)", "Shift (px)"])
     rows = []
     for label, (amp, pose) in reports.items():
-        rmsd = "–" if amp.rmsd_mean is None else (
-            f"{amp.rmsd_mean:.2f} [{amp.rmsd_mean_minus_std:.2f}, {amp.rmsd_mean_plus_std:.2f}]")
         rows.append([label, amp.n_particles]
-                    + [f"{mu:.2f} ± {sd:.2f}" for mu, sd in zip(amp.per_mode_mean, amp.per_mode_std)]
-                    + [f"{amp.mean_abs_error:.2f}", rmsd,
-                       "–" if pose is None else f"{pose.angular_mean:.2f}",
-                       "–" if pose is None or pose.shift is None else f"{pose.shift_mean:.2f}"])
+                    + [_spread(amp.abs_errors[:, j]) for j in range(amp.abs_errors.shape[1])]
+                    + [_spread(amp.abs_errors),
+                       "–" if amp.rmsd_per_particle is None else _spread(amp.rmsd_per_particle),
+                       "–" if pose is None else _spread(pose.angular),
+                       "–" if pose is None or pose.shift is None else _spread(pose.shift)])
     return header, rows
 
 
@@ -142,7 +316,8 @@ def error_summary_lines(particles, truth, modes_set=None, require_truth: bool = 
     """Lines for a protocol's _summary: the error report of ``particles`` against ``truth``
     (e.g. a HEMNMA output against its synthesized input). With ``require_truth``, returns
     [] unless ``truth`` is marked 'ground truth' (FlexInfo) and carries amplitudes, so a
-    protocol can call it on any input."""
+    protocol can call it on any input. Poses copied from ``truth`` are said to be copied
+    (no angular error of 0°)."""
     if require_truth:
         if truth is None or flex_source(truth) != convert.SOURCE_GROUND_TRUTH:
             return []
@@ -153,13 +328,15 @@ def error_summary_lines(particles, truth, modes_set=None, require_truth: bool = 
     else:
         reports = error_reports(truth, [particles], modes_set)
     (amp, pose), = reports.values()
-    lines = [f"Amplitude errors against the ground truth ({amp.n_particles} particles): "
-             f"{amp.mean_abs_error:.2f} Å on average; per mode "
-             + ", ".join(f"{m}: {mu:.2f} ± {sd:.2f} Å" for m, mu, sd in
-                         zip(amp.mode_numbers, amp.per_mode_mean, amp.per_mode_std)) + "."]
-    if amp.rmsd_mean is not None:
-        lines.append(f"RMSD of the reference displaced by the mean errors: {amp.rmsd_mean:.2f} Å "
-                     f"(mean -/+ std: {amp.rmsd_mean_minus_std:.2f}-{amp.rmsd_mean_plus_std:.2f} Å).")
+    lines = [f"Amplitude errors against the ground truth ({amp.n_particles} particles, mean ± std): "
+             f"{_spread(amp.abs_errors)} Å over all modes; per mode "
+             + ", ".join(f"{m}: {_spread(amp.abs_errors[:, j])} Å" for j, m in enumerate(amp.mode_numbers))
+             + "."]
+    if amp.rmsd_per_particle is not None:
+        lines.append(f"Atomic RMSD to the true conformations: {_spread(amp.rmsd_per_particle)} Å "
+                     f"(median {np.median(amp.rmsd_per_particle):.2f} Å).")
+    if pose is None and particles.hasAlignmentProj() and truth.hasAlignmentProj():
+        lines.append("Poses: those of the input particles (copied, not estimated).")
     if pose is not None:
         text = f"Angular error {pose.angular_mean:.2f}° (median {pose.angular_median:.2f}°)"
         if pose.shift is not None:

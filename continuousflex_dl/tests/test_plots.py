@@ -35,6 +35,34 @@ def test_point_cloud_3d_overlaid_sets(tmp_path):
     _save(fig, tmp_path, "cloud3d")
 
 
+def test_point_cloud_colours_and_order_follow_the_amplitude_source(tmp_path):
+    from matplotlib.colors import to_rgba
+
+    from continuousflex_dl import convert
+    assert set(plots.SOURCE_STYLES) == {convert.SOURCE_GROUND_TRUTH, convert.SOURCE_HEMNMA,
+                                        convert.SOURCE_NETWORK}
+    rng = np.random.default_rng(6)
+    sets = {"my run": rng.normal(size=(10, 3)), "HEMNMA alignment": rng.normal(size=(12, 3)),
+            "synthesis": rng.normal(size=(14, 3)), "DeepHEMNMA prediction": rng.normal(size=(16, 3))}
+    sources = {"HEMNMA alignment": "HEMNMA", "synthesis": "ground truth", "DeepHEMNMA prediction": "DeepHEMNMA"}
+    for dims in ((0, 1, 2), (0, 2)):  # 3-D and 2-D: the same colours and order
+        ax = plots.plot_point_cloud(sets, [7, 8, 9], dims=dims, sources=sources).axes[0]
+        colours = [tuple(np.round(c.get_facecolor()[0][:3], 3)) for c in ax.collections]
+        expected = ["tab:green", "tab:blue", "black", "tab:red"]  # given order, coloured by source
+        assert colours == [tuple(np.round(to_rgba(c)[:3], 3)) for c in expected]
+        zorders = [c.get_zorder() for c in ax.collections]
+        assert zorders[2] > max(zorders[:2] + zorders[3:])  # the truth drawn on top
+        assert [len(c.get_offsets()) for c in ax.collections] == [10, 12, 14, 16]
+        if len(dims) == 3:
+            assert ax.computed_zorder is False  # mplot3d would otherwise reorder by depth
+    # Without sources, labels naming a source are styled by it.
+    ax = plots.plot_point_cloud({"HEMNMA": sets["my run"], "ground truth": sets["synthesis"]}, [7, 8, 9],
+                                dims=(0, 1)).axes[0]
+    assert [tuple(c.get_facecolor()[0][:3]) for c in ax.collections] == [to_rgba("tab:blue")[:3],
+                                                                          to_rgba("black")[:3]]
+    _save(ax.figure, tmp_path, "sources")
+
+
 def test_point_cloud_2d_coloured_and_1d_histogram(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.normal(size=(40, 2))

@@ -193,7 +193,9 @@ class TestLandscape(BaseTest):
         # x is mode 9, y mode 7; the overlay is the truth, matched by id.
         np.testing.assert_allclose(offsets[0], self.truth.amplitudes[:, [2, 0]] + 5.0, atol=1e-5)
         np.testing.assert_allclose(offsets[1], self.truth.amplitudes[:, [2, 0]], atol=1e-5)
-        self.assertEqual([t.get_text() for t in ax.get_legend().get_texts()], ["HEMNMA", "ground truth"])
+        # Labels: the source of a set no run made; the run label (and source) of the synthesis.
+        self.assertEqual([t.get_text() for t in ax.get_legend().get_texts()],
+                         ["HEMNMA", "synthesize particles (ground truth)"])
         v.modesToShow.set("")
         v.colorBy.set(3)  # error to ground truth
         fig = v.cloudFigure()
@@ -206,20 +208,22 @@ class TestLandscape(BaseTest):
         fig.savefig(path, dpi=60)
         png = imread(path)[..., :3]
         self.assertEqual(png.shape[:2], (int(5.2 * 60), int(6.4 * 60)))
-        # The overlay's points are drawn in blue ('tab:blue', shaded): many more bluish pixels
-        # than in the same view of the main set alone.
+        # The truth's points are drawn black and on top: many more near-black pixels than in
+        # the same view of the main set alone.
+        self.assertGreater(ax.collections[1].get_zorder(), ax.collections[0].get_zorder())
         alone = self._viewer(overlay)
-        alone.colorBy.set(2)  # amplitude of mode 7 (viridis)
+        alone.colorBy.set(3)
+        alone.groundTruth.set(self.particles)
         path_alone = os.path.join(tempfile.mkdtemp(), "alone.png")
         alone.cloudFigure().savefig(path_alone, dpi=60)
 
-        def bluish(image):
-            r, g, b = image[..., 0], image[..., 1], image[..., 2]
-            return int(np.sum((b - r > 0.3) & (b - g > 0.15)))
-        self.assertGreater(bluish(png), bluish(imread(path_alone)[..., :3]) + 50)  # measured 176 vs 0
+        def blackish(image):
+            return int(np.sum(image.max(axis=-1) < 0.2))
+        self.assertGreater(blackish(png), blackish(imread(path_alone)[..., :3]) + 50)
 
     def test_error_report_against_itself_is_zero(self):
-        v = self._viewer(self.particles)
+        copy = self._perturbed(np.zeros(3), np.zeros((N_IMAGES, 3)), np.zeros((N_IMAGES, 2)))
+        v = self._viewer(copy)
         v.groundTruth.set(self.particles)
         v.errorModes.set(self.modes)
         (amp, pose), = v.errorReports().values()
@@ -227,7 +231,7 @@ class TestLandscape(BaseTest):
         np.testing.assert_array_equal(amp.per_mode_mean, 0.0)
         self.assertEqual(amp.rmsd_mean, 0.0)
         self.assertLess(pose.angular_mean, 1e-3)
-        self.assertEqual(pose.shift_mean, 0.0)
+        self.assertAlmostEqual(pose.shift_mean, 0.0, places=9)  # poses written again, not copied
 
     def test_error_report_equals_the_perturbation(self):
         rng = np.random.default_rng(0)
@@ -256,7 +260,12 @@ class TestLandscape(BaseTest):
         # The table and the CSV carry the same numbers.
         views = v._showErrors()
         self.assertEqual(views[0].rows[0][2], f"{err.mean(0)[0]:.2f} ± {err.std(0)[0]:.2f}")
-        self.assertEqual(os.path.dirname(v.csvFile), os.path.dirname(pert.getFileName()))
+        # RMSD column: each particle's atomic RMSD to its true conformation, |delta| / sqrt(N).
+        per_particle = np.linalg.norm(delta, axis=1) / np.sqrt(n)
+        self.assertEqual(views[0].header[-3], "RMSD (Å)")
+        self.assertEqual(views[0].rows[0][-3], f"{per_particle.mean():.2f} ± {per_particle.std():.2f}")
+        # No run made this set: the CSV goes to the project's temporary folder, not beside a set.
+        self.assertEqual(os.path.dirname(v.csvFile), v.getWorkingDir())
         with open(v.csvFile) as f:
             rows = list(csv.DictReader(f))
         by_key = {(r["quantity"], r["mode"]): r for r in rows}
@@ -264,7 +273,9 @@ class TestLandscape(BaseTest):
         self.assertAlmostEqual(float(by_key["angular_error", ""]["mean"]), 10.0, places=3)
         self.assertEqual(by_key["shift_error", ""]["unit"], "px")
         summary = "\n".join(error_summary_lines(pert, self.particles, self.modes))
-        self.assertIn(f"{err.mean():.2f} Å on average", summary)
+        self.assertIn(f"{err.mean():.2f} ± {err.std():.2f} Å over all modes", summary)
+        self.assertIn(f"to the true conformations: {per_particle.mean():.2f} ± {per_particle.std():.2f} Å",
+                      summary)
         self.assertIn("shift error 5.00 px", summary)
         self.assertEqual(error_summary_lines(self.particles, pert), [])  # pert is not a ground truth
         histograms = v._showErrorHistograms()[0]

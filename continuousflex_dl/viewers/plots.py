@@ -22,12 +22,29 @@ __all__ = [
     "plot_eigenvalues", "plot_training_curves", "plot_images",
 ]
 
-SET_COLOURS = ("tab:green", "tab:blue", "tab:red", "tab:orange", "tab:purple", "tab:brown")
+#: Colour and drawing order (zorder) of a set by the source of its amplitudes (the values of
+#: convert.SOURCE_*): the ground truth dark and on top, as in the DeepHEMNMA paper's Figure 3a.
+SOURCE_STYLES = {"ground truth": ("black", 3.0), "HEMNMA": ("tab:blue", 2.0), "DeepHEMNMA": ("tab:red", 2.0)}
+#: Colours of sets of any other source, in order.
+OTHER_COLOURS = ("tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+#: Colour of a path (trajectory, cluster centres) over the clouds.
+PATH_COLOUR = "tab:orange"
 
 
 def mode_label(number: int) -> str:
     """Axis label of a mode amplitude, e.g. ``'Mode 7 amplitude (Å)'``."""
     return f"Mode {int(number)} amplitude (Å)"
+
+
+def set_styles(labels: Sequence[str], sources: Optional[Mapping[str, str]] = None) -> dict:
+    """``{label: (colour, zorder)}``: by :data:`SOURCE_STYLES` for a label whose source (in
+    ``sources``, else the label itself) is known, else the next of :data:`OTHER_COLOURS`."""
+    sources = sources or {}
+    styles, others = {}, iter(OTHER_COLOURS * (1 + len(labels) // len(OTHER_COLOURS)))
+    for label in labels:
+        source = sources.get(label, label)
+        styles[label] = SOURCE_STYLES.get(source) or (next(others), 1.5)
+    return styles
 
 
 def _points(name, x) -> np.ndarray:
@@ -44,7 +61,8 @@ def plot_point_cloud(sets: Mapping[str, np.ndarray], mode_numbers: Sequence[int]
                      color_by: Union[None, np.ndarray, Mapping[str, np.ndarray]] = None,
                      colorbar_label: str = "", title: str = "", marker_size: float = 6.0,
                      bins: int = 40, path: Optional[np.ndarray] = None,
-                     path_label: str = "trajectory", figsize=(6.4, 5.2)) -> Figure:
+                     path_label: str = "trajectory", figsize=(6.4, 5.2),
+                     sources: Optional[Mapping[str, str]] = None) -> Figure:
     """Amplitude point clouds, several sets overlaid (e.g. ground truth,
     HEMNMA, predicted as in the DeepHEMNMA paper's Figure 3a).
 
@@ -57,9 +75,12 @@ def plot_point_cloud(sets: Mapping[str, np.ndarray], mode_numbers: Sequence[int]
     points are then coloured on one scale with a colorbar named
     ``colorbar_label`` (ignored for histograms).
     path: optional (F, K) amplitudes (Å), e.g. a trajectory or cluster centres,
-    drawn as a black line with markers over the clouds (projected like them;
+    drawn as an orange line with markers over the clouds (projected like them;
     vertical lines at its values for histograms), named ``path_label`` in the legend.
     A legend names the sets when there are several, or when a path is drawn.
+    sources: ``{label: amplitude source}`` ('ground truth', 'HEMNMA', 'DeepHEMNMA'), which
+    fix each set's colour and drawing order (:func:`set_styles`; default: the labels);
+    the truth is drawn black, smaller and on top.
     """
     if not sets:
         raise ValueError("No point sets to plot.")
@@ -113,13 +134,18 @@ def plot_point_cloud(sets: Mapping[str, np.ndarray], mode_numbers: Sequence[int]
     fig = Figure(figsize=figsize)
     ndim = len(labels)
     ax = fig.add_subplot(projection="3d" if ndim == 3 else None)
+    if ndim == 3:
+        ax.computed_zorder = False  # draw by zorder (truth on top), not by depth
+    styles = set_styles(list(data), sources)
     mappable = None
     for i, (label, x) in enumerate(data.items()):
-        colour = SET_COLOURS[i % len(SET_COLOURS)]
+        colour, zorder = styles[label]
         if ndim == 1:
-            ax.hist(x[:, 0], bins=bins, alpha=0.5, color=colour, label=label)
+            ax.hist(x[:, 0], bins=bins, alpha=0.5, color=colour, label=label, zorder=zorder)
             continue
-        kw = dict(s=marker_size, label=label, alpha=0.8)
+        truth = zorder == SOURCE_STYLES["ground truth"][1]
+        kw = dict(s=marker_size * (0.6 if truth else 1.0), label=label, alpha=0.9 if truth else 0.7,
+                  zorder=zorder, linewidths=0)
         if label in colours:
             kw.update(c=colours[label], cmap="viridis", vmin=vmin, vmax=vmax,
                       marker="o" if i == 0 else "^")
@@ -131,9 +157,9 @@ def plot_point_cloud(sets: Mapping[str, np.ndarray], mode_numbers: Sequence[int]
     if path is not None:
         if ndim == 1:
             for i, v in enumerate(path[:, 0]):
-                ax.axvline(v, color="k", lw=1, label=path_label if i == 0 else None)
+                ax.axvline(v, color=PATH_COLOUR, lw=1, label=path_label if i == 0 else None, zorder=4)
         else:
-            ax.plot(*path.T, "o-", color="k", ms=4, lw=1.5, label=path_label)
+            ax.plot(*path.T, "o-", color=PATH_COLOUR, ms=4, lw=1.5, label=path_label, zorder=4)
     ax.set_xlabel(labels[0])
     if ndim == 1:
         ax.set_ylabel("Particles")

@@ -4,24 +4,28 @@ The module functions work on Scipion sets without any window (tests and
 scripts call them); :class:`FlexDLFlexViewer` wires them to a form. Set reading and
 error reports live in :mod:`continuousflex_dl.reports` (re-exported here).
 """
+import logging
 import os
 import re
 from typing import Optional, Sequence
 
 import numpy as np
 from pwem.objects import SetOfParticlesFlex
+from pyworkflow.object import Pointer
 from pyworkflow.protocol import params
 from pyworkflow.viewer import DESKTOP_TKINTER, ProtocolViewer
 
 from .. import convert
 from ..core import analysis
-from ..protocols.protocol_cluster import FlexDLProtCluster
-from ..protocols.protocol_trajectory import FlexDLProtTrajectory
-from ..reports import (error_reports, error_summary_lines, error_table, find_ground_truth,  # noqa: F401
-                       flex_arrays, flex_source, matched_amplitudes, read_attribute, set_label,
-                       write_error_reports_csv)
+from ..protocols import (FlexDLProtAlign, FlexDLProtCluster, FlexDLProtOutliers, FlexDLProtPredict,
+                         FlexDLProtSynthesize, FlexDLProtTrajectory)
+from ..reports import (ERROR_TABLE_NOTE, error_reports, error_summary_lines, error_table,  # noqa: F401
+                       find_ground_truth, flex_arrays, flex_source, matched_amplitudes, output_name,
+                       producer, read_attribute, related_sets, set_label, write_error_reports_csv)
 from . import plots
-from .views import FigureView, TableRowsView
+from .views import ErrorDialogs, FigureView, TableRowsView
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["FlexDLFlexViewer", "flex_source", "set_label", "read_attribute", "flex_arrays",
            "matched_amplitudes", "cloud_figure", "find_ground_truth", "error_reports", "error_table",
@@ -48,7 +52,7 @@ def _dims(mode_numbers: Sequence[int], shown: str):
 def cloud_figure(sets: Sequence, shown: str = "", pca: bool = False, color_by: int = COLOR_SET,
                  color_attribute: str = "_cfdlScore", color_mode: Optional[int] = None,
                  truth=None, path: Optional[np.ndarray] = None, path_label: str = "trajectory",
-                 title: str = ""):
+                 title: str = "", labels: Optional[Sequence[str]] = None):
     """Point cloud Figure of SetOfParticlesFlex ``sets`` (the first is the main set; the
     others are overlaid, matched to it by particle id).
 
@@ -57,8 +61,11 @@ def cloud_figure(sets: Sequence, shown: str = "", pca: bool = False, color_by: i
     of the main set's particles), COLOR_MODE (amplitude of mode ``color_mode``, Å) or
     COLOR_ERROR (Euclidean amplitude error, Å, of the main set against ``truth``);
     these colour the main set only. path: optional (F, K) Å drawn over the clouds.
+    labels: legend names, one per set (default :func:`set_label`). Colours and drawing
+    order follow each set's amplitude source (:func:`plots.set_styles`).
     """
-    arrays = flex_arrays(sets)
+    arrays = flex_arrays(sets, labels)
+    sources = {label: flex_source(s) for label, s in zip(arrays, sets)}
     first = next(iter(arrays.values()))
     numbers = first.mode_numbers or list(range(7, 7 + first.amplitudes.shape[1]))
     data = matched_amplitudes(arrays)
@@ -81,26 +88,32 @@ def cloud_figure(sets: Sequence, shown: str = "", pca: bool = False, color_by: i
         colours, cbar = {main: np.linalg.norm(pred - true, axis=1)}, "Amplitude error (Å)"
     dims = "pca" if pca else _dims(numbers, shown)
     return plots.plot_point_cloud(data, numbers, dims=dims, color_by=colours, colorbar_label=cbar,
-                                  path=path, path_label=path_label, title=title)
+                                  path=path, path_label=path_label, title=title, sources=sources)
 
-
-# ----------------------------------------------------------------------------- error reports
 
 # ----------------------------------------------------------------------------- the viewer
 
-class FlexDLFlexViewer(ProtocolViewer):
-    """Amplitude landscapes: point clouds (overlaid sets matched by particle id) and
-    errors against a ground truth."""
-    _label = "amplitude landscape viewer"
-    _targets = [SetOfParticlesFlex, FlexDLProtTrajectory, FlexDLProtCluster]
-    _environments = [DESKTOP_TKINTER]
+#: Protocols whose results this viewer shows by default ('Analyze results').
+TARGET_PROTOCOLS = [FlexDLProtSynthesize, FlexDLProtAlign, FlexDLProtOutliers, FlexDLProtPredict,
+                    FlexDLProtTrajectory, FlexDLProtCluster]
 
+
+class FlexDLFlexViewer(ErrorDialogs, ProtocolViewer):
+    """Amplitude landscapes: point clouds (overlaid sets matched by particle id) and
+    errors against a ground truth. Opened on a run, it overlays the ground truth and the
+    other amplitude sources of the same particles found in the project, and gives RMSDs
+    with the run's normal modes."""
+    _label = "amplitude landscape viewer"
+    _targets = [SetOfParticlesFlex] + TARGET_PROTOCOLS
+    _environments = [DESKTOP_TKINTER]
     def _defineParams(self, form):
         form.addSection(label="Point cloud")
         form.addParam("overlaySets", params.MultiPointerParam, pointerClass="SetOfParticlesFlex",
                       allowsNull=True, minNumObjects=0, maxNumObjects=5, label="Sets to overlay",
                       help="Other sets of the same particles (ground truth, HEMNMA, DeepHEMNMA), "
-                           "matched to the main set by particle id.")
+                           "matched to the main set by particle id. Filled with those the project "
+                           "holds. Colours: ground truth black (drawn on top), HEMNMA blue, "
+                           "DeepHEMNMA red, others green, purple...")
         form.addParam("dimensions", params.EnumParam, choices=["chosen modes", "principal components"],
                       default=DIMS_MODES, display=params.EnumParam.DISPLAY_HLIST, label="Axes",
                       help="Up to three chosen modes (one: histogram, two: scatter, three: 3-D), or "
@@ -122,11 +135,13 @@ class FlexDLFlexViewer(ProtocolViewer):
         form.addSection(label="Errors")
         form.addParam("groundTruth", params.PointerParam, pointerClass="SetOfParticlesFlex",
                       allowsNull=True, label="Ground truth",
-                      help="Empty: the shown set whose amplitudes are marked 'ground truth' (e.g. "
-                           "the synthesis output); the other shown sets are compared with it.")
+                      help="Filled with the synthesis output these particles come from. Empty: "
+                           "the shown set whose amplitudes are marked 'ground truth'; the other "
+                           "shown sets are compared with it.")
         form.addParam("errorModes", params.PointerParam, pointerClass="SetOfNormalModes",
                       allowsNull=True, label="Normal modes (for RMSD)",
-                      help="The modes of the amplitudes, to give the errors as atomic RMSD (Å).")
+                      help="The modes of the amplitudes (filled with those of the run), to give "
+                           "each particle's error as an atomic RMSD (Å).")
         form.addParam("displayErrors", params.LabelParam, label="Error table (and CSV)")
         form.addParam("displayErrorHistograms", params.LabelParam, label="Error histograms")
 
@@ -135,19 +150,58 @@ class FlexDLFlexViewer(ProtocolViewer):
                 "displayErrorHistograms": self._showErrorHistograms}
 
     # ------------------------------------------------------------------ inputs
+    def setProtocol(self, protocol):
+        super().setProtocol(protocol)
+        try:
+            self._prefill()
+        except Exception:  # noqa: BLE001 - the viewer still opens; the user fills the form
+            logger.exception("Could not find the sets related to %s", protocol)
+
+    def _pointerTo(self, obj, prot=None, name=None) -> Pointer:
+        """A pointer as the form makes it (run + output name) when the producer is known."""
+        prot = prot or producer(obj, self.getProject())
+        name = name or (output_name(prot, obj) if prot is not None else None)
+        return Pointer(prot, extended=name) if name else Pointer(obj)
+
+    def _prefill(self):
+        """Overlays, ground truth and modes from the project's lineage of the main set."""
+        main = self._mainSet()
+        if main is None:
+            return
+        related = related_sets(main, self.getProject(), self.protocol if self._targetIsRun() else None)
+        if not len(self.overlaySets):
+            for obj, prot, name in related.overlays:
+                self.overlaySets.append(self._pointerTo(obj, prot, name))
+        if self.groundTruth.get() is None and related.truth is not None:
+            self.groundTruth.copy(self._pointerTo(related.truth))
+        if self.errorModes.get() is None and related.modes is not None:
+            self.errorModes.copy(self._pointerTo(related.modes))
+
+    def _targetIsRun(self) -> bool:
+        return not isinstance(self.protocol, SetOfParticlesFlex)
+
     def _mainSet(self):
+        """The set analysed: the target set, a run's output set of amplitudes, else its input."""
         target = self.protocol
         if isinstance(target, SetOfParticlesFlex):
             return target
-        if hasattr(target, "inputParticles"):
-            return target.inputParticles.get()
-        return getattr(target, "outputParticles", None)
+        out = getattr(target, "outputParticles", None)
+        if isinstance(out, SetOfParticlesFlex):
+            return out
+        pointer = getattr(target, "inputParticles", None)
+        return pointer.get() if pointer is not None else None
 
     def _overlays(self) -> list:
         return [p.get() for p in self.overlaySets if p.get() is not None]
 
     def _shownSets(self) -> list:
-        return [self._mainSet()] + self._overlays()
+        main = self._mainSet()
+        if main is None:
+            raise ValueError("This run has no particles with amplitudes yet.")
+        return [main] + self._overlays()
+
+    def _labels(self, sets) -> list:
+        return [set_label(s, f"set {i + 1}", self.getProject()) for i, s in enumerate(sets)]
 
     def _path(self):
         """(path (F, K) Å, label) drawn over the cloud for trajectory/cluster protocols."""
@@ -164,8 +218,13 @@ class FlexDLFlexViewer(ProtocolViewer):
 
     def _truthAndOthers(self):
         sets = self._shownSets()
-        if self.groundTruth.get() is not None:
-            return self.groundTruth.get(), sets
+        truth = self.groundTruth.get()
+        if truth is not None:
+            key = (truth.getObjId(), truth.getFileName())
+            others = [s for s in sets if (s.getObjId(), s.getFileName()) != key]
+            if not others:
+                raise ValueError("The ground truth is the only set shown: overlay a set to compare.")
+            return truth, others
         i = find_ground_truth(sets)
         if i is None:
             raise ValueError("No ground truth: choose one in 'Ground truth', or overlay the set "
@@ -182,46 +241,39 @@ class FlexDLFlexViewer(ProtocolViewer):
         if self.colorBy.get() == COLOR_ERROR:
             truth = self._truthAndOthers()[0]
         path, path_label = self._path()
-        return cloud_figure(self._shownSets(), self.modesToShow.get(),
+        sets = self._shownSets()
+        labels = self._labels(sets)
+        return cloud_figure(sets, self.modesToShow.get(),
                             self.dimensions.get() == DIMS_PCA, self.colorBy.get(),
                             self.colorAttribute.get(), self.colorMode.get(), truth, path, path_label,
-                            title=set_label(self._mainSet()))
+                            title=labels[0], labels=labels)
 
     def _showCloud(self, param=None):
-        try:
-            fig = self.cloudFigure()
-        except ValueError as exc:
-            return [self.errorMessage(str(exc))]
-        return [FigureView(fig, "Amplitude point cloud", self._tkRoot)]
+        return [FigureView(self.cloudFigure(), "Amplitude point cloud", self._tkRoot)]
 
     def errorReports(self):
         """``{label: (amplitude report, pose report)}`` for the current form values (headless)."""
         truth, others = self._truthAndOthers()
-        return error_reports(truth, others, self.errorModes.get())
+        return error_reports(truth, others, self.errorModes.get(), self._labels(others))
 
     def _csvPath(self) -> str:
-        """Beside the main set's database (its run folder), else in the viewer's working folder."""
-        main = self._mainSet()
-        folder = os.path.dirname(main.getFileName() or "")
-        if not folder or not os.access(folder, os.W_OK):
+        """In the extra folder of the run analysed (the target run, or the run that made the
+        target set), else in the project's temporary folder (the viewer's working folder)."""
+        run = self.protocol if self._targetIsRun() else producer(self.protocol, self.getProject())
+        folder = run._getExtraPath() if run is not None else self.getWorkingDir()
+        if not folder or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             folder = self.getWorkingDir() or "."
-        name = os.path.splitext(os.path.basename(main.getFileName() or "particles"))[0]
-        return os.path.join(folder, "%s_errors.csv" % name)
+        name = re.sub(r"[^A-Za-z0-9.-]+", "_", self._labels([self._mainSet()])[0]).strip("_")
+        return os.path.join(folder, f"errors_{name or 'particles'}.csv")
 
     def _showErrors(self, param=None):
-        try:
-            reports = self.errorReports()
-        except ValueError as exc:
-            return [self.errorMessage(str(exc))]
+        reports = self.errorReports()
         self.csvFile = write_error_reports_csv(self._csvPath(), reports)
         header, rows = error_table(reports)
-        return [TableRowsView(header, rows, "Errors against the ground truth (CSV: %s)" % self.csvFile)]
+        return [TableRowsView(header, rows, "Errors against the ground truth",
+                              message=f"{ERROR_TABLE_NOTE}\nCSV: {self.csvFile}", tkParent=self._tkRoot)]
 
     def _showErrorHistograms(self, param=None):
-        try:
-            reports = self.errorReports()
-        except ValueError as exc:
-            return [self.errorMessage(str(exc))]
         return [FigureView(plots.plot_error_histograms(amp, title=label), f"Errors of {label}", self._tkRoot)
-                for label, (amp, _) in reports.items()]
+                for label, (amp, _) in self.errorReports().items()]
 
