@@ -26,7 +26,7 @@ import numpy as np
 from .alignment import AlignmentResult, align_particles
 from .chunks import chunk_bounds, fingerprint, gather_by_id, read_chunk, write_chunk
 from .ctf import CTFParams
-from .dataset import MrcsImageSource
+from .dataset import MrcsImageSource, check_images
 
 logger = logging.getLogger(__name__)
 
@@ -120,17 +120,15 @@ class AlignmentJob:
     # ------------------------------------------------------------------ work
     def read_images(self, start: int, stop: int) -> np.ndarray:
         """Images of rows ``[start, stop)`` (B, box, box) float32; ValueError naming the
-        particle ids of images with NaN or infinite pixels."""
+        particle ids of images with NaN or infinite pixels or constant images
+        (:func:`dataset.check_images`), or saying which stack is damaged."""
         rows = np.arange(start, stop)
         source = MrcsImageSource([(self.stacks[i], int(self.indices[i])) for i in rows])
         try:
             images = source.read(np.arange(len(rows)))
         finally:
             source.close()
-        finite = np.isfinite(images).all(axis=(1, 2))
-        if not finite.all():
-            raise ValueError(f"Particles with ids {self.ids[rows[~finite]][:10].tolist()} contain NaN or "
-                             f"infinite pixels: remove them (subset) before aligning.")
+        check_images(images, self.ids[rows], "aligning")
         return images
 
     def align(self, images: np.ndarray, start: int, stop: int, device: str = "cpu",

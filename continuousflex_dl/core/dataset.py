@@ -39,6 +39,7 @@ import torch
 from .ctf import CTFParams, ctf_image, phase_flip
 from . import projection
 from .geometry import euler_to_matrix, matrix_to_euler
+from .mrc import check_mrc_stack
 
 __all__ = [
     "NORMALIZATIONS", "normalize_images", "fourier_crop", "prepare_images",
@@ -221,8 +222,7 @@ class MrcsImageSource:
     def _data(self, path: str) -> np.ndarray:
         if path not in self._handles:
             import mrcfile
-            if not os.path.exists(path):
-                raise ValueError(f"Particle stack not found: {path}")
+            check_mrc_stack(path)
             self._handles[path] = mrcfile.mmap(path, mode="r", permissive=True)
         data = self._handles[path].data
         if data is None:

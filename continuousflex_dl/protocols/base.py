@@ -1,9 +1,12 @@
 """What every protocol of this plugin shares: device choice, logging, citations."""
 import logging
 import sys
+from typing import List
 
 from pwem.protocols import EMProtocol
 from pyworkflow.protocol import params
+
+from ..core.mrc import check_mrc_stack
 
 DEVICE_CHOICES = ["auto", "cpu", "cuda"]
 
@@ -26,6 +29,18 @@ class FlexDLProtBase(EMProtocol):
                       help="Output of the HEMNMA, DeepHEMNMA or synthesis protocol of this plugin.")
         form.addParam("inputModes", params.PointerParam, pointerClass="SetOfNormalModes",
                       label="Normal modes", important=True, help=modes_help)
+
+    def _stackErrors(self, particles, most: int = 3) -> List[str]:
+        """Validation errors for the image files of a set of particles: missing, damaged
+        header, truncated (core.dataset.check_mrc_stack); at most ``most`` of them."""
+        errors = []
+        for path in sorted(set(particles.getUniqueValues("_filename"))):
+            try:
+                check_mrc_stack(path)
+            except ValueError as exc:
+                errors.append(str(exc))
+        more = [f"... and {len(errors) - most} more damaged stacks."] if len(errors) > most else []
+        return errors[:most] + more
 
     def _deviceChoice(self) -> str:
         """The device parameter as a string ('auto' for protocols without one)."""

@@ -166,7 +166,9 @@ class FlexDLProtAlign(FlexDLProtBase):
             errors.append(f"Modes {missing} are not in the input set of modes.")
         if not numbers:
             errors.append("No enabled modes from 7 on: give a mode list, e.g. '7-9'.")
-        if parts.getSize() and parts.getXDim() < 16:
+        stack_errors = self._stackErrors(parts) if parts.getSize() else []
+        errors += stack_errors
+        if parts.getSize() and not stack_errors and (parts.getXDim() or 0) < 16:
             errors.append(f"Particles of {parts.getXDim()} px are too small to align (16 px at least).")
         return errors
 

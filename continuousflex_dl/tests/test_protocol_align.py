@@ -97,6 +97,32 @@ class TestProtAlign(BaseTest):
         log = "".join(open(align.getLogPaths()[1]).readlines()) + "".join(open(align.getLogPaths()[0]).readlines())
         self.assertIn("ids [3] contain NaN", log)
 
+    def test_damaged_stacks_are_refused_at_the_form(self):
+        synth = self.newProtocol(FlexDLProtSynthesize, inputModes=self.modes, modeList="7-9", numberOfImages=4,
+                                 boxSize=32, samplingRate=3.0, applyCTF=False, addNoise=False, seed=6)
+        self.launchProtocol(synth)
+        stack = convert.read_particles(synth.outputParticles).stacks[0]
+        align = self.newProtocol(FlexDLProtAlign, inputParticles=synth.outputParticles, inputModes=self.modes,
+                                 modeList="7-9", workingSize=32)
+        self.assertEqual(align.validate(), [])
+        with open(stack, "rb") as f:
+            sound = f.read()
+        self.assertEqual(len(sound), 1024 + 4 * 32 * 32 * 4)
+        try:
+            with open(stack, "wb") as f:
+                f.write(bytes(1024) + sound[1024:])
+            errors = "\n".join(align.validate())
+            self.assertIn("the MRC header is damaged", errors)
+            self.assertNotIn("too small", errors)
+            with open(stack, "wb") as f:
+                f.write(sound[:1024 + 32 * 32 * 4 * 3])  # 3 of 4 images
+            errors = "\n".join(align.validate())
+            self.assertIn("is truncated: 13,312 bytes where its header promises 4 images of 32 x 32 px "
+                          "(17,408 bytes); only 3 images are complete", errors)
+        finally:
+            with open(stack, "wb") as f:
+                f.write(sound)
+
 
 class TestProtAlignContinue(BaseTest):
     """Stop a run, change the chunk size and the mode list, Continue: the output must be what
