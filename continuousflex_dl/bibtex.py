@@ -61,4 +61,26 @@ pages = {3396--3403},
 year = {1995},
 doi = {10.1063/1.469213}
 }
+
+@article{Rosenthal2003,
+title = {Optimal determination of particle orientation, absolute hand, and contrast loss in single-particle electron cryomicroscopy},
+author = {Rosenthal, Peter B. and Henderson, Richard},
+journal = {Journal of Molecular Biology},
+volume = {333},
+number = {4},
+pages = {721--745},
+year = {2003},
+doi = {10.1016/j.jmb.2003.07.013}
+}
+
+@article{Scheres2012,
+title = {RELION: implementation of a Bayesian approach to cryo-EM structure determination},
+author = {Scheres, Sjors H. W.},
+journal = {Journal of Structural Biology},
+volume = {180},
+number = {3},
+pages = {519--530},
+year = {2012},
+doi = {10.1016/j.jsb.2012.09.006}
+}
 """

@@ -44,7 +44,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -104,7 +104,7 @@ def soft_spherical_mask(box: int, radius_px: float, edge_px: float = 3.0,
 
 
 def _as_volume(x: ArrayLike, name: str) -> torch.Tensor:
-    v = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    v = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x, dtype=np.float64))
     if v.ndim != 3 or len(set(v.shape)) != 1:
         raise ValueError(f"{name} must be a cubic map (n, n, n), got shape {tuple(v.shape)}.")
     return v.to(torch.float64)

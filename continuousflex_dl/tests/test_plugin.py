@@ -7,7 +7,7 @@ from continuousflex_dl import protocols
 
 EXPECTED = {"FlexDLProtNMA", "FlexDLProtSynthesize", "FlexDLProtAlign", "FlexDLProtOutliers",
             "FlexDLProtTrain", "FlexDLProtPredict", "FlexDLProtTrajectory", "FlexDLProtCluster",
-            "FlexDLProtPseudoatoms"}
+            "FlexDLProtPseudoatoms", "FlexDLProtReconstruct"}
 
 
 def _ours(mapping):
@@ -17,7 +17,8 @@ def _ours(mapping):
 def test_scipion_finds_protocols_objects_and_viewers():
     assert _ours(Domain.getProtocols()) == EXPECTED
     assert _ours(Domain.getObjects()) == {"FlexDLModel"}
-    assert _ours(Domain.getViewers()) == {"FlexDLNMAViewer", "FlexDLTrainingViewer", "FlexDLFlexViewer"}
+    assert _ours(Domain.getViewers()) == {"FlexDLNMAViewer", "FlexDLTrainingViewer", "FlexDLFlexViewer",
+                                          "FlexDLReconstructViewer"}
 
 
 def test_citations_resolve_and_every_parameter_has_help():
