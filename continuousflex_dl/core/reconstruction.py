@@ -57,8 +57,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FSC_THRESHOLD", "split_halves", "soft_spherical_mask", "fsc", "resolution_at", "lowpass",
-    "map_correlation", "Reconstructor", "ReconstructionResult", "reconstruct", "centred_origin",
-    "read_fsc_csv",
+    "map_correlation", "model_map_correlation", "Reconstructor", "ReconstructionResult", "reconstruct",
+    "centred_origin", "read_fsc_csv",
 ]
 
 #: Gold-standard FSC threshold between independent half maps (Rosenthal & Henderson 2003).
@@ -200,6 +200,25 @@ def map_correlation(map1: ArrayLike, map2: ArrayLike, mask: Optional[ArrayLike] 
     a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
     denom = float(torch.sqrt((a * a).sum() * (b * b).sum()))
     return float((a * b).sum()) / denom if denom > 0 else 0.0
+
+
+def model_map_correlation(coords: ArrayLike, volume: ArrayLike, pixel_size: float, resolution: float,
+                          sigma: Union[float, np.ndarray] = 1.0, weights: Optional[np.ndarray] = None,
+                          mask: Optional[ArrayLike] = None) -> float:
+    """How well an atomic model fits a map: the correlation (:func:`map_correlation`, within
+    ``mask``) of ``volume`` (n, n, n) with the density of the model's Gaussian atoms
+    (:func:`.projection.density_map`, ``sigma`` Å, ``weights``) low-passed at the map's
+    ``resolution`` Å (:func:`lowpass`).
+
+    coords: (N, 3) Å in the map's frame: the reference centred as for projection and
+    synthesis (:func:`.structure.centre` of the *undeformed* reference), then displaced.
+    """
+    from .projection import density_map
+    vol = _as_volume(volume, "volume")
+    c = torch.as_tensor(np.asarray(coords, dtype=np.float64) if not isinstance(coords, torch.Tensor) else coords,
+                        dtype=torch.float64)
+    model = density_map(c, vol.shape[0], pixel_size, sigma=sigma, weights=weights)
+    return map_correlation(vol, lowpass(model, pixel_size, resolution), mask)
 
 
 # --------------------------------------------------------------------------- the accumulator

@@ -2,13 +2,14 @@
 import re
 
 import numpy as np
-from pwem.objects import SetOfAtomStructs, SetOfParticlesFlex
+from pwem.objects import SetOfAtomStructs, SetOfParticlesFlex, SetOfVolumes
 from pyworkflow.protocol import params
 
 from .. import convert
 from ..core.structure import write_multimodel_pdb
 from ..core.trajectory import kmeans, select_by_ranges, trajectory_frames
 from .base import FlexDLProtBase
+from .group_maps import GroupMapsMixin
 from .protocol_trajectory import (check_modes_input, fill_atom_structs, particles_mode_numbers,
                                   write_points)
 
@@ -56,7 +57,7 @@ def parse_ranges(text: str, mode_numbers) -> list:
     return selections
 
 
-class FlexDLProtCluster(FlexDLProtBase):
+class FlexDLProtCluster(GroupMapsMixin, FlexDLProtBase):
     """Groups of particles with similar conformations, ready for 3-D reconstruction.
 
     Particles are grouped by k-means on their normal-mode amplitudes, or
@@ -64,9 +65,11 @@ class FlexDLProtCluster(FlexDLProtBase):
     particles (the input particles, with their CTF and pose, so any Scipion 3-D
     reconstruction protocol accepts them), and the reference displaced to the
     group's centre (mean amplitudes) is given as an atomic structure (id = group
-    number). Empty groups (possible with ranges) give no output."""
+    number). Empty groups (possible with ranges) give no output. Optionally, each
+    group is reconstructed into a map (id = group number) that its structure is fitted to."""
     _label = "clusters"
-    _possibleOutputs = {"outputCluster_01": SetOfParticlesFlex, "outputStructures": SetOfAtomStructs}
+    _possibleOutputs = {"outputCluster_01": SetOfParticlesFlex, "outputStructures": SetOfAtomStructs,
+                        "outputMaps": SetOfVolumes}
 
     def _defineParams(self, form):
         form.addSection(label="Input")
@@ -87,10 +90,13 @@ class FlexDLProtCluster(FlexDLProtBase):
                       label="Amplitude ranges (Å)",
                       help="One group per line; terms 'MODE LOW HIGH' separated by ';', '*' for an "
                            "open side. Example with two groups:\n7 * 0; 8 -50 50\n7 0 *")
+        self._addGroupMapParams(form, "cluster")
 
     # --------------------------- STEPS -----------------------------------------
     def _insertAllSteps(self):
         self._insertFunctionStep(self.clusterStep, needsGPU=False)
+        if self.reconstructMaps:
+            self._insertFunctionStep(self.groupMapsStep, needsGPU=self._usesGPU())
         self._insertFunctionStep(self.createOutputStep, needsGPU=False)
 
     def _memberships(self, amplitudes: np.ndarray, numbers) -> np.ndarray:
@@ -151,6 +157,15 @@ class FlexDLProtCluster(FlexDLProtBase):
                           [c + 1 for c in groups])  # id = group number
         self._defineOutputs(outputStructures=structures)
         self._defineSourceRelation(self.inputModes, structures)
+        self._createGroupMapsOutput()
+
+    def _mapGroups(self):
+        """For GroupMapsMixin: the non-empty clusters, their members and centres."""
+        data = np.load(self._getExtraPath("clusters.npz"))
+        member = data["member"]
+        keep = np.flatnonzero(member.any(axis=1))
+        return (keep + 1, ["cluster_%02d" % (c + 1) for c in keep], member[keep], data["centres"][keep],
+                data["ids"])
 
     @staticmethod
     def _clusterName(number: int) -> str:
@@ -161,6 +176,7 @@ class FlexDLProtCluster(FlexDLProtBase):
         errors = check_modes_input(self.inputParticles.get(), self.inputModes.get())
         if errors:
             return errors
+        errors = self._validateGroupMaps()
         if self.method.get() == METHOD_KMEANS:
             if self.numberOfClusters.get() > self.inputParticles.get().getSize():
                 errors.append(f"Asked for {self.numberOfClusters.get()} clusters of "
@@ -189,7 +205,7 @@ class FlexDLProtCluster(FlexDLProtBase):
             name = self._clusterName(c + 1) if m.any() else "(empty, no output)"
             lines.append(f"  {name}: {int(m.sum())} particles, centre {where}")
         lines.append("Centre structures: " + self._getExtraPath("centres"))
-        return lines
+        return lines + self._groupMapsSummary()
 
     def _methods(self):
         if not hasattr(self, "outputStructures"):

@@ -9,10 +9,13 @@ from pwem.objects import Particle, SetOfParticles
 from pwem.protocols import ProtImportPdb
 from pyworkflow.tests import BaseTest, setupTestProject
 
+from continuousflex_dl import convert
+from continuousflex_dl.core.nma import displace
 from continuousflex_dl.core.projection import density_map
-from continuousflex_dl.core.reconstruction import map_correlation, soft_spherical_mask
+from continuousflex_dl.core.reconstruction import map_correlation, model_map_correlation, soft_spherical_mask
 from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms
-from continuousflex_dl.protocols import FlexDLProtReconstruct, FlexDLProtSynthesize
+from continuousflex_dl.protocols import (FlexDLProtCluster, FlexDLProtNMA, FlexDLProtReconstruct,
+                                        FlexDLProtSynthesize)
 from continuousflex_dl.viewers.viewer_reconstruct import FlexDLReconstructViewer
 
 BOX, PIXEL = 32, 3.0
@@ -88,3 +91,58 @@ class TestProtReconstruct(BaseTest):
         prot = self.newProtocol(FlexDLProtReconstruct, correctCTF=False)
         prot.inputParticles.set(unaligned)
         self.assertTrue(any("no 3-D poses" in e for e in prot.validate()), prot.validate())
+
+
+class TestGroupMaps(BaseTest):
+    """Two conformations at opposite ends of mode 7 (±AMPLITUDE Å): each group's map must look
+    like its own conformation more than like the other."""
+    AMPLITUDE = 200.0
+
+    @classmethod
+    def setUpClass(cls):
+        setupTestProject(cls)
+        imp = cls.newProtocol(ProtImportPdb, inputPdbData=1, pdbFile=str(example_structure_path("4ake")))
+        cls.launchProtocol(imp)
+        nma = cls.newProtocol(FlexDLProtNMA, inputStructure=imp.outputPdb, numberOfModes=8)
+        cls.launchProtocol(nma)
+        cls.modes = nma.outputModes
+        table = cls.proj.getTmpPath("two_states.txt")
+        with open(table, "w") as f:
+            f.write("%g\n%g\n" % (cls.AMPLITUDE, -cls.AMPLITUDE))
+        synth = cls.newProtocol(FlexDLProtSynthesize, inputModes=cls.modes, modeList="7", amplitudeRelation=6,
+                                amplitudeTable=table, numberOfImages=600, boxSize=BOX, samplingRate=PIXEL,
+                                maxShift=3.0, defocusMin=8000.0, defocusMax=20000.0, snr=1.0, seed=2)
+        cls.launchProtocol(synth)
+        cls.particles = synth.outputParticles
+        atoms, vectors = convert.read_modes(cls.modes, [7])
+        cls.atoms = atoms
+        # The two true conformations in the maps' frame (centred reference, then displaced).
+        cls.states = {s: displace(centre(atoms.coords), vectors, np.array([[s * cls.AMPLITUDE]]))[0]
+                      for s in (1, -1)}
+
+    def _check_maps(self, prot, signs):
+        """signs: {map id: +1 / -1 conformation expected}."""
+        maps = prot.outputMaps
+        self.assertSetSize(maps, len(signs))
+        for volume in maps.iterItems(orderBy="id"):
+            self.assertAlmostEqual(volume.getSamplingRate(), PIXEL, places=5)
+            np.testing.assert_allclose(volume.getShiftsFromOrigin(), [-(BOX // 2) * PIXEL] * 3)
+            with mrcfile.open(volume.getFileName()) as mrc:
+                data = np.asarray(mrc.data)
+            mask = soft_spherical_mask(BOX, BOX / 2 - 4).numpy()
+            own, other = (model_map_correlation(self.states[s], data, PIXEL, 8.0, self.atoms.sigma,
+                                                self.atoms.weights, mask)
+                          for s in (signs[volume.getObjId()], -signs[volume.getObjId()]))
+            # Measured 0.98 against 0.55 (±200 Å along mode 7, 300 particles per group).
+            self.assertGreater(own, 0.9, (volume.getObjId(), own, other))
+            self.assertLess(other, own - 0.2, (volume.getObjId(), own, other))
+        summary = "\n".join(prot.summary())
+        self.assertIn("fit of its structure", summary)
+        self.assertNotIn("fits better", summary)
+
+    def test_cluster_maps_show_their_conformation(self):
+        prot = self.newProtocol(FlexDLProtCluster, inputParticles=self.particles, inputModes=self.modes,
+                                numberOfClusters=2, reconstructMaps=True, device=1)
+        self.launchProtocol(prot)
+        centres = np.load(prot._getExtraPath("clusters.npz"))["centres"]
+        self._check_maps(prot, {c + 1: int(np.sign(centres[c, 0])) for c in range(2)})
