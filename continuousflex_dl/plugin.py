@@ -23,3 +23,9 @@ class Plugin(pwem.Plugin):
     def defineBinaries(cls, env):
         # Pure Python; dependencies come from pip (setup.py).
         pass
+
+    def getTemplates(self):
+        """The workflow templates, with the example structure and tied fields filled
+        (:mod:`continuousflex_dl.workflow_template`)."""
+        from .workflow_template import FlexDLTemplate
+        return [FlexDLTemplate(t.source, t.templatePath) for t in super().getTemplates()]

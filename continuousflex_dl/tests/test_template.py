@@ -1,12 +1,13 @@
-"""The workflow template loads into a project as the demo pipeline, wired output to input."""
-import glob
+"""The workflow template loads into a project as the demo pipeline, wired output to input,
+with a default structure that exists and the test particles' images tied to the training ones."""
+import json
 import os
 
-from pyworkflow.template import LocalTemplate
+from pyworkflow.template import Validations
 from pyworkflow.tests import BaseTest, setupTestProject
 
-import continuousflex_dl
 from continuousflex_dl.core.structure import example_structure_path
+from continuousflex_dl.plugin import Plugin
 
 
 class TestTemplate(BaseTest):
@@ -14,19 +15,33 @@ class TestTemplate(BaseTest):
     def setUpClass(cls):
         setupTestProject(cls)
 
-    def test_template_loads_and_links(self):
-        folder = os.path.join(os.path.dirname(continuousflex_dl.__file__), "templates")
-        paths = glob.glob(os.path.join(folder, "*.json.template"))
-        self.assertEqual(len(paths), 1)
-        template = LocalTemplate("continuousflex_dl", paths[0])
+    def _template(self):
+        templates = Plugin().getTemplates()  # what Scipion's template tools list
+        self.assertEqual(len(templates), 1)
+        template = templates[0]
         self.assertIn("DeepHEMNMA", template.description)
         template.replaceEnvVariables()
         template.parseContent()
-        aliases = {p.getAlias() for p in template.params.values()}
-        self.assertEqual(aliases, {"pdb", "ntrain", "ntest", "box", "pixel", "snr", "boxtest", "pixeltest", "snrtest", "epochs"})
-        template.setParamValue("pdb", str(example_structure_path("4ake")))
+        return template
+
+    def test_template_loads_and_links(self):
+        template = self._template()
+        params = {p.getAlias(): p for p in template.params.values()}
+        # The test set's box, pixel size and SNR are not asked: they follow the training set's.
+        self.assertEqual(set(params), {"pdb", "ntrain", "ntest", "box", "pixel", "snr", "epochs"})
+        # Every default passes the kickoff form's validation (the structure is a file that exists).
+        self.assertEqual({a: Validations.check(p.getValue(), p.getType()) for a, p in params.items()},
+                         {a: None for a in params})
+        self.assertEqual(params["pdb"].getValue(), str(example_structure_path("4ake")))
         template.setParamValue("ntrain", "50")
-        protocols = self.proj.loadProtocols(template.createTemplateFile())
+        template.setParamValue("box", "48")
+        template.setParamValue("pixel", "2.5")
+        template.setParamValue("snr", "0.05")
+        path = template.createTemplateFile()
+        with open(path) as f:
+            self.assertEqual(json.load(f)[0]["pdbFile"], str(example_structure_path("4ake")))
+        protocols = self.proj.loadProtocols(path)
+        os.remove(path)
         names = [type(p).__name__ for p in protocols.values()]
         self.assertEqual(names, ["ProtImportPdb", "FlexDLProtNMA", "FlexDLProtSynthesize",
                                  "FlexDLProtSynthesize", "FlexDLProtAlign", "FlexDLProtOutliers",
@@ -36,6 +51,8 @@ class TestTemplate(BaseTest):
         self.assertEqual(train_synth.numberOfImages.get(), 50)
         self.assertEqual(test_synth.numberOfImages.get(), 200)
         self.assertEqual(test_synth.seed.get(), 1)
+        for synth in (train_synth, test_synth):
+            self.assertEqual((synth.boxSize.get(), synth.samplingRate.get(), synth.snr.get()), (48, 2.5, 0.05))
         align = protocols["6"]
         self.assertIs(align.inputParticles.getObjValue(), train_synth)
         self.assertEqual(align.inputParticles.getExtended(), "outputParticles")
