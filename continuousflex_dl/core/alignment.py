@@ -63,11 +63,18 @@ class AlignmentResult:
     score: (M,) normalised cross-correlation of the image with its best
     projection at the working size (1 = perfect match; also the HEMNMA 'cost'
     as 1 - score).
+    amplitude_std: (M, K) Å, the standard deviation of each amplitude at the optimum
+    (Laplace approximation under white noise, the pose free); angle_std: (M,) degrees,
+    the RMS length of the rotation uncertainty (three axis-angle components); shift_std:
+    (M,) px of the input images, the RMS length of the shift uncertainty. NaN when unknown.
     """
     amplitudes: np.ndarray
     angles: np.ndarray
     shifts: np.ndarray
     score: np.ndarray
+    amplitude_std: Optional[np.ndarray] = None
+    angle_std: Optional[np.ndarray] = None
+    shift_std: Optional[np.ndarray] = None
 
     @property
     def rotations(self) -> np.ndarray:
@@ -76,8 +83,12 @@ class AlignmentResult:
 
     def to_dict(self) -> dict:
         """Plain numpy arrays by name (for ``np.savez`` or conversion to Scipion objects)."""
-        return {"amplitudes": self.amplitudes, "angles": self.angles,
-                "shifts": self.shifts, "score": self.score}
+        out = {"amplitudes": self.amplitudes, "angles": self.angles,
+               "shifts": self.shifts, "score": self.score}
+        for name in ("amplitude_std", "angle_std", "shift_std"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -240,13 +251,27 @@ def _apply_filter(x: torch.Tensor, filt: Optional[torch.Tensor]) -> torch.Tensor
 def _refine(model: _Model, images: torch.Tensor, filt: Optional[torch.Tensor], rot, q, shifts,
             q_lo, q_hi, max_shift, iters: int, chunk: int):
     """Levenberg-Marquardt on (amplitudes, rotation, shifts) for B problems; returns the
-    refined (rot, q, shifts) and the NCC of each problem."""
+    refined (rot, q, shifts), the NCC of each problem and the standard deviations (B, K + 5)
+    of the parameters at the optimum (:func:`_laplace_std`)."""
     parts = []
     for start in range(0, images.shape[0], chunk):
         sl = slice(start, start + chunk)
         parts.append(_refine_chunk(model, images[sl], None if filt is None else filt[sl],
                                    rot[sl], q[sl], shifts[sl], q_lo, q_hi, max_shift, iters))
-    return tuple(torch.cat([p[i] for p in parts]) for i in range(4))
+    return tuple(torch.cat([p[i] for p in parts]) for i in range(5))
+
+
+def _laplace_std(jtj: torch.Tensor, cost: torch.Tensor, n_pixels: int) -> torch.Tensor:
+    """Standard deviations (B, D) of the D parameters at a least-squares optimum (Laplace /
+    Gauss-Newton approximation of the posterior under white Gaussian noise): the covariance
+    is ``s^2 (J^T J)^-1`` with the noise variance ``s^2 = cost / (n_pixels - D - 2)`` (the
+    parameters, the scale and the offset were fitted). jtj: (B, D + 1, D + 1) including the
+    scale; cost: (B,) residual sum of squares."""
+    d = jtj.shape[1] - 1
+    var = cost.double() / max(n_pixels - d - 2, 1)
+    eye = torch.eye(d + 1, dtype=jtj.dtype, device=jtj.device)
+    cov = torch.linalg.inv(jtj + eye * (1e-12 * torch.diagonal(jtj, dim1=1, dim2=2).amax(1))[:, None, None])
+    return torch.sqrt(torch.clamp(torch.diagonal(cov, dim1=1, dim2=2)[:, :d], min=0.0) * var[:, None])
 
 
 def _system(model: _Model, images: torch.Tensor, filt: torch.Tensor, rot, q, shifts):
@@ -301,7 +326,7 @@ def _refine_chunk(model: _Model, images, filt, rot, q, shifts, q_lo, q_hi, max_s
         done |= (better & (gain < tol)) | (lam > 1e4) | (cost < 1e-7 * energy)
         if bool(torch.all(done)):
             break
-    return rot, q, shifts, ncc
+    return rot, q, shifts, ncc, _laplace_std(jtj, cost, images[0].numel())
 
 
 def _nyquist_mask(n: int, device, dtype) -> torch.Tensor:
@@ -579,7 +604,7 @@ def align_particles(images: ArrayLike, coords: np.ndarray, modes: np.ndarray, pi
     smooth = torch.exp(-(kx * kx + ky * ky) / (2 * search_lowpass ** 2)) if search_lowpass else 1.0
     q_lo = torch.as_tensor(lo, dtype=torch.float32, device=device)
     q_hi = torch.as_tensor(hi, dtype=torch.float32, device=device)
-    out_q, out_rot, out_s, out_score = [], [], [], []
+    out_q, out_rot, out_s, out_score, out_std = [], [], [], [], []
     for b0 in range(0, m, batch_size):
         batch = imgs[b0:b0 + batch_size]
         mb = batch.shape[0]
@@ -603,7 +628,7 @@ def align_particles(images: ArrayLike, coords: np.ndarray, modes: np.ndarray, pi
             q0 = torch.zeros(len(flat), 0, device=device)
             s0 = best_shift[own_t, torch.as_tensor(flat, device=device)]
         logger.debug("HEMNMA: global search done (%.1f s)", time.time() - t0)
-        r1, q1, s1, ncc1 = _refine(model_s, img_s[own_t], (filt_s * smooth)[own_t], rot0, q0, s0,
+        r1, q1, s1, ncc1, _ = _refine(model_s, img_s[own_t], (filt_s * smooth)[own_t], rot0, q0, s0,
                                    q_lo, q_hi,
                                    max_shift_px * search / box * 1.1, search_iters, chunk=64)
         # The n_final best per image go to the working size.
@@ -611,17 +636,23 @@ def align_particles(images: ArrayLike, coords: np.ndarray, modes: np.ndarray, pi
         sel = (order + torch.arange(mb, device=device)[:, None] * n_candidates).reshape(-1)
         own2 = own_t[sel]
         logger.debug("HEMNMA: search-size refinement done (%.1f s)", time.time() - t0)
-        r2, q2, s2, ncc2 = _refine(model_w, img_w[own2], filt_w[own2], r1[sel], q1[sel],
+        r2, q2, s2, ncc2, std2 = _refine(model_w, img_w[own2], filt_w[own2], r1[sel], q1[sel],
                                    s1[sel] * (work / search), q_lo, q_hi,
                                    max_shift_px * work / box * 1.1, refine_iters, chunk=16)
         best = torch.argmax(ncc2.reshape(mb, n_final), dim=1) + torch.arange(mb, device=device) * n_final
         out_q.append(q2[best]), out_rot.append(r2[best])
         out_s.append(s2[best] * (box / work)), out_score.append(ncc2[best])
+        out_std.append(std2[best] * torch.as_tensor([1.0] * k + [180.0 / math.pi] * 3 + [box / work] * 2,
+                                                    dtype=std2.dtype, device=device))
         done = min(m, b0 + mb)
         report(done / m, f"aligned {done}/{m} images")
         logger.info("HEMNMA: aligned %d/%d images (%.1f s)", done, m, time.time() - t0)
     rot = torch.cat(out_rot).double().cpu().numpy()
+    std = torch.cat(out_std).cpu().numpy()
     return AlignmentResult(amplitudes=torch.cat(out_q).double().cpu().numpy(),
                            angles=matrix_to_euler(rot),
                            shifts=torch.cat(out_s).double().cpu().numpy(),
-                           score=torch.cat(out_score).double().cpu().numpy())
+                           score=torch.cat(out_score).double().cpu().numpy(),
+                           amplitude_std=std[:, :k],
+                           angle_std=np.sqrt((std[:, k:k + 3] ** 2).sum(1)),
+                           shift_std=np.sqrt((std[:, k + 3:k + 5] ** 2).sum(1)))
