@@ -11,9 +11,11 @@ and prediction:
 
 1. optional CTF phase flip at the original size (``ctf.phase_flip``: the
    Fourier transform times the sign of the CTF, CTFs in ``rfft2`` layout),
-2. optional downsampling to the working size by Fourier cropping
+2. optional real-space window: the central ``window`` x ``window`` pixels
+   around the box centre (:func:`window_images`), a box in Å fixed by the model,
+3. optional downsampling to the working size by Fourier cropping
    (:func:`fourier_crop`),
-3. image normalisation (:func:`normalize_images`), by default ``"zscore"``:
+4. image normalisation (:func:`normalize_images`), by default ``"zscore"``:
    each image to zero mean and unit standard deviation over the whole box.
 
 Training may add an in-plane rotation (:func:`rotate_images`) *after*
@@ -42,7 +44,7 @@ from .geometry import euler_to_matrix, matrix_to_euler
 from .mrc import check_mrc_stack
 
 __all__ = [
-    "NORMALIZATIONS", "normalize_images", "fourier_crop", "prepare_images",
+    "NORMALIZATIONS", "normalize_images", "fourier_crop", "window_images", "prepare_images",
     "rotate_images", "rotate_pose", "ArrayImageSource", "MrcsImageSource", "as_image_source",
     "ctf_batch", "iterate_batches", "find_bad_images", "check_images", "FLAT_TOLERANCE",
 ]
@@ -103,16 +105,31 @@ def fourier_crop(images: torch.Tensor, size: int) -> torch.Tensor:
         return images
     return projection.fourier_crop(images, size, correct_pixel_blur=False, preserve="mean")
 
+def window_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The central (B, size, size) pixels of square images (B, N, N): box centre ``N // 2``
+    -> ``size // 2``, pixel size unchanged. ``size == N`` returns the input."""
+    n = images.shape[-1]
+    if int(size) != size or not 1 <= size <= n:
+        raise ValueError(f"A window of {size} px does not fit images of {n} px: give a window "
+                         f"between the working size and the image box ({n} px).")
+    size = int(size)
+    if size == n:
+        return images
+    start = n // 2 - size // 2
+    return images[..., start:start + size, start:start + size]
+
+
 def prepare_images(images: Union[np.ndarray, torch.Tensor], working_size: Optional[int] = None,
                    normalization: str = "zscore", ctf: Optional[torch.Tensor] = None,
-                   device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+                   device: Union[str, torch.device] = "cpu", window: Optional[int] = None) -> torch.Tensor:
     """The one preprocessing of particle images (training, validation and prediction).
 
-    images: (B, N, N) raw images. working_size: output box in px (None keeps N),
-    reached by :func:`fourier_crop`. ctf: optional (B, N, N // 2 + 1) CTFs in
-    ``torch.fft.rfft2`` layout (``ctf.ctf_image``) for phase flipping.
-    Returns a float32 tensor
-    (B, 1, working_size, working_size) on ``device``.
+    images: (B, N, N) raw images. ctf: optional (B, N, N // 2 + 1) CTFs in
+    ``torch.fft.rfft2`` layout (``ctf.ctf_image``) for phase flipping at the full box.
+    window: side (px) of the central real-space window kept (None keeps N, see
+    :func:`window_images`). working_size: output box in px (None keeps the window),
+    reached by :func:`fourier_crop` of the window.
+    Returns a float32 tensor (B, 1, working_size, working_size) on ``device``.
     """
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
     x = x.to(device=device, dtype=torch.float32)
@@ -122,6 +139,8 @@ def prepare_images(images: Union[np.ndarray, torch.Tensor], working_size: Option
         raise ValueError(f"Expected images of shape (B, N, N), got {tuple(x.shape)}.")
     if ctf is not None:
         x = phase_flip(x, torch.as_tensor(ctf, device=x.device, dtype=torch.float32))
+    if window is not None:
+        x = window_images(x, int(window))
     if working_size is not None:
         x = fourier_crop(x, int(working_size))
     return normalize_images(x, normalization)[:, None]
@@ -195,10 +214,12 @@ class MrcsImageSource:
 
     Files are memory-mapped on first use (``mrcfile.mmap``, ``permissive=True``)
     and kept open; the open handles are not pickled (data-loader workers
-    reopen them).
+    reopen them). ``invert``: read every image with the opposite sign (particles exported
+    dark on a bright background; this plugin expects white on black, as RELION).
     """
 
-    def __init__(self, entries: Sequence[Tuple[Union[str, os.PathLike], int]]):
+    def __init__(self, entries: Sequence[Tuple[Union[str, os.PathLike], int]], invert: bool = False):
+        self.invert = bool(invert)
         if len(entries) == 0:
             raise ValueError("No particle images given.")
         try:
@@ -240,7 +261,7 @@ class MrcsImageSource:
             if data.shape[-1] != self.image_size or data.shape[-2] != self.image_size:
                 raise ValueError(f"{path}: image size {data.shape[-2:]} differs from {self.image_size}.")
             out[k] = data[j]
-        return out
+        return -out if self.invert else out
 
     def close(self) -> None:
         for h in self._handles.values():
@@ -292,12 +313,13 @@ def iterate_batches(source, indices: np.ndarray, batch_size: int, working_size: 
                     normalization: str, ctf: CtfLike = None,
                     rng: Optional[np.random.Generator] = None,
                     device: Union[str, torch.device] = "cpu",
-                    pixel_size: float = 0.0) -> Iterator[Tuple[np.ndarray, torch.Tensor]]:
+                    pixel_size: float = 0.0,
+                    window: Optional[int] = None) -> Iterator[Tuple[np.ndarray, torch.Tensor]]:
     """Yield ``(batch indices (B,), prepared images (B, 1, w, w))`` over ``indices``.
 
     rng: shuffles the order if given (otherwise the order of ``indices``).
     ctf, pixel_size: phase flipping (see :func:`ctf_batch`), or None.
-    Images go through :func:`prepare_images` (the one preprocessing).
+    Images go through :func:`prepare_images` (the one preprocessing) with ``window`` (px).
     """
     if batch_size < 1:
         raise ValueError(f"Batch size must be positive, got {batch_size}.")
@@ -308,7 +330,7 @@ def iterate_batches(source, indices: np.ndarray, batch_size: int, working_size: 
         idx = order[start:start + batch_size]
         raw = source.read(idx)
         yield idx, prepare_images(raw, working_size, normalization,
-                                  ctf_batch(ctf, idx, source.image_size, pixel_size), device)
+                                  ctf_batch(ctf, idx, source.image_size, pixel_size), device, window)
 
 
 #: An image is constant (flat) when its pixel range (max - min) is at most this

@@ -106,6 +106,8 @@ def test_mrcs_source_reads_lazily(tmp_path):
                               (str(tmp_path / "a.mrcs"), 0)])
     assert len(src) == 3 and src.image_size == 16
     np.testing.assert_array_equal(src.read([0, 1, 2]), np.stack([stack[3], single, stack[0]]))
+    inverted = ds.MrcsImageSource([(str(tmp_path / "a.mrcs"), 3)], invert=True)
+    np.testing.assert_array_equal(inverted.read([0]), -stack[3:4])
     bad = ds.as_image_source([(str(tmp_path / "a.mrcs"), 7)])
     with pytest.raises(ValueError, match="out of range"):
         bad.read([0])
