@@ -44,7 +44,7 @@ class FlexDLProtAlign(FlexDLProtBase):
                       label="Normal modes", important=True,
                       help="Output of the NMA protocol; its structure is the reference.")
         form.addParam("modeList", params.StringParam, default="",
-                      label="Modes", help="Mode numbers, e.g. '7-9'. Empty: the enabled modes from 7 on.")
+                      label="Modes", help="Mode numbers, e.g. '7-9' or '7, 8, 12'. " + convert.DEFAULT_MODES_HELP)
         form.addParam("amplitudeRange", params.FloatParam, default=0.0, validators=[params.GE(0)],
                       label="Amplitude range (Å)",
                       help="Amplitudes are searched in [-R, R]. 0: R = 5 sqrt(N) Å, which moves the N atoms "
@@ -85,7 +85,7 @@ class FlexDLProtAlign(FlexDLProtBase):
         text = (self.modeList.get() or "").strip()
         if text:
             return convert.parse_mode_list(text)
-        return convert.enabled_mode_numbers(self.inputModes.get())
+        return convert.default_mode_numbers(self.inputModes.get())
 
     def _options(self) -> dict:
         """Keyword arguments of core.alignment.align_particles set by the form."""
@@ -179,7 +179,8 @@ class FlexDLProtAlign(FlexDLProtBase):
             result = AlignmentResult(**{k: data[k] for k in RESULT_KEYS})
             numbers = data["mode_numbers"].tolist()
         from ..reports import error_summary_lines
-        return [f"{len(result.score)} particles aligned with modes {numbers}.",
+        default = "" if (self.modeList.get() or "").strip() else " (the default: first enabled non-rigid modes)"
+        return [f"{len(result.score)} particles aligned with modes {numbers}{default}.",
                 f"Score (normalised cross-correlation): mean {result.score.mean():.3f}, "
                 f"median {np.median(result.score):.3f}.",
                 "Amplitudes (Å): " + ", ".join(f"mode {m}: {a.mean():.1f} ± {a.std():.1f}"

@@ -8,7 +8,7 @@ from pyworkflow.tests import BaseTest, setupTestProject
 from continuousflex_dl import convert
 from continuousflex_dl.core.nma import compute_modes, subspace_overlap
 from continuousflex_dl.core.structure import example_structure_path, load_atoms
-from continuousflex_dl.protocols import FlexDLProtNMA
+from continuousflex_dl.protocols import FlexDLProtAlign, FlexDLProtNMA
 
 
 def import_structure(test, name="4ake"):
@@ -57,6 +57,12 @@ class TestProtNMA(BaseTest):
         self.assertGreater(subspace_overlap(vectors, reference.vectors[6:9]), 0.999)
         self.assertEqual(modes.getPdb().getFileName(), prot.outputStructure.getFileName())
         self.assertEqual(convert.enabled_mode_numbers(modes), [7 + i for i in np.flatnonzero(enabled[6:])])
+        # An empty mode list means the first three enabled non-rigid modes (some are disabled here).
+        first_three = [7 + i for i in np.flatnonzero(enabled[6:])[:3]]
+        self.assertEqual(convert.default_mode_numbers(modes), first_three)
+        align = self.newProtocol(FlexDLProtAlign, inputModes=modes, modeList="")
+        self.assertEqual(align._modeNumbers(), first_three)
+        self.assertIn("first 3 enabled non-rigid modes", align.getParam("modeList").help.get())
         summary = "\n".join(prot.summary())
         self.assertIn("12 modes of 1656 atoms", summary)
 
