@@ -16,8 +16,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Atoms", "SELECTIONS", "load_atoms", "centre", "write_multimodel_pdb",
-           "example_structure_path", "ATOM_SIGMA"]
+__all__ = ["Atoms", "SELECTIONS", "load_atoms", "read_coordinates", "diameter", "centre",
+           "write_multimodel_pdb", "example_structure_path", "ATOM_SIGMA"]
 
 #: Named atom selections (ProDy syntax). The default leaves out hydrogens,
 #: waters, ions and ligands.
@@ -83,6 +83,71 @@ def load_atoms(path: str | os.PathLike, selection: str = "heavy") -> Atoms:
     sigma, weights = _pseudoatom_parameters(sub)
     logger.info("Read %d atoms of %s (selection %r)", len(coords), path.name, query)
     return Atoms(coords=coords, sigma=sigma, weights=weights, group=sub)
+
+
+def read_coordinates(path: str | os.PathLike, records: Sequence[str] = ("ATOM", "HETATM")) -> np.ndarray:
+    """Coordinates (N, 3) Å of the first model of a PDB or mmCIF file, read without ProDy
+    (fast, and usable where ProDy cannot be imported, e.g. in the Scipion GUI under
+    ``python -O``), for quick checks such as :func:`diameter`. Only atoms whose record
+    (group_PDB in mmCIF) is in ``records`` are kept; no other selection is applied.
+    Raises ValueError if the file has no such atoms.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as exc:
+        raise ValueError(f"Cannot read the structure {path}: {exc.strerror}.") from None
+    wanted = tuple(r.upper() for r in records)
+    coords = []
+    if path.suffix.lower() in (".cif", ".mmcif"):
+        columns, in_loop = [], False
+        for line in lines:
+            if line.startswith("loop_"):
+                columns, in_loop = [], True
+            elif in_loop and line.startswith("_atom_site."):
+                columns.append(line.split()[0][len("_atom_site."):])
+            elif columns and line.strip() and not line.startswith(("_", "#", "loop_")):
+                words = line.split()
+                if len(words) != len(columns):
+                    continue
+                row = dict(zip(columns, words))
+                if row.get("pdbx_PDB_model_num", "1") != "1" and coords:
+                    break
+                if row.get("group_PDB", "ATOM").upper() in wanted:
+                    coords.append([float(row["Cartn_x"]), float(row["Cartn_y"]), float(row["Cartn_z"])])
+            elif columns and coords:
+                break  # the end of the atom_site loop
+            elif line.startswith("_"):
+                in_loop = False  # a header of another category's loop
+    else:
+        for line in lines:
+            if line.startswith("ENDMDL") and coords:
+                break
+            if line[:6].strip().upper() in wanted:
+                try:
+                    coords.append([float(line[30:38]), float(line[38:46]), float(line[46:54])])
+                except ValueError:
+                    continue
+    if not coords:
+        raise ValueError(f"{path} has no {' or '.join(records)} records with coordinates.")
+    return np.asarray(coords, dtype=np.float64)
+
+
+def diameter(coords: np.ndarray) -> float:
+    """The largest distance (Å) between two of the atoms (N, 3) Å: the size a box must
+    have, at least, to hold the structure in every orientation along its longest axis."""
+    from scipy.spatial import ConvexHull, QhullError
+    from scipy.spatial.distance import pdist
+    coords = np.asarray(coords, dtype=np.float64)
+    if len(coords) < 2:
+        return 0.0
+    points = coords
+    if len(coords) > 4:
+        try:
+            points = coords[ConvexHull(coords).vertices]  # the farthest pair lies on the hull
+        except QhullError:  # flat or collinear: every atom counts
+            points = coords
+    return float(pdist(points).max())
 
 
 def _pseudoatom_parameters(group) -> tuple[np.ndarray, np.ndarray]:

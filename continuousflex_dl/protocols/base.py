@@ -1,12 +1,16 @@
 """What every protocol of this plugin shares: device choice, logging, citations."""
 import logging
+import math
 import sys
-from typing import List
+from typing import List, Sequence
 
 from pwem.protocols import EMProtocol
 from pyworkflow.protocol import params
 
+from .. import convert
 from ..core.mrc import check_mrc_stack
+from ..core.nma import N_RIGID
+from ..core.structure import diameter, read_coordinates
 
 DEVICE_CHOICES = ["auto", "cpu", "cuda"]
 
@@ -41,6 +45,39 @@ class FlexDLProtBase(EMProtocol):
                 errors.append(str(exc))
         more = [f"... and {len(errors) - most} more damaged stacks."] if len(errors) > most else []
         return errors[:most] + more
+
+    def _modeListErrors(self, numbers: Sequence[int], modes_set) -> List[str]:
+        """Validation errors for a list of mode numbers of ``modes_set``: rigid-body modes
+        (1-6) and modes the set does not have."""
+        errors = []
+        rigid = sorted(n for n in numbers if n <= N_RIGID)
+        if rigid:
+            errors.append(f"Modes {rigid} are rigid-body motions (modes 1-{N_RIGID}: three translations and "
+                          f"three rotations), not flexibility: the pose (angles and shifts) already covers "
+                          f"them, and their amplitudes would trade off against it. Choose modes from "
+                          f"{N_RIGID + 1} on, e.g. '{N_RIGID + 1}-{N_RIGID + 3}'.")
+        available = {r["number"] for r in convert.modes_table(modes_set)}
+        missing = sorted(set(numbers) - available)
+        if missing:
+            errors.append(f"Modes {missing} are not in the input set of modes (it has modes "
+                          f"{min(available)}-{max(available)}).")
+        return errors
+
+    def _boxErrors(self, box_px: int, pixel_size: float, structure_path: str,
+                   records: Sequence[str] = ("ATOM", "HETATM"), whose: str = "The box") -> List[str]:
+        """A validation error when a box of ``box_px`` px at ``pixel_size`` Å/px is smaller than
+        the structure's diameter (its two farthest atoms), so particles would be cut off."""
+        try:
+            span = diameter(read_coordinates(structure_path, records))
+        except ValueError:
+            return []  # the run reads the structure itself and says what is wrong with it
+        side = box_px * pixel_size
+        if side >= span:
+            return []
+        return [f"{whose} is {box_px} px x {pixel_size:g} Å/px = {side:.0f} Å, smaller than the structure "
+                f"({span:.0f} Å between its two farthest atoms): the particle would be cut off in most "
+                f"images. Use a box of at least {math.ceil(span / pixel_size)} px at {pixel_size:g} Å/px, "
+                f"or a larger pixel size."]
 
     def _deviceChoice(self) -> str:
         """The device parameter as a string ('auto' for protocols without one)."""

@@ -160,16 +160,19 @@ class FlexDLProtAlign(FlexDLProtBase):
             numbers = self._modeNumbers()
         except ValueError as exc:
             return errors + [str(exc)]
-        available = {r["number"] for r in convert.modes_table(modes)}
-        missing = sorted(set(numbers) - available)
-        if missing:
-            errors.append(f"Modes {missing} are not in the input set of modes.")
+        errors += self._modeListErrors(numbers, modes)
         if not numbers:
             errors.append("No enabled modes from 7 on: give a mode list, e.g. '7-9'.")
-        stack_errors = self._stackErrors(parts) if parts.getSize() else []
+        if not parts.getSize():
+            return errors
+        stack_errors = self._stackErrors(parts)
         errors += stack_errors
-        if parts.getSize() and not stack_errors and (parts.getXDim() or 0) < 16:
+        if not stack_errors and (parts.getXDim() or 0) < 16:
             errors.append(f"Particles of {parts.getXDim()} px are too small to align (16 px at least).")
+        elif not stack_errors and modes.getPdb() is not None:
+            errors += [e + " Check the pixel size of the particles, or extract them in a larger box."
+                       for e in self._boxErrors(parts.getXDim(), parts.getSamplingRate(),
+                                                modes.getPdb().getFileName(), whose="The particles' box")]
         return errors
 
     def _summary(self):

@@ -49,6 +49,11 @@ class FlexDLProtOutliers(FlexDLProtBase):
         else:
             keep = outlier_mask(distances, threshold=self.threshold.get())
         np.savez(self._getExtraPath("distances.npz"), ids=arrays.ids, distances=distances, keep=keep)
+        if not keep.any():
+            raise ValueError(f"No particle is within the distance threshold {self.threshold.get():g}: the "
+                             f"smallest distance is {distances.min():.2f} (median {np.median(distances):.2f}). "
+                             f"Raise the threshold (3 keeps about 97% of Gaussian amplitudes of 3 modes), or "
+                             f"remove a fraction instead.")
         out = SetOfParticlesFlex(filename=self._getPath("particles_flex.sqlite"),
                                  progName=convert.FLEX_PROG_NAME)
         out.copyInfo(particles)

@@ -154,15 +154,19 @@ class FlexDLProtSynthesize(FlexDLProtBase):
                 numbers = convert.parse_mode_list(self.modeList.get())
             except ValueError as exc:
                 return [str(exc)]
-            available = {r["number"] for r in convert.modes_table(self.inputModes.get())}
-            missing = sorted(set(numbers) - available)
-            if missing:
-                errors.append(f"Modes {missing} are not in the input set (it has modes "
-                              f"{min(available)}-{max(available)}).")
+            errors += self._modeListErrors(numbers, self.inputModes.get())
             if AMPLITUDE_RELATIONS[self.amplitudeRelation.get()] == "paper" and len(numbers) < 3:
                 errors.append("The paper's amplitude relation needs three modes (e.g. '7-9').")
+            structure = self.inputModes.get().getPdb()
+            if structure is not None:
+                errors += self._boxErrors(self.boxSize.get(), self.samplingRate.get(), structure.getFileName())
         elif self.inputStructure.get() is None:
             errors.append("Choose an atomic structure.")
+        else:
+            structure = self.inputStructure.get()  # atoms: ATOM records (no waters or ligands)
+            records = ("ATOM", "HETATM") if structure.getPseudoAtoms() else ("ATOM",)
+            errors += self._boxErrors(self.boxSize.get(), self.samplingRate.get(), structure.getFileName(),
+                                      records)
         if self.applyCTF and self.defocusMax.get() < self.defocusMin.get():
             errors.append("The maximum defocus is smaller than the minimum.")
         return errors

@@ -60,6 +60,9 @@ def check_modes_input(particles, modes_set) -> list:
         return ["Choose the particles (a SetOfParticlesFlex of this plugin)."]
     if modes_set is None:
         return ["Choose the normal modes used for the particles' amplitudes."]
+    if not particles.getSize():
+        return ["The input set of particles is empty: choose a set with particles (the output of "
+                "the HEMNMA, DeepHEMNMA or synthesis protocol)."]
     try:
         numbers = particles_mode_numbers(particles)
     except ValueError as exc:

@@ -97,6 +97,30 @@ class TestProtAlign(BaseTest):
         log = "".join(open(align.getLogPaths()[1]).readlines()) + "".join(open(align.getLogPaths()[0]).readlines())
         self.assertIn("ids [3] contain NaN", log)
 
+    def test_form_refuses_rigid_modes_and_a_box_smaller_than_the_structure(self):
+        align = self.newProtocol(FlexDLProtAlign, inputParticles=self.truth, inputModes=self.modes, modeList="6-8")
+        errors = align.validate()
+        self.assertEqual(len(errors), 1, errors)
+        self.assertIn("Modes [6] are rigid-body motions", errors[0])
+        align.modeList.set("7-9")
+        self.assertEqual(align.validate(), [])
+        particles = align.inputParticles.get()
+        try:  # the same 48 px particles, as if at 1 Å/px: 48 Å for a 61.8 Å structure
+            particles.setSamplingRate(1.0)
+            errors = align.validate()
+        finally:
+            particles.setSamplingRate(2.0)
+        self.assertEqual(len(errors), 1, errors)
+        self.assertIn("The particles' box is 48 px x 1 Å/px = 48 Å, smaller than the structure (62 Å", errors[0])
+
+    def test_outlier_removal_keeping_no_particle_fails_clearly(self):
+        prot = self.newProtocol(FlexDLProtOutliers, inputParticles=self.truth, criterion=1, threshold=0.01)
+        with self.assertRaises(Exception):
+            self.launchProtocol(prot)
+        log = "".join(open(path).read() for path in prot.getLogPaths()[:2])
+        self.assertIn("No particle is within the distance threshold 0.01", log)
+        self.assertFalse(hasattr(prot, "outputParticles"))
+
     def test_damaged_stacks_are_refused_at_the_form(self):
         synth = self.newProtocol(FlexDLProtSynthesize, inputModes=self.modes, modeList="7-9", numberOfImages=4,
                                  boxSize=32, samplingRate=3.0, applyCTF=False, addNoise=False, seed=6)

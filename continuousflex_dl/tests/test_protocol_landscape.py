@@ -114,6 +114,21 @@ class TestLandscape(BaseTest):
         with self.assertRaises(ValueError):
             parse_points("1 x 3", 3)
 
+    def test_empty_set_is_refused_at_the_form(self):
+        empty = SetOfParticlesFlex(filename=os.path.join(tempfile.mkdtemp(), "empty.sqlite"),
+                                   progName=convert.FLEX_PROG_NAME)
+        empty.copyInfo(self.particles)
+        empty.setFlexInfo(convert.flex_info([7, 8, 9], convert.SOURCE_HEMNMA))
+        empty.write()
+        self.assertEqual(empty.getSize(), 0)
+        for cls, kwargs in ((FlexDLProtTrajectory, {}), (FlexDLProtCluster, {"numberOfClusters": 2})):
+            prot = self.newProtocol(cls, inputParticles=self.particles, inputModes=self.modes, **kwargs)
+            self.assertEqual(prot.validate(), [])
+            prot.inputParticles.set(empty)
+            errors = prot.validate()
+            self.assertEqual(len(errors), 1, errors)
+            self.assertIn("The input set of particles is empty", errors[0])
+
     # ------------------------------------------------------------------ clusters
     def test_kmeans_clusters_recover_the_planted_clusters(self):
         q = self.truth.amplitudes

@@ -81,3 +81,18 @@ class TestProtSynthesize(BaseTest):
         self.assertTrue(any("[30]" in e for e in errors), errors)
         prot = self.newProtocol(FlexDLProtSynthesize, inputModes=self.modes, modeList="7-8")
         self.assertTrue(any("three modes" in e for e in prot.validate()))
+
+    def test_box_smaller_than_the_structure_and_rigid_modes_are_refused(self):
+        # Adenylate kinase (open, 4ake) heavy atoms span 61.8 Å between the two farthest.
+        prot = self.newProtocol(FlexDLProtSynthesize, inputModes=self.modes, modeList="7-9", boxSize=24,
+                                samplingRate=1.0)
+        errors = "\n".join(prot.validate())
+        self.assertIn("24 px x 1 Å/px = 24 Å, smaller than the structure (62 Å", errors)
+        self.assertIn("at least 62 px at 1 Å/px", errors)
+        prot = self.newProtocol(FlexDLProtSynthesize, inputModes=self.modes, modeList="7-9", boxSize=62,
+                                samplingRate=1.0)
+        self.assertEqual(prot.validate(), [])
+        prot = self.newProtocol(FlexDLProtSynthesize, inputModes=self.modes, modeList="5-7")
+        errors = prot.validate()
+        self.assertTrue(any("Modes [5, 6] are rigid-body motions" in e for e in errors), errors)
+
