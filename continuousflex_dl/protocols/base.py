@@ -26,6 +26,23 @@ class FlexDLProtBase(EMProtocol):
                       help="auto: the first CUDA GPU when one is visible, else the CPU. "
                            "cuda: refuse to run without a GPU. cpu: never use a GPU.")
 
+    def _addChunkParallelSection(self, form, parallel: int = 2):
+        """The parallel section of a protocol whose chunks are parallel steps: Scipion keeps
+        one thread to schedule the steps, so ``numberOfThreads`` N runs N-1 chunks at a time
+        (default ``parallel`` + 1). :meth:`_parallelChunks` gives N-1."""
+        form.addParallelSection(threads=parallel + 1, mpi=0)
+        param = form.getParam("numberOfThreads")
+        param.label.set("Threads (chunks at a time + 1)")
+        param.help.set(f"Scipion keeps one thread to schedule the steps, so N threads run N-1 chunks at "
+                       f"the same time: 1 or 2 run one chunk after another, {parallel + 1} (the default) "
+                       f"runs {parallel} chunks at once. The CPU cores are shared among the chunks "
+                       f"running together (a GPU is shared too). With 'Use queue for steps', N-1 chunks "
+                       f"are queued as cluster jobs at the same time.")
+
+    def _parallelChunks(self) -> int:
+        """How many chunk steps Scipion runs at the same time (numberOfThreads - 1, at least 1)."""
+        return max(1, self.numberOfThreads.get() - 1)
+
     def _addFlexInputParams(self, form, modes_help: str):
         """``inputParticles`` (amplitudes of this plugin) and ``inputModes`` (their normal modes)."""
         form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticlesFlex",

@@ -63,10 +63,11 @@ class FlexDLProtAlign(FlexDLProtBase):
                       help="How many candidate poses are refined, and for how long.")
         form.addParam("chunkSize", params.IntParam, default=100, validators=[params.GT(0)],
                       expertLevel=params.LEVEL_ADVANCED, label="Particles per step",
-                      help="Each chunk is one step: chunks run in parallel (threads) and a continued "
-                           "run skips the chunks already done.")
+                      help="Each chunk is one step. Threads N (Parallelization) run N-1 chunks at the "
+                           "same time; Continue skips the chunks already done with the same inputs and "
+                           "settings.")
         self._addDeviceParam(form)
-        form.addParallelSection(threads=1, mpi=0)
+        self._addChunkParallelSection(form)
 
     # --------------------------- STEPS -----------------------------------------
     def _insertAllSteps(self):
@@ -112,8 +113,10 @@ class FlexDLProtAlign(FlexDLProtBase):
         if job.fingerprint() != job_fp:
             raise ValueError("The inputs changed while the run was starting: run it again.")
         job.save(self._jobFolder())
-        self.info(f"{len(job.ids)} particles, modes {job.mode_numbers}, "
-                  f"{len(job.coords)} atoms in the reference; chunks of at most {self.chunkSize.get()} particles")
+        n_chunks = len(chunk_bounds(len(job.ids), self.chunkSize.get()))
+        self.info(f"{len(job.ids)} particles, modes {job.mode_numbers}, {len(job.coords)} atoms in the "
+                  f"reference: {n_chunks} chunks of at most {self.chunkSize.get()} particles, "
+                  f"{min(n_chunks, self._parallelChunks())} at a time")
         return [os.path.join(self._jobFolder(), name) for name in ("job.npz", "job.json")]
 
     def alignChunkStep(self, start, stop, job_fp):

@@ -97,6 +97,26 @@ class TestProtAlign(BaseTest):
         log = "".join(open(align.getLogPaths()[1]).readlines()) + "".join(open(align.getLogPaths()[0]).readlines())
         self.assertIn("ids [3] contain NaN", log)
 
+    def test_threads_run_one_chunk_fewer_at_a_time(self):
+        def chunk_intervals(prot):
+            return [(s.initTime.datetime(), s.endTime.datetime()) for s in prot.loadSteps()
+                    if s.funcName.get() == "alignChunkStep"]
+
+        help_text = self.align.getParam("numberOfThreads").help.get()
+        self.assertIn("N threads run N-1 chunks at the same time", help_text)
+        self.assertEqual(self.align.numberOfThreads.get(), 3)  # the default: two chunks at once
+        (a0, a1), (b0, b1) = chunk_intervals(self.align)
+        self.assertTrue(a0 < b1 and b0 < a1, "with 3 threads the 2 chunks should have run together")
+        # 2 threads: one chunk after the other.
+        synth = self.newProtocol(FlexDLProtSynthesize, inputModes=self.modes, modeList="7-9", numberOfImages=4,
+                                 boxSize=32, samplingRate=3.0, applyCTF=False, addNoise=False, seed=8)
+        self.launchProtocol(synth)
+        serial = self.newProtocol(FlexDLProtAlign, inputParticles=synth.outputParticles, inputModes=self.modes,
+                                  modeList="7-9", workingSize=32, chunkSize=2, effort=0, numberOfThreads=2)
+        self.launchProtocol(serial)
+        (a0, a1), (b0, b1) = sorted(chunk_intervals(serial))
+        self.assertLessEqual(a1, b0)
+
     def test_form_refuses_rigid_modes_and_a_box_smaller_than_the_structure(self):
         align = self.newProtocol(FlexDLProtAlign, inputParticles=self.truth, inputModes=self.modes, modeList="6-8")
         errors = align.validate()
