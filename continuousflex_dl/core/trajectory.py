@@ -17,7 +17,7 @@ from .nma import displace
 
 __all__ = [
     "principal_components", "principal_path", "path_through_points", "kmeans",
-    "select_by_ranges", "nearest_particles", "trajectory_frames",
+    "select_by_ranges", "nearest_particles", "nearest_points", "trajectory_frames",
 ]
 
 
@@ -208,6 +208,16 @@ def nearest_particles(amplitudes: np.ndarray, points: np.ndarray) -> np.ndarray:
     if p.shape[1] != x.shape[1]:
         raise ValueError(f"The points have {p.shape[1]} amplitudes but the particles have {x.shape[1]}.")
     return _assign(p, x)[0]
+
+
+def nearest_points(amplitudes: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Index of the point closest (Euclidean, Å) to each particle, e.g. the path frame whose
+    particles are reconstructed together: amplitudes (M, K), points (P, K) -> (M,) int."""
+    x = _amplitudes(amplitudes)
+    p = _amplitudes(points, "points")
+    if p.shape[1] != x.shape[1]:
+        raise ValueError(f"The points have {p.shape[1]} amplitudes but the particles have {x.shape[1]}.")
+    return _assign(x, p)[0]
 
 
 def trajectory_frames(coords: np.ndarray, modes: np.ndarray, path: np.ndarray) -> np.ndarray:

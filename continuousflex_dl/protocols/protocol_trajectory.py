@@ -2,13 +2,14 @@
 import re
 
 import numpy as np
-from pwem.objects import AtomStruct, SetOfAtomStructs
+from pwem.objects import AtomStruct, SetOfAtomStructs, SetOfVolumes
 from pyworkflow.protocol import params
 
 from .. import convert
 from ..core.structure import write_multimodel_pdb
-from ..core.trajectory import path_through_points, principal_path, trajectory_frames
+from ..core.trajectory import nearest_points, path_through_points, principal_path, trajectory_frames
 from .base import FlexDLProtBase
+from .group_maps import GroupMapsMixin
 
 PATH_PCA, PATH_THROUGH_POINTS, PATH_POINTS = 0, 1, 2
 PATH_LABELS = ["first principal component", "through points", "points as frames"]
@@ -83,7 +84,7 @@ def fill_atom_structs(out: SetOfAtomStructs, files, ids=None) -> None:
         out.append(item)
 
 
-class FlexDLProtTrajectory(FlexDLProtBase):
+class FlexDLProtTrajectory(GroupMapsMixin, FlexDLProtBase):
     """Structures along a path through the amplitude landscape of the particles.
 
     The path runs along the first principal component of the particles'
@@ -91,9 +92,10 @@ class FlexDLProtTrajectory(FlexDLProtBase):
     length, or taken as they are). Each frame is the reference structure
     displaced by the frame's amplitudes, ``x + sum_k q_k v_k``. The frames are
     written as one multi-model PDB (play it in ChimeraX with 'coordset #1' or
-    in VMD) and as a set of atomic structures."""
+    in VMD) and as a set of atomic structures. Optionally, the particles nearest each
+    frame are reconstructed into a map (id = frame number) that the frame is fitted to."""
     _label = "trajectory"
-    _possibleOutputs = {"outputStructures": SetOfAtomStructs}
+    _possibleOutputs = {"outputStructures": SetOfAtomStructs, "outputMaps": SetOfVolumes}
 
     def _defineParams(self, form):
         form.addSection(label="Input")
@@ -127,10 +129,13 @@ class FlexDLProtTrajectory(FlexDLProtBase):
         form.addParam("numberOfFrames", params.IntParam, default=10, condition="pathType != 2",
                       validators=[params.GE(2)], label="Number of frames",
                       help="Structures along the path (models of the multi-model PDB).")
+        self._addGroupMapParams(form, "frame (its nearest particles)")
 
     # --------------------------- STEPS -----------------------------------------
     def _insertAllSteps(self):
         self._insertFunctionStep(self.computeTrajectoryStep, needsGPU=False)
+        if self.reconstructMaps:
+            self._insertFunctionStep(self.groupMapsStep, needsGPU=self._usesGPU())
         self._insertFunctionStep(self.createOutputStep, needsGPU=False)
 
     def _pathPoints(self, amplitudes: np.ndarray) -> np.ndarray:
@@ -158,6 +163,14 @@ class FlexDLProtTrajectory(FlexDLProtBase):
         self.info("Wrote %d frames of %d atoms to %s" % (len(frames), atoms.n_atoms,
                                                           self._getExtraPath("trajectory.pdb")))
 
+    def _mapGroups(self):
+        """For GroupMapsMixin: each frame with the particles nearer to it than to other frames."""
+        particles = convert.read_particles(self.inputParticles.get(), need_amplitudes=True)
+        path = np.loadtxt(self._getExtraPath("path_points.txt")).reshape(-1, particles.amplitudes.shape[1])
+        member = nearest_points(particles.amplitudes, path)[None, :] == np.arange(len(path))[:, None]
+        return (np.arange(1, len(path) + 1), ["frame_%03d" % (f + 1) for f in range(len(path))], member,
+                path, particles.ids)
+
     def _frameFile(self, number: int) -> str:
         return self._getExtraPath("frames", "frame_%03d.pdb" % number)
 
@@ -168,12 +181,14 @@ class FlexDLProtTrajectory(FlexDLProtBase):
         self._defineOutputs(outputStructures=out)
         self._defineSourceRelation(self.inputParticles, out)
         self._defineSourceRelation(self.inputModes, out)
+        self._createGroupMapsOutput()
 
     # --------------------------- INFO ------------------------------------------
     def _validate(self):
         errors = check_modes_input(self.inputParticles.get(), self.inputModes.get())
         if errors:
             return errors
+        errors = self._validateGroupMaps()
         if self.pathType.get() == PATH_PCA:
             if self.extent.get() == 0 and not self.lowPercentile.get() < self.highPercentile.get():
                 errors.append("The low percentile must be smaller than the high one.")
@@ -202,7 +217,7 @@ class FlexDLProtTrajectory(FlexDLProtBase):
                  "Multi-model PDB (ChimeraX: open it, then 'coordset #1'): "
                  + self._getExtraPath("trajectory.pdb"),
                  "Path points: " + self._getExtraPath("path_points.txt")]
-        return lines
+        return lines + self._groupMapsSummary()
 
     def _methods(self):
         if not hasattr(self, "outputStructures"):

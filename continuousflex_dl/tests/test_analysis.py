@@ -269,6 +269,9 @@ def test_select_by_ranges_and_trajectory_frames():
     with pytest.raises(ValueError):
         tr.select_by_ranges(x, {2: (0, 1)})
     np.testing.assert_array_equal(tr.nearest_particles(x, [[5.5, 0.2], [0.1, 4.0]]), [3, 0])
+    np.testing.assert_array_equal(tr.nearest_points(x, [[5.5, 0.2], [0.1, 4.0]]), [1, 0, 0, 0])
+    with pytest.raises(ValueError, match="amplitudes"):
+        tr.nearest_points(x, [[1.0, 2.0, 3.0]])
     coords = np.arange(12.0).reshape(4, 3)
     modes = _orthonormal_modes(2, 4, seed=9)
     path = np.array([[0.0, 0.0], [1.0, -2.0]])

@@ -15,7 +15,7 @@ from continuousflex_dl.core.projection import density_map
 from continuousflex_dl.core.reconstruction import map_correlation, model_map_correlation, soft_spherical_mask
 from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms
 from continuousflex_dl.protocols import (FlexDLProtCluster, FlexDLProtNMA, FlexDLProtReconstruct,
-                                        FlexDLProtSynthesize)
+                                        FlexDLProtSynthesize, FlexDLProtTrajectory)
 from continuousflex_dl.viewers.viewer_reconstruct import FlexDLReconstructViewer
 
 BOX, PIXEL = 32, 3.0
@@ -108,16 +108,16 @@ class TestGroupMaps(BaseTest):
         cls.modes = nma.outputModes
         table = cls.proj.getTmpPath("two_states.txt")
         with open(table, "w") as f:
-            f.write("%g\n%g\n" % (cls.AMPLITUDE, -cls.AMPLITUDE))
-        synth = cls.newProtocol(FlexDLProtSynthesize, inputModes=cls.modes, modeList="7", amplitudeRelation=6,
-                                amplitudeTable=table, numberOfImages=600, boxSize=BOX, samplingRate=PIXEL,
+            f.write("%g 0\n%g 0\n" % (cls.AMPLITUDE, -cls.AMPLITUDE))
+        synth = cls.newProtocol(FlexDLProtSynthesize, inputModes=cls.modes, modeList="7-8", amplitudeRelation=6,
+                                amplitudeTable=table, numberOfImages=400, boxSize=BOX, samplingRate=PIXEL,
                                 maxShift=3.0, defocusMin=8000.0, defocusMax=20000.0, snr=1.0, seed=2)
         cls.launchProtocol(synth)
         cls.particles = synth.outputParticles
-        atoms, vectors = convert.read_modes(cls.modes, [7])
+        atoms, vectors = convert.read_modes(cls.modes, [7, 8])
         cls.atoms = atoms
         # The two true conformations in the maps' frame (centred reference, then displaced).
-        cls.states = {s: displace(centre(atoms.coords), vectors, np.array([[s * cls.AMPLITUDE]]))[0]
+        cls.states = {s: displace(centre(atoms.coords), vectors, np.array([[s * cls.AMPLITUDE, 0.0]]))[0]
                       for s in (1, -1)}
 
     def _check_maps(self, prot, signs):
@@ -133,7 +133,7 @@ class TestGroupMaps(BaseTest):
             own, other = (model_map_correlation(self.states[s], data, PIXEL, 8.0, self.atoms.sigma,
                                                 self.atoms.weights, mask)
                           for s in (signs[volume.getObjId()], -signs[volume.getObjId()]))
-            # Measured 0.98 against 0.55 (±200 Å along mode 7, 300 particles per group).
+            # Measured 0.98 against 0.55 (±200 Å along mode 7, 200 particles per group).
             self.assertGreater(own, 0.9, (volume.getObjId(), own, other))
             self.assertLess(other, own - 0.2, (volume.getObjId(), own, other))
         summary = "\n".join(prot.summary())
@@ -146,3 +146,12 @@ class TestGroupMaps(BaseTest):
         self.launchProtocol(prot)
         centres = np.load(prot._getExtraPath("clusters.npz"))["centres"]
         self._check_maps(prot, {c + 1: int(np.sign(centres[c, 0])) for c in range(2)})
+
+    def test_trajectory_maps_show_their_conformation(self):
+        # Two frames at the ends of the first principal component: the two states.
+        prot = self.newProtocol(FlexDLProtTrajectory, inputParticles=self.particles, inputModes=self.modes,
+                                extent=1, numberOfFrames=2, reconstructMaps=True, device=1)
+        self.launchProtocol(prot)
+        path = np.loadtxt(prot._getExtraPath("path_points.txt")).reshape(-1, 2)
+        self.assertEqual(len(path), 2)
+        self._check_maps(prot, {f + 1: int(np.sign(path[f, 0])) for f in range(2)})
