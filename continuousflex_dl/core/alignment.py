@@ -231,12 +231,15 @@ class _Model:
         yx, yy, yz = y[..., 0] / ps, y[..., 1] / ps, y[..., 2] / ps
         dpx = torch.cat([vrot[..., 0], torch.stack([zero, yz, -yy, d_shift, zero], 1)], 1)
         dpy = torch.cat([vrot[..., 1], torch.stack([-yz, zero, yx, zero, d_shift], 1)], 1)
-        left = torch.cat([dgy.transpose(1, 2)[:, None] * (self.weights * dpy)[:, :, None, :],
-                          gy.transpose(1, 2)[:, None] * (self.weights * dpx)[:, :, None, :]], -1)
-        right = torch.cat([gx, dgx], 1)                                    # (B, 2N, n)
-        b, d, n = left.shape[0], left.shape[1], self.box
-        jac = torch.bmm(left.reshape(b, d * n, -1), right).reshape(b, d, n, n)
-        return image, jac
+        # J_d = dGy^T diag(w dpy_d) Gx + Gy^T diag(w dpx_d) dGx: two batched products whose
+        # right factors (B, N, D, n) are written contiguous, so no copy of them is made.
+        b, d, n, n_atoms = dpx.shape[0], dpx.shape[1], self.box, dpx.shape[2]
+        right = torch.empty(2, b, n_atoms, d, n, dtype=gx.dtype, device=gx.device)
+        torch.mul((self.weights * dpy).transpose(1, 2)[..., None], gx[:, :, None, :], out=right[0])
+        torch.mul((self.weights * dpx).transpose(1, 2)[..., None], dgx[:, :, None, :], out=right[1])
+        jac = torch.baddbmm(torch.bmm(dgy.transpose(1, 2), right[0].reshape(b, n_atoms, d * n)),
+                            gy.transpose(1, 2), right[1].reshape(b, n_atoms, d * n))
+        return image, jac.reshape(b, n, d, n).transpose(1, 2)
 
 
 def _apply_filter(x: torch.Tensor, filt: Optional[torch.Tensor]) -> torch.Tensor:

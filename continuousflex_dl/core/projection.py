@@ -51,17 +51,10 @@ def pixel_profiles(positions: torch.Tensor, box: int, sigma_px: torch.Tensor,
     """
     inv = 1.0 / (sigma_px * math.sqrt(2.0))
     half = int(math.ceil(WINDOW_SIGMAS * float(torch.max(sigma_px)))) + 1
-    if not derivative and 2 * half + 1 < box:
-        return _windowed_profiles(positions, box, inv, half)
-    edges = torch.arange(box + 1, dtype=positions.dtype, device=positions.device) - 0.5
-    t = (edges - positions[..., None]) * inv[..., None]
-    cdf = torch.erf(t)
-    g = 0.5 * (cdf[..., 1:] - cdf[..., :-1])
-    if not derivative:
-        return g
-    # d/dp 0.5 erf((e - p) / (s sqrt 2)) = -exp(-t^2) / (s sqrt(2 pi)).
-    pdf = torch.exp(-t * t) * (inv[..., None] / math.sqrt(math.pi))
-    return g, -(pdf[..., 1:] - pdf[..., :-1])
+    if 2 * half + 1 < box:
+        return _windowed_profiles(positions, box, inv, half, derivative)
+    return _profiles_on(torch.arange(box + 1, dtype=positions.dtype, device=positions.device) - 0.5,
+                        positions[..., None], inv[..., None], derivative)
 
 
 #: Profiles are evaluated within this many widths of each centre (the Gaussian mass
@@ -69,18 +62,34 @@ def pixel_profiles(positions: torch.Tensor, box: int, sigma_px: torch.Tensor,
 WINDOW_SIGMAS = 6.0
 
 
-def _windowed_profiles(positions: torch.Tensor, box: int, inv: torch.Tensor, half: int) -> torch.Tensor:
-    """:func:`pixel_profiles` evaluated only on the 2 * half + 1 pixels around each centre
-    (erf is the cost of projection; this evaluates ~10 instead of box + 1 per atom)."""
-    k = torch.arange(-half, half + 2, dtype=positions.dtype, device=positions.device)
-    c = torch.round(positions)
-    t = (c[..., None] + (k - 0.5) - positions[..., None]) * inv[..., None]
+def _profiles_on(edges: torch.Tensor, positions: torch.Tensor, inv: torch.Tensor, derivative: bool):
+    """Integrals of unit Gaussians (centres ``positions``, ``inv = 1 / (sigma sqrt 2)``) between
+    consecutive ``edges`` (broadcast; last axis = edges), and their derivatives in position."""
+    t = (edges - positions) * inv
     cdf = torch.erf(t)
     g = 0.5 * (cdf[..., 1:] - cdf[..., :-1])
+    if not derivative:
+        return g
+    # d/dp 0.5 erf((e - p) / (s sqrt 2)) = -exp(-t^2) / (s sqrt(2 pi)).
+    pdf = torch.exp(-t * t) * (inv / math.sqrt(math.pi))
+    return g, -(pdf[..., 1:] - pdf[..., :-1])
+
+
+def _windowed_profiles(positions: torch.Tensor, box: int, inv: torch.Tensor, half: int,
+                       derivative: bool = False):
+    """:func:`pixel_profiles` evaluated only on the 2 * half + 1 pixels around each centre
+    (erf and exp are the cost of projection; this evaluates ~10 instead of box + 1 per atom)."""
+    k = torch.arange(-half, half + 2, dtype=positions.dtype, device=positions.device)
+    c = torch.round(positions)
+    values = _profiles_on(c[..., None] + (k - 0.5), positions[..., None], inv[..., None], derivative)
     idx = c[..., None].long() + k[:-1].long()
-    g = g * ((idx >= 0) & (idx < box))
-    out = torch.zeros(positions.shape + (box,), dtype=positions.dtype, device=positions.device)
-    return out.scatter_add_(-1, idx.clamp_(0, box - 1), g)
+    inside = (idx >= 0) & (idx < box)
+    idx = idx.clamp_(0, box - 1)
+    out = []
+    for v in (values if derivative else (values,)):
+        full = torch.zeros(positions.shape + (box,), dtype=positions.dtype, device=positions.device)
+        out.append(full.scatter_add_(-1, idx, v * inside))
+    return tuple(out) if derivative else out[0]
 
 
 def _check_common(box: int, pixel_size: float) -> int:

@@ -115,10 +115,19 @@ def test_batched_coords_and_bad_inputs():
 
 
 def test_windowed_profiles_equal_the_full_evaluation():
+    """Profiles and their derivatives, evaluated near each centre, equal scipy's erf and the
+    Gaussian density on every pixel of the box."""
+    from scipy.special import erf
     from continuousflex_dl.core.projection import pixel_profiles
     gen = torch.Generator().manual_seed(0)
     pos = torch.rand(4, 50, generator=gen, dtype=torch.float64) * 80 - 8  # some atoms off the box
     sigma = torch.rand(50, generator=gen, dtype=torch.float64) * 1.5 + 0.2
     fast = pixel_profiles(pos, 64, sigma)
-    full, _ = pixel_profiles(pos, 64, sigma, derivative=True)  # evaluated on every pixel edge
-    torch.testing.assert_close(fast, full, atol=1e-9, rtol=0)
+    g, dg = pixel_profiles(pos, 64, sigma, derivative=True)
+    edges = np.arange(65) - 0.5
+    t = (edges - pos.numpy()[..., None]) / (sigma.numpy()[:, None] * np.sqrt(2))
+    full = 0.5 * np.diff(erf(t), axis=-1)
+    pdf = np.exp(-t * t) / (sigma.numpy()[:, None] * np.sqrt(2 * np.pi))
+    np.testing.assert_allclose(fast.numpy(), full, atol=1e-9, rtol=0)
+    np.testing.assert_allclose(g.numpy(), full, atol=1e-9, rtol=0)
+    np.testing.assert_allclose(dg.numpy(), -np.diff(pdf, axis=-1), atol=1e-9, rtol=0)
