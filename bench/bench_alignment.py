@@ -11,6 +11,11 @@ within +-1.96 sigma, median sigma) beside the Cramér-Rao bound at known pose (t
 standard deviation an unbiased estimator cannot beat when the pose, scale and noise level are
 known); ``--out`` also writes them as JSON.
 
+With ``--seeded`` the same images are aligned a second time from first answers that stand
+for a network's (the truth plus Gaussian errors of ``--seed-amp-error`` Å per mode, rotations
+off by ``--seed-angle-error`` degrees about random axes, shifts off by ``--seed-shift-error``
+px), and the figures of that seeded path are printed beside the global path's.
+
 Example: python bench/bench_alignment.py --n 50 --size 128 --snr 0.1 --defocus-um 0.5
 """
 from __future__ import annotations
@@ -84,6 +89,28 @@ def cramer_rao_std(coords, modes, amplitudes, rotations, shifts, box, pixel_size
     return out
 
 
+def timed(run):
+    """(result, wall seconds, process CPU seconds) of ``run()``."""
+    t0, ru0 = time.time(), resource.getrusage(resource.RUSAGE_SELF)
+    out = run()
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    return out, time.time() - t0, (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+
+
+def network_like_seeds(q_true, rot_true, s_true, args, rng):
+    """First answers standing for a network's: the truth with Gaussian errors."""
+    from continuousflex_dl.core.alignment import AlignmentResult, _rodrigues
+    from continuousflex_dl.core.geometry import matrix_to_euler
+    n = len(q_true)
+    axes = rng.normal(size=(n, 3))
+    w = axes / np.linalg.norm(axes, axis=1, keepdims=True) * np.radians(args.seed_angle_error)
+    turn = _rodrigues(torch.as_tensor(w)).numpy()
+    return AlignmentResult(amplitudes=q_true + rng.normal(0, args.seed_amp_error, q_true.shape),
+                           angles=matrix_to_euler(np.einsum("bij,bjk->bik", turn, rot_true)),
+                           shifts=s_true + rng.normal(0, args.seed_shift_error / np.sqrt(2), s_true.shape),
+                           score=np.zeros(n))
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=20, help="number of images")
@@ -103,6 +130,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeded", action="store_true", help="also align from network-like first answers")
+    ap.add_argument("--seed-amp-error", type=float, default=20.0)
+    ap.add_argument("--seed-angle-error", type=float, default=10.0)
+    ap.add_argument("--seed-shift-error", type=float, default=1.0)
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -126,15 +157,12 @@ def main(argv=None) -> dict:
         crb = cramer_rao_std(coords, modes, q_true, rot_true, s_true, args.size, args.pixel_size, ctf,
                              clean.var(axis=(1, 2)) / args.snr)
 
-    t0, ru0 = time.time(), resource.getrusage(resource.RUSAGE_SELF)
-    res = align_particles(images, coords, modes, args.pixel_size, ctf=ctf, max_shift_px=args.max_shift,
-                          amplitude_range=np.tile([-args.amp_range, args.amp_range], (len(args.modes), 1)),
-                          working_size=args.working_size, search_size=args.search_size,
-                          angular_step_deg=args.angular_step, n_candidates=args.candidates,
-                          n_final=args.final, refine_iters=args.refine_iters, device=args.device)
-    elapsed = time.time() - t0
-    ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    common = dict(ctf=ctf, max_shift_px=args.max_shift,
+                  amplitude_range=np.tile([-args.amp_range, args.amp_range], (len(args.modes), 1)),
+                  working_size=args.working_size, search_size=args.search_size,
+                  angular_step_deg=args.angular_step, n_candidates=args.candidates,
+                  n_final=args.final, refine_iters=args.refine_iters, device=args.device)
+    res, elapsed, cpu = timed(lambda: align_particles(images, coords, modes, args.pixel_size, **common))
     amp_err = np.abs(res.amplitudes - q_true)
     ang_err = angular_distance_deg(res.rotations, rot_true)
     sh_err = np.linalg.norm(res.shifts - s_true, axis=1)
@@ -165,6 +193,24 @@ def main(argv=None) -> dict:
         "cpu_s_per_image": round(cpu / args.n, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+    if args.seeded:
+        seeds = network_like_seeds(q_true, rot_true, s_true, args, rng)
+        sres, s_elapsed, s_cpu = timed(lambda: align_particles(images, coords, modes, args.pixel_size,
+                                                               seeds=seeds, **common))
+        s_err = np.abs(sres.amplitudes - q_true)
+        from continuousflex_dl.core.alignment import PATH_FALLBACK, PATH_GLOBAL, PATH_SEEDED
+        figures.update({
+            "seeded_mae_all": round(float(s_err.mean()), 3),
+            "seeded_mae_ratio_to_global": round(float(s_err.mean() / amp_err.mean()), 3),
+            "seeded_angular_error_median_deg": round(float(np.median(angular_distance_deg(sres.rotations,
+                                                                                          rot_true))), 3),
+            "seeded_paths": {"global (reference)": int(np.sum(sres.path == PATH_GLOBAL)),
+                             "seeded": int(np.sum(sres.path == PATH_SEEDED)),
+                             "seeded then global": int(np.sum(sres.path == PATH_FALLBACK))},
+            "seeded_cpu_s_per_image": round(s_cpu / args.n, 3),
+            "seeded_speedup_cpu": round(cpu / s_cpu, 2),
+            "seed_mae": round(float(np.abs(seeds.amplitudes - q_true).mean()), 3),
+        })
     for key, val in figures.items():
         print(f"{key}: {val}")
     if args.out:

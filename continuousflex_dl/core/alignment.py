@@ -22,7 +22,18 @@ cross-correlation (NCC). Three stages, all batched over images:
    analytic Jacobians of the projector, on low-passed images
    (``search_lowpass``) to widen the basin of convergence.
 3. The ``n_final`` best of those are refined again with all atoms at
-   ``working_size`` px; the one with the highest NCC is returned.
+   ``working_size`` px; the one with the highest NCC is returned, with the
+   Laplace (Gauss-Newton) standard deviation of every parameter at the optimum.
+
+An :class:`Aligner` is built once per set from an :class:`AlignConfig` (presets
+``fast``/``normal``/``thorough``); its methods are these stages
+(:meth:`~Aligner.global_search`, :meth:`~Aligner.refine_candidates`,
+:meth:`~Aligner.refine_final`). Given a first answer per particle (a network's),
+:meth:`~Aligner.seeded_candidates` replaces stage 1 by the answer, two slightly
+rotated copies and its in-plane flip; a few reference particles take the global
+path, and seeded particles whose score falls clearly below theirs take it too,
+so a poor first answer costs time, never accuracy. :func:`align_particles` does
+all of it in one call.
 
 Images larger than the working size are reduced by Fourier cropping (the box
 in Å is unchanged), with a correction of the pixel-integration blur so that
@@ -37,7 +48,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Optional, Union
 
 import numpy as np
@@ -48,7 +59,8 @@ from .projection import fourier_crop, pixel_profiles, project_gaussians
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AlignmentResult", "align_particles", "check_contrast", "rotation_grid", "fourier_crop",
+__all__ = ["AlignConfig", "PRESETS", "Aligner", "AlignmentResult", "align_particles", "check_contrast",
+           "PATH_GLOBAL", "PATH_SEEDED", "PATH_FALLBACK", "rotation_grid", "fourier_crop",
            "coarse_grain", "normalised_cross_correlation"]
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -67,6 +79,8 @@ class AlignmentResult:
     (Laplace approximation under white noise, the pose free); angle_std: (M,) degrees,
     the RMS length of the rotation uncertainty (three axis-angle components); shift_std:
     (M,) px of the input images, the RMS length of the shift uncertainty. NaN when unknown.
+    path: (M,) how each particle was aligned (:data:`PATH_GLOBAL`, :data:`PATH_SEEDED`, or
+    :data:`PATH_FALLBACK` for a seeded particle that then took the global path), or None.
     """
     amplitudes: np.ndarray
     angles: np.ndarray
@@ -75,6 +89,7 @@ class AlignmentResult:
     amplitude_std: Optional[np.ndarray] = None
     angle_std: Optional[np.ndarray] = None
     shift_std: Optional[np.ndarray] = None
+    path: Optional[np.ndarray] = None
 
     @property
     def rotations(self) -> np.ndarray:
@@ -85,7 +100,7 @@ class AlignmentResult:
         """Plain numpy arrays by name (for ``np.savez`` or conversion to Scipion objects)."""
         out = {"amplitudes": self.amplitudes, "angles": self.angles,
                "shifts": self.shifts, "score": self.score}
-        for name in ("amplitude_std", "angle_std", "shift_std"):
+        for name in ("amplitude_std", "angle_std", "shift_std", "path"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         return out
@@ -478,184 +493,387 @@ def _as_images(images, device) -> torch.Tensor:
     return t
 
 
-def align_particles(images: ArrayLike, coords: np.ndarray, modes: np.ndarray, pixel_size: float, *,
-                    ctf=None, sigma: Union[float, np.ndarray] = 1.0,
-                    weights: Optional[np.ndarray] = None, max_shift_px: float = 5.0,
-                    amplitude_range: Optional[np.ndarray] = None, working_size: int = 64,
-                    search_size: int = 32, angular_step_deg: float = 15.0,
-                    amplitude_seeds: int = 3, amplitude_grid: int = 3,
-                    n_candidates: int = 8, n_final: int = 1,
-                    search_iters: int = 10, refine_iters: int = 15, bead_cell: float = 1.5,
-                    search_lowpass: Optional[float] = 0.25,
-                    batch_size: int = 128,
-                    device: Union[str, torch.device] = "cpu", seed: int = 0,
-                    progress: Optional[Callable[[float, str], None]] = None) -> AlignmentResult:
-    """HEMNMA elastic and rigid alignment of particle images (see the module docstring).
+@dataclass(frozen=True)
+class AlignConfig:
+    """Settings of a HEMNMA alignment (values that change results; see :class:`Aligner`).
 
-    images: (M, box, box) particle images (numpy or torch), indexed ``[y, x]``.
-    coords: (N, 3) Å reference structure, centred (:func:`structure.centre`).
-    modes: (K, N, 3) the chosen normal modes (unit-norm 3N vectors), K may be 0.
-    pixel_size: Å/px of the images.
-    ctf: :class:`ctf.CTFParams` of the images (one or M values) or None.
-    sigma: atom width(s) Å, (N,) or a number; weights: (N,) or None.
     max_shift_px: largest |shift| searched, pixels of the input images.
-    amplitude_range: (K, 2) lowest and highest amplitude (Å) of each mode; default
-        ``+-5 sqrt(N)`` Å (atoms moved by 5 Å RMS).
-    working_size / search_size: image sizes (px) of the final refinement and of the
-        global search (reduced by Fourier cropping; never above the input box).
-    angular_step_deg: spacing of the global rotation grid; amplitude_seeds: values per
-        mode in the star of amplitude seeds of the global search; amplitude_grid: values
-        per mode of the grid tried at every candidate pose (at most ~256 combinations);
-        n_candidates: distinct poses refined per image at the search size; n_final: of
-        those, refined at the working size.
+    working_size / search_size: image sizes (px) of the final refinement and of the global
+        search (reduced by Fourier cropping; never above the input box).
+    angular_step_deg: spacing of the global rotation grid; amplitude_seeds: values per mode
+        in the star of amplitude seeds of the global search; amplitude_grid: values per mode
+        of the grid tried at every candidate pose (at most ~256 combinations); n_candidates:
+        distinct poses refined per image at the search size; n_final: of those, refined at
+        the working size.
     search_iters / refine_iters: Levenberg-Marquardt iterations of the two refinements.
     bead_cell: bead size of the search model, in search pixels.
-    search_lowpass: width (cycles/px at the search size) of the Gaussian low-pass applied
-        in the search-size refinement (widens its basin of convergence); None: off.
+    search_lowpass: width (cycles/px at the search size) of the Gaussian low-pass applied in
+        the search-size refinement (widens its basin of convergence); None: off.
     batch_size: images aligned at once (bounds memory).
-    seed: the method is deterministic; kept for the project's seeding rule.
-    progress: optional ``callback(fraction_done, message)``.
-    Returns an :class:`AlignmentResult`.
+    seed_perturbation_deg: the seeded path refines each seed, two copies of it rotated by
+        this angle about the image axes and its in-plane flip (psi + 180 deg, the pose a
+        network most often confuses); seed_fallback_mads: a seeded particle whose score falls
+        this many robust standard deviations (1.4826 MAD) below the median score of the
+        particles aligned by the global path takes the global path too; seed_reference: how
+        many particles of the set take the global path to give that score distribution.
     """
-    del seed  # no random choices
-    device = torch.device(device)
-    imgs = _as_images(images, device)
-    m, box = imgs.shape[0], imgs.shape[-1]
-    coords = np.asarray(coords, dtype=np.float64)
-    if coords.ndim != 2 or coords.shape[1] != 3:
-        raise ValueError(f"coords must have shape (N, 3) Å, got {coords.shape}.")
-    n_atoms = len(coords)
-    modes = np.asarray(modes, dtype=np.float64)
-    if modes.ndim == 2 and modes.size == 0:
-        modes = modes.reshape(0, n_atoms, 3)
-    if modes.ndim != 3 or modes.shape[1:] != (n_atoms, 3):
-        raise ValueError(f"modes must have shape (K, {n_atoms}, 3), got {modes.shape}.")
-    k = modes.shape[0]
-    if not pixel_size > 0:
-        raise ValueError(f"The pixel size must be positive (Å/px), got {pixel_size}.")
-    if max_shift_px < 0:
-        raise ValueError(f"The maximum shift must be >= 0 px, got {max_shift_px}.")
-    sig = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (n_atoms,)).copy()
-    wts = np.ones(n_atoms) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
-    if wts.shape != (n_atoms,):
-        raise ValueError(f"weights must have one value per atom ({n_atoms}).")
-    if amplitude_range is None:
-        amplitude_range = np.tile([-5.0 * math.sqrt(n_atoms), 5.0 * math.sqrt(n_atoms)], (k, 1))
-    amplitude_range = np.asarray(amplitude_range, dtype=np.float64).reshape(k, 2)
-    if np.any(amplitude_range[:, 1] < amplitude_range[:, 0]):
-        raise ValueError("Each amplitude range must be (lowest, highest) with lowest <= highest.")
-    if ctf is not None and ctf.batch_size not in (1, m):
-        raise ValueError(f"The CTF describes {ctf.batch_size} images but {m} images were given.")
-    work = min(int(working_size), box)
-    search = min(int(search_size), work)
-    if search < 8:
-        raise ValueError(f"The search size must be at least 8 px, got {search}.")
-    ps_w, ps_s = pixel_size * box / work, pixel_size * box / search
-    report = progress or (lambda f, msg: None)
-    t0 = time.time()
+    max_shift_px: float = 5.0
+    working_size: int = 64
+    search_size: int = 32
+    angular_step_deg: float = 15.0
+    amplitude_seeds: int = 3
+    amplitude_grid: int = 3
+    n_candidates: int = 8
+    n_final: int = 1
+    search_iters: int = 10
+    refine_iters: int = 15
+    bead_cell: float = 1.5
+    search_lowpass: Optional[float] = 0.25
+    batch_size: int = 128
+    seed_perturbation_deg: float = 10.0
+    seed_fallback_mads: float = 3.0
+    seed_reference: int = 16
 
-    # Models: beads of about one search pixel for the search, all atoms for the final fit.
-    bead = coarse_grain(coords, modes, sig, wts, cell=bead_cell * ps_s)
-    model_s = _Model(*bead, search, ps_s, device)
-    model_w = _Model(coords, modes, sig, wts, work, ps_w, device)
-    logger.info("HEMNMA: %d images of %d px, %d atoms (%d beads), %d modes; search %d px, work %d px",
-                m, box, n_atoms, len(bead[0]), k, search, work)
+    @classmethod
+    def preset(cls, name: str, **changes) -> "AlignConfig":
+        """A named effort, ``'fast'``, ``'normal'`` (the defaults, the settings of the README's
+        benchmark) or ``'thorough'``, with optional ``changes`` of single fields."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown alignment effort {name!r}; choose one of {sorted(PRESETS)}.")
+        return replace(PRESETS[name], **changes)
 
-    # Reference spectra of the global search: rotations x amplitude seeds.
-    lo, hi = amplitude_range[:, 0], amplitude_range[:, 1]
-    mid = 0.5 * (lo + hi)
-    seeds = [mid]
-    if amplitude_seeds > 1:
-        frac = (np.arange(amplitude_seeds) + 0.5) / amplitude_seeds
-        for i in range(k):
-            for f in frac:
-                s = mid.copy()
-                s[i] = lo[i] + f * (hi[i] - lo[i])
-                if not np.allclose(s, mid):
-                    seeds.append(s)
-    seeds = np.array(seeds).reshape(len(seeds), k)
-    rots, n_psi = rotation_grid(angular_step_deg, return_n_psi=True)
-    rot_t = torch.as_tensor(rots, dtype=torch.float32, device=device)
-    directions = rot_t[::n_psi]                 # psi = 0 of every projection direction
-    psi = torch.arange(n_psi, device=device, dtype=torch.float32) * (2 * math.pi / n_psi)
-    ref_ft, ref_rot, ref_seed = [], [], []
-    for si, sd in enumerate(seeds):
-        q = torch.as_tensor(sd, dtype=torch.float32, device=device).expand(len(directions), k)
-        for start in range(0, len(directions), 256):
-            sl = slice(start, start + 256)
-            p = model_s.project(directions[sl], q[sl], torch.zeros(directions[sl].shape[0], 2,
-                                                                     device=device))
-            p = _rotate_in_plane(p, psi)                                      # (Pc * n_psi, n, n)
-            p = p - p.mean(dim=(-2, -1), keepdim=True)
-            ref_ft.append(torch.fft.rfft2(p))
-        ref_rot.append(np.arange(len(rots)))
-        ref_seed.append(np.full(len(rots), si))
-    ref_ft = torch.cat(ref_ft)
-    ref_rot, ref_seed = np.concatenate(ref_rot), np.concatenate(ref_seed)
-    logger.info("HEMNMA: %d reference projections (%d rotations x %d amplitude seeds) in %.1f s",
-                len(ref_ft), len(rots), len(seeds), time.time() - t0)
-    report(0.0, f"{len(ref_ft)} reference projections ready")
+    def check(self) -> None:
+        """Raise ValueError with the fix for settings no alignment can use."""
+        if self.max_shift_px < 0:
+            raise ValueError(f"The maximum shift must be >= 0 px, got {self.max_shift_px}.")
+        if not 0 < self.angular_step_deg <= 90:
+            raise ValueError(f"The angular step must be in (0, 90] degrees, got {self.angular_step_deg}.")
+        if min(self.n_candidates, self.n_final, self.batch_size) < 1 or self.n_final > self.n_candidates:
+            raise ValueError("Need 1 <= n_final <= n_candidates and a positive batch size.")
 
-    # Amplitude grid tried at every candidate pose: bin centres, at most ~256 combinations.
-    n_grid = max(2, min(int(amplitude_grid), int(256 ** (1.0 / max(k, 1)) + 1e-9)))
-    axes = [lo[i] + (np.arange(n_grid) + 0.5) / n_grid * (hi[i] - lo[i]) for i in range(k)]
-    grid = torch.as_tensor(np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, k) if k
-                           else np.zeros((1, 0)), dtype=torch.float32, device=device)
-    # Gaussian low-pass of the search-size refinement: wider basins of convergence.
-    ky = torch.fft.fftfreq(search, device=device)[:, None]
-    kx = torch.fft.rfftfreq(search, device=device)[None, :]
-    smooth = torch.exp(-(kx * kx + ky * ky) / (2 * search_lowpass ** 2)) if search_lowpass else 1.0
-    q_lo = torch.as_tensor(lo, dtype=torch.float32, device=device)
-    q_hi = torch.as_tensor(hi, dtype=torch.float32, device=device)
-    out_q, out_rot, out_s, out_score, out_std = [], [], [], [], []
-    for b0 in range(0, m, batch_size):
-        batch = imgs[b0:b0 + batch_size]
-        mb = batch.shape[0]
-        ctf_b = None if ctf is None else (ctf if ctf.batch_size == 1 else ctf.select(slice(b0, b0 + mb)))
-        img_s, img_w = fourier_crop(batch, search), fourier_crop(batch, work)
-        filt_s = _filters(ctf_b, mb, search, ps_s, device, torch.float32)
-        filt_w = _filters(ctf_b, mb, work, ps_w, device, torch.float32)
-        scores, best_shift, anti = _global_search(ref_ft, img_s, filt_s, max_shift_px * search / box)
+
+PRESETS = {
+    "fast": AlignConfig(n_candidates=4, search_iters=8, refine_iters=10),
+    "normal": AlignConfig(),
+    "thorough": AlignConfig(n_candidates=12, n_final=2, search_iters=15, refine_iters=25),
+}
+
+#: :attr:`AlignmentResult.path` codes: how each particle was aligned.
+PATH_GLOBAL, PATH_SEEDED, PATH_FALLBACK = 0, 1, 2
+
+
+class _Scale:
+    """One image size of the alignment: its model, its pixel size and the conversions of
+    shifts between its pixels and those of the input images."""
+
+    def __init__(self, size: int, box: int, pixel_size: float, model_args, device):
+        self.size, self.box = int(size), int(box)
+        self.pixel_size = pixel_size * box / size            # Å/px at this size
+        self.model = _Model(*model_args, self.size, self.pixel_size, device)
+        self.device = device
+
+    def shifts_here(self, shifts_px: torch.Tensor) -> torch.Tensor:
+        """Input-image pixels -> pixels of this size."""
+        return shifts_px * (self.size / self.box)
+
+    def shifts_input(self, shifts: torch.Tensor) -> torch.Tensor:
+        """Pixels of this size -> input-image pixels."""
+        return shifts * (self.box / self.size)
+
+    def max_shift(self, max_shift_px: float, margin: float = 1.0) -> float:
+        """The largest shift in pixels of this size (``margin``: slack of the refinements)."""
+        return max_shift_px * self.size / self.box * margin
+
+    def images(self, batch: torch.Tensor) -> torch.Tensor:
+        return fourier_crop(batch, self.size)
+
+    def filters(self, ctf, m: int) -> torch.Tensor:
+        return _filters(ctf, m, self.size, self.pixel_size, self.device, torch.float32)
+
+
+class Aligner:
+    """HEMNMA alignment of particle images against one flexible reference (module docstring).
+
+    coords: (N, 3) Å reference structure, centred (:func:`structure.centre`); modes: (K, N, 3)
+    the chosen normal modes (unit-norm 3N vectors), K may be 0; pixel_size: Å/px and box: px
+    of the images; config: :class:`AlignConfig`; sigma: atom width(s) Å, (N,) or a number;
+    weights: (N,) or None; amplitude_range: (K, 2) lowest and highest amplitude (Å) of each
+    mode, default ``+-5 sqrt(N)`` Å (atoms moved by 5 Å RMS).
+
+    Built once per set: the models at both sizes and, on first use, the reference projections
+    of the global search (shared by every image). Stages, in the order :meth:`align` runs them:
+    :meth:`global_search` (or :meth:`seeded_candidates`), :meth:`refine_candidates`,
+    :meth:`refine_final` (with the uncertainty of :func:`_laplace_std`).
+    """
+
+    def __init__(self, coords: np.ndarray, modes: np.ndarray, pixel_size: float, box: int,
+                 config: AlignConfig = AlignConfig(), *, sigma: Union[float, np.ndarray] = 1.0,
+                 weights: Optional[np.ndarray] = None, amplitude_range: Optional[np.ndarray] = None,
+                 device: Union[str, torch.device] = "cpu"):
+        config.check()
+        coords = np.asarray(coords, dtype=np.float64)
+        if coords.ndim != 2 or coords.shape[1] != 3:
+            raise ValueError(f"coords must have shape (N, 3) Å, got {coords.shape}.")
+        n_atoms = len(coords)
+        modes = np.asarray(modes, dtype=np.float64)
+        if modes.ndim == 2 and modes.size == 0:
+            modes = modes.reshape(0, n_atoms, 3)
+        if modes.ndim != 3 or modes.shape[1:] != (n_atoms, 3):
+            raise ValueError(f"modes must have shape (K, {n_atoms}, 3), got {modes.shape}.")
+        if not pixel_size > 0:
+            raise ValueError(f"The pixel size must be positive (Å/px), got {pixel_size}.")
+        self.k = k = modes.shape[0]
+        sig = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (n_atoms,)).copy()
+        wts = np.ones(n_atoms) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+        if wts.shape != (n_atoms,):
+            raise ValueError(f"weights must have one value per atom ({n_atoms}).")
+        if amplitude_range is None:
+            amplitude_range = np.tile([-5.0 * math.sqrt(n_atoms), 5.0 * math.sqrt(n_atoms)], (k, 1))
+        amplitude_range = np.asarray(amplitude_range, dtype=np.float64).reshape(k, 2)
+        if np.any(amplitude_range[:, 1] < amplitude_range[:, 0]):
+            raise ValueError("Each amplitude range must be (lowest, highest) with lowest <= highest.")
+        self.config, self.box, self.device = config, int(box), torch.device(device)
+        work = min(int(config.working_size), self.box)
+        search = min(int(config.search_size), work)
+        if search < 8:
+            raise ValueError(f"The search size must be at least 8 px, got {search}.")
+        # Models: beads of about one search pixel for the search, all atoms for the final fit.
+        bead = coarse_grain(coords, modes, sig, wts, cell=config.bead_cell * pixel_size * self.box / search)
+        self.search = _Scale(search, self.box, pixel_size, bead, self.device)
+        self.work = _Scale(work, self.box, pixel_size, (coords, modes, sig, wts), self.device)
+        self.amplitude_range = amplitude_range
+        self.q_lo = torch.as_tensor(amplitude_range[:, 0], dtype=torch.float32, device=self.device)
+        self.q_hi = torch.as_tensor(amplitude_range[:, 1], dtype=torch.float32, device=self.device)
+        self._references = None
+        logger.info("HEMNMA: %d px images, %d atoms (%d beads), %d modes; search %d px, work %d px",
+                    self.box, n_atoms, len(bead[0]), k, search, work)
+
+    # ------------------------------------------------------------------ the set
+    def align(self, images: ArrayLike, ctf=None, seeds: Optional[AlignmentResult] = None,
+              progress: Optional[Callable[[float, str], None]] = None) -> AlignmentResult:
+        """Align images (M, box, box) (numpy or torch, indexed ``[y, x]``); ctf: CTFParams of
+        the images (one or M values) or None; seeds: a first answer per image (amplitudes,
+        angles, shifts, e.g. a network's), which replaces the global search for all particles
+        but ``seed_reference`` of them and those whose refined score stays clearly below the
+        scores of the global path. progress: optional ``callback(fraction_done, message)``."""
+        imgs = _as_images(images, self.device)
+        m = imgs.shape[0]
+        if imgs.shape[-1] != self.box:
+            raise ValueError(f"The images are {imgs.shape[-1]} px but the aligner was built for {self.box} px.")
+        if ctf is not None and ctf.batch_size not in (1, m):
+            raise ValueError(f"The CTF describes {ctf.batch_size} images but {m} images were given.")
+        if seeds is not None and seeds.amplitudes.shape != (m, self.k):
+            raise ValueError(f"The seeds must give ({m}, {self.k}) amplitudes, got {seeds.amplitudes.shape}.")
+        report = progress or (lambda f, msg: None)
+        t0 = time.time()
+        path = np.full(m, PATH_GLOBAL if seeds is None else PATH_SEEDED, dtype=np.int8)
+        if seeds is not None:
+            path[np.linspace(0, m - 1, min(m, self.config.seed_reference)).round().astype(int)] = PATH_GLOBAL
+        parts = {}
+        for route in (PATH_GLOBAL, PATH_SEEDED):
+            rows = np.flatnonzero(path == route)
+            for b0 in range(0, len(rows), self.config.batch_size):
+                batch = rows[b0:b0 + self.config.batch_size]
+                parts[tuple(batch)] = self._align_batch(imgs, ctf, batch, seeds if route == PATH_SEEDED else None)
+                done = sum(len(b) for b in parts)
+                report(done / m, f"aligned {done}/{m} images")
+                logger.info("HEMNMA: aligned %d/%d images (%.1f s)", done, m, time.time() - t0)
+        result = _gather(parts, m)
+        if seeds is not None:
+            result = self._fall_back(imgs, ctf, result, path)
+        result.path = path
+        return result
+
+    def _fall_back(self, imgs, ctf, result: AlignmentResult, path: np.ndarray) -> AlignmentResult:
+        """Seeded particles scoring clearly below the global path's scores take the global path."""
+        reference = result.score[path == PATH_GLOBAL]
+        median = np.median(reference)
+        spread = 1.4826 * np.median(np.abs(reference - median)) + 1e-6
+        poor = np.flatnonzero((path == PATH_SEEDED) & (result.score < median - self.config.seed_fallback_mads * spread))
+        logger.info("HEMNMA: %d of %d seeded particles fall below the global path's scores; "
+                    "they take the global path", len(poor), int(np.sum(path == PATH_SEEDED)))
+        for b0 in range(0, len(poor), self.config.batch_size):
+            batch = poor[b0:b0 + self.config.batch_size]
+            redo = self._align_batch(imgs, ctf, batch, None)
+            better = redo.score > result.score[batch]
+            for name in ("amplitudes", "angles", "shifts", "score", "amplitude_std", "angle_std", "shift_std"):
+                getattr(result, name)[batch[better]] = getattr(redo, name)[better]
+        path[poor] = PATH_FALLBACK
+        return result
+
+    def _align_batch(self, imgs, ctf, rows: np.ndarray, seeds: Optional[AlignmentResult]) -> AlignmentResult:
+        batch = imgs[torch.as_tensor(rows, device=self.device)]
+        mb = len(rows)
+        ctf_b = None if ctf is None else (ctf if ctf.batch_size == 1 else ctf.select(rows))
+        img_s, filt_s = self.search.images(batch), self.search.filters(ctf_b, mb)
+        if seeds is None:
+            owner, rot0, q0, s0 = self.global_search(img_s, filt_s)
+        else:
+            owner, rot0, q0, s0 = self.seeded_candidates(seeds, rows)
+        # A seed's candidates are one basin: the best of them alone goes to the working size.
+        owner, rot1, q1, s1 = self.refine_candidates(img_s, filt_s, owner, rot0, q0, s0, mb,
+                                                     keep=self.config.n_final if seeds is None else 1)
+        return self.refine_final(self.work.images(batch), self.work.filters(ctf_b, mb), owner, rot1, q1, s1, mb)
+
+    # ------------------------------------------------------------------ stages
+    def global_search(self, img_s: torch.Tensor, filt_s: torch.Tensor):
+        """The ``n_candidates`` best distinct rotations of each image (search size) against
+        every reference projection, with the best grid amplitudes and shift of each.
+        Returns (owner (C,) image index of each candidate, rotations (C, 3, 3), amplitudes
+        (C, K) Å, shifts (C, 2) search px). Refuses contrast-inverted images."""
+        cfg, refs = self.config, self._reference_projections()
+        scores, best_shift, anti = _global_search(refs["spectra"], img_s, filt_s,
+                                                  self.search.max_shift(cfg.max_shift_px))
         scores_np = scores.cpu().numpy()
         check_contrast(scores_np.max(1), anti.cpu().numpy())
-        pick = np.stack([_distinct_candidates(scores_np[i], ref_rot, rots, n_candidates,
-                                              angular_step_deg) for i in range(mb)])  # (mb, C)
-        owner = np.repeat(np.arange(mb), n_candidates)
-        flat = pick.reshape(-1)
-        rot0 = rot_t[torch.as_tensor(ref_rot[flat], device=device)]
-        own_t = torch.as_tensor(owner, device=device)
-        if k:
-            q0, s0, _ = _amplitude_grid_search(model_s, img_s[own_t], filt_s[own_t], rot0, grid,
-                                               max_shift_px * search / box)
+        mb = img_s.shape[0]
+        pick = np.stack([_distinct_candidates(scores_np[i], refs["rotation_index"], refs["rotations"],
+                                              cfg.n_candidates, cfg.angular_step_deg)
+                         for i in range(mb)]).reshape(-1)                              # (mb * C,)
+        owner = torch.as_tensor(np.repeat(np.arange(mb), cfg.n_candidates), device=self.device)
+        rot0 = refs["rotation_tensor"][torch.as_tensor(refs["rotation_index"][pick], device=self.device)]
+        if self.k:
+            q0, s0, _ = _amplitude_grid_search(self.search.model, img_s[owner], filt_s[owner], rot0,
+                                               refs["grid"], self.search.max_shift(cfg.max_shift_px))
         else:
-            q0 = torch.zeros(len(flat), 0, device=device)
-            s0 = best_shift[own_t, torch.as_tensor(flat, device=device)]
-        logger.debug("HEMNMA: global search done (%.1f s)", time.time() - t0)
-        r1, q1, s1, ncc1, _ = _refine(model_s, img_s[own_t], (filt_s * smooth)[own_t], rot0, q0, s0,
-                                   q_lo, q_hi,
-                                   max_shift_px * search / box * 1.1, search_iters, chunk=64)
-        # The n_final best per image go to the working size.
-        order = torch.argsort(ncc1.reshape(mb, n_candidates), dim=1, descending=True)[:, :n_final]
-        sel = (order + torch.arange(mb, device=device)[:, None] * n_candidates).reshape(-1)
-        own2 = own_t[sel]
-        logger.debug("HEMNMA: search-size refinement done (%.1f s)", time.time() - t0)
-        r2, q2, s2, ncc2, std2 = _refine(model_w, img_w[own2], filt_w[own2], r1[sel], q1[sel],
-                                   s1[sel] * (work / search), q_lo, q_hi,
-                                   max_shift_px * work / box * 1.1, refine_iters, chunk=16)
-        best = torch.argmax(ncc2.reshape(mb, n_final), dim=1) + torch.arange(mb, device=device) * n_final
-        out_q.append(q2[best]), out_rot.append(r2[best])
-        out_s.append(s2[best] * (box / work)), out_score.append(ncc2[best])
-        out_std.append(std2[best] * torch.as_tensor([1.0] * k + [180.0 / math.pi] * 3 + [box / work] * 2,
-                                                    dtype=std2.dtype, device=device))
-        done = min(m, b0 + mb)
-        report(done / m, f"aligned {done}/{m} images")
-        logger.info("HEMNMA: aligned %d/%d images (%.1f s)", done, m, time.time() - t0)
-    rot = torch.cat(out_rot).double().cpu().numpy()
-    std = torch.cat(out_std).cpu().numpy()
-    return AlignmentResult(amplitudes=torch.cat(out_q).double().cpu().numpy(),
-                           angles=matrix_to_euler(rot),
-                           shifts=torch.cat(out_s).double().cpu().numpy(),
-                           score=torch.cat(out_score).double().cpu().numpy(),
-                           amplitude_std=std[:, :k],
-                           angle_std=np.sqrt((std[:, k:k + 3] ** 2).sum(1)),
-                           shift_std=np.sqrt((std[:, k + 3:k + 5] ** 2).sum(1)))
+            q0 = torch.zeros(len(pick), 0, device=self.device)
+            s0 = best_shift[owner, torch.as_tensor(pick, device=self.device)]
+        return owner, rot0, q0, s0
+
+    def seeded_candidates(self, seeds: AlignmentResult, rows: np.ndarray):
+        """Candidates from a first answer per image: the seed, two copies rotated by
+        ``seed_perturbation_deg`` about the image x and y axes and the in-plane flip.
+        Same return values as :meth:`global_search`."""
+        a = np.radians(self.config.seed_perturbation_deg)
+        turns = torch.as_tensor(np.stack([[0.0, 0.0, 0.0], [a, 0.0, 0.0], [0.0, a, 0.0], [0.0, 0.0, math.pi]]),
+                                dtype=torch.float32, device=self.device)
+        n_turn, mb = len(turns), len(rows)
+        rot = torch.as_tensor(euler_to_matrix(seeds.angles[rows]), dtype=torch.float32, device=self.device)
+        rot0 = torch.matmul(_rodrigues(turns.repeat(mb, 1)), rot.repeat_interleave(n_turn, 0))
+        q = torch.as_tensor(seeds.amplitudes[rows], dtype=torch.float32, device=self.device)
+        q0 = torch.minimum(torch.maximum(q, self.q_lo), self.q_hi).repeat_interleave(n_turn, 0)
+        limit = self.search.max_shift(self.config.max_shift_px)
+        s = self.search.shifts_here(torch.as_tensor(seeds.shifts[rows], dtype=torch.float32, device=self.device))
+        s0 = s.clamp(-limit, limit).repeat_interleave(n_turn, 0)
+        owner = torch.as_tensor(np.repeat(np.arange(mb), n_turn), device=self.device)
+        return owner, rot0, q0, s0
+
+    def refine_candidates(self, img_s, filt_s, owner, rot0, q0, s0, mb: int, keep: int):
+        """Joint local refinement of the candidates at the search size (low-passed images);
+        keeps the ``keep`` best of each image. Returns (owner, rotations, amplitudes,
+        shifts in search px) of those."""
+        cfg = self.config
+        ky = torch.fft.fftfreq(self.search.size, device=self.device)[:, None]
+        kx = torch.fft.rfftfreq(self.search.size, device=self.device)[None, :]
+        smooth = (torch.exp(-(kx * kx + ky * ky) / (2 * cfg.search_lowpass ** 2)) if cfg.search_lowpass
+                  else 1.0)
+        r1, q1, s1, ncc1, _ = _refine(self.search.model, img_s[owner], (filt_s * smooth)[owner], rot0, q0, s0,
+                                      self.q_lo, self.q_hi, self.search.max_shift(cfg.max_shift_px, 1.1),
+                                      cfg.search_iters, chunk=64)
+        per_image = len(owner) // mb
+        keep = min(keep, per_image)
+        order = torch.argsort(ncc1.reshape(mb, per_image), dim=1, descending=True)[:, :keep]
+        sel = (order + torch.arange(mb, device=self.device)[:, None] * per_image).reshape(-1)
+        return owner[sel], r1[sel], q1[sel], s1[sel]
+
+    def refine_final(self, img_w, filt_w, owner, rot1, q1, s1, mb: int) -> AlignmentResult:
+        """All-atom refinement of the kept candidates at the working size; the best of each
+        image with the Laplace uncertainty of its parameters."""
+        cfg, k = self.config, self.k
+        s_work = self.work.shifts_here(self.search.shifts_input(s1))
+        r2, q2, s2, ncc2, std2 = _refine(self.work.model, img_w[owner], filt_w[owner], rot1, q1, s_work,
+                                         self.q_lo, self.q_hi, self.work.max_shift(cfg.max_shift_px, 1.1),
+                                         cfg.refine_iters, chunk=16)
+        per_image = len(owner) // mb
+        best = torch.argmax(ncc2.reshape(mb, per_image), dim=1) + torch.arange(mb, device=self.device) * per_image
+        std = std2[best].cpu().numpy()
+        std[:, k:k + 3] *= 180.0 / math.pi
+        std[:, k + 3:k + 5] = self.work.shifts_input(torch.as_tensor(std[:, k + 3:k + 5])).numpy()
+        return AlignmentResult(amplitudes=q2[best].double().cpu().numpy(),
+                               angles=matrix_to_euler(r2[best].double().cpu().numpy()),
+                               shifts=self.work.shifts_input(s2[best]).double().cpu().numpy(),
+                               score=ncc2[best].double().cpu().numpy(),
+                               amplitude_std=std[:, :k], angle_std=np.sqrt((std[:, k:k + 3] ** 2).sum(1)),
+                               shift_std=np.sqrt((std[:, k + 3:k + 5] ** 2).sum(1)))
+
+    def _reference_projections(self) -> dict:
+        """Spectra of the global search's references (rotations x amplitude seeds), the
+        rotation of each and the amplitude grid of the candidates; built on first use."""
+        if self._references is not None:
+            return self._references
+        cfg, k, device, t0 = self.config, self.k, self.device, time.time()
+        lo, hi = self.amplitude_range[:, 0], self.amplitude_range[:, 1]
+        mid = 0.5 * (lo + hi)
+        seeds = [mid]
+        if cfg.amplitude_seeds > 1:
+            frac = (np.arange(cfg.amplitude_seeds) + 0.5) / cfg.amplitude_seeds
+            for i in range(k):
+                for f in frac:
+                    s = mid.copy()
+                    s[i] = lo[i] + f * (hi[i] - lo[i])
+                    if not np.allclose(s, mid):
+                        seeds.append(s)
+        seeds = np.array(seeds).reshape(len(seeds), k)
+        rots, n_psi = rotation_grid(cfg.angular_step_deg, return_n_psi=True)
+        rot_t = torch.as_tensor(rots, dtype=torch.float32, device=device)
+        directions = rot_t[::n_psi]                 # psi = 0 of every projection direction
+        psi = torch.arange(n_psi, device=device, dtype=torch.float32) * (2 * math.pi / n_psi)
+        spectra = []
+        for sd in seeds:
+            q = torch.as_tensor(sd, dtype=torch.float32, device=device).expand(len(directions), k)
+            for start in range(0, len(directions), 256):
+                sl = slice(start, start + 256)
+                p = self.search.model.project(directions[sl], q[sl],
+                                              torch.zeros(directions[sl].shape[0], 2, device=device))
+                p = _rotate_in_plane(p, psi)                                      # (Pc * n_psi, n, n)
+                spectra.append(torch.fft.rfft2(p - p.mean(dim=(-2, -1), keepdim=True)))
+        # Amplitude grid tried at every candidate pose: bin centres, at most ~256 combinations.
+        n_grid = max(2, min(int(cfg.amplitude_grid), int(256 ** (1.0 / max(k, 1)) + 1e-9)))
+        axes = [lo[i] + (np.arange(n_grid) + 0.5) / n_grid * (hi[i] - lo[i]) for i in range(k)]
+        grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, k) if k else np.zeros((1, 0))
+        self._references = {
+            "spectra": torch.cat(spectra), "rotations": rots, "rotation_tensor": rot_t,
+            "rotation_index": np.tile(np.arange(len(rots)), len(seeds)),
+            "grid": torch.as_tensor(grid, dtype=torch.float32, device=device)}
+        logger.info("HEMNMA: %d reference projections (%d rotations x %d amplitude seeds) in %.1f s",
+                    len(self._references["spectra"]), len(rots), len(seeds), time.time() - t0)
+        return self._references
+
+
+def _gather(parts: dict, m: int) -> AlignmentResult:
+    """One AlignmentResult of M images from results of batches keyed by their row indices."""
+    names = ("amplitudes", "angles", "shifts", "score", "amplitude_std", "angle_std", "shift_std")
+    first = next(iter(parts.values()))
+    out = {n: np.zeros((m,) + getattr(first, n).shape[1:]) for n in names}
+    for rows, res in parts.items():
+        for n in names:
+            out[n][list(rows)] = getattr(res, n)
+    return AlignmentResult(**out)
+
+
+_CONFIG_FIELDS = {f.name for f in fields(AlignConfig)}
+
+
+def align_particles(images: ArrayLike, coords: np.ndarray, modes: np.ndarray, pixel_size: float, *,
+                    ctf=None, sigma: Union[float, np.ndarray] = 1.0, weights: Optional[np.ndarray] = None,
+                    amplitude_range: Optional[np.ndarray] = None, seeds: Optional[AlignmentResult] = None,
+                    config: Optional[AlignConfig] = None, device: Union[str, torch.device] = "cpu",
+                    seed: int = 0, progress: Optional[Callable[[float, str], None]] = None,
+                    **settings) -> AlignmentResult:
+    """HEMNMA alignment of particle images in one call: ``Aligner(...).align(...)``.
+
+    images: (M, box, box); coords (N, 3) Å centred; modes (K, N, 3); pixel_size Å/px; ctf,
+    sigma, weights, amplitude_range, seeds: see :class:`Aligner` and :meth:`Aligner.align`.
+    config: an :class:`AlignConfig` (default: the 'normal' preset), and ``settings``: single
+    fields of it (``max_shift_px=3``, ``n_candidates=4``, ...). seed: the method is
+    deterministic; kept for the project's seeding rule. Returns an :class:`AlignmentResult`.
+    """
+    del seed  # no random choices
+    unknown = set(settings) - _CONFIG_FIELDS
+    if unknown:
+        raise ValueError(f"Unknown alignment settings {sorted(unknown)}; AlignConfig has {sorted(_CONFIG_FIELDS)}.")
+    config = replace(config or AlignConfig(), **settings)
+    imgs = _as_images(images, device)
+    aligner = Aligner(coords, modes, pixel_size, imgs.shape[-1], config, sigma=sigma, weights=weights,
+                      amplitude_range=amplitude_range, device=device)
+    return aligner.align(imgs, ctf=ctf, seeds=seeds, progress=progress)

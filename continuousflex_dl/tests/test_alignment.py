@@ -5,7 +5,7 @@ import torch
 
 from continuousflex_dl.core import alignment as al
 from continuousflex_dl.core.ctf import CTFParams, apply_ctf, ctf_image
-from continuousflex_dl.core.geometry import angular_distance_deg, euler_to_matrix, random_rotations
+from continuousflex_dl.core.geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler, random_rotations
 from continuousflex_dl.core.nma import compute_modes
 from continuousflex_dl.core.projection import project_gaussians
 from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms
@@ -229,3 +229,37 @@ def test_laplace_uncertainty_is_calibrated(ake):
     z = np.abs(q_fit.numpy() - q) / std[:, :3].numpy()
     assert 0.90 <= np.mean(z < 1.96) <= 0.99, np.mean(z < 1.96)
     assert 0.55 < np.median(z) < 0.85, np.median(z)
+
+
+def test_seeded_alignment_keeps_good_seeds_and_replaces_poor_ones(ake):
+    """A perfect first answer (the truth, slightly off) skips the global search for all but
+    the reference particles at no loss of accuracy; random first answers (a poor network) fall
+    back to the global path and still end right."""
+    coords, modes = ake
+    n = 24
+    ctf = CTFParams(defocus_u=np.full(n, 6000.0), defocus_v=np.full(n, 6000.0))
+    img, q, rot, shifts, scale = _particles(coords, modes, n, seed=3, ctf=ctf, snr=1.0)
+    kw = dict(ctf=ctf, max_shift_px=2.0, angular_step_deg=15.0, seed_reference=6,
+              amplitude_range=np.tile([-1.25 * scale, 1.25 * scale], (3, 1)))
+    rng = np.random.default_rng(0)
+    near = al.AlignmentResult(amplitudes=q + rng.normal(0, 5, q.shape),
+                              angles=matrix_to_euler(np.einsum("bij,bjk->bik", random_small_rotations(n, 5.0, rng), rot)),
+                              shifts=shifts + rng.normal(0, 0.5, shifts.shape), score=np.zeros(n))
+    good = al.align_particles(img, coords, modes, PIXEL, seeds=near, **kw)
+    assert np.sum(good.path == al.PATH_GLOBAL) == 6 and np.sum(good.path == al.PATH_SEEDED) >= 16
+    mae, ang, _ = _errors(good, q, rot, shifts)
+    assert np.all(mae < 4.0) and np.median(ang) < 2.0, (mae, ang)
+    poor = al.AlignmentResult(amplitudes=rng.uniform(-scale, scale, q.shape),
+                              angles=matrix_to_euler(random_rotations(n, rng)),
+                              shifts=rng.uniform(-2, 2, shifts.shape), score=np.zeros(n))
+    bad = al.align_particles(img, coords, modes, PIXEL, seeds=poor, **kw)
+    assert np.sum(bad.path == al.PATH_FALLBACK) >= 12, bad.path
+    mae, ang, _ = _errors(bad, q, rot, shifts)
+    assert np.median(ang) < 2.0 and np.median(np.abs(bad.amplitudes - q)) < 4.0, (mae, ang)
+
+
+def random_small_rotations(n, degrees, rng):
+    """(n, 3, 3) rotations by ``degrees`` about random axes."""
+    axes = rng.normal(size=(n, 3))
+    w = torch.tensor(axes / np.linalg.norm(axes, axis=1, keepdims=True) * np.radians(degrees))
+    return al._rodrigues(w).numpy()
