@@ -3,6 +3,7 @@
 Commands:
   demo        the whole pipeline on adenylate kinase in a Scipion project
   nma         normal modes of a PDB/mmCIF file into a folder of mode files
+  align-chunk one chunk of a HEMNMA alignment job folder (what the alignment protocol runs per chunk)
   gui         the Scipion GUI on a project: gui [PROJECT folder or name] (none: project manager)
 """
 import sys
@@ -23,6 +24,9 @@ def main(argv=None) -> int:
     if command == "nma":
         from .cli import nma_main
         return nma_main(rest)
+    if command == "align-chunk":
+        from .cli import align_chunk_main
+        return align_chunk_main(rest)
     print(f"Unknown command {command!r}.\n{__doc__}", file=sys.stderr)
     return 2
 

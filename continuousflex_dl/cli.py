@@ -1,6 +1,7 @@
 """Script-level commands over the core (no Scipion needed): for clusters and pipelines."""
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,4 +29,41 @@ def nma_main(argv=None) -> int:
                np.column_stack([modes.numbers, modes.eigenvalues, modes.collectivity]),
                fmt=["%d", "%.6e", "%.4f"], header="mode eigenvalue collectivity")
     print(f"{modes.n_modes} modes of {atoms.n_atoms} atoms written to {args.output}")
+    return 0
+
+
+def align_chunk_main(argv=None) -> int:
+    """Align one chunk of a HEMNMA alignment job folder (written by the alignment protocol or
+    :meth:`core.alignment_job.AlignmentJob.save`); the chunk file is written atomically."""
+    parser = argparse.ArgumentParser(
+        prog="continuousflex_dl align-chunk",
+        description="HEMNMA alignment of rows [START, STOP) of a job folder -> chunks/rows_START_STOP.npz. "
+                    "An up-to-date chunk file (same job fingerprint, rows and images) is kept.")
+    parser.add_argument("folder", type=Path, help="job folder (job.npz, job.json)")
+    parser.add_argument("--rows", type=int, nargs=2, required=True, metavar=("START", "STOP"),
+                        help="0-based rows of the job's particles, STOP excluded")
+    parser.add_argument("--fingerprint", default=None,
+                        help="the job fingerprint the caller planned with: a job folder prepared for other "
+                             "inputs or settings is refused")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--slot", type=int, default=0,
+                        help="spreads concurrent chunks over the visible GPUs (GPU slot mod count)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads of torch; 0: the queue's allocation or the process's cores")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    import torch
+    from .core.alignment_job import run_chunk
+    from .core.device import cpu_threads_available, resolve_device
+    try:
+        torch.set_num_threads(args.threads if args.threads > 0 else cpu_threads_available())
+        device = resolve_device(args.device, args.slot)
+        start, stop = args.rows
+        path, computed = run_chunk(args.folder, start, stop, args.fingerprint, device=device,
+                                   progress=lambda f, m: logging.info("rows %d-%d: %.0f%% %s", start, stop,
+                                                                      100 * f, m))
+    except ValueError as exc:
+        print(f"align-chunk: {exc}", file=sys.stderr)
+        return 1
+    print(f"{'aligned' if computed else 'up to date'}: {path} ({device}, {torch.get_num_threads()} threads)")
     return 0

@@ -24,13 +24,13 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from .alignment import AlignmentResult, align_particles
-from .chunks import chunk_bounds, fingerprint, gather_by_id, read_chunk, write_chunk
+from .chunks import Chunk, chunk_bounds, fingerprint, gather_by_id, read_chunk, write_chunk
 from .ctf import CTFParams
 from .dataset import MrcsImageSource, check_images
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AlignmentJob", "run_chunk", "gather", "chunk_path"]
+__all__ = ["AlignmentJob", "run_chunk", "finished_chunk", "gather", "chunk_path"]
 
 PathLike = Union[str, os.PathLike]
 RESULT_KEYS = ("amplitudes", "angles", "shifts", "score")
@@ -183,6 +183,21 @@ def run_chunk(folder: PathLike, start: int, stop: int, expected_fingerprint: Opt
     return out, True
 
 
+def finished_chunk(folder: PathLike, start: int, stop: int, job_fingerprint: str) -> Chunk:
+    """The chunk file of rows ``[start, stop)`` computed for the job ``job_fingerprint``
+    (ValueError saying to Continue when it is missing, damaged, or from another job)."""
+    path = chunk_path(folder, start, stop)
+    chunk = read_chunk(path)
+    if chunk is None:
+        raise ValueError(f"Rows {start}-{stop} are not aligned ({path} missing or damaged; see the log of "
+                         f"the step or of its cluster job): Continue the run.")
+    p = chunk.provenance
+    if p.get("job") != job_fingerprint or (p.get("start"), p.get("stop")) != (start, stop):
+        raise ValueError(f"{path} was computed for other inputs or settings: Continue the run to align "
+                         f"these rows again.")
+    return chunk
+
+
 def _load_checked(folder: PathLike, expected_fingerprint: Optional[str]) -> AlignmentJob:
     """The job in ``folder``, refused (ValueError) when it was prepared for another fingerprint."""
     job = AlignmentJob.load(folder)
@@ -203,17 +218,7 @@ def gather(folder: PathLike, expected_fingerprint: Optional[str], chunk_size: in
     """
     job = _load_checked(folder, expected_fingerprint)
     job_fp = job.fingerprint()
-    pieces = []
-    for start, stop in chunk_bounds(len(job.ids), chunk_size):
-        path = chunk_path(folder, start, stop)
-        chunk = read_chunk(path)
-        if chunk is None:
-            raise ValueError(f"Rows {start}-{stop} are not aligned yet ({path} missing or damaged): "
-                             f"Continue the run.")
-        p = chunk.provenance
-        if p.get("job") != job_fp or (p.get("start"), p.get("stop")) != (start, stop):
-            raise ValueError(f"{path} was computed for other inputs or settings: Continue the run to "
-                             f"align these rows again.")
-        pieces.append((chunk.ids, chunk.arrays))
-    arrays = gather_by_id(job.ids, pieces)
+    pieces = [finished_chunk(folder, start, stop, job_fp)
+              for start, stop in chunk_bounds(len(job.ids), chunk_size)]
+    arrays = gather_by_id(job.ids, [(c.ids, c.arrays) for c in pieces])
     return job, AlignmentResult(**{k: arrays[k] for k in RESULT_KEYS})

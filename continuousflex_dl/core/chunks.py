@@ -23,7 +23,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["fingerprint", "chunk_bounds", "Chunk", "write_chunk", "read_chunk",
+__all__ = ["fingerprint", "chunk_bounds", "auto_chunk_size", "Chunk", "write_chunk", "read_chunk",
            "gather_by_id"]
 
 PathLike = Union[str, os.PathLike]
@@ -81,6 +81,24 @@ def chunk_bounds(n_items: int, chunk_size: int) -> List[Tuple[int, int]]:
         raise ValueError(f"The number of items must not be negative, got {n_items}.")
     n_chunks = math.ceil(n_items / chunk_size)
     return [(k * chunk_size, min((k + 1) * chunk_size, n_items)) for k in range(n_chunks)]
+
+
+def auto_chunk_size(n_items: int, workers: int, per_worker: int = 4, smallest: int = 20,
+                    largest: int = 500) -> int:
+    """A chunk size for ``n_items`` spread over ``workers`` parallel workers.
+
+    About ``per_worker`` chunks per worker (load balance, and little lost work when a run
+    stops), but chunks of at least ``smallest`` items (each chunk pays a process start and
+    input loading) unless that leaves a worker idle, and at most ``largest`` (memory, and
+    the granularity of a continued run). Every worker gets work when
+    ``n_items >= workers``.
+    """
+    if workers < 1:
+        raise ValueError(f"The number of workers must be at least 1, got {workers}.")
+    if n_items <= 0:
+        return 1
+    even = max(1, n_items // workers)  # at least one chunk per worker
+    return max(1, max(min(smallest, even), min(largest, math.ceil(even / per_worker))))
 
 
 def write_chunk(path: PathLike, provenance: dict, ids: np.ndarray, arrays: Dict[str, np.ndarray]) -> None:

@@ -8,11 +8,11 @@ from pwem.protocols import EMProtocol
 from pyworkflow.protocol import params
 
 from .. import convert
+from ..core.device import DEVICE_CHOICES, resolve_device
 from ..core.mrc import check_mrc_stack
 from ..core.nma import N_RIGID
 from ..core.structure import diameter, read_coordinates
 
-DEVICE_CHOICES = ["auto", "cpu", "cuda"]
 
 
 class FlexDLProtBase(EMProtocol):
@@ -20,7 +20,7 @@ class FlexDLProtBase(EMProtocol):
     _devStatus = "BETA"
 
     def _addDeviceParam(self, form):
-        form.addParam("device", params.EnumParam, choices=DEVICE_CHOICES, default=0,
+        form.addParam("device", params.EnumParam, choices=list(DEVICE_CHOICES), default=0,
                       display=params.EnumParam.DISPLAY_HLIST, label="Compute device",
                       expertLevel=params.LEVEL_ADVANCED,
                       help="auto: the first CUDA GPU when one is visible, else the CPU. "
@@ -105,13 +105,10 @@ class FlexDLProtBase(EMProtocol):
         return self._deviceChoice() != "cpu"
 
     def _getDevice(self) -> str:
-        import torch
-        choice = self._deviceChoice()
-        if choice == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if choice == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("Device 'cuda' was chosen but no CUDA GPU is visible; choose 'auto' or 'cpu'.")
-        return choice
+        try:
+            return resolve_device(self._deviceChoice())
+        except ValueError as exc:
+            raise RuntimeError(str(exc)) from None
 
     def _logToRunLog(self):
         """Send the core's progress lines (logging) to this run's log."""

@@ -1,5 +1,8 @@
 """HEMNMA: elastic (normal-mode amplitudes) and rigid (pose) alignment of particles, in chunks."""
+import json
 import os
+import shlex
+import sys
 
 import numpy as np
 from pwem.objects import SetOfParticlesFlex
@@ -7,8 +10,9 @@ from pyworkflow.protocol import STEPS_PARALLEL, params
 
 from .. import convert
 from ..core.alignment import AlignmentResult
-from ..core.alignment_job import RESULT_KEYS, AlignmentJob, gather, run_chunk
-from ..core.chunks import chunk_bounds
+from ..core.alignment_job import RESULT_KEYS, AlignmentJob, chunk_path, finished_chunk, gather
+from ..core.chunks import auto_chunk_size, chunk_bounds
+from ..core.device import cpu_threads_available
 from ..core.structure import centre
 from .base import FlexDLProtBase
 
@@ -61,11 +65,14 @@ class FlexDLProtAlign(FlexDLProtBase):
         form.addParam("effort", params.EnumParam, choices=list(EFFORT), default=1,
                       display=params.EnumParam.DISPLAY_HLIST, label="Refinement effort",
                       help="How many candidate poses are refined, and for how long.")
-        form.addParam("chunkSize", params.IntParam, default=100, validators=[params.GT(0)],
-                      expertLevel=params.LEVEL_ADVANCED, label="Particles per step",
-                      help="Each chunk is one step. Threads N (Parallelization) run N-1 chunks at the "
-                           "same time; Continue skips the chunks already done with the same inputs and "
-                           "settings.")
+        form.addParam("chunkSize", params.IntParam, default=0, validators=[params.GE(0)],
+                      expertLevel=params.LEVEL_ADVANCED, label="Particles per chunk",
+                      help="Each chunk is one step, a process of its own (python -m continuousflex_dl "
+                           "align-chunk), or a cluster job with 'Use queue for steps'. Threads N "
+                           "(Parallelization) run N-1 chunks at the same time. 0: automatic, about 4 "
+                           "chunks per parallel worker, of 20 to 500 particles (fewer than 20 only so that "
+                           "every worker has one); kept on Continue. Continue skips the chunks already done "
+                           "with the same inputs and settings.")
         self._addDeviceParam(form)
         self._addChunkParallelSection(form)
 
@@ -75,12 +82,31 @@ class FlexDLProtAlign(FlexDLProtBase):
         # reruns exactly the steps whose inputs changed, and chunk files are placed by id.
         self._job = self._buildJob()
         job_fp = self._job.fingerprint()
-        convert_step = self._insertFunctionStep(self.convertInputStep, job_fp, needsGPU=False)
+        size = self._chunkSize(job_fp, len(self._job.ids))
+        bounds = chunk_bounds(len(self._job.ids), size)
+        self._plan = (size, len(bounds))  # read by the steps, which run in this process
+        convert_step = self._insertFunctionStep(self.convertInputStep, job_fp, size, needsGPU=False)
         chunk_steps = [self._insertFunctionStep(self.alignChunkStep, start, stop, job_fp,
                                                 prerequisites=[convert_step], needsGPU=self._usesGPU())
-                       for start, stop in chunk_bounds(len(self._job.ids), self.chunkSize.get())]
-        self._insertFunctionStep(self.createOutputStep, job_fp, self.chunkSize.get(),
-                                 prerequisites=chunk_steps, needsGPU=False)
+                       for start, stop in bounds]
+        self._insertFunctionStep(self.createOutputStep, job_fp, size, prerequisites=chunk_steps, needsGPU=False)
+
+    def _chunkSize(self, job_fp: str, n: int) -> int:
+        """The form's chunk size, or (0) the one an earlier run of the same job used, or an
+        automatic one for ``n`` particles and the parallel chunks of the form."""
+        if self.chunkSize.get() > 0:
+            return self.chunkSize.get()
+        try:
+            with open(self._planFile()) as f:
+                plan = json.load(f)
+            if plan.get("fingerprint") == job_fp and int(plan.get("chunk_size", 0)) > 0:
+                return int(plan["chunk_size"])
+        except (OSError, ValueError):
+            pass
+        return auto_chunk_size(n, self._parallelChunks())
+
+    def _planFile(self) -> str:
+        return self._getExtraPath("plan.json")
 
     def _modeNumbers(self):
         text = (self.modeList.get() or "").strip()
@@ -107,26 +133,34 @@ class FlexDLProtAlign(FlexDLProtBase):
     def _jobFolder(self) -> str:
         return self._getExtraPath()
 
-    def convertInputStep(self, job_fp):
+    def convertInputStep(self, job_fp, chunk_size):
         self._logToRunLog()
         job = getattr(self, "_job", None) or self._buildJob()
         if job.fingerprint() != job_fp:
             raise ValueError("The inputs changed while the run was starting: run it again.")
         job.save(self._jobFolder())
-        n_chunks = len(chunk_bounds(len(job.ids), self.chunkSize.get()))
+        with open(self._planFile(), "w") as f:
+            json.dump({"fingerprint": job_fp, "chunk_size": int(chunk_size)}, f)
+        n_chunks = len(chunk_bounds(len(job.ids), chunk_size))
+        where = "cluster jobs" if self.useQueueForSteps() else "processes"
         self.info(f"{len(job.ids)} particles, modes {job.mode_numbers}, {len(job.coords)} atoms in the "
-                  f"reference: {n_chunks} chunks of at most {self.chunkSize.get()} particles, "
-                  f"{min(n_chunks, self._parallelChunks())} at a time")
-        return [os.path.join(self._jobFolder(), name) for name in ("job.npz", "job.json")]
+                  f"reference: {n_chunks} chunks of at most {chunk_size} particles, "
+                  f"{min(n_chunks, self._parallelChunks())} {where} at a time")
+        return [os.path.join(self._jobFolder(), name) for name in ("job.npz", "job.json")] + [self._planFile()]
 
     def alignChunkStep(self, start, stop, job_fp):
-        self._logToRunLog()
-
-        def progress(fraction, message):
-            self.info(f"rows {start}-{stop}: {100 * fraction:.0f}% {message}")
-
-        path, _ = run_chunk(self._jobFolder(), start, stop, job_fp, device=self._getDevice(), progress=progress)
-        return [str(path)]
+        """One chunk as a process of the package's command line (a cluster job with 'Use queue
+        for steps'); it reads the job folder and writes its chunk file atomically."""
+        size, n_chunks = self._plan
+        # Local chunks share this machine's cores; a cluster job uses what the queue gives it (0).
+        threads = 0 if self.useQueueForSteps() else max(
+            1, cpu_threads_available() // min(n_chunks, self._parallelChunks()))
+        self.runJob(shlex.quote(sys.executable),
+                    ["-m", "continuousflex_dl", "align-chunk", os.path.abspath(self._jobFolder()),
+                     "--rows", start, stop, "--fingerprint", job_fp, "--device", self._deviceChoice(),
+                     "--slot", start // size, "--threads", threads])
+        finished_chunk(self._jobFolder(), start, stop, job_fp)  # a failed job leaves none
+        return [str(chunk_path(self._jobFolder(), start, stop))]
 
     def createOutputStep(self, job_fp, chunk_size):
         job, result = gather(self._jobFolder(), job_fp, chunk_size)

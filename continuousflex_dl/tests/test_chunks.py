@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from continuousflex_dl.core.chunks import (chunk_bounds, fingerprint, gather_by_id, read_chunk,
+from continuousflex_dl.core.chunks import (auto_chunk_size, chunk_bounds, fingerprint, gather_by_id, read_chunk,
                                            write_chunk)
 
 
@@ -64,3 +64,18 @@ def test_gather_places_rows_by_particle_id():
         gather_by_id(ids, pieces + [pieces[0]])
     with pytest.raises(ValueError, match="id 4, which is not in the input set"):
         gather_by_id(ids, pieces + [(np.array([4]), {"q": np.array([[0.0]])})])
+
+
+def test_auto_chunk_size_gives_every_worker_work_in_bounded_chunks():
+    assert auto_chunk_size(16, 2) == 8  # a small set: one chunk per worker
+    assert auto_chunk_size(100, 2) == 20  # 5 chunks of 20, not one of 100
+    assert auto_chunk_size(2000, 2) == 250  # about 4 per worker
+    assert auto_chunk_size(500_000, 20) == 500  # at most 500
+    for n in range(1, 300, 7):
+        for workers in range(1, 9):
+            size = auto_chunk_size(n, workers)
+            chunks = len(chunk_bounds(n, size))
+            assert chunks >= min(n, workers), (n, workers, size)
+            assert size <= 500 and (size >= 20 or chunks >= min(n, workers))
+    with pytest.raises(ValueError, match="at least 1"):
+        auto_chunk_size(10, 0)

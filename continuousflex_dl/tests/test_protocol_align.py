@@ -1,6 +1,8 @@
 """HEMNMA alignment and outlier removal protocols on synthetic particles with known truth."""
 import glob
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -67,6 +69,17 @@ class TestProtAlign(BaseTest):
         # A job folder prepared for other settings is refused, not mixed in.
         with self.assertRaisesRegex(ValueError, "prepared for other inputs or settings"):
             run_chunk(folder, 0, 8, "0" * 64)
+        # The command line each chunk step runs says the same, and keeps an up-to-date chunk.
+        command = [sys.executable, "-m", "continuousflex_dl", "align-chunk", folder, "--rows", "8", "16",
+                   "--threads", "1"]
+        refused = subprocess.run(command + ["--fingerprint", "0" * 64], capture_output=True, text=True)
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("prepared for other inputs or settings", refused.stderr)
+        mtime1 = os.path.getmtime(chunk1)
+        kept = subprocess.run(command + ["--fingerprint", job_fp], capture_output=True, text=True)
+        self.assertEqual(kept.returncode, 0, kept.stderr)
+        self.assertIn("up to date", kept.stdout)
+        self.assertEqual(os.path.getmtime(chunk1), mtime1)
 
     def test_outlier_removal_keeps_the_central_particles(self):
         prot = self.newProtocol(FlexDLProtOutliers, inputParticles=self.truth, fraction=0.25, robust=False)
