@@ -22,8 +22,18 @@ the same settings; of the settings only ``epochs`` (not with the one-cycle
 schedule, which the number of epochs defines) and ``patience`` may change.
 Anything else is refused with a message saying what changed.
 
+Training data (``TrainConfig.data``): ``"particles"``, the particle images
+and their amplitudes (HEMNMA or ground truth); ``"simulated"``, particles
+simulated on the fly from the reference and its modes, matched to the data
+set (its CTFs, noise, amplitude range and shift range; :mod:`.simulator`),
+a fresh stream every epoch; ``"simulated+finetune"``, ``epochs`` epochs on
+the simulated stream, then ``finetune_epochs`` on the particles' amplitudes
+from the last simulated weights (a new optimizer and schedule at
+``finetune_lr``). Validation is on held-out particles (their amplitudes)
+whenever the particles have amplitudes, else on a fixed simulated set.
+
 Targets are standardised per output with the mean/std of the *training split*
-only (saved in config.json). Shifts are divided by one isotropic scale (no
+only (saved in config.json), or of the amplitude prior when simulating. Shifts are divided by one isotropic scale (no
 mean), so in-plane rotation augmentation commutes with standardisation; the
 6-D rotation is not scaled. The split is by particle id: all images of one
 particle (e.g. several noisy copies) are on the same side. Images with NaN or
@@ -43,23 +53,25 @@ import pickle
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from .ctf import CTFParams
-from .dataset import (NORMALIZATIONS, CtfLike, as_image_source, check_images, iterate_batches, rotate_images,
-                      rotate_pose)
+from .dataset import (NORMALIZATIONS, CtfLike, as_image_source, check_images, iterate_batches, prepare_images,
+                      rotate_images, rotate_pose)
 from .geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler
 from .network import DeepHEMNMANet, build_model, matrix_to_rotation_6d, rotation_6d_to_matrix
+from .simulator import (VALIDATION_EPOCH, AmplitudePrior, ParticleSimulator, Reference, SimulatedBatch,
+                        default_amplitude_range, match_simulator)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TrainConfig", "LoadedModel", "CheckpointError", "split_by_particle", "train", "load_model",
            "predict", "changed_settings", "save_checkpoint", "load_checkpoint", "METRICS_COLUMNS",
-           "FITTED_FIELDS", "RESUMABLE_SETTINGS"]
+           "FITTED_FIELDS", "RESUMABLE_SETTINGS", "DATA_CHOICES"]
 
 CONFIG_FILE, BEST_FILE, LAST_FILE, METRICS_FILE = "config.json", "best.pt", "last.pt", "metrics.csv"
 PREVIOUS_FILE = "last.previous.pt"
@@ -75,6 +87,8 @@ class TrainConfig:
     image_size: input box (px), set by :func:`train` from the images.
     working_size: box (px) the network sees after Fourier cropping (None: image_size).
     pixel_size: Å/px of the input images.
+    window: side (Å) of the real-space window around the box centre that the
+    network sees (None: the whole box), then Fourier-cropped to ``working_size``.
     normalization: image normalisation name (see ``dataset.NORMALIZATIONS``).
     predict_pose: also regress the pose (6-D rotation + shifts in px).
     loss: "l1" or "mse" on standardised targets. lr_schedule: "onecycle"
@@ -85,6 +99,15 @@ class TrainConfig:
     with "onecycle"). augment_rotation: random in-plane rotations of training
     images.
     amp: mixed precision (CUDA only).
+    data: training data, one of :data:`DATA_CHOICES` (see the module docstring).
+    sim_images: simulated images per epoch (each one new). sim_in_plane:
+    simulated orientations uniform on SO(3) (else uniform directions, psi = 0).
+    sim_max_shift_px: simulated shifts uniform in [-S, S]^2 px (None: the 99th
+    percentile of the particles' |shifts| when poses are given, else 0).
+    sim_amplitude_range: simulated amplitudes uniform in [-R, R] Å (None: the
+    range of the particles' amplitudes, widened by 10 %; 5 sqrt(N) Å without them).
+    finetune_epochs, finetune_lr (None: learning_rate / 10): the fine-tuning of
+    "simulated+finetune".
     phase_flip (images were CTF phase-flipped, so prediction needs CTFs too)
     and seed: set by :func:`train` from its arguments.
     The fields of :data:`FITTED_FIELDS` are values :func:`train` fits to the
@@ -113,10 +136,19 @@ class TrainConfig:
     amp: bool = True
     phase_flip: bool = False
     seed: int = 0
+    window: Optional[float] = None
+    data: str = "particles"
+    sim_images: int = 6000
+    sim_in_plane: bool = True
+    sim_max_shift_px: Optional[float] = None
+    sim_amplitude_range: Optional[float] = None
+    finetune_epochs: int = 10
+    finetune_lr: Optional[float] = None
     n_outputs: int = 0
     target_mean: List[float] = field(default_factory=list)
     target_std: List[float] = field(default_factory=list)
     shift_scale: float = 1.0
+    simulation: dict = field(default_factory=dict)
     version: str = ""
 
     @property
@@ -124,9 +156,19 @@ class TrainConfig:
         return len(self.modes)
 
     @property
+    def window_px(self) -> Optional[int]:
+        """Side (px) of the real-space window, or None (the whole box)."""
+        return None if self.window is None else int(round(self.window / self.pixel_size))
+
+    @property
     def input_size(self) -> int:
         """Box (px) the network sees."""
-        return int(self.working_size or self.image_size)
+        return int(self.working_size or self.window_px or self.image_size)
+
+    @property
+    def simulates(self) -> bool:
+        """Whether training uses the simulated stream."""
+        return self.data != "particles"
 
     def settings(self) -> dict:
         """The user settings (every field but :data:`FITTED_FIELDS`), as plain values."""
@@ -146,8 +188,13 @@ class TrainConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-#: TrainConfig fields that :func:`train` fits to the data (not user settings).
-FITTED_FIELDS = ("image_size", "n_outputs", "target_mean", "target_std", "shift_scale", "version")
+#: TrainConfig fields that :func:`train` fits to the data (not user settings);
+#: ``simulation`` holds what the simulator matched to the particles (SNR,
+#: signal scale, noise spectrum, amplitude and shift ranges).
+FITTED_FIELDS = ("image_size", "n_outputs", "target_mean", "target_std", "shift_scale", "simulation",
+                 "version")
+#: Training data choices (``TrainConfig.data``).
+DATA_CHOICES = ("particles", "simulated", "simulated+finetune")
 #: Settings a stopped training may change when it continues: they decide when
 #: it stops, not what an epoch computes (``epochs`` not with "onecycle").
 RESUMABLE_SETTINGS = ("epochs", "patience")
@@ -205,21 +252,27 @@ def split_by_particle(particle_ids: np.ndarray, val_fraction: float,
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
-class _Targets:
-    """Standardised targets (B, n_outputs) from amplitudes (Å) and poses, and back."""
+@dataclass
+class _Labels:
+    """The truth of a batch: amplitudes (B, K) Å [, angles (B, 3) deg, shifts (B, 2) px]."""
+    amplitudes: np.ndarray
+    angles: Optional[np.ndarray] = None
+    shifts: Optional[np.ndarray] = None
 
-    def __init__(self, config: TrainConfig, amplitudes: np.ndarray,
-                 angles: Optional[np.ndarray], shifts: Optional[np.ndarray]):
+
+class _Targets:
+    """Standardised targets (B, n_outputs) from amplitudes (Å) and poses."""
+
+    def __init__(self, config: TrainConfig):
         self.config = config
-        self.amplitudes, self.angles, self.shifts = amplitudes, angles, shifts
         self.mean = np.asarray(config.target_mean, dtype=np.float64)
         self.std = np.asarray(config.target_std, dtype=np.float64)
 
-    def batch(self, idx: np.ndarray, inplane_deg: Optional[np.ndarray]) -> torch.Tensor:
-        amp = (self.amplitudes[idx] - self.mean) / self.std
+    def encode(self, labels: _Labels, inplane_deg: Optional[np.ndarray]) -> torch.Tensor:
+        amp = (labels.amplitudes - self.mean) / self.std
         if not self.config.predict_pose:
             return torch.as_tensor(amp, dtype=torch.float32)
-        angles, shifts = self.angles[idx], self.shifts[idx]
+        angles, shifts = labels.angles, labels.shifts
         if inplane_deg is not None:
             angles, shifts = rotate_pose(angles, shifts, inplane_deg)
         d6 = matrix_to_rotation_6d(torch.as_tensor(euler_to_matrix(angles)))
@@ -256,25 +309,23 @@ def _autocast(device: torch.device, enabled: bool, cpu_bfloat16: bool = False):
     return contextlib.nullcontext()
 
 
-def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def _make_optimizer(config: TrainConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     # The fused Adam kernel is several times faster than the per-tensor loop
     # (ResNet34 has 21 M parameters, so small batches are optimizer bound).
     try:
-        return torch.optim.Adam(model.parameters(), lr=config.learning_rate,
-                                weight_decay=config.weight_decay, fused=True)
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(model.parameters(), lr=config.learning_rate,
-                                weight_decay=config.weight_decay)
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)
 
 
-def _make_scheduler(config: TrainConfig, optimizer, steps_per_epoch: int):
+def _make_scheduler(config: TrainConfig, optimizer, steps_per_epoch: int, epochs: int, lr: float):
     if config.lr_schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate,
-                                                   epochs=config.epochs, steps_per_epoch=max(1, steps_per_epoch))
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs,
+                                                   steps_per_epoch=max(1, steps_per_epoch))
     if config.lr_schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=config.lr_patience)
     if config.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs))
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
     if config.lr_schedule == "none":
         return None
     raise ValueError(f"Unknown learning-rate schedule {config.lr_schedule!r}; use onecycle, plateau, cosine or none.")
@@ -420,95 +471,199 @@ def _load_last(out: Path, device: torch.device) -> Optional[dict]:
 class _Data:
     """The checked inputs of :func:`train`."""
     source: object
-    amplitudes: np.ndarray            # (M, K) Å
+    amplitudes: Optional[np.ndarray]  # (M, K) Å; None: simulated training without labels
     particle_ids: np.ndarray          # (M,)
-    angles: Optional[np.ndarray]      # (M, 3) degrees, with predict_pose
-    shifts: Optional[np.ndarray]      # (M, 2) px, with predict_pose
-    ctf: CtfLike
+    angles: Optional[np.ndarray]      # (M, 3) degrees, when poses are given
+    shifts: Optional[np.ndarray]      # (M, 2) px, when poses are given
+    ctf: CtfLike                      # phase flipping
+    reference: Optional[Reference]    # simulation
+    particle_ctf: Optional[CTFParams]  # the particles' CTFs, for simulation
 
-    def fingerprint(self, world_size: int) -> str:
+    def labels(self, idx: np.ndarray) -> _Labels:
+        return _Labels(self.amplitudes[idx], None if self.angles is None else self.angles[idx],
+                       None if self.shifts is None else self.shifts[idx])
+
+    def fingerprint(self, config: TrainConfig, world_size: int) -> str:
         """SHA-256 of what training results depend on besides the settings and the pixels."""
         h = hashlib.sha256(f"{len(self.source)} {self.source.image_size} {world_size}".encode())
         h.update(repr(self.particle_ids.tolist()).encode())
-        for a in (self.amplitudes, self.angles, self.shifts):
+        poses = config.predict_pose or config.simulates
+        for a in (self.amplitudes, self.angles if poses else None, self.shifts if poses else None):
             if a is not None:
                 h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
-        if isinstance(self.ctf, CTFParams):
-            for a in (self.ctf.defocus_u, self.ctf.defocus_v, self.ctf.defocus_angle):
-                h.update(np.ascontiguousarray(np.asarray(a, dtype=np.float64)).tobytes())
+        for ctf in (self.ctf, self.particle_ctf if config.simulates else None):
+            if isinstance(ctf, CTFParams):
+                for a in (ctf.defocus_u, ctf.defocus_v, ctf.defocus_angle):
+                    h.update(np.ascontiguousarray(np.asarray(a, dtype=np.float64)).tobytes())
+        if config.simulates:
+            ref = self.reference
+            for a in (ref.coords, ref.modes, ref.sigma, ref.weights):
+                if a is not None:
+                    h.update(np.ascontiguousarray(np.asarray(a, dtype=np.float64)).tobytes())
         return h.hexdigest()
 
 
-def _check_inputs(images, amplitudes: np.ndarray, particle_ids: np.ndarray, config: TrainConfig,
+def _check_inputs(images, amplitudes: Optional[np.ndarray], particle_ids: np.ndarray, config: TrainConfig,
                   poses: Optional[Tuple[np.ndarray, np.ndarray]], ctf: CtfLike,
+                  reference: Optional[Reference], particle_ctf: Optional[CTFParams],
                   world_size: int, rank: int) -> _Data:
     """Shapes, values and settings of :func:`train`, checked; raises ValueError with the fix."""
     source = as_image_source(images)
-    amplitudes = np.asarray(amplitudes, dtype=np.float64)
-    if amplitudes.ndim == 1:
-        amplitudes = amplitudes[:, None]
     m = len(source)
-    if amplitudes.shape != (m, len(config.modes)):
-        raise ValueError(f"Amplitudes must be (number of images, number of modes) = ({m}, "
-                         f"{len(config.modes)}), got {amplitudes.shape}.")
-    if not np.all(np.isfinite(amplitudes)):
-        raise ValueError("Amplitudes contain NaN or infinite values.")
+    if config.data not in DATA_CHOICES:
+        raise ValueError(f"Unknown training data {config.data!r}; choose one of {', '.join(DATA_CHOICES)}.")
+    if amplitudes is None:
+        if config.data != "simulated":
+            raise ValueError(f"Training on {config.data!r} needs the particles' amplitudes; without them, "
+                             "train on simulated particles only (data='simulated').")
+    else:
+        amplitudes = np.asarray(amplitudes, dtype=np.float64)
+        if amplitudes.ndim == 1:
+            amplitudes = amplitudes[:, None]
+        if amplitudes.shape != (m, len(config.modes)):
+            raise ValueError(f"Amplitudes must be (number of images, number of modes) = ({m}, "
+                             f"{len(config.modes)}), got {amplitudes.shape}.")
+        if not np.all(np.isfinite(amplitudes)):
+            raise ValueError("Amplitudes contain NaN or infinite values.")
     particle_ids = np.asarray(particle_ids)
     if particle_ids.shape != (m,):
         raise ValueError(f"Need one particle id per image ({m}), got shape {particle_ids.shape}.")
     angles = shifts = None
-    if config.predict_pose:
-        if poses is None:
-            raise ValueError("predict_pose needs poses=(angles_deg (M, 3), shifts_px (M, 2)).")
+    if poses is not None:
         angles, shifts = (np.asarray(p, dtype=np.float64) for p in poses)
         if angles.shape != (m, 3) or shifts.shape != (m, 2):
             raise ValueError(f"Poses must be angles (M, 3) and shifts (M, 2); got {angles.shape}, {shifts.shape}.")
+    if config.predict_pose and poses is None and (config.data != "simulated" or amplitudes is not None):
+        raise ValueError("predict_pose needs poses=(angles_deg (M, 3), shifts_px (M, 2)).")
+    if particle_ctf is None and isinstance(ctf, CTFParams):
+        particle_ctf = ctf
+    if config.simulates:
+        if reference is None:
+            raise ValueError(f"Training on {config.data!r} particles needs the reference structure and its "
+                             "normal modes (reference=simulator.Reference(...)).")
+        if reference.n_modes != len(config.modes):
+            raise ValueError(f"The reference has {reference.n_modes} modes but {len(config.modes)} are "
+                             f"trained ({config.modes}): give the modes of the amplitude columns.")
+        if ctf is not None and particle_ctf is None:
+            raise ValueError("Simulated training with phase flipping needs the particles' CTF parameters "
+                             "(a CTFParams), not precomputed CTF images.")
+        if particle_ctf is not None and particle_ctf.batch_size not in (1, m):
+            raise ValueError(f"Give one CTF per particle ({m}) or one for all, got {particle_ctf.batch_size}.")
+        if config.sim_images < 1:
+            raise ValueError(f"Simulate at least one image per epoch, got {config.sim_images}.")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} must be in [0, world_size={world_size}).")
-    if config.working_size is not None and config.working_size > source.image_size:
-        raise ValueError(f"Working size {config.working_size} exceeds the image size {source.image_size}.")
+    window = config.window_px or source.image_size
+    if window > source.image_size:
+        raise ValueError(f"The window ({config.window} Å, {window} px) is larger than the images "
+                         f"({source.image_size} px at {config.pixel_size} Å/px): make it at most "
+                         f"{source.image_size * config.pixel_size:g} Å.")
+    if config.working_size is not None and config.working_size > window:
+        raise ValueError(f"Working size {config.working_size} exceeds the "
+                         f"{'window' if config.window else 'image size'} ({window} px).")
     if config.normalization not in NORMALIZATIONS:
         raise ValueError(f"Unknown image normalisation {config.normalization!r}; "
                          f"choose one of {sorted(NORMALIZATIONS)}.")
     if config.epochs < 1 or config.batch_size < 1:
         raise ValueError("epochs and batch_size must be positive.")
+    if config.data == "simulated+finetune" and config.finetune_epochs < 1:
+        raise ValueError("Fine-tuning needs at least one epoch (finetune_epochs).")
     check_images(source, particle_ids, "training")
-    return _Data(source, amplitudes, particle_ids, angles, shifts, ctf)
+    return _Data(source, amplitudes, particle_ids, angles, shifts, ctf, reference, particle_ctf)
 
 
-def _fit_stats(config: TrainConfig, amplitudes: np.ndarray, shifts: Optional[np.ndarray],
-               train_idx: np.ndarray) -> TrainConfig:
-    mean = amplitudes[train_idx].mean(axis=0)
-    std = amplitudes[train_idx].std(axis=0)
+def _fit_stats(config: TrainConfig, data: _Data, train_idx: Optional[np.ndarray],
+               simulator: Optional[ParticleSimulator]) -> TrainConfig:
+    """Target statistics: of the training split's labels, or of the simulator's amplitude prior."""
+    if simulator is not None:
+        mean, std = simulator.amplitudes.mean, simulator.amplitudes.std
+        rms = simulator.max_shift_px / math.sqrt(3.0)  # uniform in [-S, S]
+    else:
+        mean = data.amplitudes[train_idx].mean(axis=0)
+        std = data.amplitudes[train_idx].std(axis=0)
+        rms = float(np.sqrt(np.mean(data.shifts[train_idx] ** 2))) if data.shifts is not None else 0.0
     std = np.where(std > 1e-8, std, 1.0)
-    shift_scale = 1.0
-    if shifts is not None:
-        rms = float(np.sqrt(np.mean(shifts[train_idx] ** 2)))
-        shift_scale = rms if rms > 1e-6 else 1.0
-    return replace(config, target_mean=mean.tolist(), target_std=std.tolist(), shift_scale=shift_scale)
+    shift_scale = rms if config.predict_pose and rms > 1e-6 else 1.0
+    return replace(config, target_mean=np.asarray(mean).tolist(), target_std=np.asarray(std).tolist(),
+                   shift_scale=shift_scale)
+
+
+def _make_simulator(config: TrainConfig, data: _Data, train_idx: Optional[np.ndarray],
+                    device: torch.device) -> Tuple[ParticleSimulator, dict]:
+    """The simulator matched to the particles, and what it matched (``TrainConfig.simulation``)."""
+    ref, k = data.reference, len(config.modes)
+    if config.sim_amplitude_range is not None:
+        prior = AmplitudePrior.symmetric(config.sim_amplitude_range, k)
+    elif data.amplitudes is not None:
+        prior = AmplitudePrior.from_estimates(data.amplitudes[train_idx])
+    else:
+        prior = AmplitudePrior.symmetric(default_amplitude_range(len(ref.coords)), k)
+    max_shift = config.sim_max_shift_px
+    if max_shift is None:
+        max_shift = float(np.quantile(np.abs(data.shifts), 0.99)) if data.shifts is not None else 0.0
+    box = data.source.image_size
+    max_shift = min(max_shift, box / 2 - 1)
+    sim = match_simulator(ref, data.source, box, config.pixel_size, data.particle_ctf, prior,
+                          config.sim_in_plane, max_shift, config.seed, device)
+    fitted = dict(snr=sim.noise.snr, signal_scale=sim.noise.scale, noise_power=sim.noise.power.tolist(),
+                  amplitude_low=prior.low.tolist(), amplitude_high=prior.high.tolist(), max_shift_px=max_shift)
+    logger.info("Simulating particles matched to the data: SNR %.3g, amplitudes %s Å, shifts within "
+                "±%.2f px, %s", sim.noise.snr,
+                ", ".join(f"[{lo:.1f}, {hi:.1f}]" for lo, hi in zip(prior.low, prior.high)), max_shift,
+                "the particles' CTFs" if data.particle_ctf is not None else "no CTF")
+    return sim, fitted
+
+
+@dataclass(frozen=True)
+class _Phase:
+    """One stage of a training run: ``epochs`` epochs on ``source`` ("simulated" or "particles") at peak ``lr``."""
+    index: int
+    source: str
+    epochs: int
+    lr: float
+
+
+def _phases(config: TrainConfig) -> List[_Phase]:
+    """The stages of a run: one, or the simulated stream then fine-tuning on the particles."""
+    if config.data == "particles":
+        return [_Phase(0, "particles", config.epochs, config.learning_rate)]
+    phases = [_Phase(0, "simulated", config.epochs, config.learning_rate)]
+    if config.data == "simulated+finetune":
+        phases.append(_Phase(1, "particles", config.finetune_epochs,
+                             config.finetune_lr or config.learning_rate / 10))
+    return phases
 
 
 class _Trainer:
-    """The network, optimizer, schedule and epoch counters of one training run.
+    """The network, optimizer, schedule and epoch counters of one phase of a training run.
 
     Built from a complete config (``train`` fills in the fitted values);
     ``train_epoch`` + ``evaluate`` + ``end_epoch`` make one epoch,
     ``state_dict``/``load_state_dict`` are the checkpoint (tensors and plain
-    values only).
+    values only). ``start``: the run's epoch number of the phase's first epoch.
+    val_batches: a fixed validation set of (prepared images, labels) batches
+    (simulated), used when there is no validation split (``val_idx`` None).
     """
 
-    def __init__(self, config: TrainConfig, data: _Data, train_idx: np.ndarray, val_idx: np.ndarray,
-                 device: torch.device, world_size: int, rank: int):
+    def __init__(self, config: TrainConfig, data: _Data, train_idx: Optional[np.ndarray],
+                 val_idx: Optional[np.ndarray], device: torch.device, world_size: int, rank: int,
+                 phase: _Phase, start: int = 1, simulator: Optional[ParticleSimulator] = None,
+                 val_batches: Optional[List[Tuple[torch.Tensor, _Labels]]] = None,
+                 model: Optional[DeepHEMNMANet] = None):
         self.config, self.data, self.device = config, data, device
-        self.train_idx, self.val_idx = train_idx, val_idx
+        self.train_idx, self.val_idx, self.val_batches = train_idx, val_idx, val_batches
         self.world_size, self.rank = world_size, rank
-        torch.manual_seed(config.seed)
-        self.model = build_model(config.n_modes, config.predict_pose, config.architecture, config.hidden,
-                                 config.dropout).to(device)
-        self.optimizer = _make_optimizer(config, self.model)
-        n_train = len(train_idx) // world_size
+        self.phase, self.start, self.simulator = phase, start, simulator
+        if model is None:
+            torch.manual_seed(config.seed)
+            model = build_model(config.n_modes, config.predict_pose, config.architecture, config.hidden,
+                                config.dropout).to(device)
+        self.model = model
+        self.optimizer = _make_optimizer(config, self.model, phase.lr)
+        n_train = (config.sim_images if phase.source == "simulated" else len(train_idx)) // world_size
         self.scheduler = _make_scheduler(config, self.optimizer,
-                                         (n_train + config.batch_size - 1) // config.batch_size)
+                                         (n_train + config.batch_size - 1) // config.batch_size,
+                                         phase.epochs, phase.lr)
         self.per_batch = isinstance(self.scheduler, torch.optim.lr_scheduler.OneCycleLR)
         self.net: nn.Module = self.model
         if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -517,13 +672,30 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and not torch.cuda.is_bf16_supported()) \
             if device.type == "cuda" else None
         self.loss_fn = _loss_fn(config)
-        self.targets = _Targets(config, data.amplitudes, data.angles, data.shifts)
-        self.next_epoch, self.best_val, self.bad_epochs = 1, math.inf, 0
+        self.targets = _Targets(config)
+        self.next_epoch, self.best_val, self.bad_epochs = start, math.inf, 0
         self.rows: List[dict] = []
+
+    @property
+    def last_epoch(self) -> int:
+        """The run's epoch number of the phase's last epoch."""
+        return self.start + self.phase.epochs - 1
 
     @property
     def stopped_early(self) -> bool:
         return self.bad_epochs >= self.config.patience
+
+    @property
+    def done(self) -> bool:
+        """The phase ran all its epochs or stopped early."""
+        return self.stopped_early or self.next_epoch > self.last_epoch
+
+    def next_phase(self, phase: _Phase) -> "_Trainer":
+        """A trainer for ``phase`` continuing from this one's weights, best loss and epochs."""
+        nxt = _Trainer(self.config, self.data, self.train_idx, self.val_idx, self.device, self.world_size,
+                       self.rank, phase, self.next_epoch, self.simulator, self.val_batches, self.model)
+        nxt.best_val, nxt.rows = self.best_val, self.rows
+        return nxt
 
     def state_dict(self) -> dict:
         """The checkpoint of the epoch just ended."""
@@ -531,7 +703,7 @@ class _Trainer:
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "epoch": self.next_epoch - 1, "best_val": float(self.best_val),
-                "bad_epochs": int(self.bad_epochs)}
+                "bad_epochs": int(self.bad_epochs), "phase": self.phase.index, "phase_start": self.start}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -539,19 +711,19 @@ class _Trainer:
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
             if isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
-                self.scheduler.T_max = max(1, self.config.epochs)  # the run may be extended on resume
+                self.scheduler.T_max = max(1, self.phase.epochs)  # the run may be extended on resume
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.next_epoch = int(state["epoch"]) + 1
         self.best_val, self.bad_epochs = float(state["best_val"]), int(state["bad_epochs"])
 
-    def train_batch(self, idx: np.ndarray, x: torch.Tensor, rng: np.random.Generator) -> float:
-        """One optimisation step on prepared images x (B, 1, w, w); returns the batch loss."""
+    def train_batch(self, x: torch.Tensor, labels: _Labels, rng: np.random.Generator) -> float:
+        """One optimisation step on prepared images x (B, 1, w, w) and their labels; returns the batch loss."""
         inplane = None
         if self.config.augment_rotation:
-            inplane = rng.uniform(0.0, 360.0, len(idx))
+            inplane = rng.uniform(0.0, 360.0, len(x))
             x = rotate_images(x, torch.as_tensor(inplane, dtype=x.dtype, device=self.device))
-        y = self.targets.batch(idx, inplane).to(self.device)
+        y = self.targets.encode(labels, inplane).to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with _autocast(self.device, self.use_amp):
             pred = self.net(x)
@@ -567,37 +739,54 @@ class _Trainer:
             self.scheduler.step()
         return float(loss.detach())
 
+    def _particle_batches(self, order: np.ndarray) -> Iterator[Tuple[torch.Tensor, _Labels]]:
+        c = self.config
+        for idx, x in iterate_batches(self.data.source, order, c.batch_size, c.working_size, c.normalization,
+                                      self.data.ctf, None, self.device, c.pixel_size, c.window_px):
+            yield x, self.data.labels(idx)
+
+    def _simulated_batches(self, epoch: int) -> Iterator[Tuple[torch.Tensor, _Labels]]:
+        """This rank's share of the epoch's new simulated images, prepared like the particles."""
+        c = self.config
+        n = c.sim_images // self.world_size
+        for b in range((n + c.batch_size - 1) // c.batch_size):
+            batch = self.simulator.batch(epoch, b * self.world_size + self.rank, min(c.batch_size, n - b * c.batch_size))
+            yield _prepare_simulated(c, batch, self.device)
+
     def train_epoch(self, epoch: int) -> dict:
-        """One pass over this rank's share of the training split (seeded by seed and epoch)."""
+        """One pass over this rank's share of the training split, or of a new simulated epoch
+        (seeded by seed and epoch)."""
         config = self.config
         t0 = time.perf_counter()
         rng = np.random.default_rng([config.seed, epoch])
         torch.manual_seed(config.seed * 100003 + epoch)
-        order = self.train_idx[rng.permutation(len(self.train_idx))]
-        if self.world_size > 1:  # equal shards, so that data-parallel ranks run the same number of steps
-            order = order[:len(order) - len(order) % self.world_size][self.rank::self.world_size]
+        if self.phase.source == "simulated":
+            batches = self._simulated_batches(epoch)
+        else:
+            order = self.train_idx[rng.permutation(len(self.train_idx))]
+            if self.world_size > 1:  # equal shards, so that data-parallel ranks run the same number of steps
+                order = order[:len(order) - len(order) % self.world_size][self.rank::self.world_size]
+            batches = self._particle_batches(order)
         self.net.train()
         total, count = 0.0, 0
-        for idx, x in iterate_batches(self.data.source, order, config.batch_size, config.working_size,
-                                      config.normalization, self.data.ctf, None, self.device,
-                                      config.pixel_size):
-            total += self.train_batch(idx, x, rng) * len(idx)
-            count += len(idx)
+        for x, labels in batches:
+            total += self.train_batch(x, labels, rng) * len(x)
+            count += len(x)
         seconds = time.perf_counter() - t0
         return {"epoch": epoch, "train_loss": total / max(count, 1),
                 "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": count / max(seconds, 1e-9)}
 
     def evaluate(self) -> dict:
-        """Validation metrics of the current weights (see ``_validate``)."""
-        d = self.data
-        return _validate(self.model, self.config, d.source, self.val_idx, self.targets, d.amplitudes,
-                         d.angles, d.shifts, self.loss_fn, d.ctf, self.device, self.use_amp)
+        """Validation metrics of the current weights (see ``_validate``): on the held-out
+        particles, or on the fixed simulated set when the particles have no amplitudes."""
+        batches = self._particle_batches(self.val_idx) if self.val_idx is not None else self.val_batches
+        return _validate(self.model, self.config, batches, self.targets, self.loss_fn, self.device, self.use_amp)
 
     def end_epoch(self, row: dict) -> bool:
         """Step the epoch schedules and early-stopping counters; True if the validation loss improved."""
         if not math.isfinite(row["val_loss"]):
             raise ValueError(f"Training diverged at epoch {row['epoch']}: the validation loss is "
-                             f"{row['val_loss']}. Lower the learning rate (now {self.config.learning_rate:g}) "
+                             f"{row['val_loss']}. Lower the learning rate (now {self.phase.lr:g}) "
                              "and Restart.")
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(row["val_loss"])
@@ -613,21 +802,44 @@ class _Trainer:
         return improved
 
 
-def _resume(out: Path, trainer: _Trainer, fingerprint: str) -> None:
-    """Load ``out``'s last checkpoint into ``trainer``, if there is one and it matches; else raise."""
+def _prepare_simulated(config: TrainConfig, batch: SimulatedBatch,
+                       device: torch.device) -> Tuple[torch.Tensor, _Labels]:
+    """A simulated batch through the particles' preprocessing (phase flip with its own CTFs)."""
+    ctf = batch.ctf_images if config.phase_flip else None
+    x = prepare_images(batch.images, config.working_size, config.normalization, ctf, device, config.window_px)
+    return x, _Labels(batch.amplitudes, batch.angles, batch.shifts)
+
+
+def _simulated_validation(config: TrainConfig, simulator: ParticleSimulator,
+                          device: torch.device) -> List[Tuple[torch.Tensor, _Labels]]:
+    """The fixed simulated validation set (``val_fraction`` of an epoch, at least one batch),
+    drawn from epoch :data:`simulator.VALIDATION_EPOCH` of the stream, prepared once."""
+    n = max(config.batch_size, int(round(config.val_fraction * config.sim_images)))
+    return [_prepare_simulated(config, b, device)
+            for b in simulator.batches(VALIDATION_EPOCH, n, config.batch_size)]
+
+
+def _resume(out: Path, trainer: _Trainer, fingerprint: str, phases: List[_Phase]) -> _Trainer:
+    """``trainer`` (or the trainer of the saved phase) loaded with ``out``'s last checkpoint, if
+    there is one and it matches; else raise. Without a checkpoint, ``trainer`` itself."""
     state = _load_last(out, trainer.device)
     if state is None:
-        return
+        return trainer
     config = trainer.config
     saved = TrainConfig.from_dict(state["config"]) if "config" in state else TrainConfig.load(out / CONFIG_FILE)
     problems = changed_settings(saved, config)
     if state.get("data", fingerprint) != fingerprint:
-        problems.append("the particles (their number, box, ids, amplitudes, poses or CTFs) differ from "
-                        "those it was trained on")
+        problems.append("the particles (their number, box, ids, amplitudes, poses or CTFs) or the reference "
+                        "differ from those it was trained on")
     if problems:
         raise ValueError(f"Cannot continue the training in {out}: " + "; ".join(problems) + ". Set the "
                          "settings back to continue it, or train anew (Restart the protocol, or train "
                          "into another folder).")
+    phase = int(state.get("phase", 0))
+    if phase != trainer.phase.index:
+        trainer = _Trainer(config, trainer.data, trainer.train_idx, trainer.val_idx, trainer.device,
+                           trainer.world_size, trainer.rank, phases[phase], int(state["phase_start"]),
+                           trainer.simulator, trainer.val_batches, trainer.model)
     trainer.load_state_dict(state)
     trainer.rows = [r for r in _read_metrics(out / METRICS_FILE) if r["epoch"] < trainer.next_epoch]
     best = out / BEST_FILE
@@ -642,6 +854,7 @@ def _resume(out: Path, trainer: _Trainer, fingerprint: str) -> None:
             trainer.best_val = math.inf
     logger.info("Resuming %s at epoch %d (best validation loss %.4g)", out, trainer.next_epoch,
                 trainer.best_val)
+    return trainer
 
 
 def _save_epoch(out: Path, trainer: _Trainer, improved: bool, fingerprint: str, columns: List[str]) -> None:
@@ -656,24 +869,30 @@ def _save_epoch(out: Path, trainer: _Trainer, improved: bool, fingerprint: str, 
     _write_metrics(out / METRICS_FILE, trainer.rows, columns)
 
 
-def train(images, amplitudes: np.ndarray, particle_ids: np.ndarray, out_dir: Union[str, os.PathLike],
+def train(images, amplitudes: Optional[np.ndarray], particle_ids: np.ndarray, out_dir: Union[str, os.PathLike],
           config: TrainConfig, device: Union[str, torch.device] = "cpu", seed: int = 0,
           resume: bool = False, progress: Optional[Callable[[dict], None]] = None,
           poses: Optional[Tuple[np.ndarray, np.ndarray]] = None, ctf: CtfLike = None,
-          world_size: int = 1, rank: int = 0) -> List[dict]:
+          world_size: int = 1, rank: int = 0, reference: Optional[Reference] = None,
+          particle_ctf: Optional[CTFParams] = None) -> List[dict]:
     """Train a DeepHEMNMA network and write a model directory ``out_dir``.
 
     images: (M, N, N) array, list of (stack path, 0-based index) pairs, or an
     image source (see ``dataset``); images with NaN/infinite pixels or
     constant images are refused (ValueError naming their particle ids).
-    amplitudes: (M, K) in Å, columns in the
-    order of ``config.modes``. particle_ids: (M,) split key (images of one
+    amplitudes: (M, K) in Å, columns in the order of ``config.modes`` (None
+    only with ``config.data == "simulated"``: then validation is simulated).
+    particle_ids: (M,) split key (images of one
     particle never straddle training and validation). poses: ``(angles_deg
-    (M, 3), shifts_px (M, 2))``, required when ``config.predict_pose``.
+    (M, 3), shifts_px (M, 2))``, required when ``config.predict_pose`` on
+    particles; with simulation they give the shift range.
     ctf: optional phase flipping: ``ctf.CTFParams`` with one entry per image
     (evaluated at ``config.pixel_size``), precomputed CTFs (M, N, N // 2 + 1)
     in rfft2 layout, or a callable (see ``dataset.ctf_batch``).
-    seed: split, initialisation, shuffling and augmentation (reproducible).
+    reference: the structure and modes simulated from (``config.data`` other
+    than "particles"); particle_ctf: the particles' CTFs the simulator draws from
+    (default: ``ctf`` when it is a CTFParams; None: simulated images without CTF).
+    seed: split, initialisation, shuffling, augmentation and the simulated stream (reproducible).
     resume: continue from ``out_dir/last.pt`` if present (next epoch; a
     damaged last.pt falls back to last.previous.pt). Refused (ValueError
     saying what changed) when the data or a setting other than
@@ -684,67 +903,87 @@ def train(images, amplitudes: np.ndarray, particle_ids: np.ndarray, out_dir: Uni
     """
     from .. import __version__
     device = torch.device(device)
-    data = _check_inputs(images, amplitudes, particle_ids, config, poses, ctf, world_size, rank)
+    config = replace(config, seed=int(seed), phase_flip=ctf is not None)
+    data = _check_inputs(images, amplitudes, particle_ids, config, poses, ctf, reference, particle_ctf,
+                         world_size, rank)
     out = Path(out_dir)
     writer = rank == 0
     if writer:
         out.mkdir(parents=True, exist_ok=True)
     config = replace(config, modes=[int(k) for k in config.modes], image_size=data.source.image_size,
-                     n_outputs=len(config.modes) + (8 if config.predict_pose else 0),
-                     version=__version__, seed=int(seed), phase_flip=ctf is not None)
-    train_idx, val_idx = split_by_particle(data.particle_ids, config.val_fraction, seed)
-    config = _fit_stats(config, data.amplitudes, data.shifts, train_idx)
-    trainer = _Trainer(config, data, train_idx, val_idx, device, world_size, rank)
-    fingerprint = data.fingerprint(world_size)
+                     n_outputs=len(config.modes) + (8 if config.predict_pose else 0), version=__version__)
+    train_idx = val_idx = None
+    if data.amplitudes is not None:
+        train_idx, val_idx = split_by_particle(data.particle_ids, config.val_fraction, seed)
+    simulator = val_batches = None
+    if config.simulates:
+        simulator, fitted = _make_simulator(config, data, train_idx, device)
+        config = replace(config, simulation=_plain(fitted))
+    config = _fit_stats(config, data, train_idx, simulator)
+    if simulator is not None and val_idx is None:
+        val_batches = _simulated_validation(config, simulator, device)
+    phases = _phases(config)
+    trainer = _Trainer(config, data, train_idx, val_idx, device, world_size, rank, phases[0],
+                       simulator=simulator, val_batches=val_batches)
+    fingerprint = data.fingerprint(config, world_size)
     if resume:
-        _resume(out, trainer, fingerprint)
+        trainer = _resume(out, trainer, fingerprint, phases)
     if writer:
         config.save(out / CONFIG_FILE)
     columns = METRICS_COLUMNS + (POSE_METRICS_COLUMNS if config.predict_pose else [])
-    logger.info("Training on %d images (%d particles), validating on %d images; %d modes %s, %s",
-                len(train_idx), len(np.unique(data.particle_ids[train_idx])), len(val_idx), config.n_modes,
+    n_val = len(val_idx) if val_idx is not None else sum(len(x) for x, _ in val_batches)
+    logger.info("Training on %s, validating on %d %s images; %d modes %s, %s",
+                " then ".join(f"{p.epochs} epochs of {config.sim_images} new simulated images"
+                              if p.source == "simulated" else
+                              f"{p.epochs} epochs of {len(train_idx)} images "
+                              f"({len(np.unique(data.particle_ids[train_idx]))} particles)" for p in phases),
+                n_val, "held-out particle" if val_idx is not None else "simulated", config.n_modes,
                 config.modes, device)
-
-    for epoch in range(trainer.next_epoch, config.epochs + 1):
-        if trainer.stopped_early:
+    total = sum(p.epochs for p in phases)
+    while True:
+        while not trainer.done:
+            epoch = trainer.next_epoch
+            t0 = time.perf_counter()
+            row = trainer.train_epoch(epoch)
+            row.update(trainer.evaluate())
+            row["seconds"] = time.perf_counter() - t0
+            improved = trainer.end_epoch(row)
+            if writer:
+                _save_epoch(out, trainer, improved, fingerprint, columns)
+            extra = ""
+            if config.predict_pose:
+                extra = f" val_angle {row['val_angle_deg']:.2f} deg val_shift {row['val_shift_px']:.2f} px"
+            logger.info("epoch %d/%d (%s) train_loss %.4f val_loss %.4f val_mae %.3f A%s lr %.2e %.1f images/s",
+                        epoch, total, trainer.phase.source, row["train_loss"], row["val_loss"], row["val_mae"],
+                        extra, row["lr"], row["images_per_s"])
+            if progress is not None:
+                progress(dict(row))
+            if trainer.stopped_early:
+                logger.info("Early stopping after epoch %d: no validation improvement in %d epochs",
+                            epoch, config.patience)
+        if trainer.phase.index + 1 >= len(phases):
             break
-        t0 = time.perf_counter()
-        row = trainer.train_epoch(epoch)
-        row.update(trainer.evaluate())
-        row["seconds"] = time.perf_counter() - t0
-        improved = trainer.end_epoch(row)
-        if writer:
-            _save_epoch(out, trainer, improved, fingerprint, columns)
-        extra = ""
-        if config.predict_pose:
-            extra = f" val_angle {row['val_angle_deg']:.2f} deg val_shift {row['val_shift_px']:.2f} px"
-        logger.info("epoch %d/%d train_loss %.4f val_loss %.4f val_mae %.3f A%s lr %.2e %.1f images/s",
-                    epoch, config.epochs, row["train_loss"], row["val_loss"], row["val_mae"], extra,
-                    row["lr"], row["images_per_s"])
-        if progress is not None:
-            progress(dict(row))
-        if trainer.stopped_early:
-            logger.info("Early stopping after epoch %d: no validation improvement in %d epochs",
-                        epoch, config.patience)
+        trainer = trainer.next_phase(phases[trainer.phase.index + 1])
+        logger.info("Fine-tuning on the particles' amplitudes from epoch %d (learning rate %.2e)",
+                    trainer.next_epoch, trainer.phase.lr)
     return trainer.rows
 
 
 @torch.no_grad()
-def _validate(model, config, source, val_idx, targets, amplitudes, angles, shifts, loss_fn, ctf,
-              device, use_amp) -> dict:
+def _validate(model, config, batches, targets, loss_fn, device, use_amp) -> dict:
+    """Loss, amplitude MAE (Å) [and pose errors] of ``model`` over (prepared images, labels) batches."""
     model.eval()
     total, abs_err, ang_err, shift_err, n = 0.0, 0.0, 0.0, 0.0, 0
-    for idx, x in iterate_batches(source, val_idx, config.batch_size, config.working_size,
-                                  config.normalization, ctf, None, device, config.pixel_size):
+    for x, labels in batches:
         with _autocast(device, use_amp):
             pred = model(x)
-        total += float(loss_fn(pred, targets.batch(idx, None).to(device))) * len(idx)
+        total += float(loss_fn(pred, targets.encode(labels, None).to(device))) * len(x)
         dec = _decode(config, pred)
-        abs_err += float(np.abs(dec["amplitudes"] - amplitudes[idx]).mean(axis=1).sum())
+        abs_err += float(np.abs(dec["amplitudes"] - labels.amplitudes).mean(axis=1).sum())
         if config.predict_pose:
-            ang_err += float(angular_distance_deg(dec["matrices"], euler_to_matrix(angles[idx])).sum())
-            shift_err += float(np.linalg.norm(dec["shifts"] - shifts[idx], axis=1).sum())
-        n += len(idx)
+            ang_err += float(angular_distance_deg(dec["matrices"], euler_to_matrix(labels.angles)).sum())
+            shift_err += float(np.linalg.norm(dec["shifts"] - labels.shifts, axis=1).sum())
+        n += len(x)
     res = {"val_loss": total / n, "val_mae": abs_err / n}
     if config.predict_pose:
         res.update(val_angle_deg=ang_err / n, val_shift_px=shift_err / n)
@@ -826,7 +1065,8 @@ def predict(model: Union[LoadedModel, str, os.PathLike], images, batch_size: int
     sh = np.empty((m, 2)) if return_pose else None
     done = 0
     for idx, x in iterate_batches(source, np.arange(m), batch_size, config.working_size,
-                                  config.normalization, ctf, None, model.device, config.pixel_size):
+                                  config.normalization, ctf, None, model.device, config.pixel_size,
+                                  config.window_px):
         if rotations > 1:  # copies r = 0..R-1 of the batch, rotated by r * 360 / R degrees, stacked
             angles = torch.arange(rotations, dtype=x.dtype, device=x.device) * (360.0 / rotations)
             x = rotate_images(x.repeat(rotations, 1, 1, 1), angles.repeat_interleave(len(idx)))

@@ -93,6 +93,20 @@ def test_phase_flip_in_preprocessing_matches_numpy():
         list(ds.iterate_batches(src, np.arange(3), 8, None, "zscore", params))
 
 
+def test_window_keeps_the_centre_of_the_box():
+    img = torch.zeros(2, 32, 32)
+    img[0, 16, 16] = 1.0      # the box centre
+    img[1, 16 + 3, 16 - 5] = 1.0  # 3 px below, 5 px left of it
+    for size in (20, 21):
+        out = ds.window_images(img, size)
+        c = size // 2
+        assert out.shape == (2, size, size)
+        assert out[0, c, c] == 1.0 and out[1, c + 3, c - 5] == 1.0 and out.sum() == 2.0
+    assert ds.window_images(img, 32) is img
+    with pytest.raises(ValueError, match="does not fit"):
+        ds.window_images(img, 33)
+
+
 def test_mrcs_source_reads_lazily(tmp_path):
     import mrcfile
     rng = np.random.default_rng(2)
@@ -276,6 +290,31 @@ def test_same_preprocessing_in_training_and_prediction(trained):
     images = trained["images"][:8]
     np.testing.assert_allclose(tr.predict(trained["out"], images * 255.0 + 7.0), trained["pred"],
                                rtol=1e-4, atol=1e-3)
+
+
+def test_window_then_fourier_crop_is_saved_and_applied_at_prediction(tmp_path):
+    """A 40 Å window (20 px of 2 Å) of the 32 px images, Fourier-cropped to 16 px: saved in
+    config.json, and prediction sees exactly that (pixels outside the window do not count)."""
+    images, q, pid = synthetic(8, 1, 2, seed=4)
+    cfg = tr.TrainConfig(**dict(SMALL, working_size=16), pixel_size=2.0, window=40.0, epochs=1)
+    tr.train(images, q, pid, tmp_path, cfg)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["window"] == 40.0 and saved["working_size"] == 16
+    loaded = tr.load_model(tmp_path)
+    assert loaded.config.window_px == 20 and loaded.config.input_size == 16
+    pred = tr.predict(loaded, images)
+    x = ds.normalize_images(ds.fourier_crop(ds.window_images(torch.tensor(images), 20), 16))[:, None]
+    with torch.no_grad():  # by hand: window, then Fourier crop, then normalisation
+        manual = loaded.model(x)
+    np.testing.assert_allclose(pred, manual.numpy() * loaded.config.target_std + loaded.config.target_mean,
+                               rtol=1e-4, atol=1e-3)
+    changed = images.copy()
+    changed[:, :5, :] = 50.0  # rows 0-4 lie outside the window (rows 6-25)
+    np.testing.assert_allclose(tr.predict(loaded, changed), pred, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="at most 64 Å"):
+        tr.train(images, q, pid, tmp_path / "big", replace(cfg, window=70.0))
+    with pytest.raises(ValueError, match="exceeds the window"):
+        tr.train(images, q, pid, tmp_path / "small", replace(cfg, window=20.0))
 
 
 def test_four_modes_resume_and_reproducibility(tmp_path):
