@@ -294,7 +294,7 @@ class ParticleSimulator:
         if ctf is not None:
             ctf_images = ctf_image(ctf, self.box, self.pixel_size, device=self.device)
             images = apply_ctf(images, ctf_images)
-        if noise and self.noise is not None:
+        if noise and self.noise is not None and np.any(self.noise.power > 0):
             images = images + self.noise.sample(images.shape, rng, self.device)
         return SimulatedBatch(images, amps, angles, shifts, ctf, ctf_images)
 
@@ -334,7 +334,8 @@ def estimate_noise(particle_spectrum: np.ndarray, clean_spectrum: np.ndarray, cl
     non-negative least squares with relative weights (each shell weighted by the
     square root of its frequency count over P(r)); higher shells take the last
     knot's value. Returns a :class:`NoiseModel` in projector units (``n / a^2``)
-    with ``scale = a`` and ``snr = a^2 clean_variance / var(noise)``.
+    with ``scale = a`` and ``snr = a^2 clean_variance / var(noise)`` (inf, and zero power,
+    for noise-free particles).
     """
     from scipy.optimize import nnls
     p = np.asarray(particle_spectrum, dtype=np.float64)
@@ -355,11 +356,11 @@ def estimate_noise(particle_spectrum: np.ndarray, clean_spectrum: np.ndarray, cl
     if not a2 > 0:
         raise ValueError("No particle signal was found in the images' power spectrum: check that the "
                          "reference, its pixel size and the CTFs match the particles.")
-    noise_power = hats @ coef
-    if not np.any(noise_power > 0):
-        raise ValueError("No noise was found in the images' power spectrum; they look noise-free, so "
-                         "simulate without noise.")
-    model = NoiseModel(noise_power / a2, scale=math.sqrt(a2))
+    model = NoiseModel(hats @ coef / a2, scale=math.sqrt(a2))
+    if not model.variance(box) > 0:
+        logger.warning("No noise was found in the particles' power spectrum: simulating noise-free images")
+        model.snr = math.inf
+        return model
     model.snr = clean_variance / model.variance(box)
     logger.info("Estimated from the particles' power spectrum: SNR %.3g, signal scale %.4g, noise "
                 "variance %.4g per pixel (particle units); fit over %d shells", model.snr, model.scale,

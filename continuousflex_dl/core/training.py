@@ -605,7 +605,7 @@ def _make_simulator(config: TrainConfig, data: _Data, train_idx: Optional[np.nda
     max_shift = min(max_shift, box / 2 - 1)
     sim = match_simulator(ref, data.source, box, config.pixel_size, data.particle_ctf, prior,
                           config.sim_in_plane, max_shift, config.seed, device)
-    fitted = dict(snr=sim.noise.snr, signal_scale=sim.noise.scale, noise_power=sim.noise.power.tolist(),
+    fitted = dict(snr=sim.noise.snr if math.isfinite(sim.noise.snr) else None, signal_scale=sim.noise.scale, noise_power=sim.noise.power.tolist(),
                   amplitude_low=prior.low.tolist(), amplitude_high=prior.high.tolist(), max_shift_px=max_shift)
     logger.info("Simulating particles matched to the data: SNR %.3g, amplitudes %s Å, shifts within "
                 "±%.2f px, %s", sim.noise.snr,

@@ -10,10 +10,16 @@ from .base import FlexDLProtBase
 
 LOSSES = ["l1", "mse"]
 SCHEDULES = ["onecycle", "plateau", "cosine"]
+#: The "Training data" choices; "auto" resolves to one of the others (see ``_trainingData``).
+TRAINING_DATA = {"auto": None, "particles' amplitudes": "particles", "simulated from the reference": "simulated",
+                 "simulated, then fine-tuned on the particles": "simulated+finetune"}
 
 
 class FlexDLProtTrain(FlexDLProtBase):
-    """Train DeepHEMNMA on particles with known amplitudes (HEMNMA output or ground truth).
+    """Train DeepHEMNMA on particles with known amplitudes (HEMNMA output or ground truth),
+    on particles simulated from the reference and its normal modes, matched to the input
+    set (its CTFs, its noise level and spectrum, the range of its amplitudes and shifts),
+    or on the simulated particles first, then fine-tuned on the particles' amplitudes.
 
     The split into training and validation is by particle, target
     standardisation is fitted on the training split only and saved with the
@@ -31,10 +37,36 @@ class FlexDLProtTrain(FlexDLProtBase):
                       label="Particles with amplitudes", important=True,
                       help="Output of the HEMNMA alignment (after outlier removal), or synthesized "
                            "particles with ground-truth amplitudes.")
+        form.addParam("trainingData", params.EnumParam, choices=list(TRAINING_DATA), default=0,
+                      label="Training data",
+                      help="particles' amplitudes: the images and their amplitudes, as in the paper. "
+                           "simulated from the reference: new particles every epoch, projected from the "
+                           "normal modes' structure with the particles' CTFs, noise level and spectrum "
+                           "(estimated from the images), amplitude and shift ranges, in random "
+                           "orientations; needs the normal modes. simulated, then fine-tuned: the "
+                           "simulated particles first, then some epochs on the particles' amplitudes. "
+                           "auto: simulated then fine-tuned for HEMNMA amplitudes when the normal modes "
+                           "are given, else the particles' amplitudes.")
+        form.addParam("inputModes", params.PointerParam, pointerClass="SetOfNormalModes", allowsNull=True,
+                      label="Normal modes (for simulation)",
+                      help="The normal modes the particles' amplitudes refer to (their structure is the "
+                           "reference); needed to train on simulated particles.")
+        form.addParam("simImages", params.IntParam, default=6000, validators=[params.GT(0)],
+                      condition="trainingData != 1", label="Simulated images per epoch",
+                      help="Every epoch simulates this many new images (none is seen twice).")
+        form.addParam("finetuneEpochs", params.IntParam, default=10, validators=[params.GT(0)],
+                      condition="trainingData in [0, 3]", label="Fine-tuning epochs",
+                      help="Epochs on the particles' amplitudes after the simulated ones, at a tenth of "
+                           "the learning rate.")
         form.addParam("workingSize", params.IntParam, default=64, validators=[params.GE(0)],
                       label="Working size (px)",
                       help="The network sees images Fourier-cropped to this size (0: full size). "
                            "64 px trains fast on a CPU; 128 px on a GPU.")
+        form.addParam("window", params.FloatParam, default=0.0, validators=[params.GE(0)],
+                      label="Window (Å)",
+                      help="The network sees a square window of this side around the box centre, then "
+                           "Fourier-cropped to the working size (0: the whole box). A window a little "
+                           "larger than the particle keeps its detail at a small working size.")
         form.addParam("phaseFlip", params.BooleanParam, default=True, label="Phase flip with the CTF?",
                       help="Correct the CTF phases of the images before the network sees them (when the "
                            "particles have a CTF). Prediction then applies the same correction.")
@@ -43,8 +75,9 @@ class FlexDLProtTrain(FlexDLProtBase):
                            "needs particles with a projection alignment.")
         form.addSection(label="Training")
         form.addParam("epochs", params.IntParam, default=30, validators=[params.GT(0)], label="Epochs",
-                      help="Passes over the training images (with the plateau or cosine schedule, early "
-                           "stopping may end sooner).")
+                      help="Passes over the training images, or simulated epochs when training on "
+                           "simulated particles (with the plateau or cosine schedule, early stopping may "
+                           "end sooner).")
         form.addParam("batchSize", params.IntParam, default=32, validators=[params.GT(0)], label="Batch size",
                       help="Images per optimisation step (32 as in the paper); lower it if memory runs out.")
         form.addParam("learningRate", params.FloatParam, default=2e-3, validators=[params.Positive],
@@ -84,29 +117,53 @@ class FlexDLProtTrain(FlexDLProtBase):
     def _modelDir(self):
         return self._getExtraPath("model")
 
-    def _settings(self) -> dict:
-        """The form's training settings, as TrainConfig fields, and which particles."""
+    def _trainingData(self) -> str:
+        """The training data (a ``core.training.DATA_CHOICES`` value), "auto" resolved: simulated then
+        fine-tuned for HEMNMA amplitudes when the normal modes are given, else the particles'."""
+        chosen = list(TRAINING_DATA.values())[self.trainingData.get()]
+        if chosen is not None:
+            return chosen
         parts = self.inputParticles.get()
-        return dict(working_size=self.workingSize.get() or None, predict_pose=self.predictPose.get(),
+        hemnma = parts is not None and convert.flex_source(parts) == convert.SOURCE_HEMNMA
+        return "simulated+finetune" if hemnma and self.inputModes.get() is not None else "particles"
+
+    def _settings(self) -> dict:
+        """The form's training settings, as TrainConfig fields, and which particles and modes."""
+        parts, modes = self.inputParticles.get(), self.inputModes.get()
+        data = self._trainingData()
+        simulated = dict(sim_images=self.simImages.get(),
+                         finetune_epochs=self.finetuneEpochs.get()) if data != "particles" else {}
+        return dict(working_size=self.workingSize.get() or None, window=self.window.get() or None, data=data,
+                    **simulated, predict_pose=self.predictPose.get(),
                     epochs=self.epochs.get(), batch_size=self.batchSize.get(),
                     learning_rate=self.learningRate.get(), loss=LOSSES[self.loss.get()],
                     lr_schedule=SCHEDULES[self.lrSchedule.get()], patience=self.patience.get(),
                     val_fraction=self.valFraction.get(), augment_rotation=self.augment.get(),
                     seed=self.seed.get(), phase_flip=self.phaseFlip.get(),
-                    particles=f"{parts.getObjId()}:{parts.getSize()}" if parts is not None else "")
+                    particles=f"{parts.getObjId()}:{parts.getSize()}" if parts is not None else "",
+                    modes=str(modes.getObjId()) if modes is not None and data != "particles" else "")
 
     def trainStep(self, settings: dict):
         self._logToRunLog()
         settings = dict(settings)
         settings.pop("particles")
+        settings.pop("modes")
         phase_flip = settings.pop("phase_flip")
         parts = convert.read_particles(self.inputParticles.get(), need_amplitudes=True)
         modes = parts.mode_numbers or list(range(7, 7 + parts.amplitudes.shape[1]))
         config = TrainConfig(modes=modes, pixel_size=parts.pixel_size, **settings)
-        poses = (parts.angles, parts.shifts) if config.predict_pose else None
+        poses = (parts.angles, parts.shifts) if parts.angles is not None else None
         train(list(zip(parts.stacks, parts.indices.tolist())), parts.amplitudes, parts.ids, self._modelDir(),
               config, device=self._getDevice(), seed=config.seed, resume=True, poses=poses,
-              ctf=parts.ctf if phase_flip else None)
+              ctf=parts.ctf if phase_flip else None, reference=self._reference(modes) if config.simulates else None,
+              particle_ctf=parts.ctf)
+
+    def _reference(self, mode_numbers):
+        """The structure of the normal modes and the modes of the amplitude columns (core Reference)."""
+        from ..core.simulator import Reference
+        from ..core.structure import centre
+        atoms, vectors = convert.read_modes(self.inputModes.get(), mode_numbers)
+        return Reference(centre(atoms.coords), vectors, atoms.sigma, atoms.weights)
 
     def createOutputStep(self):
         from ..core.training import load_model
@@ -145,19 +202,65 @@ class FlexDLProtTrain(FlexDLProtBase):
         first = parts.getFirstItem() if n else None
         if first is not None and (not hasattr(first, "getZFlex") or not len(first.getZFlex())):
             errors.append("The particles carry no amplitudes: use the HEMNMA alignment or synthesis output.")
+        window = self.window.get()
+        if window and parts.getXDim() and window > parts.getXDim() * parts.getSamplingRate():
+            errors.append(f"The window ({window:g} Å) is larger than the particles' box "
+                          f"({parts.getXDim() * parts.getSamplingRate():g} Å).")
+        elif window and self.workingSize.get() and self.workingSize.get() > round(window / parts.getSamplingRate()):
+            errors.append(f"The working size ({self.workingSize.get()} px) is larger than the window "
+                          f"({round(window / parts.getSamplingRate())} px of {parts.getSamplingRate():g} Å).")
+        if self._trainingData() != "particles":
+            errors += self._modeErrors(parts)
         return errors
+
+    def _modeErrors(self, parts):
+        modes = self.inputModes.get()
+        if modes is None:
+            return ["Training on simulated particles needs the normal modes the amplitudes refer to: choose "
+                    "them in 'Normal modes (for simulation)', or train on the particles' amplitudes."]
+        wanted = convert.flex_mode_numbers(parts) or []
+        have = {r["number"] for r in convert.modes_table(modes)}
+        missing = [m for m in wanted if m not in have]
+        return [f"The normal modes lack modes {missing} of the particles' amplitudes: choose the modes the "
+                "amplitudes were computed with."] if missing else []
 
     def _summary(self):
         rows = self.metrics()
         if not rows:
             return ["Not trained yet."]
         best = min(rows, key=lambda r: float(r["val_loss"]))
-        return [f"{len(rows)} epochs; best validation MAE {float(best['val_mae']):.2f} Å at epoch {best['epoch']}.",
-                f"Model directory: {self._modelDir()}"]
+        lines = [f"{len(rows)} epochs; best validation MAE {float(best['val_mae']):.2f} Å at epoch {best['epoch']}."]
+        config = self._config()
+        if config is not None and config.simulates:
+            sim = config.simulation
+            snr = "none found" if sim.get("snr") is None else f"{sim['snr']:.3g}"
+            lines.append(f"Training data: {config.data} ({config.sim_images} new simulated images per epoch"
+                         + (f", then {config.finetune_epochs} epochs fine-tuned on the particles"
+                            if config.data == "simulated+finetune" else "")
+                         + f"); particles' SNR estimated at {snr}, shifts within "
+                         f"±{sim.get('max_shift_px', 0.0):.1f} px.")
+        elif config is not None:
+            lines.append("Training data: the particles' amplitudes"
+                         + (" (give the normal modes to train on simulated particles first)."
+                            if self.trainingData.get() == 0 and
+                            convert.flex_source(self.inputParticles.get()) == convert.SOURCE_HEMNMA else "."))
+        lines.append(f"Model directory: {self._modelDir()}")
+        return lines
+
+    def _config(self):
+        """The trained model's TrainConfig, or None before training."""
+        from ..core.training import CONFIG_FILE
+        path = os.path.join(self._modelDir(), CONFIG_FILE)
+        return TrainConfig.load(path) if os.path.exists(path) else None
 
     def _methods(self):
         if not self.metrics():
             return []
+        config = self._config()
+        data = (f"on {self.inputParticles.get().getSize()} particles" if config is None or not config.simulates
+                else f"on particles simulated from the normal modes' structure and matched to "
+                     f"{self.inputParticles.get().getSize()} particles (their CTFs, noise and amplitude range)"
+                     + (", then fine-tuned on their amplitudes" if config.data == "simulated+finetune" else ""))
         return [f"A DeepHEMNMA network (ResNet34 features and a 4-layer perceptron) [Hamitouche2022] was "
-                f"trained for {len(self.metrics())} epochs on {self.inputParticles.get().getSize()} particles "
-                f"with L1 loss and a particle-wise validation split."]
+                f"trained for {len(self.metrics())} epochs {data} with L1 loss and a particle-wise "
+                f"validation split."]

@@ -13,7 +13,8 @@ class TestProtNetwork(BaseTest):
     @classmethod
     def setUpClass(cls):
         setupTestProject(cls)
-        common = dict(inputModes=compute_test_modes(cls), modeList="7-9", boxSize=32, samplingRate=3.0,
+        cls.modes = compute_test_modes(cls)
+        common = dict(inputModes=cls.modes, modeList="7-9", boxSize=32, samplingRate=3.0,
                       inPlaneRotation=False, maxShift=0.0, applyCTF=False, addNoise=False)
         cls.train_set = cls.launchProtocol(cls.newProtocol(
             FlexDLProtSynthesize, numberOfImages=96, seed=1, **common)).outputParticles
@@ -82,6 +83,32 @@ class TestProtNetwork(BaseTest):
         self.assertIn("Particles with ids [2] contain NaN or infinite pixels", log)
         self.assertIn("Particles with ids [4] are constant images", log)
         self.assertFalse(hasattr(predict, "outputParticles"))
+
+    def test_train_on_simulated_particles_then_fine_tune(self):
+        """Noisy particles with CTFs: a simulated epoch matched to them, then a fine-tuning epoch,
+        through a 72 Å window Fourier-cropped to 16 px."""
+        noisy = self.launchProtocol(self.newProtocol(
+            FlexDLProtSynthesize, inputModes=self.modes, modeList="7-9", boxSize=32, samplingRate=3.0,
+            inPlaneRotation=True, maxShift=2.0, applyCTF=True, defocusMin=8000.0, defocusMax=12000.0,
+            addNoise=True, snr=0.5, numberOfImages=60, seed=4)).outputParticles
+        settings = dict(inputParticles=noisy, workingSize=16, window=72.0, epochs=1, batchSize=16,
+                        valFraction=0.2, simImages=48, finetuneEpochs=1)
+        missing = self.newProtocol(FlexDLProtTrain, trainingData=3, **settings)
+        self.assertTrue(any("needs the normal modes" in e for e in missing.validate()), missing.validate())
+        self.assertEqual(self.newProtocol(FlexDLProtTrain, **settings)._trainingData(), "particles")  # auto, GT
+        train = self.newProtocol(FlexDLProtTrain, trainingData=3, inputModes=self.modes, **settings)
+        self.launchProtocol(train)
+        self.assertEqual([r["epoch"] for r in train.metrics()], ["1", "2"])
+        config = load_model(train.outputModel.getModelDir()).config
+        self.assertEqual((config.data, config.window, config.window_px, config.input_size),
+                         ("simulated+finetune", 72.0, 24, 16))
+        self.assertAlmostEqual(config.simulation["snr"], 0.5, delta=0.15)
+        self.assertLessEqual(config.simulation["max_shift_px"], 2.0)
+        self.assertGreater(config.simulation["max_shift_px"], 1.5)  # the particles' shifts, within ±2 px
+        self.assertIn("simulated+finetune", train.summary()[1])
+        log = self._log(train)
+        self.assertIn("epoch 1/2 (simulated)", log)
+        self.assertIn("epoch 2/2 (particles)", log)
 
     def test_continue_with_changed_settings(self):
         """Continue after a finished run: a changed learning rate is refused, more epochs continue it."""
