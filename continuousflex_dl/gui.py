@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -67,8 +68,9 @@ def gui_command(project: Optional[str], user_data: Optional[Path] = None) -> Tup
 def shell_line(project: Optional[str], user_data: Optional[Path] = None) -> str:
     """The same command as one shell line (what the demo prints)."""
     argv, env = gui_command(project, user_data)
-    keys = ("SCIPION_DOMAIN", "SCIPION_USER_DATA", "SCIPION_HOSTS", "SCIPION_NOTIFY")
-    return " ".join([f"{k}={env[k]}" for k in keys] + argv)
+    keys = ("SCIPION_DOMAIN", "SCIPION_USER_DATA", "SCIPION_HOSTS", "SCIPION_NOTIFY", "SCIPION_PYTHON",
+            "SCIPION_FONT_NAME")
+    return " ".join([f"{k}={shlex.quote(env[k])}" for k in keys] + [shlex.quote(a) for a in argv])
 
 
 def main(argv=None) -> int:

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 from typing import Dict, Mapping, Optional
 
+#: The GUI's font: draws 'Å' whole in Tk text boxes, and ships with most Linux systems.
+GUI_FONT = "DejaVu Sans"
+
 HOSTS_CONF = ("[localhost]\n"
               "PARALLEL_COMMAND = mpirun -np %_(JOB_NODES)d --map-by node %_(COMMAND)s\n")
 
@@ -55,7 +58,9 @@ def gui_environment(user_data: Path, base: Optional[Mapping[str, str]] = None) -
     ``user_data``, written if missing, unless SCIPION_HOSTS already names a file),
     SCIPION_NOTIFY=False and SCIPION_PYTHON (this interpreter, for protocol runs).
     A non-interactive MPLBACKEND (Agg, as tests set it) is removed so that
-    Scipion's plots open windows.
+    Scipion's plots open windows. SCIPION_FONT_NAME, unless set, is DejaVu Sans:
+    Scipion's default, Helvetica, is usually Nimbus Sans on Linux, whose 'Å' loses its
+    ring in Tk text boxes (the run summaries).
     """
     user_data = Path(user_data).absolute()
     env = dict(os.environ if base is None else base)
@@ -65,6 +70,7 @@ def gui_environment(user_data: Path, base: Optional[Mapping[str, str]] = None) -
     env.update(SCIPION_DOMAIN="pwem", SCIPION_USER_DATA=str(user_data), SCIPION_HOSTS=hosts,
                SCIPION_NOTIFY="False", SCIPION_PYTHON=sys.executable)
     env.setdefault("SCIPION_HOME", str(user_data.parent))
+    env.setdefault("SCIPION_FONT_NAME", GUI_FONT)
     if env.get("MPLBACKEND", "").lower() == "agg":
         del env["MPLBACKEND"]
     return env

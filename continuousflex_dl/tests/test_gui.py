@@ -38,6 +38,9 @@ def test_command_and_environment(tmp_path, monkeypatch):
     hosts = tmp_path / "root" / "hosts.conf"  # written beside the user data when none is set
     assert env["SCIPION_HOSTS"] == str(hosts) and "[localhost]" in hosts.read_text()
     assert "MPLBACKEND" not in env  # plots of the GUI open windows
+    assert env["SCIPION_FONT_NAME"] == "DejaVu Sans"  # draws the ring of 'Å' in the summaries
+    monkeypatch.setenv("SCIPION_FONT_NAME", "Courier")
+    assert gui.gui_command(str(folder))[1]["SCIPION_FONT_NAME"] == "Courier"  # the user's choice stays
     argv, _ = gui.gui_command(None, tmp_path / "root" / "userdata")
     assert argv[1:] == ["-O", "-m", "pyworkflow.apps.pw_manager"]
 
@@ -48,5 +51,6 @@ def test_cli_prints_the_command(tmp_path, capsys):
     line = capsys.readouterr().out.strip()
     assert line.startswith("SCIPION_DOMAIN=pwem SCIPION_USER_DATA=" + str(tmp_path / "userdata"))
     assert line.endswith("-O -m pyworkflow.apps.pw_project my_project")
+    assert f"SCIPION_PYTHON={sys.executable}" in line and "SCIPION_FONT_NAME='DejaVu Sans'" in line
     assert cli_main(["gui", "missing", "--user-data", str(tmp_path / "userdata")]) == 2
     assert "No project 'missing'" in capsys.readouterr().err
