@@ -79,3 +79,4 @@ def test_auto_chunk_size_gives_every_worker_work_in_bounded_chunks():
             assert size <= 500 and (size >= 20 or chunks >= min(n, workers))
     with pytest.raises(ValueError, match="at least 1"):
         auto_chunk_size(10, 0)
+
