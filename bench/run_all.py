@@ -16,6 +16,7 @@ BENCHES = {
     "nma": ["bench_nma.py", "--atoms", "100000", "--modes", "20"],
     "synthesis": ["bench_synthesis.py"],
     "alignment": ["bench_alignment.py", "--n", "50", "--size", "128", "--snr", "0.1", "--defocus-um", "0.5"],
+    "align_chunk": ["bench_align_chunk.py"],
     "network": ["bench_network.py"],
     "pseudoatoms": ["bench_pseudoatoms.py"],
     "landscape": ["bench_landscape.py"],
