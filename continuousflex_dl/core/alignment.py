@@ -507,6 +507,9 @@ class AlignConfig:
         the working size.
     search_iters / refine_iters: Levenberg-Marquardt iterations of the two refinements.
     bead_cell: bead size of the search model, in search pixels.
+    max_final_points: the final refinement uses every atom of structures up to this size;
+        larger ones are refined on beads (one working pixel, grown until there are at most
+        this many), with their modes carried over, so the cost per image stays bounded.
     search_lowpass: width (cycles/px at the search size) of the Gaussian low-pass applied in
         the search-size refinement (widens its basin of convergence); None: off.
     batch_size: images aligned at once (bounds memory).
@@ -528,6 +531,7 @@ class AlignConfig:
     search_iters: int = 10
     refine_iters: int = 15
     bead_cell: float = 1.5
+    max_final_points: int = 5000
     search_lowpass: Optional[float] = 0.25
     batch_size: int = 128
     seed_perturbation_deg: float = 10.0
@@ -640,13 +644,19 @@ class Aligner:
         # Models: beads of about one search pixel for the search, all atoms for the final fit.
         bead = coarse_grain(coords, modes, sig, wts, cell=config.bead_cell * pixel_size * self.box / search)
         self.search = _Scale(search, self.box, pixel_size, bead, self.device)
-        self.work = _Scale(work, self.box, pixel_size, (coords, modes, sig, wts), self.device)
+        final = (coords, modes, sig, wts)
+        cell = pixel_size * self.box / work
+        while len(final[0]) > config.max_final_points:
+            final = coarse_grain(coords, modes, sig, wts, cell=cell)
+            cell *= 1.25
+        self.work = _Scale(work, self.box, pixel_size, final, self.device)
         self.amplitude_range = amplitude_range
         self.q_lo = torch.as_tensor(amplitude_range[:, 0], dtype=torch.float32, device=self.device)
         self.q_hi = torch.as_tensor(amplitude_range[:, 1], dtype=torch.float32, device=self.device)
         self._references = None
-        logger.info("HEMNMA: %d px images, %d atoms (%d beads), %d modes; search %d px, work %d px",
-                    self.box, n_atoms, len(bead[0]), k, search, work)
+        logger.info("HEMNMA: %d px images, %d atoms (%d beads in the search, %d points in the final "
+                    "refinement), %d modes; search %d px, work %d px",
+                    self.box, n_atoms, len(bead[0]), len(final[0]), k, search, work)
 
     # ------------------------------------------------------------------ the set
     def align(self, images: ArrayLike, ctf=None, seeds: Optional[AlignmentResult] = None,

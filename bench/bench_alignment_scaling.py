@@ -1,0 +1,101 @@
+"""HEMNMA cost as the structure grows: seconds per image at 128 px for about 1.6k, 20k and 100k atoms.
+
+The structures are copies of adenylate kinase (4AKE chain A, heavy atoms) on a grid 55 Å
+apart (1, 12 and 60 copies); each copy moves along its own ANM modes 7-9, so a "mode" of
+the assembly is the same motion of every copy (normalised over all atoms) and the paper's
+amplitudes are scaled by sqrt(copies) to move the atoms by the same RMS distance. The pixel
+size is chosen so that the assembly fills the 128 px box as 4AKE does at 1 Å/px. Particles:
+random orientations, shifts within 5 px, CTF 0.5 µm (scaled with the pixel size), SNR 0.1.
+Prints, per structure, the number of atoms and of points in the final refinement, the
+amplitude MAE (Å, divided by sqrt(copies): the error of the equivalent single-copy amplitude)
+and the CPU seconds per image of the global and of the seeded path (first answers = the truth
+with network-like errors, as ``bench_alignment.py --seeded``; 4 reference particles).
+
+Example: python bench/bench_alignment_scaling.py --n 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_alignment import network_like_seeds, paper_amplitudes, synthesize, timed  # noqa: E402
+from continuousflex_dl.core.alignment import Aligner, AlignConfig  # noqa: E402
+from continuousflex_dl.core.ctf import CTFParams  # noqa: E402
+from continuousflex_dl.core.geometry import random_rotations  # noqa: E402
+from continuousflex_dl.core.nma import compute_modes  # noqa: E402
+from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms  # noqa: E402
+
+GRIDS = {1: (1, 1, 1), 12: (3, 2, 2), 60: (5, 4, 3)}
+
+
+def assembly(copies: int, coords: np.ndarray, modes: np.ndarray, spacing: float = 55.0):
+    """Coordinates (copies * N, 3) Å centred and modes (K, copies * N, 3) of unit norm."""
+    grid = np.stack(np.meshgrid(*[np.arange(g) for g in GRIDS[copies]], indexing="ij"), -1).reshape(-1, 3)
+    offsets = (grid - grid.mean(0)) * spacing
+    xyz = np.concatenate([coords + o for o in offsets])
+    vec = np.concatenate([modes] * copies, axis=1)
+    return centre(xyz), vec / np.linalg.norm(vec.reshape(len(vec), -1), axis=1)[:, None, None]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=24, help="images per structure")
+    ap.add_argument("--copies", type=int, nargs="+", default=[1, 12, 60], choices=sorted(GRIDS))
+    ap.add_argument("--max-final-points", type=int, default=AlignConfig.max_final_points,
+                    help="all atoms in the final refinement up to this many (AlignConfig)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    atoms = load_atoms(example_structure_path("4ake"), "heavy")
+    base = centre(atoms.coords)
+    base_modes = compute_modes(base, n_modes=9, cutoff=8.0).vectors[6:9]
+    extent0 = np.ptp(base, axis=0).max()
+    figures = {"n": args.n, "box": 128, "snr": 0.1, "rows": []}
+    seed_args = argparse.Namespace(seed_amp_error=20.0, seed_angle_error=10.0, seed_shift_error=1.0)
+    for copies in args.copies:
+        rng = np.random.default_rng(args.seed)
+        coords, modes = assembly(copies, base, base_modes)
+        pixel = float(np.ptp(coords, axis=0).max() / extent0)          # 1 Å/px for one copy
+        q = paper_amplitudes(args.n, 3, rng) * np.sqrt(copies)
+        rot = random_rotations(args.n, rng)
+        shifts = rng.uniform(-5, 5, (args.n, 2))
+        ctf = CTFParams(defocus_u=5000.0 * pixel ** 2, defocus_v=5000.0 * pixel ** 2)
+        images = synthesize(coords, modes, q, rot, shifts, 128, pixel, ctf, 0.1, rng)
+        amp = np.tile([-250.0, 250.0], (3, 1)) * np.sqrt(copies)
+        config = AlignConfig(seed_reference=4, max_final_points=args.max_final_points)
+        aligner, _, build_cpu = timed(lambda: Aligner(coords, modes, pixel, 128, config, amplitude_range=amp))
+        glob, _, g_cpu = timed(lambda: aligner.align(images, ctf=ctf))
+        seeds = network_like_seeds(q, rot, shifts, seed_args, rng)
+        seeded, _, s_cpu = timed(lambda: aligner.align(images, ctf=ctf, seeds=seeds))
+        row = {"copies": copies, "atoms": len(coords), "pixel_size": round(pixel, 3),
+               "final_points": len(aligner.work.model.coords),
+               "global_mae": round(float(np.abs(glob.amplitudes - q).mean() / np.sqrt(copies)), 3),
+               "seeded_mae": round(float(np.abs(seeded.amplitudes - q).mean() / np.sqrt(copies)), 3),
+               "global_cpu_s_per_image": round(g_cpu / args.n, 3),
+               "seeded_cpu_s_per_image": round(s_cpu / args.n, 3),
+               "build_cpu_s": round(build_cpu, 2)}
+        figures["rows"].append(row)
+        print(row, flush=True)
+    first = figures["rows"][0]
+    for row in figures["rows"][1:]:
+        row["global_cost_growth"] = round(row["global_cpu_s_per_image"] / first["global_cpu_s_per_image"], 2)
+        print(f"{row['atoms']} atoms: global path {row['global_cost_growth']}x the cost per image of "
+              f"{first['atoms']} atoms")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(figures, indent=1))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
