@@ -7,14 +7,13 @@ part) -> HEMNMA alignment of the training part -> outlier removal -> train
 DeepHEMNMA on the HEMNMA amplitudes -> predict the test part -> error
 report and point-cloud PNG -> a trajectory as a multi-model PDB.
 Each stage is a normal Scipion protocol, so the project opens in the Scipion
-GUI afterwards.
+GUI afterwards (``continuousflex-dl gui PROJECT_FOLDER``; the demo prints it).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +55,13 @@ def _new_project(name: str):
     return project
 
 
+def _new(project, cls, label: str, **params):
+    """A new protocol with a run label (pyworkflow 3.11's newProtocol drops ``objLabel``)."""
+    prot = project.newProtocol(cls, **params)
+    prot.setObjLabel(label)
+    return prot
+
+
 def _run(project, prot, what: str):
     t0 = time.time()
     _say(f"{what} ...")
@@ -80,37 +86,34 @@ def run_demo(out_dir: Path, size: DemoSize, seed: int = 0) -> dict:
     project = _new_project("continuousflex_dl_demo")
     _say(f"Scipion project '{project.getName()}' in {project.getPath()}")
     stages = {}
-    stages["import"] = _run(project, project.newProtocol(
-        ProtImportPdb, inputPdbData=1, pdbFile=str(example_structure_path("4ake"))),
-        "Import adenylate kinase (4AKE chain A)")
-    stages["nma"] = _run(project, project.newProtocol(
-        FlexDLProtNMA, inputStructure=stages["import"].outputPdb, numberOfModes=20),
-        "Normal mode analysis")
-    synth = dict(inputModes=stages["nma"].outputModes, modeList="7-9", boxSize=size.box,
-                 samplingRate=size.pixel_size, maxShift=size.max_shift, defocusMin=5000, defocusMax=5000,
-                 snr=0.1)
-    stages["synthesis"] = _run(project, project.newProtocol(
-        FlexDLProtSynthesize, numberOfImages=size.n_particles, seed=seed, **synth),
-        f"Synthesize {size.n_particles} training particles ({size.box} px, CTF, SNR 0.1)")
-    stages["synthesis_test"] = _run(project, project.newProtocol(
-        FlexDLProtSynthesize, numberOfImages=size.n_test, seed=seed + 1, **synth),
-        f"Synthesize {size.n_test} test particles")
-    stages["hemnma"] = _run(project, project.newProtocol(
-        FlexDLProtAlign, inputParticles=stages["synthesis"].outputParticles,
-        inputModes=stages["nma"].outputModes, modeList="7-9", maxShift=size.max_shift + 1,
-        workingSize=size.working_size, numberOfThreads=2),
-        f"HEMNMA alignment of {size.n_particles} particles")
-    stages["outliers"] = _run(project, project.newProtocol(
-        FlexDLProtOutliers, inputParticles=stages["hemnma"].outputParticles, fraction=0.1),
-        "Outlier removal (10 %)")
-    stages["train"] = _run(project, project.newProtocol(
-        FlexDLProtTrain, inputParticles=stages["outliers"].outputParticles,
-        workingSize=size.working_size, epochs=size.epochs, seed=seed),
-        "DeepHEMNMA training on the HEMNMA amplitudes")
-    stages["predict"] = _run(project, project.newProtocol(
-        FlexDLProtPredict, inputModel=stages["train"].outputModel,
-        inputParticles=stages["synthesis_test"].outputParticles),
-        f"DeepHEMNMA prediction of {size.n_test} test particles")
+
+    def stage(key, cls, label, what, **params):
+        stages[key] = _run(project, _new(project, cls, label, **params), what)
+        return stages[key]
+
+    stage("import", ProtImportPdb, "import adenylate kinase (4AKE)", "Import adenylate kinase (4AKE chain A)",
+          inputPdbData=1, pdbFile=str(example_structure_path("4ake")))
+    modes = stage("nma", FlexDLProtNMA, "normal modes", "Normal mode analysis",
+                  inputStructure=stages["import"].outputPdb, numberOfModes=20).outputModes
+    synth = dict(inputModes=modes, modeList="7-9", boxSize=size.box, samplingRate=size.pixel_size,
+                 maxShift=size.max_shift, defocusMin=5000, defocusMax=5000, snr=0.1)
+    stage("synthesis", FlexDLProtSynthesize, "synthesize training particles",
+          f"Synthesize {size.n_particles} training particles ({size.box} px, CTF, SNR 0.1)",
+          numberOfImages=size.n_particles, seed=seed, **synth)
+    stage("synthesis_test", FlexDLProtSynthesize, "synthesize test particles",
+          f"Synthesize {size.n_test} test particles", numberOfImages=size.n_test, seed=seed + 1, **synth)
+    stage("hemnma", FlexDLProtAlign, "HEMNMA alignment (training)",
+          f"HEMNMA alignment of {size.n_particles} particles",
+          inputParticles=stages["synthesis"].outputParticles, inputModes=modes, modeList="7-9",
+          maxShift=size.max_shift + 1, workingSize=size.working_size, numberOfThreads=2)
+    stage("outliers", FlexDLProtOutliers, "outlier removal (HEMNMA, training)", "Outlier removal (10 %)",
+          inputParticles=stages["hemnma"].outputParticles, fraction=0.1)
+    stage("train", FlexDLProtTrain, "DeepHEMNMA training", "DeepHEMNMA training on the HEMNMA amplitudes",
+          inputParticles=stages["outliers"].outputParticles, workingSize=size.working_size,
+          epochs=size.epochs, seed=seed)
+    stage("predict", FlexDLProtPredict, "DeepHEMNMA prediction (test)",
+          f"DeepHEMNMA prediction of {size.n_test} test particles",
+          inputModel=stages["train"].outputModel, inputParticles=stages["synthesis_test"].outputParticles)
     _report(project, stages)
     return stages
 
@@ -134,7 +137,6 @@ def _report(project, stages) -> None:
     from .core.nma import displace
     from .core.structure import write_multimodel_pdb
     from .core.trajectory import principal_path
-    from .viewers.plots import plot_point_cloud
 
     out = results_dir(stages)
     out.mkdir(exist_ok=True)
@@ -169,21 +171,40 @@ def _report(project, stages) -> None:
               f"it needs thousands (--particles, --full, or a GPU).")
     print(f"HEMNMA poses: angular error median {poses.angular_median:.1f}°, "
           f"shift error median {poses.shift_median:.2f} px")
-    fig = plot_point_cloud({"ground truth": test_truth.amplitudes, "DeepHEMNMA": pred.amplitudes},
-                           [7, 8, 9], title="Conformational space of the test particles")
+    fig = point_cloud_figure(truth.amplitudes, test_truth.amplitudes, kept.amplitudes, pred.amplitudes)
     fig.savefig(out / "point_cloud.png", dpi=110)
-    path = principal_path(pred.amplitudes, 12)
+    path = principal_path(kept.amplitudes, 12)  # through the HEMNMA cloud the network learned from
     write_multimodel_pdb(out / "trajectory_pc1.pdb", atoms, displace(atoms.coords, modes, path))
     (out / "errors.md").write_text(table + "\n")
     where = lambda prot, *p: os.path.abspath(prot._getExtraPath(*p))  # noqa: E731
     print(f"\nResults in {out}:")
     print("  errors.csv / errors.md   error report (Tables I-II format)")
-    print("  point_cloud.png          amplitudes of the test particles, truth and predicted (Figure 3a)")
-    print("  trajectory_pc1.pdb       motion along the cloud's first principal component (ChimeraX/VMD)")
+    print("  point_cloud.png          amplitudes: truth (black), HEMNMA (blue), DeepHEMNMA (red) (Figure 3a)")
+    print("  trajectory_pc1.pdb       motion along the first principal component of the HEMNMA cloud "
+          "(ChimeraX/VMD)")
     print(f"Mode animations: {where(stages['nma'], 'animations')}")
     print(f"Trained model: {where(stages['train'], 'model')}")
-    print(f"\nOpen the project in the Scipion GUI:\n  SCIPION_USER_DATA={os.environ['SCIPION_USER_DATA']} "
-          f"{sys.executable} -m pyworkflow.apps.pw_project {os.path.basename(project.getName())}")
+    from .gui import shell_line
+    folder = os.path.abspath(project.getPath())
+    print(f"\nOpen the project in the Scipion GUI (Analyze results on a run shows its landscape):\n"
+          f"  continuousflex-dl gui {folder}\n"
+          f"which runs\n  {shell_line(folder)}")
+
+
+def point_cloud_figure(train_truth, test_truth, hemnma, predicted):
+    """The demo's Figure 3a: amplitudes (M, 3) Å of modes 7-9 of the true conformations (all
+    particles), HEMNMA (training particles, outliers removed) and DeepHEMNMA (test particles)."""
+    import numpy as np
+
+    from .convert import SOURCE_GROUND_TRUTH, SOURCE_HEMNMA, SOURCE_NETWORK
+    from .viewers.plots import plot_point_cloud
+    sets = {f"ground truth ({len(train_truth) + len(test_truth)} particles)":
+            np.concatenate([train_truth, test_truth]),
+            f"HEMNMA ({len(hemnma)} training particles)": hemnma,
+            f"DeepHEMNMA ({len(predicted)} test particles)": predicted}
+    sources = dict(zip(sets, (SOURCE_GROUND_TRUTH, SOURCE_HEMNMA, SOURCE_NETWORK)))
+    return plot_point_cloud(sets, [7, 8, 9], sources=sources, marker_size=10,
+                            title="Conformational space (modes 7-9)")
 
 
 def main(argv=None) -> int:

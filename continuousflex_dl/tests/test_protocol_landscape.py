@@ -280,7 +280,7 @@ class TestLandscape(BaseTest):
         self.assertEqual(views[0].header[-3], "RMSD (Å)")
         self.assertEqual(views[0].rows[0][-3], f"{per_particle.mean():.2f} ± {per_particle.std():.2f}")
         # No run made this set: the CSV goes to the project's temporary folder, not beside a set.
-        self.assertEqual(os.path.dirname(v.csvFile), v.getWorkingDir())
+        self.assertEqual(os.path.dirname(v.csvFile), os.path.abspath(v.getWorkingDir()))
         with open(v.csvFile) as f:
             rows = list(csv.DictReader(f))
         by_key = {(r["quantity"], r["mode"]): r for r in rows}

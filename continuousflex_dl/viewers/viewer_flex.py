@@ -264,7 +264,7 @@ class FlexDLFlexViewer(ErrorDialogs, ProtocolViewer):
         if not folder or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             folder = self.getWorkingDir() or "."
         name = re.sub(r"[^A-Za-z0-9.-]+", "_", self._labels([self._mainSet()])[0]).strip("_")
-        return os.path.join(folder, f"errors_{name or 'particles'}.csv")
+        return os.path.abspath(os.path.join(folder, f"errors_{name or 'particles'}.csv"))
 
     def _showErrors(self, param=None):
         reports = self.errorReports()

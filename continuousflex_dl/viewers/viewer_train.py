@@ -4,10 +4,10 @@ from pyworkflow.viewer import DESKTOP_TKINTER, ProtocolViewer
 
 from ..protocols import FlexDLProtTrain
 from . import plots
-from .views import FigureView, TableRowsView
+from .views import ErrorDialogs, FigureView, TableRowsView
 
 
-class FlexDLTrainingViewer(ProtocolViewer):
+class FlexDLTrainingViewer(ErrorDialogs, ProtocolViewer):
     """Loss and validation error per epoch, read from the model's metrics.csv."""
     _label = "training curves"
     _targets = [FlexDLProtTrain]
@@ -26,12 +26,13 @@ class FlexDLTrainingViewer(ProtocolViewer):
     def _showCurves(self, param=None):
         rows = self.protocol.metrics()
         if not rows:
-            return [self.errorMessage("No epoch finished yet.")]
+            raise ValueError("No epoch finished yet.")
         return [FigureView(plots.plot_training_curves(rows), "Training curves", self._tkRoot)]
 
     def _showTable(self, param=None):
         rows = self.protocol.metrics()
         if not rows:
-            return [self.errorMessage("No epoch finished yet.")]
+            raise ValueError("No epoch finished yet.")
         header = list(rows[0])
-        return [TableRowsView(header, [[r[h] for h in header] for r in rows], "Training metrics")]
+        return [TableRowsView(header, [[r[h] for h in header] for r in rows], "Training metrics",
+                              tkParent=self._tkRoot)]
