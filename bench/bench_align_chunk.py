@@ -8,7 +8,8 @@ shifts within 3 px, white noise at SNR 0.1, no CTF) are written as an alignment 
    with 1 torch thread, and its CPU seconds per image;
 2. the overhead of a chunk process: the command on an up-to-date chunk (process start,
    imports, job loading, reading and hashing the chunk's images, no alignment), against
-   bare Python start-up, as a percentage of the chunk's alignment time (target <= 5 %);
+   bare Python start-up, as a percentage of the chunk's alignment time (target <= 5 %),
+   in wall time and in CPU time (the CPU ratio holds on a busy machine too);
 3. ``--parallel-n`` particles at ``--parallel-box`` px aligned in one process with 2 torch
    threads against 2 chunk processes of 1 thread each running at once (target: the
    processes at least as fast);
@@ -26,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -69,6 +71,12 @@ def cli(folder: Path, start: int, stop: int, fp: str, threads: int) -> subproces
                              str(threads)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def children_cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def wall(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -104,15 +112,20 @@ def main() -> None:
         print(f"{args.chunk}-particle chunk at {args.box} px, working size 64, 1 thread, in-process: "
               f"{t_chunk:.1f} s ({cpu_per_image:.3f} CPU s per image)")
         # 2. Process overhead: the command on the up-to-date chunk, and bare Python.
+        children0 = children_cpu()
         up_to_date = sorted(wall(lambda: checked(cli(folder, 0, args.chunk, fp, 1))) for _ in range(args.repeats))
+        overhead_cpu = (children_cpu() - children0) / args.repeats
         bare = sorted(wall(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True))
                       for _ in range(args.repeats))
         overhead = up_to_date[len(up_to_date) // 2]
-        figures.update(process_overhead_s=overhead, python_start_s=bare[len(bare) // 2],
-                       overhead_percent=100 * overhead / t_chunk)
+        chunk_cpu = cpu_per_image * args.chunk
+        figures.update(process_overhead_s=overhead, process_overhead_cpu_s=overhead_cpu,
+                       python_start_s=bare[len(bare) // 2], overhead_percent=100 * overhead / t_chunk,
+                       overhead_cpu_percent=100 * overhead_cpu / chunk_cpu)
         print(f"chunk process overhead (start, imports, job and image loading; median of {args.repeats}): "
-              f"{overhead:.2f} s = {100 * overhead / t_chunk:.1f} % of the chunk (bare Python start "
-              f"{bare[len(bare) // 2]:.2f} s)")
+              f"{overhead:.2f} s wall = {100 * overhead / t_chunk:.1f} % of the chunk's wall time; "
+              f"{overhead_cpu:.2f} CPU s = {100 * overhead_cpu / chunk_cpu:.1f} % of its CPU time "
+              f"(bare Python start {bare[len(bare) // 2]:.2f} s)")
         # 3. One process with 2 threads against 2 processes of 1 thread.
         folder = tmp / "parallel"
         n = args.parallel_n

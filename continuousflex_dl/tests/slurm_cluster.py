@@ -38,7 +38,9 @@ SUBMIT_TEMPLATE = #!/bin/bash
     #SBATCH --cpus-per-task=%_(CPUS_PER_JOB)s
     #SBATCH --time=%_(JOB_HOURS)s:00:00
     %_(JOB_COMMAND)s
-QUEUES = {"<partition>": [["CPUS_PER_JOB", "1", "CPUs per job", "CPU cores of each chunk job"]]}
+QUEUES = {"<partition>": [["CPUS_PER_JOB", "1", "CPUs per job", "CPU cores of each chunk job"],
+    ["QUEUE_FOR_JOBS", "Y", "Use queue for steps",
+     "Y: the protocol runs here and each of its chunk steps is a job of this queue"]]}
 QUEUES_DEFAULT = {"CPUS_PER_JOB": "1"}
 """
 
