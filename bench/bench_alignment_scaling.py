@@ -9,7 +9,7 @@ random orientations, shifts within 5 px, CTF 0.5 µm (scaled with the pixel size
 Prints, per structure, the number of atoms and of points in the final refinement, the
 amplitude MAE (Å, divided by sqrt(copies): the error of the equivalent single-copy amplitude)
 and the CPU seconds per image of the global and of the seeded path (first answers = the truth
-with network-like errors, as ``bench_alignment.py --seeded``; 4 reference particles).
+with network-like errors, as ``bench_alignment.py --seeded``; 8 reference particles, the minimum).
 
 Example: python bench/bench_alignment_scaling.py --n 16
 """
@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
         ctf = CTFParams(defocus_u=5000.0 * pixel ** 2, defocus_v=5000.0 * pixel ** 2)
         images = synthesize(coords, modes, q, rot, shifts, 128, pixel, ctf, 0.1, rng)
         amp = np.tile([-250.0, 250.0], (3, 1)) * np.sqrt(copies)
-        config = AlignConfig(seed_reference=4, max_final_points=args.max_final_points)
+        config = AlignConfig(max_final_points=args.max_final_points)
         aligner, _, build_cpu = timed(lambda: Aligner(coords, modes, pixel, 128, config, amplitude_range=amp))
         glob, _, g_cpu = timed(lambda: aligner.align(images, ctf=ctf))
         seeds = network_like_seeds(q, rot, shifts, seed_args, rng)

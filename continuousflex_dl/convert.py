@@ -129,6 +129,9 @@ def parse_mode_list(text: str) -> List[int]:
 
 # ----------------------------- particles -----------------------------------------
 FLEX_PROG_NAME = "continuousflex_dl"
+#: Particle attribute of the standard deviation (Å) of each amplitude, a list in the order of
+#: zFlex (HEMNMA's Laplace uncertainty), for other tools to read.
+ZFLEX_STD_ATTR = "_flexdl_zFlexStd"
 #: Where zFlex amplitudes came from (FlexInfo attribute ``amplitudeSource``).
 SOURCE_GROUND_TRUTH, SOURCE_HEMNMA, SOURCE_NETWORK = "ground truth", "HEMNMA", "DeepHEMNMA"
 
@@ -286,7 +289,8 @@ def fill_flex_particles(out, particles, ids: np.ndarray, amplitudes: np.ndarray,
                         shifts: Optional[np.ndarray] = None, extra: Optional[dict] = None) -> None:
     """Copy the particles ``ids`` of ``particles`` into the SetOfParticlesFlex ``out`` with
     new amplitudes (M, K) Å, optionally new poses (angles (M, 3) deg, shifts (M, 2) px), and
-    per-particle extra Float attributes ``{name: (M,) values}`` (scores, distances)."""
+    per-particle extra attributes ``{name: (M,) values}`` (Float: scores, distances) or
+    ``{name: (M, K) values}`` (a list of K floats: e.g. :data:`ZFLEX_STD_ATTR`)."""
     out.copyInfo(particles)
     out.setFlexInfo(flex_info(mode_numbers, source))
     if angles is not None:
@@ -304,5 +308,11 @@ def fill_flex_particles(out, particles, ids: np.ndarray, amplitudes: np.ndarray,
             q.setTransform(Transform(matrices[k]))
         q.setZFlex(np.asarray(amplitudes[k], dtype=float).tolist())
         for name, values in (extra or {}).items():
-            setattr(q, name, pwobj.Float(float(values[k])))
+            value = np.asarray(values[k], dtype=float)
+            if value.ndim:
+                attr = pwobj.CsvList(pType=float)
+                attr.set(value.tolist())
+            else:
+                attr = pwobj.Float(float(value))
+            setattr(q, name, attr)
         out.append(q)

@@ -517,8 +517,9 @@ class AlignConfig:
         this angle about the image axes and its in-plane flip (psi + 180 deg, the pose a
         network most often confuses); seed_fallback_mads: a seeded particle whose score falls
         this many robust standard deviations (1.4826 MAD) below the median score of the
-        particles aligned by the global path takes the global path too; seed_reference: how
-        many particles of the set take the global path to give that score distribution.
+        particles aligned by the global path, and below the lowest of them, takes the global
+        path too; seed_reference: how many particles of the set at most take the global path
+        to give that score distribution (a tenth of the set, at least 8; :func:`reference_count`).
     """
     max_shift_px: float = 5.0
     working_size: int = 64
@@ -678,7 +679,8 @@ class Aligner:
         t0 = time.time()
         path = np.full(m, PATH_GLOBAL if seeds is None else PATH_SEEDED, dtype=np.int8)
         if seeds is not None:
-            path[np.linspace(0, m - 1, min(m, self.config.seed_reference)).round().astype(int)] = PATH_GLOBAL
+            path[np.linspace(0, m - 1, reference_count(m, self.config.seed_reference)).round().astype(int)] = \
+                PATH_GLOBAL
         parts = {}
         for route in (PATH_GLOBAL, PATH_SEEDED):
             rows = np.flatnonzero(path == route)
@@ -699,7 +701,8 @@ class Aligner:
         reference = result.score[path == PATH_GLOBAL]
         median = np.median(reference)
         spread = 1.4826 * np.median(np.abs(reference - median)) + 1e-6
-        poor = np.flatnonzero((path == PATH_SEEDED) & (result.score < median - self.config.seed_fallback_mads * spread))
+        threshold = min(reference.min(), median - self.config.seed_fallback_mads * spread)
+        poor = np.flatnonzero((path == PATH_SEEDED) & (result.score < threshold))
         logger.info("HEMNMA: %d of %d seeded particles fall below the global path's scores; "
                     "they take the global path", len(poor), int(np.sum(path == PATH_SEEDED)))
         for b0 in range(0, len(poor), self.config.batch_size):
@@ -848,6 +851,12 @@ class Aligner:
         logger.info("HEMNMA: %d reference projections (%d rotations x %d amplitude seeds) in %.1f s",
                     len(self._references["spectra"]), len(rots), len(seeds), time.time() - t0)
         return self._references
+
+
+def reference_count(m: int, most: int) -> int:
+    """How many of ``m`` seeded particles take the global path as the reference: a tenth,
+    at least 8 and at most ``most`` (never more than ``m``)."""
+    return min(m, max(8, min(int(most), math.ceil(m / 10))))
 
 
 def _gather(parts: dict, m: int) -> AlignmentResult:

@@ -13,7 +13,6 @@ Folder layout: ``job.npz`` + ``job.json`` (the job), ``chunks/rows_<start>_<stop
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -33,7 +32,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["AlignmentJob", "run_chunk", "finished_chunk", "gather", "chunk_path"]
 
 PathLike = Union[str, os.PathLike]
-RESULT_KEYS = ("amplitudes", "angles", "shifts", "score")
+#: The AlignmentResult arrays a chunk file holds (per particle).
+RESULT_KEYS = ("amplitudes", "angles", "shifts", "score", "amplitude_std", "angle_std", "shift_std", "path")
+#: The arrays of a first answer per particle (AlignmentResult fields) that seed the alignment.
+SEED_KEYS = ("amplitudes", "angles", "shifts")
 
 
 @dataclass
@@ -43,10 +45,14 @@ class AlignmentJob:
     coords: (N, 3) Å, the centred reference; modes: (K, N, 3) unit-norm modes;
     sigma: (N,) Å atom widths; weights: (N,) or None; mode_numbers: the K mode numbers.
     ids: (M,) particle ids; stacks: M stack paths; indices: (M,) 0-based indices in the stacks.
-    pixel_size: Å/px of the images. ctf: None, or per-particle CTF fields
-    (``CTFParams`` field name -> (M,) array: defocus in Å, angles in degrees, kV, mm).
+    pixel_size: Å/px of the images. ctf: None, or the CTF of every particle (B = M).
     options: keyword arguments of :func:`alignment.align_particles` (JSON-able), with
     ``amplitude_range`` a number R (search ``[-R, R]`` Å on every mode) or None (default).
+    invert: read the images with the opposite sign (dark-on-bright particles).
+    seeds: None, or a first answer per particle (:data:`SEED_KEYS` -> (M, ...) arrays,
+    amplitudes Å, angles deg, shifts px) that replaces the global search (seeded path);
+    seed_source: what the seeds were computed from (e.g. the network's weights file and its
+    date), which the fingerprint covers, so that it is known before the seeds are computed.
     """
     coords: np.ndarray
     modes: np.ndarray
@@ -57,23 +63,29 @@ class AlignmentJob:
     stacks: List[str]
     indices: np.ndarray
     pixel_size: float
-    ctf: Optional[Dict[str, np.ndarray]] = None
+    ctf: Optional[CTFParams] = None
     options: dict = field(default_factory=dict)
+    invert: bool = False
+    seeds: Optional[Dict[str, np.ndarray]] = None
+    seed_source: str = ""
 
-    @staticmethod
-    def ctf_fields(ctf: Optional[CTFParams], n: int) -> Optional[Dict[str, np.ndarray]]:
-        """Per-particle CTF fields (name -> (n,) float64) of a ``CTFParams`` (or None)."""
-        if ctf is None:
-            return None
-        return {f.name: np.broadcast_to(np.asarray(getattr(ctf, f.name), dtype=np.float64), (n,)).copy()
-                for f in dataclasses.fields(ctf)}
+    def __post_init__(self):
+        if self.ctf is not None:
+            self.ctf = self.ctf.expand(len(self.ids))
+
+    def _ctf_columns(self) -> Dict[str, np.ndarray]:
+        return {} if self.ctf is None else self.ctf.to_columns()
+
+    def _seed_columns(self) -> Dict[str, np.ndarray]:
+        return {"seed_" + k: np.asarray(v, dtype=np.float64) for k, v in (self.seeds or {}).items()}
 
     def fingerprint(self) -> str:
         """Digest of everything that changes the results (and the package version)."""
         from .. import __version__
         return fingerprint(__version__, self.coords, self.modes, np.asarray(self.sigma),
                            self.weights, list(self.mode_numbers), self.ids, list(self.stacks),
-                           self.indices, float(self.pixel_size), self.ctf, self.options)
+                           self.indices, float(self.pixel_size), self._ctf_columns(), self.options,
+                           bool(self.invert), self.seed_source)
 
     # ------------------------------------------------------------------ files
     def save(self, folder: PathLike) -> None:
@@ -84,14 +96,14 @@ class AlignmentJob:
                       ids=self.ids, indices=self.indices)
         if self.weights is not None:
             arrays["weights"] = self.weights
-        for name, value in (self.ctf or {}).items():
-            arrays["ctf_" + name] = value
+        arrays.update(self._ctf_columns())
+        arrays.update(self._seed_columns())
         tmp = folder / f"job.npz.tmp{os.getpid()}.npz"
         np.savez(tmp, **arrays)
         os.replace(tmp, folder / "job.npz")
         meta = dict(mode_numbers=[int(m) for m in self.mode_numbers], stacks=list(self.stacks),
-                    pixel_size=float(self.pixel_size), options=self.options,
-                    fingerprint=self.fingerprint())
+                    pixel_size=float(self.pixel_size), options=self.options, invert=bool(self.invert),
+                    seed_source=self.seed_source, fingerprint=self.fingerprint())
         tmp = folder / f"job.json.tmp{os.getpid()}"
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, folder / "job.json")
@@ -107,11 +119,13 @@ class AlignmentJob:
         except (OSError, ValueError) as exc:
             raise ValueError(f"No readable alignment job in {folder} ({exc}): run the protocol's "
                              f"conversion step again (Continue does it).") from None
-        ctf = {k[4:]: v for k, v in arrays.items() if k.startswith("ctf_")} or None
+        seeds = {k[5:]: v for k, v in arrays.items() if k.startswith("seed_")} or None
         job = cls(coords=arrays["coords"], modes=arrays["modes"], sigma=arrays["sigma"],
                   weights=arrays.get("weights"), mode_numbers=meta["mode_numbers"], ids=arrays["ids"],
                   stacks=meta["stacks"], indices=arrays["indices"], pixel_size=meta["pixel_size"],
-                  ctf=ctf, options=meta["options"])
+                  ctf=CTFParams.from_columns(arrays), options=meta["options"],
+                  invert=bool(meta.get("invert", False)), seeds=seeds,
+                  seed_source=meta.get("seed_source", ""))
         if job.fingerprint() != meta["fingerprint"]:
             raise ValueError(f"The alignment job in {folder} does not match its recorded fingerprint "
                              f"(damaged or edited): run the protocol's conversion step again.")
@@ -123,7 +137,7 @@ class AlignmentJob:
         particle ids of images with NaN or infinite pixels or constant images
         (:func:`dataset.check_images`), or saying which stack is damaged."""
         rows = np.arange(start, stop)
-        source = MrcsImageSource([(self.stacks[i], int(self.indices[i])) for i in rows])
+        source = MrcsImageSource([(self.stacks[i], int(self.indices[i])) for i in rows], invert=self.invert)
         try:
             images = source.read(np.arange(len(rows)))
         finally:
@@ -135,16 +149,17 @@ class AlignmentJob:
               progress: Optional[Callable[[float, str], None]] = None) -> AlignmentResult:
         """Align the images (B, box, box) of rows ``[start, stop)``."""
         rows = np.arange(start, stop)
-        ctf = None
-        if self.ctf is not None:
-            ctf = CTFParams(**{name: value[rows] for name, value in self.ctf.items()})
+        ctf = None if self.ctf is None else self.ctf.select(rows)
+        seeds = None
+        if self.seeds is not None:
+            seeds = AlignmentResult(score=np.zeros(len(rows)), **{k: v[rows] for k, v in self.seeds.items()})
         options = dict(self.options)
         r = options.pop("amplitude_range", None)
         amplitude_range = np.tile([-float(r), float(r)], (len(self.modes), 1)) if r else None
         options["working_size"] = min(int(options.get("working_size", 64)), images.shape[-1])
         return align_particles(images, self.coords, self.modes, self.pixel_size, ctf=ctf, sigma=self.sigma,
-                               weights=self.weights, amplitude_range=amplitude_range, device=device,
-                               progress=progress, **options)
+                               weights=self.weights, amplitude_range=amplitude_range, seeds=seeds,
+                               device=device, progress=progress, **options)
 
 
 def chunk_path(folder: PathLike, start: int, stop: int) -> Path:

@@ -39,6 +39,39 @@ class FlexDLProtBase(EMProtocol):
                        f"running together (a GPU is shared too). With 'Use queue for steps', N-1 chunks "
                        f"are queued as cluster jobs at the same time.")
 
+    def _addContrastParam(self, form):
+        form.addParam("invertContrast", params.BooleanParam, default=False, label="Invert contrast?",
+                      help="Yes for particles with dark protein on a bright background, as some pipelines "
+                           "export them: their images are read with the opposite sign. This plugin, like "
+                           "RELION, expects white particles on black (HEMNMA refuses inverted particles "
+                           "and says so).")
+
+    def _imageSource(self, parts, size: int = 0):
+        """The images of ``parts`` (convert.ParticleArrays) read with the sign of 'Invert
+        contrast', Fourier-cropped to ``size`` px when given and different from their box."""
+        from ..core.dataset import ArrayImageSource, MrcsImageSource, fourier_crop
+        invert = bool(getattr(self, "invertContrast", None) and self.invertContrast.get())
+        source = MrcsImageSource(list(zip(parts.stacks, parts.indices.tolist())), invert=invert)
+        if not size or parts.box == size:
+            return source
+        import numpy as np
+        import torch
+        return ArrayImageSource(fourier_crop(torch.as_tensor(source.read(np.arange(len(source)))), size).numpy())
+
+    def _networkPrediction(self, parts, model, pose: bool, **options):
+        """(amplitudes (M, K) Å, angles (M, 3) deg or None, shifts (M, 2) px of the particles or
+        None) of a FlexDLModel on ``parts``; options: of core.training.predict."""
+        from ..core.training import load_model, predict
+        loaded = load_model(model.getModelDir(), self._getDevice())
+        out = predict(loaded, self._imageSource(parts, model.getImageSize()), return_pose=pose,
+                      ctf=parts.ctf if loaded.config.phase_flip else None, ids=parts.ids,
+                      progress=lambda done, total: self.info(f"Predicted {done} / {total} particles"),
+                      **options)
+        amplitudes, angles, shifts = out if pose else (out, None, None)
+        if shifts is not None:  # the model's pixels -> the particles' pixels
+            shifts = shifts * model.getPixelSize() / parts.pixel_size
+        return amplitudes, angles, shifts
+
     def _parallelChunks(self) -> int:
         """How many chunk steps Scipion runs at the same time (numberOfThreads - 1, at least 1)."""
         return max(1, self.numberOfThreads.get() - 1)

@@ -9,7 +9,7 @@ from pwem.objects import SetOfParticlesFlex
 from pyworkflow.protocol import STEPS_PARALLEL, params
 
 from .. import convert
-from ..core.alignment import AlignmentResult
+from ..core.alignment import PATH_FALLBACK, PATH_GLOBAL, PATH_SEEDED, AlignmentResult
 from ..core.alignment_job import RESULT_KEYS, AlignmentJob, chunk_path, finished_chunk, gather
 from ..core.chunks import auto_chunk_size, chunk_bounds
 from ..core.device import cpu_threads_available
@@ -49,6 +49,15 @@ class FlexDLProtAlign(FlexDLProtBase):
                       help="Output of the NMA protocol; its structure is the reference.")
         form.addParam("modeList", params.StringParam, default="",
                       label="Modes", help="Mode numbers, e.g. '7-9' or '7, 8, 12'. " + convert.DEFAULT_MODES_HELP)
+        form.addParam("inputModel", params.PointerParam, pointerClass="FlexDLModel", allowsNull=True,
+                      label="Network for a first answer (optional)",
+                      help="A DeepHEMNMA model trained with pose prediction (for example on simulated "
+                           "particles). Each particle then starts from the network's amplitudes and pose "
+                           "and skips the global search (several times faster). A few particles per chunk "
+                           "still take the global search, and particles whose fit scores clearly below "
+                           "theirs take it too, so a poor network costs time, not accuracy. The summary "
+                           "says how many particles took each path.")
+        self._addContrastParam(form)
         form.addParam("amplitudeRange", params.FloatParam, default=0.0, validators=[params.GE(0)],
                       label="Amplitude range (Å)",
                       help="Amplitudes are searched in [-R, R]. 0: R = 5 sqrt(N) Å, which moves the N atoms "
@@ -127,8 +136,29 @@ class FlexDLProtAlign(FlexDLProtBase):
         parts = convert.read_particles(self.inputParticles.get())
         return AlignmentJob(coords=centre(atoms.coords), modes=modes, sigma=atoms.sigma, weights=atoms.weights,
                             mode_numbers=numbers, ids=parts.ids, stacks=parts.stacks, indices=parts.indices,
-                            pixel_size=parts.pixel_size, ctf=AlignmentJob.ctf_fields(parts.ctf, len(parts.ids)),
-                            options=self._options())
+                            pixel_size=parts.pixel_size, ctf=parts.ctf, options=self._options(),
+                            invert=self.invertContrast.get(), seed_source=self._seedSource())
+
+    def _seedSource(self) -> str:
+        """The network's weights file and its date ('' without a network): part of the job."""
+        model = self.inputModel.get()
+        if model is None:
+            return ""
+        from ..core.training import BEST_FILE
+        path = os.path.join(model.getModelDir(), BEST_FILE)
+        return f"{os.path.abspath(path)}@{os.path.getmtime(path) if os.path.exists(path) else 0}"
+
+    def _seeds(self, job: AlignmentJob):
+        """The network's first answer for every particle of the job, or None."""
+        model = self.inputModel.get()
+        if model is None:
+            return None
+        parts = convert.read_particles(self.inputParticles.get())
+        amplitudes, angles, shifts = self._networkPrediction(parts, model, pose=True)
+        if list(model.getModes()) != list(job.mode_numbers):
+            raise ValueError(f"The network predicts modes {model.getModes()} but the alignment uses modes "
+                             f"{job.mode_numbers}: choose the network's modes, or another network.")
+        return {"amplitudes": amplitudes, "angles": angles, "shifts": shifts}
 
     def _jobFolder(self) -> str:
         return self._getExtraPath()
@@ -138,6 +168,7 @@ class FlexDLProtAlign(FlexDLProtBase):
         job = getattr(self, "_job", None) or self._buildJob()
         if job.fingerprint() != job_fp:
             raise ValueError("The inputs changed while the run was starting: run it again.")
+        job.seeds = self._seeds(job)
         job.save(self._jobFolder())
         with open(self._planFile(), "w") as f:
             json.dump({"fingerprint": job_fp, "chunk_size": int(chunk_size)}, f)
@@ -174,7 +205,7 @@ class FlexDLProtAlign(FlexDLProtBase):
         out = SetOfParticlesFlex(filename=path, progName=convert.FLEX_PROG_NAME)
         convert.fill_flex_particles(out, self.inputParticles.get(), ids, result.amplitudes, numbers,
                                     convert.SOURCE_HEMNMA, result.angles, result.shifts,
-                                    extra={SCORE_ATTR: result.score})
+                                    extra={SCORE_ATTR: result.score, convert.ZFLEX_STD_ATTR: result.amplitude_std})
         self._defineOutputs(outputParticles=out)
         self._defineSourceRelation(self.inputParticles, out)
         self._defineSourceRelation(self.inputModes, out)
@@ -198,6 +229,19 @@ class FlexDLProtAlign(FlexDLProtBase):
         except ValueError as exc:
             return errors + [str(exc)]
         errors += self._modeListErrors(numbers, modes)
+        model = self.inputModel.get()
+        if model is not None:
+            if not model.predictsPose():
+                errors.append("The network does not predict poses: train it with 'Also predict the pose?' "
+                              "set to Yes, or leave the network empty.")
+            if list(model.getModes()) != list(numbers):
+                errors.append(f"The network predicts modes {model.getModes()}, the alignment uses {numbers}: "
+                              f"align with the network's modes.")
+            extent = (parts.getXDim() or 0) * parts.getSamplingRate()
+            if abs(extent - model.getImageSize() * model.getPixelSize()) > 0.01 * extent:
+                errors.append(f"The network was trained on {model.getImageSize() * model.getPixelSize():.1f} Å "
+                              f"boxes, the particles cover {extent:.1f} Å: use a network trained on boxes of "
+                              f"the particles' size in Å.")
         if not numbers:
             errors.append("No enabled modes from 7 on: give a mode list, e.g. '7-9'.")
         if not parts.getSize():
@@ -220,11 +264,21 @@ class FlexDLProtAlign(FlexDLProtBase):
             numbers = data["mode_numbers"].tolist()
         from ..reports import error_summary_lines
         default = "" if (self.modeList.get() or "").strip() else " (the default: first enabled non-rigid modes)"
-        return [f"{len(result.score)} particles aligned with modes {numbers}{default}.",
+        paths = np.bincount(result.path.astype(int), minlength=3)
+        lines = [f"{len(result.score)} particles aligned with modes {numbers}{default}."]
+        if self.inputModel.get() is not None:
+            lines.append(f"Paths: {paths[PATH_SEEDED]} particles from the network's answer, {paths[PATH_GLOBAL]} "
+                         f"by the global search as the reference, {paths[PATH_FALLBACK]} by the global search "
+                         f"after a poor network answer.")
+        return lines + [
                 f"Score (normalised cross-correlation): mean {result.score.mean():.3f}, "
                 f"median {np.median(result.score):.3f}.",
                 "Amplitudes (Å): " + ", ".join(f"mode {m}: {a.mean():.1f} ± {a.std():.1f}"
-                                              for m, a in zip(numbers, result.amplitudes.T))
+                                              for m, a in zip(numbers, result.amplitudes.T)),
+                "Uncertainty (Laplace standard deviation, median over particles): " + ", ".join(
+                    f"mode {m}: {s:.1f} Å" for m, s in zip(numbers, np.median(result.amplitude_std, 0)))
+                + f"; angles {np.median(result.angle_std):.2f}°, shifts {np.median(result.shift_std):.2f} px "
+                  f"(per particle in {convert.ZFLEX_STD_ATTR}, in the order of zFlex)."
                 ] + error_summary_lines(self.outputParticles, self.inputParticles.get(), self.inputModes.get())
 
     def _methods(self):

@@ -6,8 +6,6 @@ from pwem.objects import SetOfParticlesFlex
 from pyworkflow.protocol import params
 
 from .. import convert
-from ..core.dataset import ArrayImageSource, MrcsImageSource, fourier_crop
-from ..core.training import load_model, predict
 from .base import FlexDLProtBase
 
 
@@ -40,35 +38,21 @@ class FlexDLProtPredict(FlexDLProtBase):
                            "bfloat16 support. Amplitudes differ from float32 by about 0.6 Å on average "
                            "(up to 8 Å for single particles, measured on the demo). GPUs always use "
                            "mixed precision.")
+        self._addContrastParam(form)
         self._addDeviceParam(form)
 
     def _insertAllSteps(self):
         self._insertFunctionStep(self.predictStep, needsGPU=False)
         self._insertFunctionStep(self.createOutputStep, needsGPU=False)
 
-    def _images(self, parts, model):
-        """An image source with the model's box: the particles, Fourier-cropped if needed."""
-        source = MrcsImageSource(list(zip(parts.stacks, parts.indices.tolist())))
-        size = model.getImageSize()
-        if parts.box == size:
-            return source
-        import torch
-        images = fourier_crop(torch.as_tensor(source.read(np.arange(len(source)))), size).numpy()
-        return ArrayImageSource(images)
-
     def predictStep(self):
         self._logToRunLog()
         model = self.inputModel.get()
         parts = convert.read_particles(self.inputParticles.get())
-        loaded = load_model(model.getModelDir(), self._getDevice())
         pose = model.predictsPose()
-        out = predict(loaded, self._images(parts, model), batch_size=self.batchSize.get(),
-                      return_pose=pose, ctf=parts.ctf if loaded.config.phase_flip else None,
-                      bfloat16=self.bfloat16.get(), rotations=self.rotations.get(), ids=parts.ids,
-                      progress=lambda done, total: self.info(f"Predicted {done} / {total} particles"))
-        amplitudes, angles, shifts = out if pose else (out, None, None)
-        if shifts is not None:  # the model's pixels -> the particles' pixels
-            shifts = shifts * model.getPixelSize() / parts.pixel_size
+        amplitudes, angles, shifts = self._networkPrediction(
+            parts, model, pose, batch_size=self.batchSize.get(), bfloat16=self.bfloat16.get(),
+            rotations=self.rotations.get())
         np.savez(self._getExtraPath("predicted.npz"), ids=parts.ids, amplitudes=amplitudes,
                  **({"angles": angles, "shifts": shifts} if pose else {}))
 

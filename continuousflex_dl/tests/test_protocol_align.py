@@ -12,8 +12,9 @@ from continuousflex_dl import convert
 from continuousflex_dl.core.alignment_job import AlignmentJob, chunk_path, run_chunk
 from continuousflex_dl.core.analysis import amplitude_errors, pose_errors
 from continuousflex_dl.core.chunks import read_chunk
+from continuousflex_dl.core.alignment import AlignConfig, reference_count
 from continuousflex_dl.protocols import (FlexDLProtAlign, FlexDLProtOutliers,
-                                         FlexDLProtSynthesize)
+                                         FlexDLProtSynthesize, FlexDLProtTrain)
 from continuousflex_dl.protocols.protocol_outliers import DISTANCE_ATTR
 from continuousflex_dl.tests.test_protocol_nma import compute_test_modes
 
@@ -51,7 +52,14 @@ class TestProtAlign(BaseTest):
         self.assertLess(pose.angular_median, 1.0)
         self.assertLess(pose.shift_median, 0.1)
         self.assertTrue(all(hasattr(p, "_cfdlScore") for p in out))
+        # Each particle carries its amplitude uncertainty, a list in the order of zFlex.
+        stds = np.array([[float(v) for v in getattr(p, convert.ZFLEX_STD_ATTR)] for p in out])
+        self.assertEqual(stds.shape, (N_IMAGES, 3))
+        self.assertTrue(np.all(np.isfinite(stds) & (stds >= 0)))
+        with np.load(self.align._resultFile()) as data:
+            np.testing.assert_allclose(stds, data["amplitude_std"], rtol=1e-6)
         summary = "\n".join(self.align.summary())
+        self.assertIn("Uncertainty (Laplace standard deviation", summary)
         self.assertIn("Amplitude errors against the ground truth (16 particles", summary)
 
     def test_chunks_are_reused_only_when_inputs_match(self):
@@ -109,6 +117,43 @@ class TestProtAlign(BaseTest):
             self.launchProtocol(align)
         log = "".join(open(align.getLogPaths()[1]).readlines()) + "".join(open(align.getLogPaths()[0]).readlines())
         self.assertIn("ids [3] contain NaN", log)
+
+    def test_invert_contrast_reads_the_opposite_sign(self):
+        """White-on-black particles read with 'Invert contrast' look inverted: HEMNMA refuses them
+        with the fix (so the option reaches the images, and the check the run)."""
+        align = self.newProtocol(FlexDLProtAlign, inputParticles=self.truth, inputModes=self.modes,
+                                 modeList="7-9", workingSize=48, chunkSize=N_IMAGES, effort=0, maxShift=3.0,
+                                 invertContrast=True)
+        with self.assertRaises(Exception):
+            self.launchProtocol(align)
+        log = "".join(open(path).read() for path in align.getLogPaths()[:2])
+        self.assertIn("contrast-inverted", log)
+        self.assertIn("Invert contrast", log)
+
+    def test_network_first_answer(self):
+        """A (poorly trained) pose network seeds the alignment: its poor answers go through the
+        global search, the result stays right, and the summary says how many took each path."""
+        synth = self.newProtocol(FlexDLProtSynthesize, inputModes=self.modes, modeList="7-9", numberOfImages=40,
+                                 boxSize=32, samplingRate=3.0, maxShift=2.0, applyCTF=False, addNoise=False,
+                                 seed=12)   # the same 96 Å box as the particles to align
+        self.launchProtocol(synth)
+        train = self.newProtocol(FlexDLProtTrain, inputParticles=synth.outputParticles, workingSize=16,
+                                 epochs=1, batchSize=8, valFraction=0.2, predictPose=True, seed=0)
+        self.launchProtocol(train)
+        seeded = self.newProtocol(FlexDLProtAlign, inputParticles=self.truth, inputModes=self.modes,
+                                  modeList="7-9", workingSize=48, chunkSize=N_IMAGES, effort=0, maxShift=3.0,
+                                  inputModel=train.outputModel)
+        self.launchProtocol(seeded)
+        est = convert.read_particles(seeded.outputParticles, need_amplitudes=True)
+        gt = convert.read_particles(self.truth, need_amplitudes=True)
+        self.assertLess(amplitude_errors(est.amplitudes, gt.amplitudes).mean_abs_error, 2.0)
+        with np.load(seeded._resultFile()) as data:
+            paths = np.bincount(data["path"].astype(int), minlength=3)
+        self.assertEqual(paths.sum(), N_IMAGES)
+        self.assertEqual(paths[0], reference_count(N_IMAGES, AlignConfig().seed_reference))  # 8 references
+        summary = "\n".join(seeded.summary())
+        self.assertIn(f"Paths: {paths[1]} particles from the network's answer, {paths[0]} by the global search",
+                      summary)
 
     def test_threads_run_one_chunk_fewer_at_a_time(self):
         def chunk_intervals(prot):
