@@ -142,7 +142,8 @@ class ParticleArrays:
 
     ids: (M,) Scipion ids; stacks: M stack paths; indices: (M,) 0-based stack indices;
     pixel_size Å/px; box px; amplitudes (M, K) Å or None; mode_numbers of the amplitudes;
-    angles (M, 3) deg and shifts (M, 2) px or None; ctf: CTFParams (M) or None.
+    angles (M, 3) deg and shifts (M, 2) px or None; ctf: CTFParams (M) or None;
+    amplitude_std: (M, K) Å, the uncertainty of the amplitudes (:data:`ZFLEX_STD_ATTR`) or None.
     """
     ids: np.ndarray
     stacks: List[str]
@@ -154,6 +155,7 @@ class ParticleArrays:
     angles: Optional[np.ndarray] = None
     shifts: Optional[np.ndarray] = None
     ctf: Optional[CTFParams] = None
+    amplitude_std: Optional[np.ndarray] = None
 
 
 def flex_info(mode_numbers: Sequence[int], source: str) -> FlexInfo:
@@ -190,7 +192,7 @@ def read_particles(particles, need_amplitudes: bool = False) -> ParticleArrays:
     acq = particles.getAcquisition()
     has_ctf = particles.hasCTF()
     has_pose = particles.hasAlignmentProj()
-    ids, stacks, indices, zflex, mats, ctf = [], [], [], [], [], []
+    ids, stacks, indices, zflex, mats, ctf, zstd = [], [], [], [], [], [], []
     for p in particles.iterItems(orderBy="id"):
         ids.append(p.getObjId())
         index, path = p.getLocation()
@@ -198,6 +200,8 @@ def read_particles(particles, need_amplitudes: bool = False) -> ParticleArrays:
         indices.append((index or 1) - 1)
         if hasattr(p, "getZFlex"):
             zflex.append(p.getZFlex())
+        if hasattr(p, ZFLEX_STD_ATTR):
+            zstd.append([float(v) for v in getattr(p, ZFLEX_STD_ATTR)])
         if has_pose and p.hasTransform():
             mats.append(p.getTransform().getMatrix())
         if has_ctf:
@@ -210,6 +214,8 @@ def read_particles(particles, need_amplitudes: bool = False) -> ParticleArrays:
     if need_amplitudes and out.amplitudes is None:
         raise ValueError("The particles carry no normal-mode amplitudes: use the output of the "
                          "HEMNMA alignment or of the synthesis protocol of this plugin.")
+    if out.amplitudes is not None and len(zstd) == n and all(len(z) == out.amplitudes.shape[1] for z in zstd):
+        out.amplitude_std = np.array(zstd, dtype=float)
     if len(mats) == n:
         out.angles, out.shifts = scipion_matrix_to_pose(np.stack(mats))
     if len(ctf) == n:

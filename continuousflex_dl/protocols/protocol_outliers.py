@@ -33,6 +33,11 @@ class FlexDLProtOutliers(FlexDLProtBase):
         form.addParam("threshold", params.FloatParam, default=3.0, condition="criterion == 1",
                       validators=[params.Positive], label="Distance threshold",
                       help="Mahalanobis distance (in standard deviations) above which a particle is removed.")
+        form.addParam("maxUncertainty", params.FloatParam, default=0.0, validators=[params.GE(0)],
+                      label="Largest amplitude uncertainty (Å)",
+                      help="Also remove particles whose amplitudes are uncertain: those with a standard "
+                           "deviation above this many Å on any mode (HEMNMA stores them per particle, "
+                           f"{convert.ZFLEX_STD_ATTR}). 0: do not use the uncertainty.")
         form.addParam("robust", params.BooleanParam, default=True, label="Robust estimate?",
                       help="Estimate the centre and covariance from the most central 75% of the particles "
                            "(a cluster of outliers cannot pull them).")
@@ -48,7 +53,18 @@ class FlexDLProtOutliers(FlexDLProtBase):
             keep = outlier_mask(distances, fraction=self.fraction.get())
         else:
             keep = outlier_mask(distances, threshold=self.threshold.get())
-        np.savez(self._getExtraPath("distances.npz"), ids=arrays.ids, distances=distances, keep=keep)
+        uncertain = np.zeros(len(keep), dtype=bool)
+        if self.maxUncertainty.get() > 0:
+            if arrays.amplitude_std is None:
+                raise ValueError(f"The particles carry no amplitude uncertainty ({convert.ZFLEX_STD_ATTR}): use "
+                                 f"the output of this plugin's HEMNMA alignment, or set the largest "
+                                 f"uncertainty to 0.")
+            uncertain = arrays.amplitude_std.max(1) > self.maxUncertainty.get()
+            keep &= ~uncertain
+            self.info(f"{int(uncertain.sum())} particles have an amplitude uncertainty above "
+                      f"{self.maxUncertainty.get():g} Å")
+        np.savez(self._getExtraPath("distances.npz"), ids=arrays.ids, distances=distances, keep=keep,
+                 uncertain=uncertain)
         if not keep.any():
             raise ValueError(f"No particle is within the distance threshold {self.threshold.get():g}: the "
                              f"smallest distance is {distances.min():.2f} (median {np.median(distances):.2f}). "
@@ -80,8 +96,12 @@ class FlexDLProtOutliers(FlexDLProtBase):
         if not hasattr(self, "outputParticles"):
             return []
         d = np.load(self._getExtraPath("distances.npz"))
-        return [f"Kept {int(d['keep'].sum())} of {len(d['keep'])} particles "
-                f"(largest kept distance {d['distances'][d['keep']].max():.2f})."]
+        lines = [f"Kept {int(d['keep'].sum())} of {len(d['keep'])} particles "
+                 f"(largest kept distance {d['distances'][d['keep']].max():.2f})."]
+        if "uncertain" in d.files and d["uncertain"].any():
+            lines.append(f"{int(d['uncertain'].sum())} particles removed for an amplitude uncertainty above "
+                         f"{self.maxUncertainty.get():g} Å.")
+        return lines
 
     def _methods(self):
         return ["Particles with outlying normal-mode amplitudes (Mahalanobis distance) were removed, as "

@@ -103,6 +103,23 @@ class TestProtAlign(BaseTest):
         for p in kept:
             self.assertAlmostEqual(getattr(p, DISTANCE_ATTR).get(), d[list(gt.ids).index(p.getObjId())], places=6)
 
+    def test_outlier_removal_by_uncertainty(self):
+        est = convert.read_particles(self.align.outputParticles, need_amplitudes=True)
+        worst = est.amplitude_std.max(1)
+        limit = float(np.median(worst))
+        prot = self.newProtocol(FlexDLProtOutliers, inputParticles=self.align.outputParticles, fraction=0.0,
+                                maxUncertainty=limit)
+        self.launchProtocol(prot)
+        self.assertEqual({p.getObjId() for p in prot.outputParticles}, set(est.ids[worst <= limit].tolist()))
+        self.assertIn(f"{int(np.sum(worst > limit))} particles removed for an amplitude uncertainty",
+                      "\n".join(prot.summary()))
+        # The landscape viewer colours the cloud by the same uncertainty.
+        from continuousflex_dl.viewers.viewer_flex import COLOR_UNCERTAINTY, cloud_figure
+        fig = cloud_figure([self.align.outputParticles], color_by=COLOR_UNCERTAINTY)
+        shown = next(c for c in fig.axes[0].collections if c.get_array() is not None).get_array()
+        np.testing.assert_allclose(np.sort(np.asarray(shown)), np.sort(np.linalg.norm(est.amplitude_std, axis=1)),
+                                   rtol=1e-6)
+
     def test_nan_images_are_refused_with_their_ids(self):
         import mrcfile
         synth = self.newProtocol(FlexDLProtSynthesize, inputModes=self.modes, modeList="7-9", numberOfImages=4,

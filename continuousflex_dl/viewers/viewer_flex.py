@@ -31,8 +31,9 @@ __all__ = ["FlexDLFlexViewer", "flex_source", "set_label", "read_attribute", "fl
            "matched_amplitudes", "cloud_figure", "find_ground_truth", "error_reports", "error_table",
            "write_error_reports_csv", "error_summary_lines"]
 
-COLOR_SET, COLOR_ATTRIBUTE, COLOR_MODE, COLOR_ERROR = 0, 1, 2, 3
-COLOR_LABELS = ["set", "particle attribute", "amplitude of a mode", "error to ground truth"]
+COLOR_SET, COLOR_ATTRIBUTE, COLOR_MODE, COLOR_ERROR, COLOR_UNCERTAINTY = 0, 1, 2, 3, 4
+COLOR_LABELS = ["set", "particle attribute", "amplitude of a mode", "error to ground truth",
+                "amplitude uncertainty"]
 DIMS_MODES, DIMS_PCA = 0, 1
 
 
@@ -59,8 +60,9 @@ def cloud_figure(sets: Sequence, shown: str = "", pca: bool = False, color_by: i
     shown: up to three mode numbers ('7 9'; '' = the first three) unless ``pca``.
     color_by: COLOR_SET (one colour per set), COLOR_ATTRIBUTE (``color_attribute``
     of the main set's particles), COLOR_MODE (amplitude of mode ``color_mode``, Å) or
-    COLOR_ERROR (Euclidean amplitude error, Å, of the main set against ``truth``);
-    these colour the main set only. path: optional (F, K) Å drawn over the clouds.
+    COLOR_ERROR (Euclidean amplitude error, Å, of the main set against ``truth``) or
+    COLOR_UNCERTAINTY (HEMNMA's amplitude uncertainty, the root sum of squares of the
+    per-mode standard deviations, Å); these colour the main set only. path: optional (F, K) Å drawn over the clouds.
     labels: legend names, one per set (default :func:`set_label`). Colours and drawing
     order follow each set's amplitude source (:func:`plots.set_styles`).
     """
@@ -86,6 +88,11 @@ def cloud_figure(sets: Sequence, shown: str = "", pca: bool = False, color_by: i
         if len(ids) != len(first.ids):
             raise ValueError("The ground truth lacks some particles of the main set.")
         colours, cbar = {main: np.linalg.norm(pred - true, axis=1)}, "Amplitude error (Å)"
+    elif color_by == COLOR_UNCERTAINTY:
+        if first.amplitude_std is None:
+            raise ValueError(f"The particles carry no amplitude uncertainty ({convert.ZFLEX_STD_ATTR}): it "
+                             f"comes with this plugin's HEMNMA alignment.")
+        colours, cbar = {main: np.linalg.norm(first.amplitude_std, axis=1)}, "Amplitude uncertainty (Å)"
     dims = "pca" if pca else _dims(numbers, shown)
     return plots.plot_point_cloud(data, numbers, dims=dims, color_by=colours, colorbar_label=cbar,
                                   path=path, path_label=path_label, title=title, sources=sources)
@@ -126,7 +133,9 @@ class FlexDLFlexViewer(ErrorDialogs, ProtocolViewer):
                       help="set: one colour per set. particle attribute: a number stored on each "
                            "particle ('_cfdlScore': HEMNMA score, '_cfdlMahalanobis': outlier "
                            "distance). amplitude of a mode. error to ground truth: Euclidean "
-                           "distance (Å) of the main set's amplitudes to the truth.")
+                           "distance (Å) of the main set's amplitudes to the truth. amplitude "
+                           "uncertainty: HEMNMA's standard deviations of the amplitudes (root sum of "
+                           "squares over the modes, Å).")
         form.addParam("colorAttribute", params.StringParam, default="_cfdlScore",
                       condition="colorBy == 1", label="Attribute")
         form.addParam("colorMode", params.IntParam, default=7, condition="colorBy == 2",
