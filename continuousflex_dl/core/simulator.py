@@ -276,12 +276,14 @@ class ParticleSimulator:
         """The random stream of batch ``index`` of ``epoch`` (a function of (seed, epoch, index) only)."""
         return np.random.default_rng([self.seed, int(epoch), int(index)])
 
-    def batch(self, epoch: int, index: int, size: int) -> SimulatedBatch:
-        """Batch ``index`` of ``epoch``: ``size`` new images (:class:`SimulatedBatch`)."""
-        return self.draw(size, self.rng(epoch, index))
+    def batch(self, epoch: int, index: int, size: int, noise_scale: float = 1.0) -> SimulatedBatch:
+        """Batch ``index`` of ``epoch``: ``size`` new images (:class:`SimulatedBatch`), the noise's
+        standard deviation times ``noise_scale``."""
+        return self.draw(size, self.rng(epoch, index), noise_scale)
 
-    def draw(self, n: int, rng: np.random.Generator, noise: bool = True) -> SimulatedBatch:
-        """``n`` images from the random stream ``rng`` (``noise=False``: clean images)."""
+    def draw(self, n: int, rng: np.random.Generator, noise_scale: float = 1.0) -> SimulatedBatch:
+        """``n`` images from the random stream ``rng``, the noise's standard deviation times
+        ``noise_scale`` (0: clean images)."""
         if int(n) != n or n < 1:
             raise ValueError(f"The number of images must be a positive integer, got {n}.")
         n = int(n)
@@ -294,8 +296,8 @@ class ParticleSimulator:
         if ctf is not None:
             ctf_images = ctf_image(ctf, self.box, self.pixel_size, device=self.device)
             images = apply_ctf(images, ctf_images)
-        if noise and self.noise is not None and np.any(self.noise.power > 0):
-            images = images + self.noise.sample(images.shape, rng, self.device)
+        if noise_scale > 0 and self.noise is not None and np.any(self.noise.power > 0):
+            images = images + self.noise.sample(images.shape, rng, self.device) * float(noise_scale)
         return SimulatedBatch(images, amps, angles, shifts, ctf, ctf_images)
 
     def batches(self, epoch: int, n_images: int, batch_size: int, start: int = 0) -> Iterator[SimulatedBatch]:
@@ -402,7 +404,7 @@ def match_simulator(reference: Reference, images, box: int, pixel_size: float, c
     particle = particle / len(chosen)
     clean, variance, done = 0.0, 0.0, 0
     while done < n_clean:
-        b = clean_sim.draw(min(batch_size, n_clean - done), rng, noise=False)
+        b = clean_sim.draw(min(batch_size, n_clean - done), rng, noise_scale=0.0)
         clean = clean + radial_power_spectrum(b.images).numpy() * len(b.images)
         variance += float(b.images.double().var(dim=(-2, -1), unbiased=False).sum())
         done += len(b.images)

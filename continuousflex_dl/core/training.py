@@ -6,8 +6,9 @@ A *model directory* holds everything needed to predict:
   normalisation name, architecture, target statistics, package version),
 * ``best.pt``: the weights with the lowest validation loss,
 * ``last.pt``: the last epoch's weights, optimizer, scheduler and
-  gradient-scaler states, the config and a fingerprint of the training data
-  (resume); ``last.previous.pt``: the epoch before (fallback),
+  gradient-scaler states, the training phase (simulated or fine-tuning) and
+  the epoch it started at, the config and a fingerprint of the training data
+  and reference (resume); ``last.previous.pt``: the epoch before (fallback),
 * ``metrics.csv``: one row per epoch (epoch, train_loss, val_loss, val_mae,
   lr, images_per_s, seconds [, val_angle_deg, val_shift_px]).
 
@@ -33,10 +34,11 @@ from the last simulated weights (a new optimizer and schedule at
 whenever the particles have amplitudes, else on a fixed simulated set.
 
 Targets are standardised per output with the mean/std of the *training split*
-only (saved in config.json), or of the amplitude prior when simulating. Shifts are divided by one isotropic scale (no
-mean), so in-plane rotation augmentation commutes with standardisation; the
-6-D rotation is not scaled. The split is by particle id: all images of one
-particle (e.g. several noisy copies) are on the same side. Images with NaN or
+only (saved in config.json), or of the amplitude prior when simulating.
+Shifts are divided by one isotropic scale (no mean), so in-plane rotation
+augmentation commutes with standardisation; the 6-D rotation is not scaled.
+The split is by particle id: all images of one particle (e.g. several noisy
+copies) are on the same side. Images with NaN or
 infinite pixels and constant images are refused (``dataset.check_images``).
 """
 from __future__ import annotations
@@ -85,7 +87,7 @@ class TrainConfig:
 
     modes: normal-mode numbers (1-based) in the order of the amplitude columns.
     image_size: input box (px), set by :func:`train` from the images.
-    working_size: box (px) the network sees after Fourier cropping (None: image_size).
+    working_size: box (px) the network sees after Fourier cropping (None: the window's or image_size).
     pixel_size: Å/px of the input images.
     window: side (Å) of the real-space window around the box centre that the
     network sees (None: the whole box), then Fourier-cropped to ``working_size``.
@@ -106,6 +108,9 @@ class TrainConfig:
     percentile of the particles' |shifts| when poses are given, else 0).
     sim_amplitude_range: simulated amplitudes uniform in [-R, R] Å (None: the
     range of the particles' amplitudes, widened by 10 %; 5 sqrt(N) Å without them).
+    sim_noise_ramp: a curriculum over the first simulated epochs: the noise's
+    standard deviation is ``min(1, epoch / sim_noise_ramp)`` times the particles'
+    (0: the particles' noise from the start).
     finetune_epochs, finetune_lr (None: learning_rate / 10): the fine-tuning of
     "simulated+finetune".
     phase_flip (images were CTF phase-flipped, so prediction needs CTFs too)
@@ -142,6 +147,7 @@ class TrainConfig:
     sim_in_plane: bool = True
     sim_max_shift_px: Optional[float] = None
     sim_amplitude_range: Optional[float] = None
+    sim_noise_ramp: int = 0
     finetune_epochs: int = 10
     finetune_lr: Optional[float] = None
     n_outputs: int = 0
@@ -605,7 +611,8 @@ def _make_simulator(config: TrainConfig, data: _Data, train_idx: Optional[np.nda
     max_shift = min(max_shift, box / 2 - 1)
     sim = match_simulator(ref, data.source, box, config.pixel_size, data.particle_ctf, prior,
                           config.sim_in_plane, max_shift, config.seed, device)
-    fitted = dict(snr=sim.noise.snr if math.isfinite(sim.noise.snr) else None, signal_scale=sim.noise.scale, noise_power=sim.noise.power.tolist(),
+    fitted = dict(snr=sim.noise.snr if math.isfinite(sim.noise.snr) else None, signal_scale=sim.noise.scale,
+                  noise_power=sim.noise.power.tolist(),
                   amplitude_low=prior.low.tolist(), amplitude_high=prior.high.tolist(), max_shift_px=max_shift)
     logger.info("Simulating particles matched to the data: SNR %.3g, amplitudes %s Å, shifts within "
                 "±%.2f px, %s", sim.noise.snr,
@@ -749,8 +756,10 @@ class _Trainer:
         """This rank's share of the epoch's new simulated images, prepared like the particles."""
         c = self.config
         n = c.sim_images // self.world_size
+        noise_scale = min(1.0, (epoch - self.start + 1) / c.sim_noise_ramp) if c.sim_noise_ramp > 0 else 1.0
         for b in range((n + c.batch_size - 1) // c.batch_size):
-            batch = self.simulator.batch(epoch, b * self.world_size + self.rank, min(c.batch_size, n - b * c.batch_size))
+            size = min(c.batch_size, n - b * c.batch_size)
+            batch = self.simulator.batch(epoch, b * self.world_size + self.rank, size, noise_scale)
             yield _prepare_simulated(c, batch, self.device)
 
     def train_epoch(self, epoch: int) -> dict:

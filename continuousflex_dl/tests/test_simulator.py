@@ -125,6 +125,9 @@ def test_stream_is_seeded_and_resumable(ake):
     for o in other:  # every other batch is new
         assert not np.allclose(o.amplitudes, first.amplitudes)
         assert not torch.allclose(o.images, first.images)
+    # the noise scale multiplies the noise only: the same particles, half the noise
+    clean, half = a.batch(4, 2, 16, noise_scale=0.0), a.batch(4, 2, 16, noise_scale=0.5)
+    torch.testing.assert_close(half.images - clean.images, 0.5 * (first.images - clean.images), rtol=1e-4, atol=1e-7)
     many = np.concatenate([a.batch(1, k, 64).amplitudes for k in range(8)])
     assert many.min() >= -50.0 and many.max() <= 80.0
     assert np.mean(many) == pytest.approx(15.0, abs=6.0)
@@ -229,15 +232,26 @@ def test_simulated_training_resumes_across_the_phase_change(ake, tmp_path):
 
 
 
-def test_simulated_training_without_amplitudes_validates_on_simulated_particles(ake, tmp_path, caplog):
+def test_simulated_training_without_amplitudes_validates_on_simulated_particles(ake, tmp_path, caplog,
+                                                                                 monkeypatch):
     part, images = _particles(ake, tmp_path, 24, 22, 1.0)
-    cfg = tr.TrainConfig(modes=[7], working_size=16, pixel_size=PIXEL, epochs=1, batch_size=16,
-                         architecture="resnet18", data="simulated", sim_images=32, val_fraction=0.5)
+    cfg = tr.TrainConfig(modes=[7], working_size=16, pixel_size=PIXEL, epochs=2, batch_size=16,
+                         architecture="resnet18", data="simulated", sim_images=32, val_fraction=0.5,
+                         sim_noise_ramp=2)
+    scales = []
+    real_batch = sm.ParticleSimulator.batch
+
+    def recording(self, epoch, index, size, noise_scale=1.0):
+        scales.append((epoch, noise_scale))
+        return real_batch(self, epoch, index, size, noise_scale)
+    monkeypatch.setattr(sm.ParticleSimulator, "batch", recording)
     with caplog.at_level("INFO", logger="continuousflex_dl"):
         rows = tr.train(images, None, np.arange(24), tmp_path / "m", cfg, ctf=part.ctf, reference=ake)
     assert "validating on 16 simulated images" in caplog.text  # val_fraction of an epoch's 32
-    assert "epoch 1/1 (simulated)" in caplog.text
-    assert np.isfinite(rows[0]["val_mae"]) and rows[0]["val_mae"] > 0
+    assert "epoch 2/2 (simulated)" in caplog.text
+    # the validation set has the particles' noise; the noise ramps up over the first 2 epochs
+    assert sorted(set(scales)) == [(0, 1.0), (1, 0.5), (2, 1.0)]
+    assert all(np.isfinite(r["val_mae"]) and r["val_mae"] > 0 for r in rows)
     saved = tr.TrainConfig.load(tmp_path / "m" / "config.json")
     half = sm.default_amplitude_range(len(ake.coords))  # no amplitudes: 5 sqrt(N) Å
     assert saved.simulation["amplitude_low"] == [-half] and saved.simulation["amplitude_high"] == [half]
