@@ -8,10 +8,10 @@ the opposite of RELION's, and it inverts the data by default: for white-on-black
 with RELION's CTF sign the two cancel, so its default settings are right. Two
 controls write the same particles with the shifts negated and with the rotations transposed;
 both must give a clearly worse map. cryoDRGN is not a dependency of this project: install
-it in a separate venv (``python3 -m venv /tmp/cdrgn && /tmp/cdrgn/bin/pip install
+it in a separate venv (``python3 -m venv cryodrgn-venv && cryodrgn-venv/bin/pip install
 torch==2.14.1 cryodrgn==4.3.1``) and pass its command with ``--cryodrgn``.
 
-Example: python bench/bench_cryodrgn_poses.py --cryodrgn /tmp/cdrgn/bin/cryodrgn --n 2000
+Example: python bench/bench_cryodrgn_poses.py --cryodrgn cryodrgn-venv/bin/cryodrgn --n 2000
 """
 from __future__ import annotations
 
