@@ -491,7 +491,8 @@ class _Data:
 
     def fingerprint(self, config: TrainConfig, world_size: int) -> str:
         """SHA-256 of what training results depend on besides the settings and the pixels."""
-        h = hashlib.sha256(f"{len(self.source)} {self.source.image_size} {world_size}".encode())
+        invert = bool(getattr(self.source, "invert", False))   # images read with the opposite sign
+        h = hashlib.sha256(f"{len(self.source)} {self.source.image_size} {world_size} {invert}".encode())
         h.update(repr(self.particle_ids.tolist()).encode())
         poses = config.predict_pose or config.simulates
         for a in (self.amplitudes, self.angles if poses else None, self.shifts if poses else None):
@@ -962,7 +963,7 @@ def train(images, amplitudes: Optional[np.ndarray], particle_ids: np.ndarray, ou
             extra = ""
             if config.predict_pose:
                 extra = f" val_angle {row['val_angle_deg']:.2f} deg val_shift {row['val_shift_px']:.2f} px"
-            logger.info("epoch %d/%d (%s) train_loss %.4f val_loss %.4f val_mae %.3f A%s lr %.2e %.1f images/s",
+            logger.info("epoch %d/%d (%s) train_loss %.4f val_loss %.4f val_mae %.3f Å%s lr %.2e %.1f images/s",
                         epoch, total, trainer.phase.source, row["train_loss"], row["val_loss"], row["val_mae"],
                         extra, row["lr"], row["images_per_s"])
             if progress is not None:

@@ -106,6 +106,7 @@ class FlexDLProtTrain(FlexDLProtBase):
                            "averaging (8 rotations lowered the error by 10-22 % in the benchmark).")
         form.addParam("seed", params.IntParam, default=0, label="Random seed",
                       help="Split, initialisation, shuffling and augmentation; same seed, same model.")
+        self._addContrastParam(form)
         self._addDeviceParam(form)
 
     def _insertAllSteps(self):
@@ -139,7 +140,7 @@ class FlexDLProtTrain(FlexDLProtBase):
                     learning_rate=self.learningRate.get(), loss=LOSSES[self.loss.get()],
                     lr_schedule=SCHEDULES[self.lrSchedule.get()], patience=self.patience.get(),
                     val_fraction=self.valFraction.get(), augment_rotation=self.augment.get(),
-                    seed=self.seed.get(), phase_flip=self.phaseFlip.get(),
+                    seed=self.seed.get(), phase_flip=self.phaseFlip.get(), invert=self.invertContrast.get(),
                     particles=f"{parts.getObjId()}:{parts.getSize()}" if parts is not None else "",
                     modes=str(modes.getObjId()) if modes is not None and data != "particles" else "")
 
@@ -149,11 +150,12 @@ class FlexDLProtTrain(FlexDLProtBase):
         settings.pop("particles")
         settings.pop("modes")
         phase_flip = settings.pop("phase_flip")
+        settings.pop("invert")   # read by _imageSource
         parts = convert.read_particles(self.inputParticles.get(), need_amplitudes=True)
         modes = parts.mode_numbers or list(range(7, 7 + parts.amplitudes.shape[1]))
         config = TrainConfig(modes=modes, pixel_size=parts.pixel_size, **settings)
         poses = (parts.angles, parts.shifts) if parts.angles is not None else None
-        train(list(zip(parts.stacks, parts.indices.tolist())), parts.amplitudes, parts.ids, self._modelDir(),
+        train(self._imageSource(parts), parts.amplitudes, parts.ids, self._modelDir(),
               config, device=self._getDevice(), seed=config.seed, resume=True, poses=poses,
               ctf=parts.ctf if phase_flip else None, reference=self._reference(modes) if config.simulates else None,
               particle_ctf=parts.ctf)

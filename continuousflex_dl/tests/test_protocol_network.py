@@ -130,3 +130,13 @@ class TestProtNetwork(BaseTest):
         rows = train.metrics()
         self.assertEqual([r["epoch"] for r in rows], ["1", "2"])
         self.assertEqual(rows[0], first[0])  # epoch 1 kept, epoch 2 trained from its checkpoint
+        # 'Invert contrast?' reads the images with the opposite sign, and a run trained on the
+        # other sign is not continued with it: the particles' data changed.
+        parts = convert.read_particles(self.train_set)
+        plain = train._imageSource(parts).read([0, 1])
+        train.invertContrast.set(True)
+        np.testing.assert_array_equal(train._imageSource(parts).read([0, 1]), -plain)
+        with self.assertRaises(Exception):
+            self.launchProtocol(train)
+        self.assertIn("particles", self._log(train))
+        self.assertEqual(train.metrics(), rows)
