@@ -21,7 +21,6 @@ Example: python bench/bench_alignment.py --n 50 --size 128 --snr 0.1 --defocus-u
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
@@ -31,7 +30,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from figures import report  # noqa: E402
 from continuousflex_dl.core.alignment import align_particles  # noqa: E402
 from continuousflex_dl.core.geometry import angular_distance_deg, random_rotations  # noqa: E402
 from continuousflex_dl.core.nma import compute_modes  # noqa: E402
@@ -211,12 +212,7 @@ def main(argv=None) -> dict:
             "seeded_speedup_cpu": round(cpu / s_cpu, 2),
             "seed_mae": round(float(np.abs(seeds.amplitudes - q_true).mean()), 3),
         })
-    for key, val in figures.items():
-        print(f"{key}: {val}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(figures, indent=1))
-    return figures
+    return report(figures, args.out)
 
 
 if __name__ == "__main__":

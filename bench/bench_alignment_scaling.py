@@ -16,7 +16,6 @@ Example: python bench/bench_alignment_scaling.py --n 16
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_alignment import network_like_seeds, paper_amplitudes, synthesize, timed  # noqa: E402
+from figures import report  # noqa: E402
 from continuousflex_dl.core.alignment import Aligner, AlignConfig  # noqa: E402
 from continuousflex_dl.core.ctf import CTFParams  # noqa: E402
 from continuousflex_dl.core.geometry import random_rotations  # noqa: E402
@@ -91,10 +91,7 @@ def main(argv=None) -> dict:
         row["global_cost_growth"] = round(row["global_cpu_s_per_image"] / first["global_cpu_s_per_image"], 2)
         print(f"{row['atoms']} atoms: global path {row['global_cost_growth']}x the cost per image of "
               f"{first['atoms']} atoms")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(figures, indent=1))
-    return figures
+    return report(figures, args.out, echo=False)
 
 
 if __name__ == "__main__":

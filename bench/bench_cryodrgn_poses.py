@@ -16,7 +16,6 @@ Example: python bench/bench_cryodrgn_poses.py --cryodrgn cryodrgn-venv/bin/cryod
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,9 @@ import mrcfile
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from figures import report  # noqa: E402
 from continuousflex_dl.core.geometry import euler_to_matrix, matrix_to_euler  # noqa: E402
 from continuousflex_dl.core.projection import density_map  # noqa: E402
 from continuousflex_dl.core.star import write_particles_star  # noqa: E402
@@ -83,12 +84,7 @@ def main(argv=None) -> dict:
         for name in ("ours", "negated_shift", "transposed_rotation"):
             vol = backproject(args.cryodrgn, folder, name, stack, args.box, args.pixel_size)
             figures[f"correlation_{name}"] = round(correlation(vol, truth), 4)
-    for key, val in figures.items():
-        print(f"{key}: {val}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(figures, indent=1))
-    return figures
+    return report(figures, args.out)
 
 
 if __name__ == "__main__":
