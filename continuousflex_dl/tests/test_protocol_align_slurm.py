@@ -25,6 +25,14 @@ class TestAlignOnSlurm(BaseTest):
         cls.slurm = LocalSlurm.start_or_skip(tempfile.mkdtemp(prefix="slurm-"))
         cls._env = os.environ.get("SLURM_CONF")
         os.environ["SLURM_CONF"] = cls.slurm.env["SLURM_CONF"]  # for the protocol's sbatch and squeue
+        try:
+            cls._makeProject()
+        except BaseException:  # tearDownClass does not run after a failed setUpClass
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def _makeProject(cls):
         hosts = cls.slurm.hosts_conf(os.path.join(cls.slurm.root, "hosts.conf"))
         cls.proj = Manager().createProject(cls.__name__, hostsConf=str(hosts))
         cls.outputPath = cls.proj.path
