@@ -105,7 +105,7 @@ def run_demo(out_dir: Path, size: DemoSize, seed: int = 0) -> dict:
     stage("hemnma", FlexDLProtAlign, "HEMNMA alignment (training)",
           f"HEMNMA alignment of {size.n_particles} particles",
           inputParticles=stages["synthesis"].outputParticles, inputModes=modes, modeList="7-9",
-          maxShift=size.max_shift + 1, workingSize=size.working_size, numberOfThreads=2)
+          maxShift=size.max_shift + 1, workingSize=size.working_size, numberOfThreads=3)
     stage("outliers", FlexDLProtOutliers, "outlier removal (HEMNMA, training)", "Outlier removal (10 %)",
           inputParticles=stages["hemnma"].outputParticles, fraction=0.1)
     stage("train", FlexDLProtTrain, "DeepHEMNMA training", "DeepHEMNMA training on the HEMNMA amplitudes",

@@ -59,7 +59,7 @@ from .projection import fourier_crop, pixel_profiles, project_gaussians
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AlignConfig", "PRESETS", "Aligner", "AlignmentResult", "align_particles", "check_contrast",
+__all__ = ["AlignConfig", "PRESETS", "preset_changes", "Aligner", "AlignmentResult", "align_particles", "check_contrast",
            "PATH_GLOBAL", "PATH_SEEDED", "PATH_FALLBACK", "rotation_grid", "fourier_crop",
            "coarse_grain", "normalised_cross_correlation"]
 
@@ -562,6 +562,13 @@ PRESETS = {
     "normal": AlignConfig(),
     "thorough": AlignConfig(n_candidates=12, n_final=2, search_iters=15, refine_iters=25),
 }
+
+def preset_changes(name: str) -> dict:
+    """The fields of preset ``name`` that differ from the defaults (AlignConfig keywords)."""
+    preset, default = AlignConfig.preset(name), AlignConfig()
+    return {f.name: getattr(preset, f.name) for f in fields(AlignConfig)
+            if getattr(preset, f.name) != getattr(default, f.name)}
+
 
 #: :attr:`AlignmentResult.path` codes: how each particle was aligned.
 PATH_GLOBAL, PATH_SEEDED, PATH_FALLBACK = 0, 1, 2

@@ -9,20 +9,13 @@ from pwem.objects import SetOfParticlesFlex
 from pyworkflow.protocol import STEPS_PARALLEL, params
 
 from .. import convert
-from ..core.alignment import PATH_FALLBACK, PATH_GLOBAL, PATH_SEEDED, AlignmentResult
+from ..core.alignment import PATH_FALLBACK, PATH_GLOBAL, PATH_SEEDED, PRESETS, AlignmentResult, preset_changes
 from ..core.alignment_job import RESULT_KEYS, AlignmentJob, chunk_path, finished_chunk, gather
 from ..core.chunks import auto_chunk_size, chunk_bounds
 from ..core.device import cpu_threads_available
 from ..core.structure import centre
 from .base import FlexDLProtBase
 
-#: Refinement effort -> keyword arguments of core.alignment.align_particles ('normal': its
-#: defaults, the settings of the benchmark in the README).
-EFFORT = {
-    "fast": dict(n_candidates=4, search_iters=8, refine_iters=10),
-    "normal": dict(),
-    "thorough": dict(n_candidates=12, n_final=2, search_iters=15, refine_iters=25),
-}
 SCORE_ATTR = "_cfdlScore"
 
 
@@ -71,9 +64,10 @@ class FlexDLProtAlign(FlexDLProtBase):
                       label="Working image size (px)",
                       help="Images are reduced to this size by Fourier cropping for the final refinement "
                            "(the paper aligned 128 px versions of 256 px images).")
-        form.addParam("effort", params.EnumParam, choices=list(EFFORT), default=1,
+        form.addParam("effort", params.EnumParam, choices=list(PRESETS), default=1,
                       display=params.EnumParam.DISPLAY_HLIST, label="Refinement effort",
-                      help="How many candidate poses are refined, and for how long.")
+                      help="How many candidate poses are refined, and for how long (core.alignment.PRESETS; "
+                           "normal: the settings of the benchmark in the README).")
         form.addParam("chunkSize", params.IntParam, default=0, validators=[params.GE(0)],
                       expertLevel=params.LEVEL_ADVANCED, label="Particles per chunk",
                       help="Each chunk is one step, a process of its own (python -m continuousflex_dl "
@@ -128,7 +122,7 @@ class FlexDLProtAlign(FlexDLProtBase):
         return dict(max_shift_px=self.maxShift.get(), working_size=self.workingSize.get(),
                     angular_step_deg=self.angularStep.get(),
                     amplitude_range=self.amplitudeRange.get() or None,
-                    **EFFORT[list(EFFORT)[self.effort.get()]])
+                    **preset_changes(list(PRESETS)[self.effort.get()]))
 
     def _buildJob(self) -> AlignmentJob:
         numbers = self._modeNumbers()
