@@ -204,7 +204,7 @@ def test_synthesize_noise_and_reproducibility(tmp_path, toy):
               ctf=CTFParams(12000.0, 12000.0), in_plane=False)
     a = synthesize(tmp_path / "a.mrcs", coords, modes, 30, 48, 1.5, seed=3, chunk_size=256, **kw)
     time.sleep(1.1)  # the file must not record the time
-    a2 = synthesize(tmp_path / "a2.mrcs", coords, modes, 30, 48, 1.5, seed=3, chunk_size=256, **kw)
+    synthesize(tmp_path / "a2.mrcs", coords, modes, 30, 48, 1.5, seed=3, chunk_size=256, **kw)
     b = synthesize(tmp_path / "b.mrcs", coords, modes, 30, 48, 1.5, seed=3, chunk_size=7, **kw)
     synthesize(tmp_path / "c.mrcs", coords, modes, 30, 48, 1.5, seed=4, **kw)
     bytes_a = (tmp_path / "a.mrcs").read_bytes()
