@@ -55,11 +55,13 @@ import numpy as np
 import torch
 
 from .geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler, particle_offset_px
+from .nma import default_amplitude_range
 from .projection import fourier_crop, pixel_profiles, project_gaussians
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AlignConfig", "PRESETS", "preset_changes", "Aligner", "AlignmentResult", "align_particles", "check_contrast",
+__all__ = ["AlignConfig", "PRESETS", "preset_changes", "Aligner", "AlignmentResult", "RESULT_ARRAYS",
+           "align_particles", "check_contrast",
            "PATH_GLOBAL", "PATH_SEEDED", "PATH_FALLBACK", "rotation_grid", "fourier_crop",
            "coarse_grain", "normalised_cross_correlation"]
 
@@ -98,12 +100,12 @@ class AlignmentResult:
 
     def to_dict(self) -> dict:
         """Plain numpy arrays by name (for ``np.savez`` or conversion to Scipion objects)."""
-        out = {"amplitudes": self.amplitudes, "angles": self.angles,
-               "shifts": self.shifts, "score": self.score}
-        for name in ("amplitude_std", "angle_std", "shift_std", "path"):
-            if getattr(self, name) is not None:
-                out[name] = getattr(self, name)
-        return out
+        return {name: getattr(self, name) for name in RESULT_ARRAYS + ("path",)
+                if getattr(self, name) is not None}
+
+
+#: The per-particle arrays of an AlignmentResult that every stage fills (``path`` aside).
+RESULT_ARRAYS = ("amplitudes", "angles", "shifts", "score", "amplitude_std", "angle_std", "shift_std")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -640,7 +642,8 @@ class Aligner:
         if wts.shape != (n_atoms,):
             raise ValueError(f"weights must have one value per atom ({n_atoms}).")
         if amplitude_range is None:
-            amplitude_range = np.tile([-5.0 * math.sqrt(n_atoms), 5.0 * math.sqrt(n_atoms)], (k, 1))
+            half = default_amplitude_range(n_atoms)
+            amplitude_range = np.tile([-half, half], (k, 1))
         amplitude_range = np.asarray(amplitude_range, dtype=np.float64).reshape(k, 2)
         if np.any(amplitude_range[:, 1] < amplitude_range[:, 0]):
             raise ValueError("Each amplitude range must be (lowest, highest) with lowest <= highest.")
@@ -716,7 +719,7 @@ class Aligner:
             batch = poor[b0:b0 + self.config.batch_size]
             redo = self._align_batch(imgs, ctf, batch, None)
             better = redo.score > result.score[batch]
-            for name in ("amplitudes", "angles", "shifts", "score", "amplitude_std", "angle_std", "shift_std"):
+            for name in RESULT_ARRAYS:
                 getattr(result, name)[batch[better]] = getattr(redo, name)[better]
         path[poor] = PATH_FALLBACK
         return result
@@ -868,11 +871,10 @@ def reference_count(m: int, most: int) -> int:
 
 def _gather(parts: dict, m: int) -> AlignmentResult:
     """One AlignmentResult of M images from results of batches keyed by their row indices."""
-    names = ("amplitudes", "angles", "shifts", "score", "amplitude_std", "angle_std", "shift_std")
     first = next(iter(parts.values()))
-    out = {n: np.zeros((m,) + getattr(first, n).shape[1:]) for n in names}
+    out = {n: np.zeros((m,) + getattr(first, n).shape[1:]) for n in RESULT_ARRAYS}
     for rows, res in parts.items():
-        for n in names:
+        for n in RESULT_ARRAYS:
             out[n][list(rows)] = getattr(res, n)
     return AlignmentResult(**out)
 

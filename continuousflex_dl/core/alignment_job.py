@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .alignment import AlignmentResult, align_particles
+from .alignment import RESULT_ARRAYS, AlignmentResult, align_particles
 from .chunks import Chunk, chunk_bounds, fingerprint, gather_by_id, read_chunk, write_chunk
 from .ctf import CTFParams
 from .dataset import MrcsImageSource, check_images
@@ -33,7 +33,7 @@ __all__ = ["AlignmentJob", "run_chunk", "finished_chunk", "gather", "chunk_path"
 
 PathLike = Union[str, os.PathLike]
 #: The AlignmentResult arrays a chunk file holds (per particle).
-RESULT_KEYS = ("amplitudes", "angles", "shifts", "score", "amplitude_std", "angle_std", "shift_std", "path")
+RESULT_KEYS = RESULT_ARRAYS + ("path",)
 #: The arrays of a first answer per particle (AlignmentResult fields) that seed the alignment.
 SEED_KEYS = ("amplitudes", "angles", "shifts")
 

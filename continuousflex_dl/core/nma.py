@@ -36,6 +36,7 @@ __all__ = [
     "NormalModes", "compute_modes", "anm_hessian", "contact_pairs", "relative_cutoff",
     "rigid_body_modes", "collectivity", "fix_signs", "displace", "animation_frames",
     "subspace_overlap", "write_mode_files", "read_mode_files", "mode_file_name", "residue_profiles",
+    "default_amplitude_range",
 ]
 
 N_RIGID = 6
@@ -325,6 +326,13 @@ def residue_profiles(vectors: np.ndarray, residue_numbers: np.ndarray):
     for k, v in enumerate(vectors):
         np.maximum.at(profiles[k], inverse, np.linalg.norm(v, axis=1))
     return residues, profiles
+
+
+def default_amplitude_range(n_atoms: int) -> float:
+    """Half-width (Å) of the amplitude range when nothing is known: 5 sqrt(N) Å, which moves
+    N atoms by 5 Å RMS along one unit-norm mode (HEMNMA's default search range, and the
+    simulator's prior without labels)."""
+    return default_animation_amplitude(n_atoms, 5.0)
 
 
 def default_animation_amplitude(n_atoms: int, rms_displacement: float = 3.0) -> float:

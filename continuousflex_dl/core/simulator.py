@@ -41,7 +41,7 @@ import torch
 
 from .ctf import CTFParams, apply_ctf, ctf_image
 from .geometry import euler_to_matrix
-from .nma import displace
+from .nma import default_amplitude_range, displace
 from .projection import project_gaussians
 from .synthesis import sample_orientations, sample_shifts
 
@@ -84,12 +84,6 @@ class Reference:
     @property
     def n_modes(self) -> int:
         return int(self.modes.shape[0])
-
-
-def default_amplitude_range(n_atoms: int) -> float:
-    """Half-width (Å) of the amplitude range when nothing is known: 5 sqrt(N) Å, which moves
-    N atoms by 5 Å RMS along one unit-norm mode (HEMNMA's default search range)."""
-    return 5.0 * math.sqrt(n_atoms)
 
 
 @dataclass
