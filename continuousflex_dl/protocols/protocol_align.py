@@ -147,11 +147,11 @@ class FlexDLProtAlign(FlexDLProtBase):
         model = self.inputModel.get()
         if model is None:
             return None
-        parts = convert.read_particles(self.inputParticles.get())
-        amplitudes, angles, shifts = self._networkPrediction(parts, model, pose=True)
         if list(model.getModes()) != list(job.mode_numbers):
             raise ValueError(f"The network predicts modes {model.getModes()} but the alignment uses modes "
                              f"{job.mode_numbers}: choose the network's modes, or another network.")
+        parts = convert.read_particles(self.inputParticles.get())
+        amplitudes, angles, shifts = self._networkPrediction(parts, model, pose=True)
         return {"amplitudes": amplitudes, "angles": angles, "shifts": shifts}
 
     def _jobFolder(self) -> str:
