@@ -560,6 +560,9 @@ def _check_inputs(images, amplitudes: Optional[np.ndarray], particle_ids: np.nda
             raise ValueError(f"Simulate at least one image per epoch, got {config.sim_images}.")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} must be in [0, world_size={world_size}).")
+    if config.batch_size % world_size:
+        raise ValueError(f"The batch size ({config.batch_size}) is the images of one step over all "
+                         f"{world_size} processes: make it a multiple of {world_size}.")
     window = config.window_px or source.image_size
     if window > source.image_size:
         raise ValueError(f"The window ({config.window} Å, {window} px) is larger than the images "
@@ -642,6 +645,18 @@ def _phases(config: TrainConfig) -> List[_Phase]:
     return phases
 
 
+def _distributed(world_size: int) -> bool:
+    """True when ``world_size`` ranks train together in an initialised ``torch.distributed`` group."""
+    return world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _sum_over_ranks(values: List[float], device: torch.device) -> List[float]:
+    """The element-wise sums of ``values`` over the ranks of the process group (float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
 class _Trainer:
     """The network, optimizer, schedule and epoch counters of one phase of a training run.
 
@@ -649,6 +664,10 @@ class _Trainer:
     ``train_epoch`` + ``evaluate`` + ``end_epoch`` make one epoch,
     ``state_dict``/``load_state_dict`` are the checkpoint (tensors and plain
     values only). ``start``: the run's epoch number of the phase's first epoch.
+    With ``world_size`` ranks in a ``torch.distributed`` group, each rank trains on
+    ``config.batch_size / world_size`` images of every step (the batch size is global) under
+    DDP, which averages the gradients, and the epoch's training loss and the validation
+    metrics are summed over the ranks, so every rank sees the same numbers.
     val_batches: a fixed validation set of (prepared images, labels) batches
     (simulated), used when there is no validation split (``val_idx`` None).
     """
@@ -666,15 +685,18 @@ class _Trainer:
             torch.manual_seed(config.seed)
             model = build_model(config.n_modes, config.predict_pose, config.architecture, config.hidden,
                                 config.dropout).to(device)
+        if _distributed(world_size) and device.type == "cuda":  # batch statistics of the global batch
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
         self.optimizer = _make_optimizer(config, self.model, phase.lr)
+        self.rank_batch = config.batch_size // world_size  # images of one step on this rank
         n_train = (config.sim_images if phase.source == "simulated" else len(train_idx)) // world_size
         self.scheduler = _make_scheduler(config, self.optimizer,
-                                         (n_train + config.batch_size - 1) // config.batch_size,
+                                         (n_train + self.rank_batch - 1) // self.rank_batch,
                                          phase.epochs, phase.lr)
         self.per_batch = isinstance(self.scheduler, torch.optim.lr_scheduler.OneCycleLR)
         self.net: nn.Module = self.model
-        if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if _distributed(world_size):
             self.net = nn.parallel.DistributedDataParallel(self.model)
         self.use_amp = config.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and not torch.cuda.is_bf16_supported()) \
@@ -747,19 +769,19 @@ class _Trainer:
             self.scheduler.step()
         return float(loss.detach())
 
-    def _particle_batches(self, order: np.ndarray) -> Iterator[Tuple[torch.Tensor, _Labels]]:
+    def _particle_batches(self, order: np.ndarray, batch_size: int) -> Iterator[Tuple[torch.Tensor, _Labels]]:
         c = self.config
-        for idx, x in iterate_batches(self.data.source, order, c.batch_size, c.working_size, c.normalization,
+        for idx, x in iterate_batches(self.data.source, order, batch_size, c.working_size, c.normalization,
                                       self.data.ctf, None, self.device, c.pixel_size, c.window_px):
             yield x, self.data.labels(idx)
 
     def _simulated_batches(self, epoch: int) -> Iterator[Tuple[torch.Tensor, _Labels]]:
         """This rank's share of the epoch's new simulated images, prepared like the particles."""
         c = self.config
-        n = c.sim_images // self.world_size
+        n, bs = c.sim_images // self.world_size, self.rank_batch
         noise_scale = min(1.0, (epoch - self.start + 1) / c.sim_noise_ramp) if c.sim_noise_ramp > 0 else 1.0
-        for b in range((n + c.batch_size - 1) // c.batch_size):
-            size = min(c.batch_size, n - b * c.batch_size)
+        for b in range((n + bs - 1) // bs):
+            size = min(bs, n - b * bs)
             batch = self.simulator.batch(epoch, b * self.world_size + self.rank, size, noise_scale)
             yield _prepare_simulated(c, batch, self.device)
 
@@ -776,12 +798,16 @@ class _Trainer:
             order = self.train_idx[rng.permutation(len(self.train_idx))]
             if self.world_size > 1:  # equal shards, so that data-parallel ranks run the same number of steps
                 order = order[:len(order) - len(order) % self.world_size][self.rank::self.world_size]
-            batches = self._particle_batches(order)
+            batches = self._particle_batches(order, self.rank_batch)
+        if self.world_size > 1:  # the shards above need the same order on every rank; augmentation does not
+            rng = np.random.default_rng([config.seed, epoch, self.rank])
         self.net.train()
         total, count = 0.0, 0
         for x, labels in batches:
             total += self.train_batch(x, labels, rng) * len(x)
             count += len(x)
+        if _distributed(self.world_size):
+            total, count = _sum_over_ranks([total, count], self.device)
         seconds = time.perf_counter() - t0
         return {"epoch": epoch, "train_loss": total / max(count, 1),
                 "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": count / max(seconds, 1e-9)}
@@ -789,8 +815,14 @@ class _Trainer:
     def evaluate(self) -> dict:
         """Validation metrics of the current weights (see ``_validate``): on the held-out
         particles, or on the fixed simulated set when the particles have no amplitudes."""
-        batches = self._particle_batches(self.val_idx) if self.val_idx is not None else self.val_batches
-        return _validate(self.model, self.config, batches, self.targets, self.loss_fn, self.device, self.use_amp)
+        shared = _distributed(self.world_size)  # each rank validates a share; the sums are combined
+        if self.val_idx is not None:
+            idx = self.val_idx[self.rank::self.world_size] if shared else self.val_idx
+            batches = self._particle_batches(idx, self.config.batch_size) if len(idx) else []
+        else:
+            batches = self.val_batches[self.rank::self.world_size] if shared else self.val_batches
+        return _validate(self.model, self.config, batches, self.targets, self.loss_fn, self.device, self.use_amp,
+                         (lambda sums: _sum_over_ranks(sums, self.device)) if shared else None)
 
     def end_epoch(self, row: dict) -> bool:
         """Step the epoch schedules and early-stopping counters; True if the validation loss improved."""
@@ -838,7 +870,12 @@ def _resume(out: Path, trainer: _Trainer, fingerprint: str, phases: List[_Phase]
     config = trainer.config
     saved = TrainConfig.from_dict(state["config"]) if "config" in state else TrainConfig.load(out / CONFIG_FILE)
     problems = changed_settings(saved, config)
-    if state.get("data", fingerprint) != fingerprint:
+    saved_world = int(state.get("world_size", trainer.world_size))
+    if saved_world != trainer.world_size:  # the fingerprint covers the sharding: say it plainly
+        problems.append(f"it ran on {saved_world} processes, now {trainer.world_size} (the steps of an "
+                        f"epoch and the shards depend on it): set the number of processes back to "
+                        f"{saved_world}")
+    elif state.get("data", fingerprint) != fingerprint:
         problems.append("the particles (their number, box, ids, amplitudes, poses or CTFs) or the reference "
                         "differ from those it was trained on")
     if problems:
@@ -874,7 +911,7 @@ def _save_epoch(out: Path, trainer: _Trainer, improved: bool, fingerprint: str, 
     if improved:
         save_checkpoint({"model": model, "epoch": epoch, "val_loss": float(trainer.best_val)}, out / BEST_FILE)
     state = trainer.state_dict()
-    state.update(config=_plain(asdict(trainer.config)), data=fingerprint)
+    state.update(config=_plain(asdict(trainer.config)), data=fingerprint, world_size=trainer.world_size)
     save_checkpoint(state, out / LAST_FILE, previous=out / PREVIOUS_FILE)
     _write_metrics(out / METRICS_FILE, trainer.rows, columns)
 
@@ -907,8 +944,12 @@ def train(images, amplitudes: Optional[np.ndarray], particle_ids: np.ndarray, ou
     damaged last.pt falls back to last.previous.pt). Refused (ValueError
     saying what changed) when the data or a setting other than
     :data:`RESUMABLE_SETTINGS` differs. progress: called with each epoch's metrics dict.
-    world_size/rank: data-parallel sharding of training batches; only rank 0
-    writes files (wrap in DDP yourself after ``torch.distributed`` init).
+    world_size/rank: data-parallel training: each rank takes a disjoint shard of every
+    epoch and ``config.batch_size / world_size`` images of each step (the batch size is
+    global, so must be a multiple of world_size); only rank 0 writes files. With an
+    initialised ``torch.distributed`` group (see ``distributed.train_distributed``) the
+    network is wrapped in DDP and the metrics are summed over the ranks; a run continues
+    only with the world size it was started with.
     Returns the metrics rows of all epochs so far (see ``METRICS_COLUMNS``).
     """
     from .. import __version__
@@ -980,8 +1021,9 @@ def train(images, amplitudes: Optional[np.ndarray], particle_ids: np.ndarray, ou
 
 
 @torch.no_grad()
-def _validate(model, config, batches, targets, loss_fn, device, use_amp) -> dict:
-    """Loss, amplitude MAE (Å) [and pose errors] of ``model`` over (prepared images, labels) batches."""
+def _validate(model, config, batches, targets, loss_fn, device, use_amp, combine=None) -> dict:
+    """Loss, amplitude MAE (Å) [and pose errors] of ``model`` over (prepared images, labels) batches.
+    combine: None, or a function summing the list of error sums and the image count over ranks."""
     model.eval()
     total, abs_err, ang_err, shift_err, n = 0.0, 0.0, 0.0, 0.0, 0
     for x, labels in batches:
@@ -994,6 +1036,8 @@ def _validate(model, config, batches, targets, loss_fn, device, use_amp) -> dict
             ang_err += float(angular_distance_deg(dec["matrices"], euler_to_matrix(labels.angles)).sum())
             shift_err += float(np.linalg.norm(dec["shifts"] - labels.shifts, axis=1).sum())
         n += len(x)
+    if combine is not None:
+        total, abs_err, ang_err, shift_err, n = combine([total, abs_err, ang_err, shift_err, n])
     res = {"val_loss": total / n, "val_mae": abs_err / n}
     if config.predict_pose:
         res.update(val_angle_deg=ang_err / n, val_shift_px=shift_err / n)
