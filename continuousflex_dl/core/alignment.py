@@ -819,6 +819,30 @@ class Aligner:
                                amplitude_std=std[:, :k], angle_std=np.sqrt((std[:, k:k + 3] ** 2).sum(1)),
                                shift_std=np.sqrt((std[:, k + 3:k + 5] ** 2).sum(1)))
 
+    def polish(self, images: ArrayLike, start: AlignmentResult, ctf=None) -> AlignmentResult:
+        """The final refinement alone (:meth:`refine_final`), from a given answer per image
+        (images (M, box, box), ``start`` its amplitudes, angles and shifts): re-fits particles
+        whose answer is already close, e.g. after the image model changed. Keeps ``start.path``."""
+        imgs = _as_images(images, self.device)
+        m = imgs.shape[0]
+        if start.amplitudes.shape != (m, self.k):
+            raise ValueError(f"The answer to polish must give ({m}, {self.k}) amplitudes, "
+                             f"got {start.amplitudes.shape}.")
+        parts = {}
+        for b0 in range(0, m, self.config.batch_size):
+            rows = np.arange(b0, min(m, b0 + self.config.batch_size))
+            mb, batch = len(rows), imgs[b0:b0 + len(rows)]
+            ctf_b = None if ctf is None else (ctf if ctf.batch_size == 1 else ctf.select(rows))
+            t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=self.device)  # noqa: E731
+            q = torch.minimum(torch.maximum(t(start.amplitudes[rows]), self.q_lo), self.q_hi)
+            parts[tuple(rows)] = self.refine_final(
+                self.work.images(batch), self.work.filters(ctf_b, mb), torch.arange(mb, device=self.device),
+                t(euler_to_matrix(np.asarray(start.angles[rows], dtype=np.float64))), q,
+                self.search.shifts_here(t(start.shifts[rows])), mb)
+        result = _gather(parts, m)
+        result.path = None if start.path is None else np.array(start.path)
+        return result
+
     def _reference_projections(self) -> dict:
         """Spectra of the global search's references (rotations x amplitude seeds), the
         rotation of each and the amplitude grid of the candidates; built on first use."""

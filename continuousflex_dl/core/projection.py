@@ -50,7 +50,7 @@ def pixel_profiles(positions: torch.Tensor, box: int, sigma_px: torch.Tensor,
     ``dG/dposition`` of the same shape.
     """
     inv = 1.0 / (sigma_px * math.sqrt(2.0))
-    half = int(math.ceil(WINDOW_SIGMAS * float(torch.max(sigma_px)))) + 1
+    half = int(math.ceil(WINDOW_SIGMAS * float(torch.max(sigma_px.detach())))) + 1
     if 2 * half + 1 < box:
         return _windowed_profiles(positions, box, inv, half, derivative)
     return _profiles_on(torch.arange(box + 1, dtype=positions.dtype, device=positions.device) - 0.5,
