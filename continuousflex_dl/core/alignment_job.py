@@ -25,6 +25,7 @@ import numpy as np
 from .alignment import RESULT_ARRAYS, AlignmentResult, align_particles
 from .chunks import Chunk, chunk_bounds, fingerprint, gather_by_id, read_chunk, write_chunk
 from .ctf import CTFParams
+from .image_model import ImageModel, refine_image_model
 from .dataset import MrcsImageSource, check_images
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,11 @@ class AlignmentJob:
     amplitudes Å, angles deg, shifts px) that replaces the global search (seeded path);
     seed_source: what the seeds were computed from (e.g. the network's weights file and its
     date), which the fingerprint covers, so that it is known before the seeds are computed.
+    atom_types: (N,) atom type of each atom (:func:`image_model.atom_types`) of ``type_names``;
+    model_fit_particles: refine the image model (:mod:`image_model`) on this many particles
+    of the set before aligning it (0: no refinement); image_model: the fitted
+    :meth:`ImageModel.to_dict`, written by :meth:`fit_image_model` (derived from the job, so
+    outside the fingerprint; the chunks refuse to run without it when a refinement is asked).
     """
     coords: np.ndarray
     modes: np.ndarray
@@ -68,6 +74,10 @@ class AlignmentJob:
     invert: bool = False
     seeds: Optional[Dict[str, np.ndarray]] = None
     seed_source: str = ""
+    atom_types: Optional[np.ndarray] = None
+    type_names: List[str] = field(default_factory=list)
+    model_fit_particles: int = 0
+    image_model: Optional[dict] = None
 
     def __post_init__(self):
         if self.ctf is not None:
@@ -85,7 +95,14 @@ class AlignmentJob:
         return fingerprint(__version__, self.coords, self.modes, np.asarray(self.sigma),
                            self.weights, list(self.mode_numbers), self.ids, list(self.stacks),
                            self.indices, float(self.pixel_size), self._ctf_columns(), self.options,
-                           bool(self.invert), self.seed_source)
+                           bool(self.invert), self.seed_source, *self._model_key())
+
+    def _model_key(self) -> tuple:
+        """What the image-model refinement adds to the fingerprint (nothing when it is off, so
+        jobs without it keep their fingerprint)."""
+        if not self.model_fit_particles:
+            return ()
+        return "image model", int(self.model_fit_particles), self.atom_types, list(self.type_names)
 
     # ------------------------------------------------------------------ files
     def save(self, folder: PathLike) -> None:
@@ -98,12 +115,16 @@ class AlignmentJob:
             arrays["weights"] = self.weights
         arrays.update(self._ctf_columns())
         arrays.update(self._seed_columns())
+        if self.atom_types is not None:
+            arrays["atom_types"] = np.asarray(self.atom_types, dtype=np.int64)
         tmp = folder / f"job.npz.tmp{os.getpid()}.npz"
         np.savez(tmp, **arrays)
         os.replace(tmp, folder / "job.npz")
         meta = dict(mode_numbers=[int(m) for m in self.mode_numbers], stacks=list(self.stacks),
                     pixel_size=float(self.pixel_size), options=self.options, invert=bool(self.invert),
-                    seed_source=self.seed_source, fingerprint=self.fingerprint())
+                    seed_source=self.seed_source, type_names=list(self.type_names),
+                    model_fit_particles=int(self.model_fit_particles), image_model=self.image_model,
+                    fingerprint=self.fingerprint())
         tmp = folder / f"job.json.tmp{os.getpid()}"
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, folder / "job.json")
@@ -125,7 +146,10 @@ class AlignmentJob:
                   stacks=meta["stacks"], indices=arrays["indices"], pixel_size=meta["pixel_size"],
                   ctf=CTFParams.from_columns(arrays), options=meta["options"],
                   invert=bool(meta.get("invert", False)), seeds=seeds,
-                  seed_source=meta.get("seed_source", ""))
+                  seed_source=meta.get("seed_source", ""), atom_types=arrays.get("atom_types"),
+                  type_names=list(meta.get("type_names", [])),
+                  model_fit_particles=int(meta.get("model_fit_particles", 0)),
+                  image_model=meta.get("image_model"))
         if job.fingerprint() != meta["fingerprint"]:
             raise ValueError(f"The alignment job in {folder} does not match its recorded fingerprint "
                              f"(damaged or edited): run the protocol's conversion step again.")
@@ -136,7 +160,10 @@ class AlignmentJob:
         """Images of rows ``[start, stop)`` (B, box, box) float32; ValueError naming the
         particle ids of images with NaN or infinite pixels or constant images
         (:func:`dataset.check_images`), or saying which stack is damaged."""
-        rows = np.arange(start, stop)
+        return self.read_rows(np.arange(start, stop))
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Images (B, box, box) float32 of the rows (B,) of the job, checked as :meth:`read_images`."""
         source = MrcsImageSource([(self.stacks[i], int(self.indices[i])) for i in rows], invert=self.invert)
         try:
             images = source.read(np.arange(len(rows)))
@@ -153,13 +180,48 @@ class AlignmentJob:
         seeds = None
         if self.seeds is not None:
             seeds = AlignmentResult(score=np.zeros(len(rows)), **{k: v[rows] for k, v in self.seeds.items()})
+        options = self._align_options(images.shape[-1])
+        sigma, weights = self._atom_model()
+        return align_particles(images, self.coords, self.modes, self.pixel_size, ctf=ctf, sigma=sigma,
+                               weights=weights, seeds=seeds, device=device, progress=progress, **options)
+
+    def _align_options(self, box: int) -> dict:
+        """Keyword arguments of align_particles for images of ``box`` px: the options, with the
+        amplitude range as a (K, 2) array and the working size at most the box."""
         options = dict(self.options)
         r = options.pop("amplitude_range", None)
-        amplitude_range = np.tile([-float(r), float(r)], (len(self.modes), 1)) if r else None
-        options["working_size"] = min(int(options.get("working_size", 64)), images.shape[-1])
-        return align_particles(images, self.coords, self.modes, self.pixel_size, ctf=ctf, sigma=self.sigma,
-                               weights=self.weights, amplitude_range=amplitude_range, seeds=seeds,
-                               device=device, progress=progress, **options)
+        options["amplitude_range"] = np.tile([-float(r), float(r)], (len(self.modes), 1)) if r else None
+        options["working_size"] = min(int(options.get("working_size", 64)), box)
+        return options
+
+    def _atom_model(self):
+        """Atom widths (N,) Å and weights (N,) or None of the alignment: the reference's, or
+        those of the fitted image model; ValueError when a refinement is asked but not done."""
+        if not self.model_fit_particles:
+            return self.sigma, self.weights
+        if self.image_model is None:
+            raise ValueError("This alignment refines the image model first, but the job has no fitted "
+                             "model yet: Continue the run (the image-model step fits it).")
+        return ImageModel.from_dict(self.image_model).apply(self.atom_types, self.sigma, self.weights)
+
+    def fit_image_model(self, device: str = "cpu", progress: Optional[Callable[[float, str], None]] = None
+                        ) -> ImageModel:
+        """Fit the image model (:func:`image_model.refine_image_model`) on
+        ``model_fit_particles`` particles spread evenly over the set, and keep it in
+        :attr:`image_model` (save the job to pass it to the chunks). Returns the model."""
+        if not self.model_fit_particles or self.atom_types is None:
+            raise ValueError("The job asks for no image-model refinement (or has no atom types): set "
+                             "model_fit_particles and atom_types.")
+        m = len(self.ids)
+        rows = np.unique(np.linspace(0, m - 1, min(int(self.model_fit_particles), m)).round().astype(int))
+        images = self.read_rows(rows)
+        options = self._align_options(images.shape[-1])
+        model, _ = refine_image_model(images, self.coords, self.modes, self.pixel_size, self.atom_types,
+                                      self.type_names, ctf=None if self.ctf is None else self.ctf.select(rows),
+                                      sigma=self.sigma, weights=self.weights, device=device, progress=progress,
+                                      **options)
+        self.image_model = model.to_dict()
+        return model
 
 
 def chunk_path(folder: PathLike, start: int, stop: int) -> Path:

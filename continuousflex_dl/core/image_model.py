@@ -32,7 +32,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageModel", "atom_types", "fit_image_model", "refine_image_model", "ELEMENT_TYPES"]
+__all__ = ["ImageModel", "atom_types", "structure_atom_types", "fit_image_model", "refine_image_model", "ELEMENT_TYPES"]
 
 #: Elements that get a type (and a weight) of their own; every other element shares 'other'.
 ELEMENT_TYPES = ("C", "N", "O", "S", "P", "H")
@@ -54,6 +54,18 @@ def atom_types(elements: Sequence[str]) -> Tuple[np.ndarray, List[str]]:
     names = [str(n) for n in names[order]]
     index = {n: i for i, n in enumerate(names)}
     return np.array([index[s] for s in sym], dtype=np.int64), names
+
+
+def structure_atom_types(elements: Optional[Sequence[str]], names: Sequence[str],
+                         residues: Optional[Sequence[str]] = None) -> Tuple[np.ndarray, List[str]]:
+    """:func:`atom_types` of a structure's atoms (N,) from their element symbols (None or blank:
+    the first letter of the atom name, as PDB files without an element column mean it) and
+    residue names; pseudoatoms (residue ``PSE``, :mod:`pseudoatoms`) are one type."""
+    names = [str(n).strip() for n in names]
+    if residues is not None and len(names) and all(str(r).strip() == "PSE" for r in residues):
+        return atom_types([""] * len(names))
+    given = [""] * len(names) if elements is None else [str(e).strip() for e in elements]
+    return atom_types([e or next((c for c in n if c.isalpha()), "") for e, n in zip(given, names)])
 
 
 @dataclass(frozen=True)

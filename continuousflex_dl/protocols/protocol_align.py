@@ -12,6 +12,7 @@ from .. import convert
 from ..core.alignment import PATH_FALLBACK, PATH_GLOBAL, PATH_SEEDED, PRESETS, AlignmentResult, preset_changes
 from ..core.alignment_job import RESULT_KEYS, AlignmentJob, chunk_path, finished_chunk, gather
 from ..core.chunks import auto_chunk_size, chunk_bounds
+from ..core.image_model import ImageModel, structure_atom_types
 from ..core.device import cpu_threads_available
 from ..core.structure import centre
 from .base import FlexDLProtBase
@@ -68,6 +69,22 @@ class FlexDLProtAlign(FlexDLProtBase):
                       display=params.EnumParam.DISPLAY_HLIST, label="Refinement effort",
                       help="How many candidate poses are refined, and for how long (core.alignment.PRESETS; "
                            "normal: the settings of the benchmark in the README).")
+        form.addParam("refineImageModel", params.BooleanParam, default=False,
+                      label="Refine the image model on the data?",
+                      help="HEMNMA draws every atom as a Gaussian of 1 Å with unit weight; real images are "
+                           "projections of the electrostatic potential (elements scatter differently, hydrogens "
+                           "add to their atoms, B-factors, motion and the detector blur it). The mismatch "
+                           "biases the amplitudes even on clean images. With Yes, a subset of the particles is "
+                           "aligned first; with their poses and amplitudes fixed, the scattering weight of each "
+                           "element and a global B-factor are fitted to their images (least squares under the "
+                           "CTF), the subset is refined again and the fit repeated; then the whole set is "
+                           "aligned with the refined model. The fitted values are in the summary and the log.")
+        form.addParam("modelFitParticles", params.IntParam, default=100, validators=[params.GE(10)],
+                      condition="refineImageModel", expertLevel=params.LEVEL_ADVANCED,
+                      label="Particles for the image model",
+                      help="How many particles, spread evenly over the set, the image model is fitted on "
+                           "(the model has a few numbers: a weight per element and a B-factor; 50 to 200 "
+                           "particles suffice). They are aligned once more for the fit.")
         form.addParam("chunkSize", params.IntParam, default=0, validators=[params.GE(0)],
                       expertLevel=params.LEVEL_ADVANCED, label="Particles per chunk",
                       help="Each chunk is one step, a process of its own (python -m continuousflex_dl "
@@ -88,9 +105,12 @@ class FlexDLProtAlign(FlexDLProtBase):
         size = self._chunkSize(job_fp, len(self._job.ids))
         bounds = chunk_bounds(len(self._job.ids), size)
         self._plan = (size, len(bounds))  # read by the steps, which run in this process
-        convert_step = self._insertFunctionStep(self.convertInputStep, job_fp, size, needsGPU=False)
+        first = self._insertFunctionStep(self.convertInputStep, job_fp, size, needsGPU=False)
+        if self._job.model_fit_particles:
+            first = self._insertFunctionStep(self.fitImageModelStep, job_fp, prerequisites=[first],
+                                             needsGPU=self._usesGPU())
         chunk_steps = [self._insertFunctionStep(self.alignChunkStep, start, stop, job_fp,
-                                                prerequisites=[convert_step], needsGPU=self._usesGPU())
+                                                prerequisites=[first], needsGPU=self._usesGPU())
                        for start, stop in bounds]
         self._insertFunctionStep(self.createOutputStep, job_fp, size, prerequisites=chunk_steps, needsGPU=False)
 
@@ -128,10 +148,16 @@ class FlexDLProtAlign(FlexDLProtBase):
         numbers = self._modeNumbers()
         atoms, modes = convert.read_modes(self.inputModes.get(), numbers)
         parts = convert.read_particles(self.inputParticles.get())
+        types, type_names = None, []
+        if self.refineImageModel.get():
+            group = atoms.group
+            types, type_names = structure_atom_types(group.getElements(), group.getNames(), group.getResnames())
         return AlignmentJob(coords=centre(atoms.coords), modes=modes, sigma=atoms.sigma, weights=atoms.weights,
                             mode_numbers=numbers, ids=parts.ids, stacks=parts.stacks, indices=parts.indices,
                             pixel_size=parts.pixel_size, ctf=parts.ctf, options=self._options(),
-                            invert=self.invertContrast.get(), seed_source=self._seedSource())
+                            invert=self.invertContrast.get(), seed_source=self._seedSource(),
+                            atom_types=types, type_names=type_names,
+                            model_fit_particles=self.modelFitParticles.get() if self.refineImageModel.get() else 0)
 
     def _seedSource(self) -> str:
         """The network's weights file and its date ('' without a network): part of the job."""
@@ -173,6 +199,19 @@ class FlexDLProtAlign(FlexDLProtBase):
                   f"{min(n_chunks, self._parallelChunks())} {where} at a time")
         return [os.path.join(self._jobFolder(), name) for name in ("job.npz", "job.json")] + [self._planFile()]
 
+    def fitImageModelStep(self, job_fp):
+        """Align a subset, fit the image model to it (core.image_model) and save it in the job,
+        where every chunk reads it."""
+        self._logToRunLog()
+        job = AlignmentJob.load(self._jobFolder())
+        if job.fingerprint() != job_fp:
+            raise ValueError("The alignment job was prepared for other inputs or settings: Continue the run "
+                             "(its conversion step writes it again).")
+        model = job.fit_image_model(device=self._getDevice(), progress=lambda f, msg: self.info(msg))
+        job.save(self._jobFolder())
+        self.info(f"Image model fitted on {model.fit.get('images')} particles: {model.describe()}")
+        return [os.path.join(self._jobFolder(), "job.json")]
+
     def alignChunkStep(self, start, stop, job_fp):
         """One chunk as a process of the package's command line (a cluster job with 'Use queue
         for steps'); it reads the job folder and writes its chunk file atomically."""
@@ -191,7 +230,8 @@ class FlexDLProtAlign(FlexDLProtBase):
         job, result = gather(self._jobFolder(), job_fp, chunk_size)
         ids, numbers = job.ids, job.mode_numbers
         tmp = self._getExtraPath("alignment.tmp.npz")
-        np.savez(tmp, ids=ids, mode_numbers=np.asarray(numbers), **result.to_dict())
+        np.savez(tmp, ids=ids, mode_numbers=np.asarray(numbers), image_model=json.dumps(job.image_model),
+                 **result.to_dict())
         os.replace(tmp, self._resultFile())
         path = self._getPath("particles_flex.sqlite")
         if os.path.exists(path):  # a continued run that had finished before
@@ -256,6 +296,7 @@ class FlexDLProtAlign(FlexDLProtBase):
         with np.load(self._resultFile()) as data:
             result = AlignmentResult(**{k: data[k] for k in RESULT_KEYS})
             numbers = data["mode_numbers"].tolist()
+            fitted = json.loads(str(data["image_model"])) if "image_model" in data.files else None
         from ..reports import error_summary_lines
         default = "" if (self.modeList.get() or "").strip() else " (the default: first enabled non-rigid modes)"
         paths = np.bincount(result.path.astype(int), minlength=3)
@@ -264,6 +305,9 @@ class FlexDLProtAlign(FlexDLProtBase):
             lines.append(f"Paths: {paths[PATH_SEEDED]} particles from the network's answer, {paths[PATH_GLOBAL]} "
                          f"by the global search as the reference, {paths[PATH_FALLBACK]} by the global search "
                          f"after a poor network answer.")
+        if fitted:
+            lines.append(f"Image model refined on {fitted['fit'].get('images')} particles: "
+                         f"{ImageModel.from_dict(fitted).describe()}.")
         return lines + [
                 f"Score (normalised cross-correlation): mean {result.score.mean():.3f}, "
                 f"median {np.median(result.score):.3f}.",

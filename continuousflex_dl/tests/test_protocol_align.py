@@ -1,5 +1,6 @@
 """HEMNMA alignment and outlier removal protocols on synthetic particles with known truth."""
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from continuousflex_dl import convert
 from continuousflex_dl.core.alignment_job import AlignmentJob, chunk_path, run_chunk
 from continuousflex_dl.core.analysis import amplitude_errors, pose_errors
 from continuousflex_dl.core.chunks import read_chunk
+from continuousflex_dl.core.image_model import ImageModel
 from continuousflex_dl.core.alignment import AlignConfig, reference_count
 from continuousflex_dl.protocols import (FlexDLProtAlign, FlexDLProtOutliers,
                                          FlexDLProtSynthesize, FlexDLProtTrain)
@@ -171,6 +173,30 @@ class TestProtAlign(BaseTest):
         summary = "\n".join(seeded.summary())
         self.assertIn(f"Paths: {paths[1]} particles from the network's answer, {paths[0]} by the global search",
                       summary)
+
+    def test_image_model_refinement(self):
+        """'Refine the image model' on particles made with HEMNMA's own image model: the fit finds
+        (about) that model, the result stays right, the summary gives the fitted values, and the
+        job (so every chunk) differs from the unrefined one's, so a Continue never mixes them."""
+        align = self.newProtocol(FlexDLProtAlign, inputParticles=self.truth, inputModes=self.modes,
+                                 modeList="7-9", workingSize=48, chunkSize=N_IMAGES, effort=0, maxShift=3.0,
+                                 refineImageModel=True, modelFitParticles=10)
+        self.launchProtocol(align)
+        est = convert.read_particles(align.outputParticles, need_amplitudes=True)
+        gt = convert.read_particles(self.truth, need_amplitudes=True)
+        self.assertLess(amplitude_errors(est.amplitudes, gt.amplitudes).mean_abs_error, 2.0)
+        with np.load(align._resultFile()) as data:
+            fitted = ImageModel.from_dict(json.loads(str(data["image_model"])))
+        print(f"Image model refined on {N_IMAGES} of HEMNMA's own images: {fitted.describe()}")
+        self.assertEqual(fitted.fit["images"], 10)
+        self.assertTrue(np.all(np.abs(np.log(fitted.type_weights)) < 0.2), fitted.describe())
+        self.assertLess(abs(fitted.b_factor), 15.0)
+        self.assertIn("Image model refined on 10 particles: weights C 1.00", "\n".join(align.summary()))
+        job = AlignmentJob.load(align._getExtraPath())
+        self.assertNotEqual(job.fingerprint(), AlignmentJob.load(self.align._getExtraPath()).fingerprint())
+        job.image_model = None
+        with self.assertRaisesRegex(ValueError, "no fitted model yet: Continue"):
+            job.align(np.zeros((1, 48, 48), np.float32), 0, 1)
 
     def test_threads_run_one_chunk_fewer_at_a_time(self):
         def chunk_intervals(prot):
