@@ -13,7 +13,6 @@ Folder layout: ``job.npz`` + ``job.json`` (the job), ``chunks/rows_<start>_<stop
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -23,10 +22,10 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from .alignment import RESULT_ARRAYS, AlignmentResult, align_particles
-from .chunks import Chunk, chunk_bounds, fingerprint, gather_by_id, read_chunk, write_chunk
+from . import chunks
+from .chunks import Chunk, ChunkedJob, chunk_path, fingerprint, load_job_files, save_job_files
 from .ctf import CTFParams
 from .image_model import ImageModel, refine_image_model
-from .dataset import MrcsImageSource, check_images
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ SEED_KEYS = ("amplitudes", "angles", "shifts")
 
 
 @dataclass
-class AlignmentJob:
+class AlignmentJob(ChunkedJob):
     """Inputs and settings of a HEMNMA alignment of M particles with K modes.
 
     coords: (N, 3) Å, the centred reference; modes: (K, N, 3) unit-norm modes;
@@ -78,6 +77,7 @@ class AlignmentJob:
     type_names: List[str] = field(default_factory=list)
     model_fit_particles: int = 0
     image_model: Optional[dict] = None
+    WHAT, DONE, USE = "alignment job", "aligned", "aligning"  # in messages (ChunkedJob)
 
     def __post_init__(self):
         if self.ctf is not None:
@@ -107,8 +107,6 @@ class AlignmentJob:
     # ------------------------------------------------------------------ files
     def save(self, folder: PathLike) -> None:
         """Write ``job.npz`` and ``job.json`` in ``folder`` (each atomically)."""
-        folder = Path(folder)
-        (folder / "chunks").mkdir(parents=True, exist_ok=True)
         arrays = dict(coords=self.coords, modes=self.modes, sigma=np.asarray(self.sigma),
                       ids=self.ids, indices=self.indices)
         if self.weights is not None:
@@ -117,29 +115,17 @@ class AlignmentJob:
         arrays.update(self._seed_columns())
         if self.atom_types is not None:
             arrays["atom_types"] = np.asarray(self.atom_types, dtype=np.int64)
-        tmp = folder / f"job.npz.tmp{os.getpid()}.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, folder / "job.npz")
         meta = dict(mode_numbers=[int(m) for m in self.mode_numbers], stacks=list(self.stacks),
                     pixel_size=float(self.pixel_size), options=self.options, invert=bool(self.invert),
                     seed_source=self.seed_source, type_names=list(self.type_names),
                     model_fit_particles=int(self.model_fit_particles), image_model=self.image_model,
                     fingerprint=self.fingerprint())
-        tmp = folder / f"job.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, folder / "job.json")
+        save_job_files(folder, arrays, meta)
 
     @classmethod
     def load(cls, folder: PathLike) -> "AlignmentJob":
         """The job saved in ``folder`` (ValueError naming the folder if it has none)."""
-        folder = Path(folder)
-        try:
-            meta = json.loads((folder / "job.json").read_text())
-            with np.load(folder / "job.npz", allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"No readable alignment job in {folder} ({exc}): run the protocol's "
-                             f"conversion step again (Continue does it).") from None
+        arrays, meta = load_job_files(folder, "alignment job")
         seeds = {k[5:]: v for k, v in arrays.items() if k.startswith("seed_")} or None
         job = cls(coords=arrays["coords"], modes=arrays["modes"], sigma=arrays["sigma"],
                   weights=arrays.get("weights"), mode_numbers=meta["mode_numbers"], ids=arrays["ids"],
@@ -156,21 +142,12 @@ class AlignmentJob:
         return job
 
     # ------------------------------------------------------------------ work
-    def read_images(self, start: int, stop: int) -> np.ndarray:
-        """Images of rows ``[start, stop)`` (B, box, box) float32; ValueError naming the
-        particle ids of images with NaN or infinite pixels or constant images
-        (:func:`dataset.check_images`), or saying which stack is damaged."""
-        return self.read_rows(np.arange(start, stop))
-
-    def read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Images (B, box, box) float32 of the rows (B,) of the job, checked as :meth:`read_images`."""
-        source = MrcsImageSource([(self.stacks[i], int(self.indices[i])) for i in rows], invert=self.invert)
-        try:
-            images = source.read(np.arange(len(rows)))
-        finally:
-            source.close()
-        check_images(images, self.ids[rows], "aligning")
-        return images
+    def compute(self, images: np.ndarray, start: int, stop: int, device: str = "cpu",
+                progress: Optional[Callable[[float, str], None]] = None) -> Dict[str, np.ndarray]:
+        """The AlignmentResult arrays (:data:`RESULT_KEYS`) of rows ``[start, stop)``."""
+        result = self.align(images, start, stop, device=device, progress=progress)
+        logger.info("rows %d-%d: mean score %.3f", start, stop, float(result.score.mean()))
+        return result.to_dict()
 
     def align(self, images: np.ndarray, start: int, stop: int, device: str = "cpu",
               progress: Optional[Callable[[float, str], None]] = None) -> AlignmentResult:
@@ -224,16 +201,6 @@ class AlignmentJob:
         return model
 
 
-def chunk_path(folder: PathLike, start: int, stop: int) -> Path:
-    """The chunk file of rows ``[start, stop)`` in a job folder."""
-    return Path(folder) / "chunks" / ("rows_%07d_%07d.npz" % (start, stop))
-
-
-def _provenance(job_fingerprint: str, start: int, stop: int, images: np.ndarray) -> dict:
-    return {"job": job_fingerprint, "start": int(start), "stop": int(stop),
-            "images": fingerprint(np.ascontiguousarray(images, dtype=np.float32))}
-
-
 def run_chunk(folder: PathLike, start: int, stop: int, expected_fingerprint: Optional[str] = None,
               device: str = "cpu", progress: Optional[Callable[[float, str], None]] = None
               ) -> Tuple[Path, bool]:
@@ -243,46 +210,14 @@ def run_chunk(folder: PathLike, start: int, stop: int, expected_fingerprint: Opt
     for other inputs or settings is refused (ValueError) instead of being mixed in.
     Returns ``(chunk file, computed)`` (``computed`` False when a matching file was reused).
     """
-    job = _load_checked(folder, expected_fingerprint)
-    job_fp = job.fingerprint()
-    if not 0 <= start < stop <= len(job.ids):
-        raise ValueError(f"Rows {start}-{stop} are outside the {len(job.ids)} particles of the job.")
-    images = job.read_images(start, stop)
-    provenance = _provenance(job_fp, start, stop, images)
-    out = chunk_path(folder, start, stop)
-    if read_chunk(out, provenance) is not None:
-        logger.info("rows %d-%d: up to date in %s", start, stop, out.name)
-        return out, False
-    result = job.align(images, start, stop, device=device, progress=progress)
-    write_chunk(out, provenance, job.ids[start:stop], result.to_dict())
-    logger.info("rows %d-%d: %d particles aligned, mean score %.3f", start, stop, stop - start,
-                float(result.score.mean()))
-    return out, True
+    job = AlignmentJob.load_checked(folder, expected_fingerprint)
+    return job.run_chunk(folder, start, stop, device=device, progress=progress)
 
 
 def finished_chunk(folder: PathLike, start: int, stop: int, job_fingerprint: str) -> Chunk:
     """The chunk file of rows ``[start, stop)`` computed for the job ``job_fingerprint``
     (ValueError saying to Continue when it is missing, damaged, or from another job)."""
-    path = chunk_path(folder, start, stop)
-    chunk = read_chunk(path)
-    if chunk is None:
-        raise ValueError(f"Rows {start}-{stop} are not aligned ({path} missing or damaged; see the log of "
-                         f"the step or of its cluster job): Continue the run.")
-    p = chunk.provenance
-    if p.get("job") != job_fingerprint or (p.get("start"), p.get("stop")) != (start, stop):
-        raise ValueError(f"{path} was computed for other inputs or settings: Continue the run to align "
-                         f"these rows again.")
-    return chunk
-
-
-def _load_checked(folder: PathLike, expected_fingerprint: Optional[str]) -> AlignmentJob:
-    """The job in ``folder``, refused (ValueError) when it was prepared for another fingerprint."""
-    job = AlignmentJob.load(folder)
-    if expected_fingerprint is not None and job.fingerprint() != expected_fingerprint:
-        raise ValueError(f"The alignment job in {folder} was prepared for other inputs or settings "
-                         f"(fingerprint {job.fingerprint()[:12]}, expected {expected_fingerprint[:12]}): "
-                         f"run the protocol's conversion step again (Continue does it).")
-    return job
+    return chunks.finished_chunk(folder, start, stop, job_fingerprint, AlignmentJob.DONE)
 
 
 def gather(folder: PathLike, expected_fingerprint: Optional[str], chunk_size: int
@@ -293,9 +228,6 @@ def gather(folder: PathLike, expected_fingerprint: Optional[str], chunk_size: in
     chunk_size: the chunking the results were computed with (:func:`chunks.chunk_bounds`).
     Raises ValueError when a chunk is missing or was computed for another job or other rows.
     """
-    job = _load_checked(folder, expected_fingerprint)
-    job_fp = job.fingerprint()
-    pieces = [finished_chunk(folder, start, stop, job_fp)
-              for start, stop in chunk_bounds(len(job.ids), chunk_size)]
-    arrays = gather_by_id(job.ids, [(c.ids, c.arrays) for c in pieces])
+    job = AlignmentJob.load_checked(folder, expected_fingerprint)
+    arrays = job.gather(folder, chunk_size)
     return job, AlignmentResult(**{k: arrays[k] for k in RESULT_KEYS})

@@ -17,14 +17,14 @@ import math
 import os
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["fingerprint", "chunk_bounds", "auto_chunk_size", "Chunk", "write_chunk", "read_chunk",
-           "gather_by_id"]
+           "gather_by_id", "save_job_files", "load_job_files", "chunk_path", "finished_chunk", "ChunkedJob"]
 
 PathLike = Union[str, os.PathLike]
 _PROVENANCE_KEY = "__provenance__"
@@ -178,3 +178,139 @@ def gather_by_id(ids: np.ndarray, pieces: Sequence[Tuple[np.ndarray, Dict[str, n
         raise ValueError(f"{int((~seen).sum())} particles have no result (ids {ids[~seen][:10].tolist()}): "
                          f"Continue the run to compute the missing chunks.")
     return out
+
+
+def save_job_files(folder: PathLike, arrays: Dict[str, np.ndarray], meta: dict) -> None:
+    """Write a job folder's ``job.npz`` (``arrays``) and ``job.json`` (``meta``, JSON-able),
+    each atomically (temporary name, then ``os.replace``); ``chunks/`` is created too."""
+    folder = Path(folder)
+    (folder / "chunks").mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"job.npz.tmp{os.getpid()}.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, folder / "job.npz")
+    tmp = folder / f"job.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, folder / "job.json")
+
+
+def load_job_files(folder: PathLike, what: str) -> Tuple[Dict[str, np.ndarray], dict]:
+    """``(arrays, meta)`` of a job folder written by :func:`save_job_files`; ValueError naming
+    the folder when it holds no readable job (``what``: e.g. "alignment job", for the message)."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "job.json").read_text())
+        with np.load(folder / "job.npz", allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"No readable {what} in {folder} ({exc}): run the protocol's conversion "
+                         f"step again (Continue does it).") from None
+    return arrays, meta
+
+
+# ------------------------------------------------------------------ jobs computed in chunks
+
+def chunk_path(folder: PathLike, start: int, stop: int) -> Path:
+    """The chunk file of rows ``[start, stop)`` in a job folder."""
+    return Path(folder) / "chunks" / ("rows_%07d_%07d.npz" % (start, stop))
+
+
+def finished_chunk(folder: PathLike, start: int, stop: int, job_fingerprint: str,
+                   done: str = "computed") -> Chunk:
+    """The chunk file of rows ``[start, stop)`` computed for the job ``job_fingerprint``
+    (ValueError saying to Continue when it is missing, damaged, or from another job).
+    done: what a chunk's rows are once computed ("aligned", "predicted"), for the message."""
+    path = chunk_path(folder, start, stop)
+    chunk = read_chunk(path)
+    if chunk is None:
+        raise ValueError(f"Rows {start}-{stop} are not {done} ({path} missing or damaged; see the log of "
+                         f"the step or of its cluster job): Continue the run.")
+    p = chunk.provenance
+    if p.get("job") != job_fingerprint or (p.get("start"), p.get("stop")) != (start, stop):
+        raise ValueError(f"{path} was computed for other inputs or settings: Continue the run to compute "
+                         f"these rows again.")
+    return chunk
+
+
+class ChunkedJob:
+    """Base of a job over M particle images that a folder holds and any process computes in chunks.
+
+    A subclass has ``ids`` ((M,) particle ids), ``stacks`` (M stack paths), ``indices`` ((M,)
+    0-based indices in the stacks) and ``invert`` (read the images with the opposite sign),
+    and defines :meth:`fingerprint` (a digest of everything that changes the results),
+    :meth:`load` (the job saved in a folder) and :meth:`compute`. ``WHAT`` names the job,
+    ``DONE`` its finished rows and ``USE`` what it does with images, in messages. A chunk
+    file is reused only when it was computed from the same job fingerprint, the same rows
+    and the same image bytes.
+    """
+    WHAT, DONE, USE = "job", "computed", "using them"
+    ids: np.ndarray
+    stacks: List[str]
+    indices: np.ndarray
+    invert: bool
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, folder: PathLike) -> "ChunkedJob":
+        raise NotImplementedError
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Images of the 0-based ``rows`` (B,) of the job (B, box, box) float32; ValueError naming
+        the particle ids of images with NaN or infinite pixels or constant images
+        (:func:`dataset.check_images`), or saying which stack is damaged."""
+        from .dataset import MrcsImageSource, check_images
+        rows = np.asarray(rows, dtype=int)
+        source = MrcsImageSource([(self.stacks[i], int(self.indices[i])) for i in rows], invert=self.invert)
+        try:
+            images = source.read(np.arange(len(rows)))
+        finally:
+            source.close()
+        check_images(images, self.ids[rows], self.USE)
+        return images
+
+    def read_images(self, start: int, stop: int) -> np.ndarray:
+        """Images of rows ``[start, stop)`` (B, box, box) float32 (see :meth:`read_rows`)."""
+        return self.read_rows(np.arange(start, stop))
+
+    def compute(self, images: np.ndarray, start: int, stop: int, device: str = "cpu",
+                progress: Optional[Callable[[float, str], None]] = None) -> Dict[str, np.ndarray]:
+        """The results {name: (B, ...)} of rows ``[start, stop)`` from their images."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_checked(cls, folder: PathLike, expected_fingerprint: Optional[str]) -> "ChunkedJob":
+        """The job in ``folder``, refused (ValueError) when it was prepared for another fingerprint."""
+        job = cls.load(folder)
+        if expected_fingerprint is not None and job.fingerprint() != expected_fingerprint:
+            raise ValueError(f"The {cls.WHAT} in {folder} was prepared for other inputs or settings "
+                             f"(fingerprint {job.fingerprint()[:12]}, expected {expected_fingerprint[:12]}): "
+                             f"run the protocol's conversion step again (Continue does it).")
+        return job
+
+    def run_chunk(self, folder: PathLike, start: int, stop: int, device: str = "cpu",
+                  progress: Optional[Callable[[float, str], None]] = None) -> Tuple[Path, bool]:
+        """Compute rows ``[start, stop)`` into their chunk file (written atomically) unless an
+        up-to-date one exists. Returns ``(chunk file, computed)``."""
+        if not 0 <= start < stop <= len(self.ids):
+            raise ValueError(f"Rows {start}-{stop} are outside the {len(self.ids)} particles of the job.")
+        images = self.read_images(start, stop)
+        provenance = {"job": self.fingerprint(), "start": int(start), "stop": int(stop),
+                      "images": fingerprint(np.ascontiguousarray(images, dtype=np.float32))}
+        out = chunk_path(folder, start, stop)
+        if read_chunk(out, provenance) is not None:
+            logger.info("rows %d-%d: up to date in %s", start, stop, out.name)
+            return out, False
+        write_chunk(out, provenance, self.ids[start:stop],
+                    self.compute(images, start, stop, device=device, progress=progress))
+        logger.info("rows %d-%d: %d particles %s", start, stop, stop - start, self.DONE)
+        return out, True
+
+    def gather(self, folder: PathLike, chunk_size: int) -> Dict[str, np.ndarray]:
+        """The results {name: (M, ...)} in the order of ``ids``, each chunk's rows placed by
+        particle id. chunk_size: the chunking they were computed with (:func:`chunk_bounds`).
+        Raises ValueError when a chunk is missing or was computed for another job or other rows."""
+        job_fp = self.fingerprint()
+        pieces = [finished_chunk(folder, start, stop, job_fp, self.DONE)
+                  for start, stop in chunk_bounds(len(self.ids), chunk_size)]
+        return gather_by_id(self.ids, [(c.ids, c.arrays) for c in pieces])
