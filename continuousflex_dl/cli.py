@@ -32,12 +32,12 @@ def nma_main(argv=None) -> int:
     return 0
 
 
-def align_chunk_main(argv=None) -> int:
-    """Align one chunk of a HEMNMA alignment job folder (written by the alignment protocol or
-    :meth:`core.alignment_job.AlignmentJob.save`); the chunk file is written atomically."""
+def _chunk_main(argv, command: str, what: str, run_chunk) -> int:
+    """A chunk command over a job folder: parse rows, fingerprint, device, slot and threads,
+    then ``run_chunk(folder, start, stop, fingerprint, device=..., progress=...)``."""
     parser = argparse.ArgumentParser(
-        prog="continuousflex_dl align-chunk",
-        description="HEMNMA alignment of rows [START, STOP) of a job folder -> chunks/rows_START_STOP.npz. "
+        prog=f"continuousflex_dl {command}",
+        description=f"{what} of rows [START, STOP) of a job folder -> chunks/rows_START_STOP.npz. "
                     "An up-to-date chunk file (same job fingerprint, rows and images) is kept.")
     parser.add_argument("folder", type=Path, help="job folder (job.npz, job.json)")
     parser.add_argument("--rows", type=int, nargs=2, required=True, metavar=("START", "STOP"),
@@ -53,7 +53,6 @@ def align_chunk_main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     import torch
-    from .core.alignment_job import run_chunk
     from .core.device import cpu_threads_available, resolve_device
     try:
         torch.set_num_threads(args.threads if args.threads > 0 else cpu_threads_available())
@@ -63,7 +62,49 @@ def align_chunk_main(argv=None) -> int:
                                    progress=lambda f, m: logging.info("rows %d-%d: %.0f%% %s", start, stop,
                                                                       100 * f, m))
     except ValueError as exc:
-        print(f"align-chunk: {exc}", file=sys.stderr)
+        print(f"{command}: {exc}", file=sys.stderr)
         return 1
-    print(f"{'aligned' if computed else 'up to date'}: {path} ({device}, {torch.get_num_threads()} threads)")
+    print(f"{'computed' if computed else 'up to date'}: {path} ({device}, {torch.get_num_threads()} threads)")
+    return 0
+
+
+def align_chunk_main(argv=None) -> int:
+    """Align one chunk of a HEMNMA alignment job folder (written by the alignment protocol or
+    :meth:`core.alignment_job.AlignmentJob.save`); the chunk file is written atomically."""
+    from .core.alignment_job import run_chunk
+    return _chunk_main(argv, "align-chunk", "HEMNMA alignment", run_chunk)
+
+
+def predict_chunk_main(argv=None) -> int:
+    """Predict one chunk of a DeepHEMNMA prediction job folder (written by the prediction
+    protocol or :meth:`core.prediction_job.PredictionJob.save`); the chunk file is written atomically."""
+    from .core.prediction_job import run_chunk
+    return _chunk_main(argv, "predict-chunk", "DeepHEMNMA prediction", run_chunk)
+
+
+def train_worker_main(argv=None) -> int:
+    """Train a DeepHEMNMA training job folder (``core.distributed.TrainingJob.save``) on one or
+    several processes (DDP) into a model directory."""
+    parser = argparse.ArgumentParser(
+        prog="continuousflex_dl train-worker",
+        description="DeepHEMNMA training of a job folder (job.npz, job.json) into a model directory, "
+                    "on N data-parallel processes of this machine (DDP: gloo on the CPU, NCCL with one "
+                    "GPU per process). A stopped training in the model directory is continued.")
+    parser.add_argument("folder", type=Path, help="training job folder")
+    parser.add_argument("model", type=Path, help="model directory (config.json, best.pt, last.pt, metrics.csv)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="data-parallel processes; the job's batch size is global (a multiple of it)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="cuda: one visible GPU per process (CUDA_VISIBLE_DEVICES chooses them)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads of torch per process; 0: the cores shared among the processes")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from .core.distributed import TrainingJob, train_distributed
+    try:
+        train_distributed(TrainingJob.load(args.folder), args.model, args.processes, args.device, args.threads)
+    except ValueError as exc:
+        print(f"train-worker: {exc}", file=sys.stderr)
+        return 1
+    print(f"trained: {args.model} ({args.processes} processes)")
     return 0

@@ -1,6 +1,7 @@
 """What every protocol of this plugin shares: device choice, logging, citations."""
 import logging
 import math
+import os
 import sys
 from typing import List, Sequence
 
@@ -71,6 +72,21 @@ class FlexDLProtBase(EMProtocol):
         if shifts is not None:  # the model's pixels -> the particles' pixels
             shifts = shifts * model.getPixelSize() / parts.pixel_size
         return amplitudes, angles, shifts
+
+    def _runChunkJob(self, command: str, folder: str, start: int, stop: int, job_fp: str, chunk_size: int,
+                     n_chunks: int) -> None:
+        """Rows ``[start, stop)`` of the job folder as a process of the package's command line
+        (``python -m continuousflex_dl <command>``; a cluster job with 'Use queue for steps'),
+        which writes its chunk file atomically. Local chunks share this machine's cores; a
+        cluster job uses what the queue gives it."""
+        import shlex
+        from ..core.device import cpu_threads_available
+        threads = 0 if self.useQueueForSteps() else max(
+            1, cpu_threads_available() // min(n_chunks, self._parallelChunks()))
+        self.runJob(shlex.quote(sys.executable),
+                    ["-m", "continuousflex_dl", command, os.path.abspath(folder), "--rows", start, stop,
+                     "--fingerprint", job_fp, "--device", self._deviceChoice(), "--slot", start // chunk_size,
+                     "--threads", threads])
 
     def _parallelChunks(self) -> int:
         """How many chunk steps Scipion runs at the same time (numberOfThreads - 1, at least 1)."""

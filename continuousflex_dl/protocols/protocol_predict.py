@@ -1,20 +1,27 @@
-"""DeepHEMNMA prediction: amplitudes (and poses) of new particles in milliseconds each."""
+"""DeepHEMNMA prediction: amplitudes (and poses) of new particles in milliseconds each, in chunks."""
 import os
 
 import numpy as np
 from pwem.objects import SetOfParticlesFlex
-from pyworkflow.protocol import params
+from pyworkflow.protocol import STEPS_PARALLEL, params
 
 from .. import convert
+from ..core.chunks import chunk_bounds, chunk_path, finished_chunk
+from ..core.prediction_job import PredictionJob, model_stamp, prediction_chunk_size
 from .base import FlexDLProtBase
 
 
 class FlexDLProtPredict(FlexDLProtBase):
     """Predict normal-mode amplitudes of particles with a trained DeepHEMNMA model.
 
-    Particles with NaN, infinite or constant images are refused by id."""
+    A large set is predicted in chunks, each a process of its own (python -m
+    continuousflex_dl predict-chunk) or, with 'Use queue for steps', a cluster job; a
+    small set is one chunk. Continue reuses a chunk only when it was computed from the
+    same model, particles and settings. Particles with NaN, infinite or constant images
+    are refused by id."""
     _label = "DeepHEMNMA prediction"
     _possibleOutputs = {"outputParticles": SetOfParticlesFlex}
+    stepsExecutionMode = STEPS_PARALLEL
 
     def _defineParams(self, form):
         form.addSection(label="Input")
@@ -38,31 +45,79 @@ class FlexDLProtPredict(FlexDLProtBase):
                            "bfloat16 support. Amplitudes differ from float32 by about 0.6 Å on average "
                            "(up to 8 Å for single particles, measured on the demo). GPUs always use "
                            "mixed precision.")
+        form.addParam("chunkSize", params.IntParam, default=0, validators=[params.GE(0)],
+                      expertLevel=params.LEVEL_ADVANCED, label="Particles per chunk",
+                      help="Each chunk is one step, a process of its own (python -m continuousflex_dl "
+                           "predict-chunk), or a cluster job with 'Use queue for steps'. 0: automatic: one "
+                           "chunk below 5000 particles per parallel chunk (a process start and a model load "
+                           "cost a few seconds), else about 2 chunks per parallel chunk, of at most 20000 "
+                           "particles (their images are held in memory). Continue skips the chunks already "
+                           "done with the same model, particles and settings.")
         self._addContrastParam(form)
         self._addDeviceParam(form)
+        self._addChunkParallelSection(form, parallel=1)
 
+    # --------------------------- STEPS -----------------------------------------
     def _insertAllSteps(self):
-        self._insertFunctionStep(self.predictStep, needsGPU=False)
-        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+        # Every step carries the job fingerprint (model, particles, settings): Continue after a
+        # change reruns the steps it changes, and chunk files are placed by particle id.
+        job = self._buildJob()
+        job_fp = job.fingerprint()
+        size = self.chunkSize.get() or prediction_chunk_size(len(job.ids), self._parallelChunks())
+        bounds = chunk_bounds(len(job.ids), size)
+        self._plan = (size, len(bounds))  # read by the steps, which run in this process
+        convert_step = self._insertFunctionStep(self.convertInputStep, job_fp, size, needsGPU=False)
+        chunk_steps = [self._insertFunctionStep(self.predictChunkStep, start, stop, job_fp,
+                                                prerequisites=[convert_step], needsGPU=self._usesGPU())
+                       for start, stop in bounds]
+        self._insertFunctionStep(self.createOutputStep, job_fp, size, prerequisites=chunk_steps, needsGPU=False)
 
-    def predictStep(self):
-        self._logToRunLog()
+    def _buildJob(self) -> PredictionJob:
         model = self.inputModel.get()
         parts = convert.read_particles(self.inputParticles.get())
-        pose = model.predictsPose()
-        amplitudes, angles, shifts = self._networkPrediction(
-            parts, model, pose, batch_size=self.batchSize.get(), bfloat16=self.bfloat16.get(),
-            rotations=self.rotations.get())
-        np.savez(self._getExtraPath("predicted.npz"), ids=parts.ids, amplitudes=amplitudes,
-                 **({"angles": angles, "shifts": shifts} if pose else {}))
+        return PredictionJob(model_dir=model.getModelDir(), stamp=model_stamp(model.getModelDir()), ids=parts.ids,
+                             stacks=parts.stacks, indices=parts.indices, pixel_size=parts.pixel_size,
+                             invert=self.invertContrast.get(),
+                             ctf=parts.ctf if self._modelPhaseFlips(model) else None, pose=model.predictsPose(),
+                             options=dict(batch_size=self.batchSize.get(), bfloat16=self.bfloat16.get(),
+                                          rotations=self.rotations.get()))
 
-    def createOutputStep(self):
-        data = np.load(self._getExtraPath("predicted.npz"))
-        out = SetOfParticlesFlex(filename=self._getPath("particles_flex.sqlite"), progName=convert.FLEX_PROG_NAME)
-        convert.fill_flex_particles(out, self.inputParticles.get(), data["ids"], data["amplitudes"],
+    def _jobFolder(self) -> str:
+        return self._getExtraPath("job")
+
+    def convertInputStep(self, job_fp, chunk_size):
+        self._logToRunLog()
+        job = self._buildJob()
+        if job.fingerprint() != job_fp:
+            raise ValueError("The inputs or the model changed while the run was starting: run it again.")
+        job.save(self._jobFolder())
+        n_chunks = len(chunk_bounds(len(job.ids), chunk_size))
+        where = "cluster jobs" if self.useQueueForSteps() else "processes"
+        self.info(f"{len(job.ids)} particles: {n_chunks} chunks of at most {chunk_size} particles, "
+                  f"{min(n_chunks, self._parallelChunks())} {where} at a time")
+        return [os.path.join(self._jobFolder(), name) for name in ("job.npz", "job.json")]
+
+    def predictChunkStep(self, start, stop, job_fp):
+        """One chunk as a process of the package's command line; it reads the job folder and
+        writes its chunk file atomically."""
+        size, n_chunks = self._plan
+        self._runChunkJob("predict-chunk", self._jobFolder(), start, stop, job_fp, size, n_chunks)
+        finished_chunk(self._jobFolder(), start, stop, job_fp, PredictionJob.DONE)  # a failed job leaves none
+        return [str(chunk_path(self._jobFolder(), start, stop))]
+
+    def createOutputStep(self, job_fp, chunk_size):
+        job = PredictionJob.load_checked(self._jobFolder(), job_fp)
+        data = job.gather(self._jobFolder(), chunk_size)
+        tmp = self._getExtraPath("predicted.tmp.npz")
+        np.savez(tmp, ids=job.ids, **data)
+        os.replace(tmp, self._getExtraPath("predicted.npz"))
+        path = self._getPath("particles_flex.sqlite")
+        if os.path.exists(path):  # a continued run that had finished before
+            os.remove(path)
+        out = SetOfParticlesFlex(filename=path, progName=convert.FLEX_PROG_NAME)
+        convert.fill_flex_particles(out, self.inputParticles.get(), job.ids, data["amplitudes"],
                                     self.inputModel.get().getModes(), convert.SOURCE_NETWORK,
-                                    data["angles"] if "angles" in data.files else None,
-                                    data["shifts"] if "shifts" in data.files else None)
+                                    data.get("angles"), data.get("shifts"))
         self._defineOutputs(outputParticles=out)
         self._defineSourceRelation(self.inputParticles, out)
         self._defineSourceRelation(self.inputModel, out)

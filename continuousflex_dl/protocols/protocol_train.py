@@ -1,10 +1,13 @@
 """DeepHEMNMA training: a ResNet34 + MLP regressor of normal-mode amplitudes."""
 import os
+import shlex
+import sys
 
 from pyworkflow.protocol import params
 
 from .. import convert
-from ..core.training import METRICS_FILE, TrainConfig, train
+from ..core.distributed import TrainingJob
+from ..core.training import METRICS_FILE, TrainConfig
 from ..objects import FlexDLModel
 from .base import FlexDLProtBase
 
@@ -79,7 +82,9 @@ class FlexDLProtTrain(FlexDLProtBase):
                            "simulated particles (with the plateau or cosine schedule, early stopping may "
                            "end sooner).")
         form.addParam("batchSize", params.IntParam, default=32, validators=[params.GT(0)], label="Batch size",
-                      help="Images per optimisation step (32 as in the paper); lower it if memory runs out.")
+                      help="Images per optimisation step (32 as in the paper), over all training processes: "
+                           "each of N processes takes batch size / N of them, so the result does not depend "
+                           "on N (a multiple of N). Lower it if memory runs out.")
         form.addParam("learningRate", params.FloatParam, default=2e-3, validators=[params.Positive],
                       label="Learning rate", help="Adam's peak learning rate (one-cycle schedule) or its "
                                                   "initial learning rate (the other schedules).")
@@ -108,11 +113,22 @@ class FlexDLProtTrain(FlexDLProtBase):
                       help="Split, initialisation, shuffling and augmentation; same seed, same model.")
         self._addContrastParam(form)
         self._addDeviceParam(form)
+        form.addParam("processes", params.IntParam, default=1, validators=[params.GE(1)],
+                      label="Training processes (GPUs)", expertLevel=params.LEVEL_ADVANCED,
+                      help="Data-parallel training (PyTorch DDP) on this many processes of one machine: on "
+                           "CUDA one GPU each (the first N visible GPUs; NCCL), on the CPU N processes "
+                           "sharing the cores (gloo). Each process trains on its share of every batch and "
+                           "the gradients are averaged, so N processes give the result of one, N times "
+                           "faster on N GPUs. With more than one, or with 'Use queue for steps', the "
+                           "training runs as a process of its own (python -m continuousflex_dl "
+                           "train-worker), or a cluster job. A stopped training continues only with the "
+                           "same number.")
 
     def _insertAllSteps(self):
         # The settings are the step's argument: Continue after a change reruns the training step,
         # which continues the stopped run or refuses what cannot continue (then Restart).
-        self._insertFunctionStep(self.trainStep, self._settings(), needsGPU=self._usesGPU())
+        self._insertFunctionStep(self.trainStep, self._settings(), self.processes.get(),
+                                 needsGPU=self._usesGPU())
         self._insertFunctionStep(self.createOutputStep, needsGPU=False)
 
     def _modelDir(self):
@@ -144,7 +160,9 @@ class FlexDLProtTrain(FlexDLProtBase):
                     particles=f"{parts.getObjId()}:{parts.getSize()}" if parts is not None else "",
                     modes=str(modes.getObjId()) if modes is not None and data != "particles" else "")
 
-    def trainStep(self, settings: dict):
+    def trainStep(self, settings: dict, processes: int = 1):
+        """Train here (one process), or as a train-worker process of ``processes`` DDP ranks (a
+        cluster job with 'Use queue for steps') reading the job from the run's folder."""
         self._logToRunLog()
         settings = dict(settings)
         settings.pop("particles")
@@ -155,10 +173,16 @@ class FlexDLProtTrain(FlexDLProtBase):
         modes = parts.mode_numbers or list(range(7, 7 + parts.amplitudes.shape[1]))
         config = TrainConfig(modes=modes, pixel_size=parts.pixel_size, **settings)
         poses = (parts.angles, parts.shifts) if parts.angles is not None else None
-        train(self._imageSource(parts), parts.amplitudes, parts.ids, self._modelDir(),
-              config, device=self._getDevice(), seed=config.seed, resume=True, poses=poses,
-              ctf=parts.ctf if phase_flip else None, reference=self._reference(modes) if config.simulates else None,
-              particle_ctf=parts.ctf)
+        job = TrainingJob(self._imageSource(parts), parts.amplitudes, parts.ids, config, config.seed, poses,
+                          parts.ctf, phase_flip, self._reference(modes) if config.simulates else None)
+        if processes == 1 and not self.useQueueForSteps():
+            job.train(self._modelDir(), self._getDevice())
+            return
+        folder = self._getExtraPath("train_job")
+        job.save(folder)
+        self.runJob(shlex.quote(sys.executable),
+                    ["-m", "continuousflex_dl", "train-worker", os.path.abspath(folder),
+                     os.path.abspath(self._modelDir()), "--processes", processes, "--device", self._deviceChoice()])
 
     def _reference(self, mode_numbers):
         """The structure of the normal modes and the modes of the amplitude columns (core Reference)."""
@@ -193,6 +217,9 @@ class FlexDLProtTrain(FlexDLProtBase):
         if parts is None:
             return ["Choose particles with amplitudes."]
         errors = []
+        if self.batchSize.get() % self.processes.get():
+            errors.append(f"The batch size ({self.batchSize.get()}) is shared by the {self.processes.get()} "
+                          f"training processes: make it a multiple of {self.processes.get()}.")
         n = parts.getSize()
         if n < 20:
             errors.append(f"{n} particles are too few to train a network (give hundreds or thousands).")

@@ -1,0 +1,171 @@
+"""A DeepHEMNMA prediction split into chunks that any process can compute from a folder.
+
+The protocol (or a script) writes a :class:`PredictionJob` into a folder once;
+each chunk of rows ``[start, stop)`` is then predicted by :func:`run_chunk`, in
+this process or in another one (``python -m continuousflex_dl predict-chunk``,
+a cluster job), and :meth:`~chunks.ChunkedJob.gather` places the results by
+particle id. The fingerprint covers the model (its files, by path, size and
+date), the particles, their CTFs (for a model that phase-flips), the contrast
+sign, the settings and the package version; a chunk file is reused only when
+it was computed from the same fingerprint, rows and image bytes.
+
+Folder layout: ``job.npz`` + ``job.json`` (the job), ``chunks/rows_<start>_<stop>.npz``
+holding ``amplitudes`` (B, K) Å and, for a model with poses, ``angles`` (B, 3) deg
+and ``shifts`` (B, 2) in pixels of the particles.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from .chunks import ChunkedJob, auto_chunk_size, fingerprint, load_job_files, save_job_files
+from .ctf import CTFParams
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PredictionJob", "model_stamp", "run_chunk", "prediction_chunk_size"]
+
+PathLike = Union[str, os.PathLike]
+#: Options of :func:`training.predict` a job passes on (and their defaults).
+OPTIONS = {"batch_size": 128, "bfloat16": False, "rotations": 1}
+
+
+def model_stamp(model_dir: PathLike) -> str:
+    """What identifies a trained model's files now: path, size and modification time of its
+    weights and config (a Continue of the training changes it)."""
+    from .training import BEST_FILE, CONFIG_FILE
+    parts = []
+    for name in (CONFIG_FILE, BEST_FILE):
+        path = os.path.abspath(os.path.join(model_dir, name))
+        st = os.stat(path) if os.path.exists(path) else None
+        parts.append(f"{path}:{st.st_size}@{st.st_mtime_ns}" if st else f"{path}:missing")
+    return ";".join(parts)
+
+
+def prediction_chunk_size(n: int, workers: int, smallest: int = 5000, largest: int = 20000) -> int:
+    """Particles per prediction chunk for ``n`` particles and ``workers`` parallel chunks.
+
+    A chunk pays a process start and a model load (a few seconds) and predicts about a
+    thousand images per second on a GPU (tens to hundreds on a CPU), so a set of fewer
+    than ``smallest`` particles per worker is one chunk per worker it fills (a small set:
+    one chunk); larger sets get about two chunks per worker, of at most ``largest``.
+    """
+    workers = max(1, min(int(workers), n // smallest))
+    return auto_chunk_size(n, workers, per_worker=2, smallest=smallest, largest=largest)
+
+
+@dataclass
+class PredictionJob(ChunkedJob):
+    """A trained model's prediction over M particles.
+
+    model_dir: the model directory (``training.load_model``); stamp: :func:`model_stamp`
+    of it when the job was made. ids: (M,) particle ids; stacks: M stack paths; indices:
+    (M,) 0-based indices in the stacks; pixel_size: Å/px of the particles (images of
+    another box than the model's are Fourier-cropped to it). invert: read the images with
+    the opposite sign. ctf: the particles' CTFs, given when the model phase-flips.
+    pose: also predict angles and shifts. options: of :func:`training.predict`
+    (:data:`OPTIONS`: batch_size, bfloat16, rotations).
+    """
+    model_dir: str
+    stamp: str
+    ids: np.ndarray
+    stacks: List[str]
+    indices: np.ndarray
+    pixel_size: float
+    invert: bool = False
+    ctf: Optional[CTFParams] = None
+    pose: bool = False
+    options: dict = field(default_factory=lambda: dict(OPTIONS))
+    WHAT, DONE, USE = "prediction job", "predicted", "predicting"  # in messages (ChunkedJob)
+
+    def __post_init__(self):
+        unknown = set(self.options) - set(OPTIONS)
+        if unknown:
+            raise ValueError(f"Unknown prediction options {sorted(unknown)}; give some of {sorted(OPTIONS)}.")
+        self.options = {**OPTIONS, **self.options}
+        if self.ctf is not None:
+            self.ctf = self.ctf.expand(len(self.ids))
+
+    def _ctf_columns(self) -> Dict[str, np.ndarray]:
+        return {} if self.ctf is None else self.ctf.to_columns()
+
+    def fingerprint(self) -> str:
+        """Digest of everything that changes the results (and the package version)."""
+        from .. import __version__
+        return fingerprint(__version__, os.path.abspath(self.model_dir), self.stamp, self.ids, list(self.stacks),
+                           self.indices, float(self.pixel_size), bool(self.invert), self._ctf_columns(),
+                           bool(self.pose), self.options)
+
+    # ------------------------------------------------------------------ files
+    def save(self, folder: PathLike) -> None:
+        """Write ``job.npz`` and ``job.json`` in ``folder`` (each atomically)."""
+        arrays = dict(ids=self.ids, indices=self.indices, **self._ctf_columns())
+        meta = dict(model_dir=os.path.abspath(self.model_dir), stamp=self.stamp, stacks=list(self.stacks),
+                    pixel_size=float(self.pixel_size), invert=bool(self.invert), pose=bool(self.pose),
+                    options=self.options, fingerprint=self.fingerprint())
+        save_job_files(folder, arrays, meta)
+
+    @classmethod
+    def load(cls, folder: PathLike) -> "PredictionJob":
+        """The job saved in ``folder`` (ValueError naming the folder if it has none)."""
+        arrays, meta = load_job_files(folder, "prediction job")
+        job = cls(model_dir=meta["model_dir"], stamp=meta["stamp"], ids=arrays["ids"], stacks=meta["stacks"],
+                  indices=arrays["indices"], pixel_size=meta["pixel_size"], invert=bool(meta["invert"]),
+                  ctf=CTFParams.from_columns(arrays), pose=bool(meta["pose"]), options=meta["options"])
+        if job.fingerprint() != meta["fingerprint"]:
+            raise ValueError(f"The prediction job in {folder} does not match its recorded fingerprint "
+                             f"(damaged or edited): run the protocol's conversion step again.")
+        return job
+
+    # ------------------------------------------------------------------ work
+    def compute(self, images: np.ndarray, start: int, stop: int, device: str = "cpu",
+                progress: Optional[Callable[[float, str], None]] = None) -> Dict[str, np.ndarray]:
+        """Amplitudes (B, K) Å [angles (B, 3) deg, shifts (B, 2) particle px] of rows ``[start, stop)``
+        from their images (B, box, box)."""
+        import torch
+        from .dataset import fourier_crop
+        from .training import load_model, predict
+        if model_stamp(self.model_dir) != self.stamp:
+            raise ValueError(f"The model in {self.model_dir} changed since this prediction was prepared "
+                             f"(trained further?): Continue the run to prepare it again.")
+        loaded = load_model(self.model_dir, device)
+        size = loaded.config.image_size
+        if images.shape[-1] != size:  # the same box in Å at the model's pixel size
+            images = fourier_crop(torch.as_tensor(images), size).numpy()
+        rows = np.arange(start, stop)
+        ctf = self.ctf.select(rows) if loaded.config.phase_flip else None
+        if loaded.config.phase_flip and ctf is None:
+            raise ValueError("The model was trained on phase-flipped images: the particles need a CTF.")
+        report = None if progress is None else (lambda done, total: progress(done / total, "predicted"))
+        out = predict(loaded, images, batch_size=int(self.options["batch_size"]), ctf=ctf, return_pose=self.pose,
+                      progress=report, bfloat16=bool(self.options["bfloat16"]),
+                      rotations=int(self.options["rotations"]), ids=self.ids[rows])
+        if not self.pose:
+            return {"amplitudes": out}
+        amplitudes, angles, shifts = out
+        # the model's pixels -> the particles' pixels
+        return {"amplitudes": amplitudes, "angles": angles,
+                "shifts": shifts * loaded.config.pixel_size / self.pixel_size}
+
+    def predict_all(self, device: str = "cpu", progress: Optional[Callable[[float, str], None]] = None
+                    ) -> Dict[str, np.ndarray]:
+        """The results of all M rows, in this process (no chunk files)."""
+        return self.compute(self.read_images(0, len(self.ids)), 0, len(self.ids), device, progress)
+
+
+def run_chunk(folder: PathLike, start: int, stop: int, expected_fingerprint: Optional[str] = None,
+              device: str = "cpu", progress: Optional[Callable[[float, str], None]] = None
+              ) -> Tuple[Path, bool]:
+    """Predict rows ``[start, stop)`` of the job in ``folder`` unless an up-to-date chunk file exists.
+
+    expected_fingerprint: the job fingerprint the caller planned with; a job folder written
+    for other inputs or settings is refused (ValueError) instead of being mixed in.
+    Returns ``(chunk file, computed)`` (``computed`` False when a matching file was reused).
+    """
+    job = PredictionJob.load_checked(folder, expected_fingerprint)
+    return job.run_chunk(folder, start, stop, device=device, progress=progress)
