@@ -281,14 +281,15 @@ def _refine(model: _Model, images: torch.Tensor, filt: Optional[torch.Tensor], r
     return tuple(torch.cat([p[i] for p in parts]) for i in range(5))
 
 
-def _laplace_std(jtj: torch.Tensor, cost: torch.Tensor, n_pixels: int) -> torch.Tensor:
+def _laplace_std(jtj: torch.Tensor, cost: torch.Tensor, n_dof: int) -> torch.Tensor:
     """Standard deviations (B, D) of the D parameters at a least-squares optimum (Laplace /
     Gauss-Newton approximation of the posterior under white Gaussian noise): the covariance
-    is ``s^2 (J^T J)^-1`` with the noise variance ``s^2 = cost / (n_pixels - D - 2)`` (the
-    parameters, the scale and the offset were fitted). jtj: (B, D + 1, D + 1) including the
+    is ``s^2 (J^T J)^-1`` with the noise variance ``s^2 = cost / (n_dof - D - 2)`` (n_dof: the
+    residual's degrees of freedom, :func:`_noise_dof`; the parameters, the scale and the offset
+    were fitted). The noise must be white: :func:`_crop` keeps it so. jtj: (B, D + 1, D + 1) including the
     scale; cost: (B,) residual sum of squares."""
     d = jtj.shape[1] - 1
-    var = cost.double() / max(n_pixels - d - 2, 1)
+    var = cost.double() / max(n_dof - d - 2, 1)
     eye = torch.eye(d + 1, dtype=jtj.dtype, device=jtj.device)
     cov = torch.linalg.inv(jtj + eye * (1e-12 * torch.diagonal(jtj, dim1=1, dim2=2).amax(1))[:, None, None])
     return torch.sqrt(torch.clamp(torch.diagonal(cov, dim1=1, dim2=2)[:, :d], min=0.0) * var[:, None])
@@ -346,7 +347,7 @@ def _refine_chunk(model: _Model, images, filt, rot, q, shifts, q_lo, q_hi, max_s
         done |= (better & (gain < tol)) | (lam > 1e4) | (cost < 1e-7 * energy)
         if bool(torch.all(done)):
             break
-    return rot, q, shifts, ncc, _laplace_std(jtj, cost, images[0].numel())
+    return rot, q, shifts, ncc, _laplace_std(jtj, cost, _noise_dof(images.shape[-1]))
 
 
 def _nyquist_mask(n: int, device, dtype) -> torch.Tensor:
@@ -357,9 +358,27 @@ def _nyquist_mask(n: int, device, dtype) -> torch.Tensor:
     return mask
 
 
-def _filters(ctf, m: int, n: int, pixel_size: float, device, dtype) -> torch.Tensor:
-    """(M, n, n//2+1): CTF (or 1) times the Nyquist mask used for the images."""
+def _crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Images (B, n, n) Fourier-cropped to (B, size, size) *without* the pixel-blur correction:
+    white noise stays white (with the correction its high frequencies would be damped, and a
+    least-squares fit weighing all pixels alike would misjudge its noise); the model side
+    carries the blur instead (:func:`_filters` with ``source_box``)."""
+    return fourier_crop(images, size, correct_pixel_blur=False)
+
+
+def _filters(ctf, m: int, n: int, pixel_size: float, device, dtype,
+             source_box: Optional[int] = None) -> torch.Tensor:
+    """(M, n, n//2+1): what projections at n px (``pixel_size`` Å/px) are multiplied by to match
+    the images: the CTF (or 1) times the Nyquist mask and, for images of ``source_box`` px
+    reduced to n px by :func:`_crop`, the ratio ``sinc(f n / source_box) / sinc(f)`` per axis
+    (``f`` cycles/px) that turns a projection integrated over the n-px pixel into one
+    integrated over the input pixel (the inverse of :func:`fourier_crop`'s correction)."""
     mask = _nyquist_mask(n, device, dtype)
+    if source_box is not None and source_box != n:
+        fy = torch.fft.fftfreq(n, device=device, dtype=dtype)[:, None]
+        fx = torch.fft.rfftfreq(n, device=device, dtype=dtype)[None, :]
+        r = n / source_box
+        mask = mask * (torch.sinc(fy * r) * torch.sinc(fx * r) / (torch.sinc(fy) * torch.sinc(fx)))
     if ctf is None:
         return mask.expand(m, -1, -1)
     from .ctf import ctf_image
@@ -367,6 +386,12 @@ def _filters(ctf, m: int, n: int, pixel_size: float, device, dtype) -> torch.Ten
         raise ValueError(f"The CTF describes {ctf.batch_size} images but {m} images were given.")
     c = ctf_image(ctf, n, pixel_size, device=device, dtype=dtype) * mask
     return c.expand(m, -1, -1)
+
+
+def _noise_dof(n: int) -> int:
+    """Independent real values of an n x n image whose Nyquist row and column are removed
+    (:func:`fourier_crop` does so for even n): the residual's degrees of freedom before fitting."""
+    return n * n - (2 * n - 1 if n % 2 == 0 else 0)
 
 
 def _global_search(ref_ft: torch.Tensor, img: torch.Tensor,
@@ -599,10 +624,12 @@ class _Scale:
         return max_shift_px * self.size / self.box * margin
 
     def images(self, batch: torch.Tensor) -> torch.Tensor:
-        return fourier_crop(batch, self.size)
+        """Input images (B, box, box) at this size (:func:`_crop`: their noise stays white)."""
+        return _crop(batch, self.size)
 
     def filters(self, ctf, m: int) -> torch.Tensor:
-        return _filters(ctf, m, self.size, self.pixel_size, self.device, torch.float32)
+        """(M, size, size//2+1) filters of the projections at this size (:func:`_filters`)."""
+        return _filters(ctf, m, self.size, self.pixel_size, self.device, torch.float32, source_box=self.box)
 
 
 class Aligner:

@@ -142,8 +142,8 @@ def fit_image_model(images, coords: np.ndarray, modes: np.ndarray, pixel_size: f
     starting model (so noisier images count less) and a Gaussian prior of standard deviation
     :data:`LOG_WEIGHT_PRIOR_SD` on each log weight. L-BFGS with autograd through the projector.
     """
-    from .alignment import _apply_filter, _as_images, _filters
-    from .projection import fourier_crop, project_gaussians
+    from .alignment import _apply_filter, _as_images, _crop, _filters
+    from .projection import project_gaussians
     labels = np.asarray(labels, dtype=np.int64)
     start = start or ImageModel.identity(type_names)
     if tuple(start.type_names) != tuple(type_names):
@@ -155,9 +155,9 @@ def fit_image_model(images, coords: np.ndarray, modes: np.ndarray, pixel_size: f
     n = min(int(size), box)
     ps = pixel_size * box / n
     dev = imgs.device
-    y = fourier_crop(imgs, n)
+    y = _crop(imgs, n)
     y = y - y.mean(dim=(-2, -1), keepdim=True)
-    filt = _filters(ctf, m, n, ps, dev, torch.float32)
+    filt = _filters(ctf, m, n, ps, dev, torch.float32, source_box=box)
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=dev)  # noqa: E731
     x = t(coords) + torch.einsum("mk,knd->mnd", t(result.amplitudes), t(modes).reshape(-1, len(coords), 3))
     from .geometry import euler_to_matrix

@@ -264,3 +264,30 @@ def random_small_rotations(n, degrees, rng):
     axes = rng.normal(size=(n, 3))
     w = torch.tensor(axes / np.linalg.norm(axes, axis=1, keepdims=True) * np.radians(degrees))
     return al._rodrigues(w).numpy()
+
+
+def test_cropped_noise_stays_white_and_the_model_carries_the_pixel_blur():
+    """The alignment crops images without the blur correction, so white noise stays white (the
+    Laplace uncertainty assumes it: with the correction, the corner frequencies lose 3/4 of
+    their noise power and the noise at the frequencies that carry the amplitudes is
+    underestimated); the coarse projection times _filters(source_box) equals the crop."""
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(400, 64, 64, generator=gen)
+    power = (torch.fft.rfft2(al._crop(noise, 32)).abs() ** 2).mean(0)
+    mask = al._nyquist_mask(32, "cpu", torch.float32) > 0
+    flat = power[mask] / power[mask].mean()
+    assert float(flat.min()) > 0.8 and float(flat.max()) < 1.2
+    corrected = (torch.fft.rfft2(al.fourier_crop(noise, 32)).abs() ** 2).mean(0)
+    assert float(corrected[16, 15] / corrected[0, 1]) < 0.3       # what the correction does to noise
+    rng = np.random.default_rng(2)
+    coords = rng.normal(scale=6.0, size=(40, 3))
+    rot, shifts = random_rotations(2, rng), np.array([[1.0, -2.0], [0.5, 0.0]])
+    # Atoms of 0.75 coarse pixels (1 Å atoms at 2 Å/px alias a little: NCC 0.995).
+    fine = project_gaussians(coords, rot, shifts, 64, 1.0, sigma=1.5)
+    coarse = project_gaussians(coords, rot, shifts / 2, 32, 2.0, sigma=1.5)
+    filt = al._filters(None, 2, 32, 2.0, "cpu", torch.float32, source_box=64)
+    model = al._apply_filter(coarse, filt)
+    crop = al._crop(fine, 32)
+    assert np.all(al.normalised_cross_correlation(model, crop).numpy() > 0.999)
+    assert np.all(al.normalised_cross_correlation(coarse, crop).numpy()
+                  < al.normalised_cross_correlation(model, crop).numpy())
