@@ -28,7 +28,9 @@ cross-correlation (NCC). Three stages, all batched over images:
 An :class:`Aligner` is built once per set from an :class:`AlignConfig` (presets
 ``fast``/``normal``/``thorough``); its methods are these stages
 (:meth:`~Aligner.global_search`, :meth:`~Aligner.refine_candidates`,
-:meth:`~Aligner.refine_final`). Given a first answer per particle (a network's),
+:meth:`~Aligner.refine_final`; :meth:`~Aligner.polish` runs stage 3 alone from a given
+answer, e.g. after :mod:`image_model` refined the atoms' weights and widths). Given a first
+answer per particle (a network's),
 :meth:`~Aligner.seeded_candidates` replaces stage 1 by the answer, two slightly
 rotated copies and its in-plane flip; a few reference particles take the global
 path, and seeded particles whose score falls clearly below theirs take it too,
@@ -36,8 +38,9 @@ so a poor first answer costs time, never accuracy. :func:`align_particles` does
 all of it in one call.
 
 Images larger than the working size are reduced by Fourier cropping (the box
-in Å is unchanged), with a correction of the pixel-integration blur so that
-a cropped image equals a projection computed directly at the coarser pixel.
+in Å is unchanged) without touching their spectrum, so white noise stays white
+(the Laplace uncertainty assumes it); the projections at the coarser pixel carry
+the difference of pixel-integration blur instead (:func:`_filters`).
 
 Pose convention: :mod:`geometry` (Euler ZYZ in degrees, shifts in pixels of
 the *input* images, ``[x, y] = (A r)[:2] / pixel_size - shift + box // 2``: the shift is
