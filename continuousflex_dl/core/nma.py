@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import scipy.sparse as sp
-import scipy.sparse.linalg as spla
 import torch
-from scipy.sparse.csgraph import connected_components
-from scipy.spatial import cKDTree
+
+# scipy is imported where it is used: the alignment and training chunks import this module
+# for its small helpers (displace, default_amplitude_range), not for the Hessian.
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +67,7 @@ class NormalModes:
 
 def contact_pairs(coords: np.ndarray, cutoff: float) -> np.ndarray:
     """Index pairs (P, 2), i < j, of atoms closer than ``cutoff`` Å."""
+    from scipy.spatial import cKDTree
     return cKDTree(coords).query_pairs(cutoff, output_type="ndarray").astype(np.int64)
 
 
@@ -78,6 +78,7 @@ def relative_cutoff(coords: np.ndarray, percentile: float, n_nearest: int = 5) -
     ``n_nearest`` nearest neighbours (as for ContinuousFlex's pseudoatom
     networks). percentile in (0, 100].
     """
+    from scipy.spatial import cKDTree
     if not 0 < percentile <= 100:
         raise ValueError(f"The relative cutoff is a percentile in (0, 100], not {percentile}.")
     k = min(n_nearest, len(coords) - 1)
@@ -90,6 +91,7 @@ def relative_cutoff(coords: np.ndarray, percentile: float, n_nearest: int = 5) -
 def anm_hessian(coords: np.ndarray, cutoff: float, gamma: float = 1.0,
                 pairs: Optional[np.ndarray] = None) -> sp.csr_matrix:
     """Sparse ANM Hessian (3N, 3N): springs of constant ``gamma`` between atoms closer than ``cutoff`` Å."""
+    import scipy.sparse as sp
     coords = np.asarray(coords, dtype=np.float64)
     n = len(coords)
     if pairs is None:
@@ -161,6 +163,8 @@ def compute_modes(coords: np.ndarray, n_modes: int = 20, cutoff: float = 8.0, ga
     Raises ValueError if the structure is too small for the modes asked or the
     elastic network falls apart into disconnected pieces at this cutoff.
     """
+    from scipy.sparse.csgraph import connected_components
+    import scipy.sparse as sp
     coords = np.asarray(coords, dtype=np.float64)
     if coords.ndim != 2 or coords.shape[1] != 3:
         raise ValueError(f"Coordinates must have shape (N, 3), not {coords.shape}.")
@@ -208,6 +212,7 @@ def compute_modes(coords: np.ndarray, n_modes: int = 20, cutoff: float = 8.0, ga
 
 
 def _exact_flexible_modes(hessian, rigid, k):
+    import scipy.sparse.linalg as spla
     n3 = hessian.shape[0]
     scale = float(abs(hessian.diagonal()).mean())
     n_ask = min(k + N_RIGID, n3 - 1)
@@ -233,6 +238,8 @@ def _rayleigh_ritz(hessian, basis, k):
 
 
 def _coarse_flexible_modes(coords, hessian, rigid, k, cutoff, gamma, iterations, n_beads):
+    from scipy.spatial import cKDTree
+    import scipy.sparse.linalg as spla
     n = len(coords)
     labels, beads = _grid_beads(coords, n_beads)
     spacing = np.median(cKDTree(beads).query(beads, k=2)[0][:, 1])
@@ -277,6 +284,7 @@ def _grid_beads(coords, n_beads):
 
 def _block_jacobi(hessian, n):
     """Inverse of the 3x3 diagonal blocks of the Hessian, as a LinearOperator."""
+    import scipy.sparse.linalg as spla
     blocks = np.zeros((n, 3, 3))
     h = hessian.tocoo()
     keep = (h.row // 3) == (h.col // 3)
