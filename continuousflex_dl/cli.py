@@ -7,6 +7,13 @@ from pathlib import Path
 import numpy as np
 
 
+def _parse(parser: argparse.ArgumentParser, argv):
+    """The parsed arguments, with the core's progress lines (logging) on stderr."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    return args
+
+
 def nma_main(argv=None) -> int:
     from .core import nma
     from .core.structure import load_atoms, write_multimodel_pdb
@@ -18,8 +25,7 @@ def nma_main(argv=None) -> int:
     parser.add_argument("--modes", type=int, default=20)
     parser.add_argument("--cutoff", type=float, default=8.0, help="Å")
     parser.add_argument("--method", default="auto", choices=["auto", "exact", "coarse"])
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = _parse(parser, argv)
     atoms = load_atoms(args.structure, args.selection)
     modes = nma.compute_modes(atoms.coords, args.modes, args.cutoff, method=args.method)
     args.output.mkdir(parents=True, exist_ok=True)
@@ -50,8 +56,7 @@ def _chunk_main(argv, command: str, what: str, run_chunk) -> int:
                         help="spreads concurrent chunks over the visible GPUs (GPU slot mod count)")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads of torch; 0: the queue's allocation or the process's cores")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = _parse(parser, argv)
     import torch
     from .core.device import cpu_threads_available, resolve_device
     try:
@@ -98,8 +103,7 @@ def train_worker_main(argv=None) -> int:
                         help="cuda: one visible GPU per process (CUDA_VISIBLE_DEVICES chooses them)")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads of torch per process; 0: the cores shared among the processes")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = _parse(parser, argv)
     from .core.distributed import TrainingJob, train_distributed
     try:
         train_distributed(TrainingJob.load(args.folder), args.model, args.processes, args.device, args.threads)

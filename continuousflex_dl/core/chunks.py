@@ -288,6 +288,18 @@ class ChunkedJob:
                              f"run the protocol's conversion step again (Continue does it).")
         return job
 
+    @classmethod
+    def run_folder_chunk(cls, folder: PathLike, start: int, stop: int, expected_fingerprint: Optional[str] = None,
+                         device: str = "cpu", progress: Optional[Callable[[float, str], None]] = None
+                         ) -> Tuple[Path, bool]:
+        """Compute rows ``[start, stop)`` of the job in ``folder`` unless an up-to-date chunk file
+        exists (what a chunk process does). expected_fingerprint: the job fingerprint the caller
+        planned with; a job folder written for other inputs or settings is refused (ValueError)
+        instead of being mixed in. Returns ``(chunk file, computed)`` (``computed`` False when a
+        matching file was reused)."""
+        job = cls.load_checked(folder, expected_fingerprint)
+        return job.run_chunk(folder, start, stop, device=device, progress=progress)
+
     def run_chunk(self, folder: PathLike, start: int, stop: int, device: str = "cpu",
                   progress: Optional[Callable[[float, str], None]] = None) -> Tuple[Path, bool]:
         """Compute rows ``[start, stop)`` into their chunk file (written atomically) unless an

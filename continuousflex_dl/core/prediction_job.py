@@ -18,8 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 
@@ -158,14 +157,7 @@ class PredictionJob(ChunkedJob):
         return self.compute(self.read_images(0, len(self.ids)), 0, len(self.ids), device, progress)
 
 
-def run_chunk(folder: PathLike, start: int, stop: int, expected_fingerprint: Optional[str] = None,
-              device: str = "cpu", progress: Optional[Callable[[float, str], None]] = None
-              ) -> Tuple[Path, bool]:
-    """Predict rows ``[start, stop)`` of the job in ``folder`` unless an up-to-date chunk file exists.
-
-    expected_fingerprint: the job fingerprint the caller planned with; a job folder written
-    for other inputs or settings is refused (ValueError) instead of being mixed in.
-    Returns ``(chunk file, computed)`` (``computed`` False when a matching file was reused).
-    """
-    job = PredictionJob.load_checked(folder, expected_fingerprint)
-    return job.run_chunk(folder, start, stop, device=device, progress=progress)
+#: Predict rows ``[start, stop)`` of the job in a folder unless an up-to-date chunk file exists
+#: (:meth:`chunks.ChunkedJob.run_folder_chunk`): ``run_chunk(folder, start, stop,
+#: expected_fingerprint=None, device="cpu", progress=None) -> (chunk file, computed)``.
+run_chunk = PredictionJob.run_folder_chunk
