@@ -117,15 +117,24 @@ def main() -> None:
         overhead_cpu = (children_cpu() - children0) / args.repeats
         bare = sorted(wall(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True))
                       for _ in range(args.repeats))
+        children0 = children_cpu()
+        torch_only = sorted(wall(lambda: subprocess.run([sys.executable, "-c", "import torch"], check=True))
+                            for _ in range(args.repeats))
+        torch_cpu = (children_cpu() - children0) / args.repeats
         overhead = up_to_date[len(up_to_date) // 2]
         chunk_cpu = cpu_per_image * args.chunk
+        # the smallest chunk whose process overhead is at most 5 % of its CPU time
+        break_even = math.ceil(overhead_cpu / (0.05 * cpu_per_image))
         figures.update(process_overhead_s=overhead, process_overhead_cpu_s=overhead_cpu,
                        python_start_s=bare[len(bare) // 2], overhead_percent=100 * overhead / t_chunk,
-                       overhead_cpu_percent=100 * overhead_cpu / chunk_cpu)
+                       overhead_cpu_percent=100 * overhead_cpu / chunk_cpu, import_torch_s=torch_only[len(torch_only) // 2],
+                       import_torch_cpu_s=torch_cpu, chunk_for_5_percent=break_even)
         print(f"chunk process overhead (start, imports, job and image loading; median of {args.repeats}): "
               f"{overhead:.2f} s wall = {100 * overhead / t_chunk:.1f} % of the chunk's wall time; "
               f"{overhead_cpu:.2f} CPU s = {100 * overhead_cpu / chunk_cpu:.1f} % of its CPU time "
-              f"(bare Python start {bare[len(bare) // 2]:.2f} s)")
+              f"(bare Python start {bare[len(bare) // 2]:.2f} s; 'import torch' alone "
+              f"{torch_only[len(torch_only) // 2]:.2f} s, {torch_cpu:.2f} CPU s); at most 5 % from chunks of "
+              f"{break_even} particles")
         # 3. One process with 2 threads against 2 processes of 1 thread.
         folder = tmp / "parallel"
         n = args.parallel_n
