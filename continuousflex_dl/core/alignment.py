@@ -4,7 +4,7 @@ For every particle image the method finds the normal-mode amplitudes ``q``
 (Å), the Euler angles and the in-plane shifts whose Gaussian-atom projection
 (:mod:`projection`, CTF applied when given) best matches the image in the
 least-squares sense with a free scale and offset, i.e. the largest normalised
-cross-correlation (NCC). Three stages, all batched over images:
+cross-correlation (NCC). Four stages, all batched over images:
 
 1. **Global search** at ``search_size`` px on a coarse-grained copy of the
    structure (atoms grouped into beads of ``bead_cell`` search pixels): a
@@ -22,13 +22,17 @@ cross-correlation (NCC). Three stages, all batched over images:
    analytic Jacobians of the projector, on low-passed images
    (``search_lowpass``) to widen the basin of convergence.
 3. The ``n_final`` best of those are refined again with all atoms at
-   ``working_size`` px; the one with the highest NCC is returned, with the
-   Laplace (Gauss-Newton) standard deviation of every parameter at the optimum.
+   ``working_size`` px (atoms widened against aliasing, :data:`ANTI_ALIAS_PX`);
+   the one with the highest NCC is returned,
+4. with its **uncertainty**: the Laplace standard deviation of every parameter at
+   the optimum, from the observed Hessian of the cost (exact second derivatives,
+   the pose, scale and offset free).
 
 An :class:`Aligner` is built once per set from an :class:`AlignConfig` (presets
 ``fast``/``normal``/``thorough``); its methods are these stages
 (:meth:`~Aligner.global_search`, :meth:`~Aligner.refine_candidates`,
-:meth:`~Aligner.refine_final`; :meth:`~Aligner.polish` runs stage 3 alone from a given
+:meth:`~Aligner.refine_final`, :meth:`~Aligner.uncertainty`; :meth:`~Aligner.polish` runs
+stages 3 and 4 alone from a given
 answer, e.g. after :mod:`image_model` refined the atoms' weights and widths). Given a first
 answer per particle (a network's),
 :meth:`~Aligner.seeded_candidates` replaces stage 1 by the answer, two slightly
@@ -274,28 +278,67 @@ def _apply_filter(x: torch.Tensor, filt: Optional[torch.Tensor]) -> torch.Tensor
 def _refine(model: _Model, images: torch.Tensor, filt: Optional[torch.Tensor], rot, q, shifts,
             q_lo, q_hi, max_shift, iters: int, chunk: int):
     """Levenberg-Marquardt on (amplitudes, rotation, shifts) for B problems; returns the
-    refined (rot, q, shifts), the NCC of each problem and the standard deviations (B, K + 5)
-    of the parameters at the optimum (:func:`_laplace_std`)."""
+    refined (rot, q, shifts) and the NCC of each problem."""
     parts = []
     for start in range(0, images.shape[0], chunk):
         sl = slice(start, start + chunk)
         parts.append(_refine_chunk(model, images[sl], None if filt is None else filt[sl],
                                    rot[sl], q[sl], shifts[sl], q_lo, q_hi, max_shift, iters))
-    return tuple(torch.cat([p[i] for p in parts]) for i in range(5))
+    return tuple(torch.cat([p[i] for p in parts]) for i in range(4))
 
 
-def _laplace_std(jtj: torch.Tensor, cost: torch.Tensor, n_dof: int) -> torch.Tensor:
-    """Standard deviations (B, D) of the D parameters at a least-squares optimum (Laplace /
-    Gauss-Newton approximation of the posterior under white Gaussian noise): the covariance
-    is ``s^2 (J^T J)^-1`` with the noise variance ``s^2 = cost / (n_dof - D - 2)`` (n_dof: the
-    residual's degrees of freedom, :func:`_noise_dof`; the parameters, the scale and the offset
-    were fitted). The noise must be white: :func:`_crop` keeps it so. jtj: (B, D + 1, D + 1) including the
-    scale; cost: (B,) residual sum of squares."""
-    d = jtj.shape[1] - 1
-    var = cost.double() / max(n_dof - d - 2, 1)
-    eye = torch.eye(d + 1, dtype=jtj.dtype, device=jtj.device)
-    cov = torch.linalg.inv(jtj + eye * (1e-12 * torch.diagonal(jtj, dim1=1, dim2=2).amax(1))[:, None, None])
-    return torch.sqrt(torch.clamp(torch.diagonal(cov, dim1=1, dim2=2)[:, :d], min=0.0) * var[:, None])
+def _profiled_cost(model: _Model, images: torch.Tensor, filt: torch.Tensor, rot, q, shifts,
+                   theta: torch.Tensor) -> torch.Tensor:
+    """Residual sum of squares (B,) of images (B, n, n) against the filtered projections at
+    the parameters ``theta`` (B, K + 5) away from (rot, q, shifts) (amplitude steps in Å, a left
+    axis-angle rotation update in rad, shift steps in px), with the best scale and offset of
+    each image (the cost profiled over them: ``|i|^2 - (i . p)^2 / |p|^2`` of centred images)."""
+    k = q.shape[1]
+    p = model.project(torch.matmul(_rodrigues(theta[:, k:k + 3]), rot), q + theta[:, :k],
+                      shifts + theta[:, k + 3:k + 5])
+    b = p.shape[0]
+    pf = _apply_filter(p, filt).reshape(b, -1)
+    pf = pf - pf.mean(1, keepdim=True)
+    im = images.reshape(b, -1)
+    im = im - im.mean(1, keepdim=True)
+    pi = (pf * im).sum(1)
+    return (im * im).sum(1) - pi * pi / (pf * pf).sum(1)
+
+
+def _laplace_std(model: _Model, images: torch.Tensor, filt: torch.Tensor, rot, q, shifts,
+                 chunk: int = 16) -> torch.Tensor:
+    """Standard deviations (B, K + 5) of the parameters (amplitudes Å, rotation components rad,
+    shifts px) at a least-squares optimum (rot (B, 3, 3), q (B, K), shifts (B, 2)) of images
+    (B, n, n) under white Gaussian noise: the Laplace approximation of the posterior, whose
+    covariance is ``2 s^2 H^-1`` with H the observed Hessian of :func:`_profiled_cost` (exact
+    second derivatives through the projector, the residual's curvature term included; the
+    scale and the offset profiled out, so every standard deviation is a marginal one with the
+    pose and the other amplitudes free) and the noise variance ``s^2 = cost / (n_dof - D - 2)``
+    (n_dof: :func:`_noise_dof`; D parameters, the scale and the offset were fitted). Where H is
+    not positive definite (an optimum on a bound of the amplitude box) the Gauss-Newton matrix
+    ``2 J^T J`` stands in. The noise must be white: :func:`_crop` keeps it so."""
+    n_dof, d = _noise_dof(images.shape[-1]), q.shape[1] + 5
+    out = []
+    for b0 in range(0, images.shape[0], chunk):
+        sl = slice(b0, b0 + chunk)
+        with torch.enable_grad():
+            theta = torch.zeros(images[sl].shape[0], d, dtype=images.dtype, device=images.device,
+                                requires_grad=True)
+            cost = _profiled_cost(model, images[sl], filt[sl], rot[sl], q[sl], shifts[sl], theta)
+            grad, = torch.autograd.grad(cost.sum(), theta, create_graph=True)
+            hess = torch.stack([torch.autograd.grad(grad[:, j].sum(), theta, retain_graph=j < d - 1)[0]
+                                for j in range(d)], 1).double()
+        hess = 0.5 * (hess + hess.transpose(1, 2))
+        _, _, jtj, _, _ = _system(model, images[sl], filt[sl], rot[sl], q[sl], shifts[sl])
+        # The Gauss-Newton matrix of the profiled cost: the Schur complement of the scale.
+        gn = 2 * (jtj[:, :d, :d] - jtj[:, :d, d:] @ jtj[:, d:, :d] / jtj[:, d:, d:])
+        curved = torch.linalg.eigvalsh(hess)[:, 0] > 1e-9 * torch.diagonal(hess, dim1=1, dim2=2).amax(1)
+        h = torch.where(curved[:, None, None], hess, gn)
+        eye = torch.eye(d, dtype=h.dtype, device=h.device)
+        cov = torch.linalg.inv(h + eye * (1e-12 * torch.diagonal(h, dim1=1, dim2=2).amax(1))[:, None, None])
+        var = 2 * cost.detach().double() / max(n_dof - d - 2, 1)
+        out.append(torch.sqrt(torch.clamp(torch.diagonal(cov, dim1=1, dim2=2), min=0.0) * var[:, None]))
+    return torch.cat(out)
 
 
 def _system(model: _Model, images: torch.Tensor, filt: torch.Tensor, rot, q, shifts):
@@ -350,7 +393,7 @@ def _refine_chunk(model: _Model, images, filt, rot, q, shifts, q_lo, q_hi, max_s
         done |= (better & (gain < tol)) | (lam > 1e4) | (cost < 1e-7 * energy)
         if bool(torch.all(done)):
             break
-    return rot, q, shifts, ncc, _laplace_std(jtj, cost, _noise_dof(images.shape[-1]))
+    return rot, q, shifts, ncc
 
 
 def _nyquist_mask(n: int, device, dtype) -> torch.Tensor:
@@ -369,19 +412,32 @@ def _crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return fourier_crop(images, size, correct_pixel_blur=False)
 
 
+#: Projections at a size coarser than the images (reduced by :func:`_crop`) draw every atom
+#: wider by this many pixels of that size (in quadrature) and undo the extra Gaussian blur in
+#: their filter (:func:`_filters` ``blur``): the same projection on the frequencies the crop
+#: keeps, but with far less of the content above the coarse Nyquist frequency aliased into
+#: them. The crop has no such aliases; without the blur the model's 1 Å atoms at 2 Å/px put
+#: them into its Jacobian and the Laplace uncertainty counted 3.5 % too much information.
+ANTI_ALIAS_PX = 0.75
+
+
 def _filters(ctf, m: int, n: int, pixel_size: float, device, dtype,
-             source_box: Optional[int] = None) -> torch.Tensor:
+             source_box: Optional[int] = None, blur: float = 0.0) -> torch.Tensor:
     """(M, n, n//2+1): what projections at n px (``pixel_size`` Å/px) are multiplied by to match
     the images: the CTF (or 1) times the Nyquist mask and, for images of ``source_box`` px
     reduced to n px by :func:`_crop`, the ratio ``sinc(f n / source_box) / sinc(f)`` per axis
     (``f`` cycles/px) that turns a projection integrated over the n-px pixel into one
-    integrated over the input pixel (the inverse of :func:`fourier_crop`'s correction)."""
+    integrated over the input pixel (the inverse of :func:`fourier_crop`'s correction); blur:
+    Å, the width the atoms of the projections were widened by (:data:`ANTI_ALIAS_PX`), undone
+    by ``exp(2 pi^2 blur^2 |f|^2)`` (``f`` cycles/Å)."""
     mask = _nyquist_mask(n, device, dtype)
+    fy = torch.fft.fftfreq(n, device=device, dtype=dtype)[:, None]
+    fx = torch.fft.rfftfreq(n, device=device, dtype=dtype)[None, :]
     if source_box is not None and source_box != n:
-        fy = torch.fft.fftfreq(n, device=device, dtype=dtype)[:, None]
-        fx = torch.fft.rfftfreq(n, device=device, dtype=dtype)[None, :]
         r = n / source_box
         mask = mask * (torch.sinc(fy * r) * torch.sinc(fx * r) / (torch.sinc(fy) * torch.sinc(fx)))
+    if blur > 0:
+        mask = mask * torch.exp(2 * math.pi ** 2 * (blur / pixel_size) ** 2 * (fy * fy + fx * fx))
     if ctf is None:
         return mask.expand(m, -1, -1)
     from .ctf import ctf_image
@@ -606,12 +662,18 @@ PATH_GLOBAL, PATH_SEEDED, PATH_FALLBACK = 0, 1, 2
 
 class _Scale:
     """One image size of the alignment: its model, its pixel size and the conversions of
-    shifts between its pixels and those of the input images."""
+    shifts between its pixels and those of the input images. With ``anti_alias`` (the final
+    refinement's size) a size below the box draws its atoms :data:`ANTI_ALIAS_PX` wider and
+    its filters undo it; the search size leaves that to its low-pass (``search_lowpass``)."""
 
-    def __init__(self, size: int, box: int, pixel_size: float, model_args, device):
+    def __init__(self, size: int, box: int, pixel_size: float, model_args, device, anti_alias: bool = False):
         self.size, self.box = int(size), int(box)
         self.pixel_size = pixel_size * box / size            # Å/px at this size
-        self.model = _Model(*model_args, self.size, self.pixel_size, device)
+        # Å: the atoms' widening against aliasing (ANTI_ALIAS_PX), undone by the filters.
+        self.blur = ANTI_ALIAS_PX * self.pixel_size if anti_alias and self.size < self.box else 0.0
+        coords, modes, sigma, weights = model_args
+        self.model = _Model(coords, modes, np.sqrt(np.asarray(sigma) ** 2 + self.blur ** 2), weights,
+                            self.size, self.pixel_size, device)
         self.device = device
 
     def shifts_here(self, shifts_px: torch.Tensor) -> torch.Tensor:
@@ -632,7 +694,8 @@ class _Scale:
 
     def filters(self, ctf, m: int) -> torch.Tensor:
         """(M, size, size//2+1) filters of the projections at this size (:func:`_filters`)."""
-        return _filters(ctf, m, self.size, self.pixel_size, self.device, torch.float32, source_box=self.box)
+        return _filters(ctf, m, self.size, self.pixel_size, self.device, torch.float32, source_box=self.box,
+                        blur=self.blur)
 
 
 class Aligner:
@@ -647,7 +710,7 @@ class Aligner:
     Built once per set: the models at both sizes and, on first use, the reference projections
     of the global search (shared by every image). Stages, in the order :meth:`align` runs them:
     :meth:`global_search` (or :meth:`seeded_candidates`), :meth:`refine_candidates`,
-    :meth:`refine_final` (with the uncertainty of :func:`_laplace_std`).
+    :meth:`refine_final`, :meth:`uncertainty` (:func:`_laplace_std`).
     """
 
     def __init__(self, coords: np.ndarray, modes: np.ndarray, pixel_size: float, box: int,
@@ -690,7 +753,7 @@ class Aligner:
         while len(final[0]) > config.max_final_points:
             final = coarse_grain(coords, modes, sig, wts, cell=cell)
             cell *= 1.25
-        self.work = _Scale(work, self.box, pixel_size, final, self.device)
+        self.work = _Scale(work, self.box, pixel_size, final, self.device, anti_alias=True)
         self.amplitude_range = amplitude_range
         self.q_lo = torch.as_tensor(amplitude_range[:, 0], dtype=torch.float32, device=self.device)
         self.q_hi = torch.as_tensor(amplitude_range[:, 1], dtype=torch.float32, device=self.device)
@@ -766,7 +829,7 @@ class Aligner:
         # A seed's candidates are one basin: the best of them alone goes to the working size.
         owner, rot1, q1, s1 = self.refine_candidates(img_s, filt_s, owner, rot0, q0, s0, mb,
                                                      keep=self.config.n_final if seeds is None else 1)
-        return self.refine_final(self.work.images(batch), self.work.filters(ctf_b, mb), owner, rot1, q1, s1, mb)
+        return self._final_stages(batch, ctf_b, owner, rot1, q1, s1, mb)
 
     # ------------------------------------------------------------------ stages
     def global_search(self, img_s: torch.Tensor, filt_s: torch.Tensor):
@@ -820,7 +883,7 @@ class Aligner:
         kx = torch.fft.rfftfreq(self.search.size, device=self.device)[None, :]
         smooth = (torch.exp(-(kx * kx + ky * ky) / (2 * cfg.search_lowpass ** 2)) if cfg.search_lowpass
                   else 1.0)
-        r1, q1, s1, ncc1, _ = _refine(self.search.model, img_s[owner], (filt_s * smooth)[owner], rot0, q0, s0,
+        r1, q1, s1, ncc1 = _refine(self.search.model, img_s[owner], (filt_s * smooth)[owner], rot0, q0, s0,
                                       self.q_lo, self.q_hi, self.search.max_shift(cfg.max_shift_px, 1.1),
                                       cfg.search_iters, chunk=64)
         per_image = len(owner) // mb
@@ -829,28 +892,41 @@ class Aligner:
         sel = (order + torch.arange(mb, device=self.device)[:, None] * per_image).reshape(-1)
         return owner[sel], r1[sel], q1[sel], s1[sel]
 
-    def refine_final(self, img_w, filt_w, owner, rot1, q1, s1, mb: int) -> AlignmentResult:
-        """All-atom refinement of the kept candidates at the working size; the best of each
-        image with the Laplace uncertainty of its parameters."""
-        cfg, k = self.config, self.k
+    def refine_final(self, img_w, filt_w, owner, rot1, q1, s1, mb: int):
+        """All-atom refinement of the kept candidates (search-size shifts ``s1``) at the working
+        size (images ``img_w``, filters ``filt_w``); the best of each image. Returns (rotations
+        (mb, 3, 3), amplitudes (mb, K) Å, shifts (mb, 2) working px, NCC (mb,))."""
+        cfg = self.config
         s_work = self.work.shifts_here(self.search.shifts_input(s1))
-        r2, q2, s2, ncc2, std2 = _refine(self.work.model, img_w[owner], filt_w[owner], rot1, q1, s_work,
-                                         self.q_lo, self.q_hi, self.work.max_shift(cfg.max_shift_px, 1.1),
-                                         cfg.refine_iters, chunk=16)
+        r2, q2, s2, ncc2 = _refine(self.work.model, img_w[owner], filt_w[owner], rot1, q1, s_work,
+                                   self.q_lo, self.q_hi, self.work.max_shift(cfg.max_shift_px, 1.1),
+                                   cfg.refine_iters, chunk=16)
         per_image = len(owner) // mb
         best = torch.argmax(ncc2.reshape(mb, per_image), dim=1) + torch.arange(mb, device=self.device) * per_image
-        std = std2[best].cpu().numpy()
-        std[:, k:k + 3] *= 180.0 / math.pi
-        std[:, k + 3:k + 5] = self.work.shifts_input(torch.as_tensor(std[:, k + 3:k + 5])).numpy()
-        return AlignmentResult(amplitudes=q2[best].double().cpu().numpy(),
-                               angles=matrix_to_euler(r2[best].double().cpu().numpy()),
-                               shifts=self.work.shifts_input(s2[best]).double().cpu().numpy(),
-                               score=ncc2[best].double().cpu().numpy(),
-                               amplitude_std=std[:, :k], angle_std=np.sqrt((std[:, k:k + 3] ** 2).sum(1)),
-                               shift_std=np.sqrt((std[:, k + 3:k + 5] ** 2).sum(1)))
+        return r2[best], q2[best], s2[best], ncc2[best]
+
+    def uncertainty(self, img_w, filt_w, rot, q, s_work) -> dict:
+        """The Laplace uncertainty (:func:`_laplace_std`) of each image's answer at the working
+        size: amplitude_std (M, K) Å, angle_std (M,) degrees (the RMS length of the three
+        axis-angle components), shift_std (M,) px of the input images."""
+        k = self.k
+        std = _laplace_std(self.work.model, img_w, filt_w, rot, q, s_work).cpu().numpy()
+        angle = np.degrees(np.sqrt((std[:, k:k + 3] ** 2).sum(1)))
+        shift = np.sqrt((std[:, k + 3:k + 5] ** 2).sum(1)) * (self.box / self.work.size)
+        return {"amplitude_std": std[:, :k], "angle_std": angle, "shift_std": shift}
+
+    def _final_stages(self, batch, ctf_b, owner, rot1, q1, s1, mb: int) -> AlignmentResult:
+        """:meth:`refine_final` and :meth:`uncertainty` of input images ``batch`` (mb, box, box)."""
+        img_w, filt_w = self.work.images(batch), self.work.filters(ctf_b, mb)
+        rot, q, s_work, ncc = self.refine_final(img_w, filt_w, owner, rot1, q1, s1, mb)
+        return AlignmentResult(amplitudes=q.double().cpu().numpy(),
+                               angles=matrix_to_euler(rot.double().cpu().numpy()),
+                               shifts=self.work.shifts_input(s_work).double().cpu().numpy(),
+                               score=ncc.double().cpu().numpy(),
+                               **self.uncertainty(img_w, filt_w, rot, q, s_work))
 
     def polish(self, images: ArrayLike, start: AlignmentResult, ctf=None) -> AlignmentResult:
-        """The final refinement alone (:meth:`refine_final`), from a given answer per image
+        """The final refinement and the uncertainty alone (:meth:`refine_final`, :meth:`uncertainty`), from a given answer per image
         (images (M, box, box), ``start`` its amplitudes, angles and shifts): re-fits particles
         whose answer is already close, e.g. after the image model changed. Keeps ``start.path``."""
         imgs = _as_images(images, self.device)
@@ -865,8 +941,8 @@ class Aligner:
             ctf_b = None if ctf is None else (ctf if ctf.batch_size == 1 else ctf.select(rows))
             t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=self.device)  # noqa: E731
             q = torch.minimum(torch.maximum(t(start.amplitudes[rows]), self.q_lo), self.q_hi)
-            parts[tuple(rows)] = self.refine_final(
-                self.work.images(batch), self.work.filters(ctf_b, mb), torch.arange(mb, device=self.device),
+            parts[tuple(rows)] = self._final_stages(
+                batch, ctf_b, torch.arange(mb, device=self.device),
                 t(euler_to_matrix(np.asarray(start.angles[rows], dtype=np.float64))), q,
                 self.search.shifts_here(t(start.shifts[rows])), mb)
         result = _gather(parts, m)

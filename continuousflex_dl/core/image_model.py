@@ -142,7 +142,7 @@ def fit_image_model(images, coords: np.ndarray, modes: np.ndarray, pixel_size: f
     starting model (so noisier images count less) and a Gaussian prior of standard deviation
     :data:`LOG_WEIGHT_PRIOR_SD` on each log weight. L-BFGS with autograd through the projector.
     """
-    from .alignment import _apply_filter, _as_images, _crop, _filters
+    from .alignment import ANTI_ALIAS_PX, _apply_filter, _as_images, _crop, _filters
     from .projection import project_gaussians
     labels = np.asarray(labels, dtype=np.int64)
     start = start or ImageModel.identity(type_names)
@@ -157,7 +157,8 @@ def fit_image_model(images, coords: np.ndarray, modes: np.ndarray, pixel_size: f
     dev = imgs.device
     y = _crop(imgs, n)
     y = y - y.mean(dim=(-2, -1), keepdim=True)
-    filt = _filters(ctf, m, n, ps, dev, torch.float32, source_box=box)
+    blur = ANTI_ALIAS_PX * ps if n < box else 0.0          # Å, as the alignment's working size
+    filt = _filters(ctf, m, n, ps, dev, torch.float32, source_box=box, blur=blur)
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=dev)  # noqa: E731
     x = t(coords) + torch.einsum("mk,knd->mnd", t(result.amplitudes), t(modes).reshape(-1, len(coords), 3))
     from .geometry import euler_to_matrix
@@ -173,7 +174,7 @@ def fit_image_model(images, coords: np.ndarray, modes: np.ndarray, pixel_size: f
     def atoms(th):
         logw = torch.cat([torch.zeros(1, dtype=th.dtype, device=dev), th[:n_types - 1]])
         b = torch.clamp(th[-1], min=var_floor) * 10.0                       # Å², scaled for L-BFGS
-        s = torch.sqrt(sig0.double() ** 2 + b / (8 * math.pi ** 2)).float()
+        s = torch.sqrt(sig0.double() ** 2 + b / (8 * math.pi ** 2) + blur ** 2).float()
         return s, (w0.double() * torch.exp(logw)[lab]).float(), logw
 
     def residual_costs(th):
