@@ -10,9 +10,9 @@ CTF (``ctf.apply_ctf``) and added to noise. What is *matched* to the data set:
 * noise: its level and radial power spectrum, estimated from the particles by
   :func:`estimate_noise` (the particles' mean radial power spectrum fitted as a
   scaled spectrum of clean simulated projections plus a smooth noise spectrum);
-* amplitudes: uniform over the range of the particles' amplitude estimates
-  (HEMNMA or ground truth) widened by a margin, or a given symmetric range
-  (:class:`AmplitudePrior`);
+* amplitudes: a kernel density around the particles' amplitude estimates
+  (HEMNMA or ground truth; :class:`EstimatesPrior`), or uniform over their
+  range widened by a margin, or over a given symmetric range (:class:`AmplitudePrior`);
 * poses: uniform on SO(3) (or uniform projection directions without in-plane
   rotation), shifts uniform within the alignment's range
   (``synthesis.sample_orientations`` / ``sample_shifts``).
@@ -47,7 +47,7 @@ from .synthesis import sample_orientations, sample_shifts
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Reference", "AmplitudePrior", "NoiseModel", "SimulatedBatch", "ParticleSimulator",
+__all__ = ["Reference", "AmplitudePrior", "EstimatesPrior", "NoiseModel", "SimulatedBatch", "ParticleSimulator",
            "radial_shells", "radial_power_spectrum", "estimate_noise", "match_simulator",
            "default_amplitude_range", "VALIDATION_EPOCH"]
 
@@ -137,6 +137,71 @@ class AmplitudePrior:
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """(n, K) amplitudes in Å."""
         return self.low + (self.high - self.low) * rng.random((n, self.n_modes))
+
+
+@dataclass
+class EstimatesPrior:
+    """Amplitudes drawn around the particles' own estimates: a Gaussian kernel density.
+
+    estimates: (M, K) Å, e.g. HEMNMA's amplitudes of the training particles;
+    bandwidth: (K,) Å, the kernel's standard deviation per mode. A draw is a
+    random estimate plus Gaussian noise of that width, so the simulated
+    conformations follow the set's (a curve stays a curve) instead of filling
+    the box around it. low/high: the range of the estimates, for reports.
+    """
+    estimates: np.ndarray
+    bandwidth: np.ndarray
+
+    def __post_init__(self):
+        self.estimates = np.asarray(self.estimates, dtype=np.float64)
+        if self.estimates.ndim != 2 or len(self.estimates) < 2 or not np.all(np.isfinite(self.estimates)):
+            raise ValueError("Amplitude estimates must be a finite (M, K) array with M >= 2.")
+        self.bandwidth = np.broadcast_to(np.asarray(self.bandwidth, dtype=np.float64),
+                                         (self.n_modes,)).copy()
+        if not np.all(np.isfinite(self.bandwidth) & (self.bandwidth >= 0)):
+            raise ValueError(f"Kernel widths must be finite and non-negative, got {self.bandwidth.tolist()} Å.")
+
+    @classmethod
+    def from_estimates(cls, amplitudes: np.ndarray) -> "EstimatesPrior":
+        """Kernel widths by Scott's rule, ``std * M ** (-1 / (K + 4))`` per mode, with a robust
+        std (the interquartile range / 1.349) so that outlying estimates do not widen them."""
+        q = np.asarray(amplitudes, dtype=np.float64)
+        if q.ndim != 2 or len(q) < 2 or not np.all(np.isfinite(q)):
+            raise ValueError("Amplitude estimates must be a finite (M, K) array with M >= 2.")
+        iqr = np.subtract(*np.quantile(q, [0.75, 0.25], axis=0)) / 1.349
+        spread = np.minimum(q.std(axis=0), np.where(iqr > 0, iqr, np.inf))
+        return cls(q, np.maximum(spread, 1e-3) * len(q) ** (-1.0 / (q.shape[1] + 4)))
+
+    @property
+    def n_modes(self) -> int:
+        return int(self.estimates.shape[1])
+
+    @property
+    def low(self) -> np.ndarray:
+        return self.estimates.min(axis=0)
+
+    @property
+    def high(self) -> np.ndarray:
+        return self.estimates.max(axis=0)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """(K,) Å, the mean of the kernel density."""
+        return self.estimates.mean(axis=0)
+
+    @property
+    def std(self) -> np.ndarray:
+        """(K,) Å, the standard deviation of the kernel density."""
+        return np.sqrt(self.estimates.var(axis=0) + self.bandwidth ** 2)
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """(n, K) amplitudes in Å."""
+        rows = self.estimates[rng.integers(0, len(self.estimates), n)]
+        return rows + self.bandwidth * rng.standard_normal((n, self.n_modes))
+
+
+#: An amplitude prior: anything with ``n_modes``, ``low``/``high``/``mean``/``std`` (K,) Å and ``sample``.
+Prior = Union[AmplitudePrior, EstimatesPrior]
 
 
 def radial_shells(box: int, half: bool = True, device=None) -> torch.Tensor:
@@ -238,7 +303,7 @@ class ParticleSimulator:
     """
 
     def __init__(self, reference: Reference, box: int, pixel_size: float, ctf: Optional[CTFParams],
-                 amplitudes: AmplitudePrior, in_plane: bool = True, max_shift_px: float = 0.0,
+                 amplitudes: Prior, in_plane: bool = True, max_shift_px: float = 0.0,
                  noise: Optional[NoiseModel] = None, seed: int = 0,
                  device: Union[str, torch.device] = "cpu"):
         if int(box) != box or box < 8:
@@ -371,7 +436,7 @@ def _hat_basis(x: np.ndarray, nodes: np.ndarray) -> np.ndarray:
 
 
 def match_simulator(reference: Reference, images, box: int, pixel_size: float, ctf: Optional[CTFParams],
-                    amplitudes: AmplitudePrior, in_plane: bool = True, max_shift_px: float = 0.0,
+                    amplitudes: Prior, in_plane: bool = True, max_shift_px: float = 0.0,
                     seed: int = 0, device: Union[str, torch.device] = "cpu",
                     n_particles: int = 2000, n_clean: int = 512, batch_size: int = 128,
                     knots: int = NOISE_KNOTS) -> ParticleSimulator:

@@ -66,14 +66,14 @@ from .dataset import (NORMALIZATIONS, CtfLike, as_image_source, check_images, it
                       rotate_images, rotate_pose)
 from .geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler
 from .network import DeepHEMNMANet, build_model, matrix_to_rotation_6d, rotation_6d_to_matrix
-from .simulator import (VALIDATION_EPOCH, AmplitudePrior, ParticleSimulator, Reference, SimulatedBatch,
-                        default_amplitude_range, match_simulator)
+from .simulator import (VALIDATION_EPOCH, AmplitudePrior, EstimatesPrior, ParticleSimulator, Reference,
+                        SimulatedBatch, default_amplitude_range, match_simulator)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TrainConfig", "LoadedModel", "CheckpointError", "split_by_particle", "train", "load_model",
            "predict", "changed_settings", "save_checkpoint", "load_checkpoint", "METRICS_COLUMNS",
-           "FITTED_FIELDS", "RESUMABLE_SETTINGS", "DATA_CHOICES"]
+           "FITTED_FIELDS", "RESUMABLE_SETTINGS", "DATA_CHOICES", "PRIOR_CHOICES"]
 
 CONFIG_FILE, BEST_FILE, LAST_FILE, METRICS_FILE = "config.json", "best.pt", "last.pt", "metrics.csv"
 PREVIOUS_FILE = "last.previous.pt"
@@ -106,8 +106,13 @@ class TrainConfig:
     simulated orientations uniform on SO(3) (else uniform directions, psi = 0).
     sim_max_shift_px: simulated shifts uniform in [-S, S]^2 px (None: the 99th
     percentile of the particles' |shifts| when poses are given, else 0).
-    sim_amplitude_range: simulated amplitudes uniform in [-R, R] Å (None: the
-    range of the particles' amplitudes, widened by 10 %; 5 sqrt(N) Å without them).
+    sim_amplitude_range: simulated amplitudes uniform in [-R, R] Å (None: from
+    the particles' amplitudes as ``sim_prior`` says; 5 sqrt(N) Å without them).
+    sim_prior: how the particles' amplitudes give the simulated ones, one of
+    :data:`PRIOR_CHOICES`: "estimates", a Gaussian kernel density around the
+    estimates (``simulator.EstimatesPrior``: the simulated conformations
+    follow the set's, as a curve stays a curve), or "range", uniform over their
+    range widened by 10 % (``simulator.AmplitudePrior``).
     sim_noise_ramp: a curriculum over the first simulated epochs: the noise's
     standard deviation is ``min(1, epoch / sim_noise_ramp)`` times the particles'
     (0: the particles' noise from the start).
@@ -147,6 +152,7 @@ class TrainConfig:
     sim_in_plane: bool = True
     sim_max_shift_px: Optional[float] = None
     sim_amplitude_range: Optional[float] = None
+    sim_prior: str = "estimates"
     sim_noise_ramp: int = 0
     finetune_epochs: int = 10
     finetune_lr: Optional[float] = None
@@ -201,6 +207,8 @@ FITTED_FIELDS = ("image_size", "n_outputs", "target_mean", "target_std", "shift_
                  "version")
 #: Training data choices (``TrainConfig.data``).
 DATA_CHOICES = ("particles", "simulated", "simulated+finetune")
+#: Simulated amplitude priors (``TrainConfig.sim_prior``).
+PRIOR_CHOICES = ("estimates", "range")
 #: Settings a stopped training may change when it continues: they decide when
 #: it stops, not what an epoch computes (``epochs`` not with "onecycle").
 RESUMABLE_SETTINGS = ("epochs", "patience")
@@ -519,6 +527,9 @@ def _check_inputs(images, amplitudes: Optional[np.ndarray], particle_ids: np.nda
     m = len(source)
     if config.data not in DATA_CHOICES:
         raise ValueError(f"Unknown training data {config.data!r}; choose one of {', '.join(DATA_CHOICES)}.")
+    if config.sim_prior not in PRIOR_CHOICES:
+        raise ValueError(f"Unknown simulated amplitude prior {config.sim_prior!r}; choose one of "
+                         f"{', '.join(PRIOR_CHOICES)}.")
     if amplitudes is None:
         if config.data != "simulated":
             raise ValueError(f"Training on {config.data!r} needs the particles' amplitudes; without them, "
@@ -604,6 +615,8 @@ def _make_simulator(config: TrainConfig, data: _Data, train_idx: Optional[np.nda
     ref, k = data.reference, len(config.modes)
     if config.sim_amplitude_range is not None:
         prior = AmplitudePrior.symmetric(config.sim_amplitude_range, k)
+    elif data.amplitudes is not None and config.sim_prior == "estimates":
+        prior = EstimatesPrior.from_estimates(data.amplitudes[train_idx])
     elif data.amplitudes is not None:
         prior = AmplitudePrior.from_estimates(data.amplitudes[train_idx])
     else:
@@ -618,8 +631,12 @@ def _make_simulator(config: TrainConfig, data: _Data, train_idx: Optional[np.nda
     fitted = dict(snr=sim.noise.snr if math.isfinite(sim.noise.snr) else None, signal_scale=sim.noise.scale,
                   noise_power=sim.noise.power.tolist(),
                   amplitude_low=prior.low.tolist(), amplitude_high=prior.high.tolist(), max_shift_px=max_shift)
-    logger.info("Simulating particles matched to the data: SNR %.3g, amplitudes %s Å, shifts within "
+    if isinstance(prior, EstimatesPrior):
+        fitted["amplitude_bandwidth"] = prior.bandwidth.tolist()
+    logger.info("Simulating particles matched to the data: SNR %.3g, amplitudes %s%s Å, shifts within "
                 "±%.2f px, %s", sim.noise.snr,
+                "around the estimates, kernel width " + ", ".join(f"{h:.1f}" for h in prior.bandwidth) + " Å, in "
+                if isinstance(prior, EstimatesPrior) else "uniform in ",
                 ", ".join(f"[{lo:.1f}, {hi:.1f}]" for lo, hi in zip(prior.low, prior.high)), max_shift,
                 "the particles' CTFs" if data.particle_ctf is not None else "no CTF")
     return sim, fitted

@@ -16,6 +16,8 @@ SCHEDULES = ["onecycle", "plateau", "cosine"]
 #: The "Training data" choices; "auto" resolves to one of the others (see ``_trainingData``).
 TRAINING_DATA = {"auto": None, "particles' amplitudes": "particles", "simulated from the reference": "simulated",
                  "simulated, then fine-tuned on the particles": "simulated+finetune"}
+#: The "Simulated amplitudes" choices (``TrainConfig.sim_prior``).
+SIM_PRIORS = {"around the particles' amplitudes": "estimates", "uniform over their range": "range"}
 
 
 class FlexDLProtTrain(FlexDLProtBase):
@@ -57,6 +59,15 @@ class FlexDLProtTrain(FlexDLProtBase):
         form.addParam("simImages", params.IntParam, default=6000, validators=[params.GT(0)],
                       condition="trainingData != 1", label="Simulated images per epoch",
                       help="Every epoch simulates this many new images (none is seen twice).")
+        form.addParam("simPrior", params.EnumParam, choices=list(SIM_PRIORS), default=0,
+                      condition="trainingData != 1", expertLevel=params.LEVEL_ADVANCED,
+                      label="Simulated amplitudes",
+                      help="around the particles' amplitudes: each simulated particle takes the amplitudes "
+                           "of a random input particle plus Gaussian noise (a kernel density, widths by "
+                           "Scott's rule), so the simulated conformations are distributed as the set's (a "
+                           "path stays a path) and the network learns what it will meet. uniform over their "
+                           "range: independent uniform amplitudes in the range of the particles' (widened "
+                           "by 10 %), for sets whose estimates are too few or too noisy to follow.")
         form.addParam("finetuneEpochs", params.IntParam, default=10, validators=[params.GT(0)],
                       condition="trainingData in [0, 3]", label="Fine-tuning epochs",
                       help="Epochs on the particles' amplitudes after the simulated ones, at a tenth of "
@@ -148,8 +159,8 @@ class FlexDLProtTrain(FlexDLProtBase):
         """The form's training settings, as TrainConfig fields, and which particles and modes."""
         parts, modes = self.inputParticles.get(), self.inputModes.get()
         data = self._trainingData()
-        simulated = dict(sim_images=self.simImages.get(),
-                         finetune_epochs=self.finetuneEpochs.get()) if data != "particles" else {}
+        simulated = dict(sim_images=self.simImages.get(), finetune_epochs=self.finetuneEpochs.get(),
+                         sim_prior=list(SIM_PRIORS.values())[self.simPrior.get()]) if data != "particles" else {}
         return dict(working_size=self.workingSize.get() or None, window=self.window.get() or None, data=data,
                     **simulated, predict_pose=self.predictPose.get(),
                     epochs=self.epochs.get(), batch_size=self.batchSize.get(),
@@ -267,7 +278,12 @@ class FlexDLProtTrain(FlexDLProtBase):
                          + (f", then {config.finetune_epochs} epochs fine-tuned on the particles"
                             if config.data == "simulated+finetune" else "")
                          + f"); particles' SNR estimated at {snr}, shifts within "
-                         f"±{sim.get('max_shift_px', 0.0):.1f} px.")
+                         f"±{sim.get('max_shift_px', 0.0):.1f} px, amplitudes "
+                         + ("around the particles' (kernel widths "
+                            + ", ".join(f"{h:.0f}" for h in sim["amplitude_bandwidth"]) + " Å)."
+                            if "amplitude_bandwidth" in sim else "uniform in "
+                            + ", ".join(f"[{lo:.0f}, {hi:.0f}]" for lo, hi in
+                                        zip(sim["amplitude_low"], sim["amplitude_high"])) + " Å."))
         elif config is not None:
             lines.append("Training data: the particles' amplitudes"
                          + (" (give the normal modes to train on simulated particles first)."

@@ -5,6 +5,8 @@ moved along ANM mode 7, synthesized by ``synthesis.synthesize`` (an independent
 code path: per-image SNR noise, its own random streams) with CTFs of defocus
 8000-20000 Å, 32 px boxes of 4 Å.
 """
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -137,6 +139,30 @@ def test_stream_is_seeded_and_resumable(ake):
         sm.ParticleSimulator(ake, BOX, PIXEL, None, sm.AmplitudePrior.symmetric(10.0, 2))
 
 
+def test_estimates_prior_follows_the_estimates_not_their_box():
+    # Estimates on the paper's curve (q7 = -200 r, q8 = 200 sin(pi r), q9 = 200 cos(pi r)) plus
+    # 10 Å of estimation noise: draws stay near the curve (a uniform box would not) with the
+    # kernel density's moments, and the kernel widths follow Scott's rule.
+    rng = np.random.default_rng(3)
+    r = rng.random(2000)
+    curve = lambda t: np.stack([-200 * t, 200 * np.sin(np.pi * t), 200 * np.cos(np.pi * t)], axis=1)  # noqa: E731
+    estimates = curve(r) + 10.0 * rng.standard_normal((2000, 3))
+    prior = sm.EstimatesPrior.from_estimates(estimates)
+    scott = 2000 ** (-1 / 7)
+    np.testing.assert_allclose(prior.bandwidth, estimates.std(0) * scott, rtol=0.15)
+    draws = prior.sample(20000, np.random.default_rng(4))
+    np.testing.assert_allclose(draws.mean(0), prior.mean, atol=4.0)
+    np.testing.assert_allclose(draws.std(0), prior.std, rtol=0.03)
+    grid = curve(np.linspace(0, 1, 2001))
+    off_curve = lambda q: np.sqrt(((q[:, None, :] - grid[None]) ** 2).sum(-1)).min(1)  # noqa: E731
+    box = sm.AmplitudePrior.from_estimates(estimates).sample(2000, np.random.default_rng(5))
+    near, far = np.median(off_curve(draws[:2000])), np.median(off_curve(box))
+    assert near < 0.5 * far, f"median distance to the curve {near:.0f} Å (kernel) vs {far:.0f} Å (box)"
+    assert near < 3 * np.sqrt((prior.bandwidth ** 2).sum() + 3 * 10.0 ** 2)
+    with pytest.raises(ValueError, match="finite"):
+        sm.EstimatesPrior.from_estimates(np.full((5, 3), np.nan))
+
+
 # -------------------------------------------------------------- training on the stream
 
 SIM_EPOCHS = 3
@@ -158,7 +184,8 @@ def trained(ake, tmp_path_factory):
     out = folder / "model"
     cfg = tr.TrainConfig(modes=[7], working_size=16, pixel_size=PIXEL, epochs=SIM_EPOCHS, batch_size=32,
                          architecture="resnet18", data="simulated+finetune", sim_images=512,
-                         sim_in_plane=False, sim_max_shift_px=0.0, finetune_epochs=2, val_fraction=0.3)
+                         sim_in_plane=False, sim_max_shift_px=0.0, sim_prior="range", finetune_epochs=2,
+                         val_fraction=0.3)
     snapshot = {}
 
     def at_the_end_of_the_simulated_phase(row):
@@ -261,3 +288,23 @@ def test_simulated_training_without_amplitudes_validates_on_simulated_particles(
                      reference=ake)
     with pytest.raises(ValueError, match="reference structure"):
         tr.train(images, part.amplitudes, np.arange(24), tmp_path / "x", cfg)
+
+
+def test_simulated_training_draws_around_the_training_split_estimates(ake, tmp_path):
+    # With amplitudes, the default prior is the kernel density of the training split's
+    # (never the validation particles'), and the targets are standardised by its moments.
+    part, images = _particles(ake, tmp_path, 40, 23, 1.0)
+    cfg = tr.TrainConfig(modes=[7], working_size=16, pixel_size=PIXEL, epochs=1, batch_size=16,
+                         architecture="resnet18", data="simulated", sim_images=16, val_fraction=0.25)
+    tr.train(images, part.amplitudes, np.arange(40), tmp_path / "m", cfg, seed=5, ctf=part.ctf, reference=ake)
+    saved = tr.TrainConfig.load(tmp_path / "m" / "config.json")
+    train_idx, _ = tr.split_by_particle(np.arange(40), 0.25, 5)
+    expected = sm.EstimatesPrior.from_estimates(part.amplitudes[train_idx])
+    np.testing.assert_allclose(saved.simulation["amplitude_bandwidth"], expected.bandwidth)
+    np.testing.assert_allclose(saved.target_mean, expected.mean)
+    np.testing.assert_allclose(saved.target_std, expected.std)
+    q = part.amplitudes[train_idx, 0]
+    assert expected.std[0] > q.std() and expected.bandwidth[0] < 0.7 * q.std()
+    with pytest.raises(ValueError, match="prior"):
+        tr.train(images, part.amplitudes, np.arange(40), tmp_path / "x", replace(cfg, sim_prior="box"),
+                 reference=ake)
