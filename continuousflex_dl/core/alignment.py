@@ -56,7 +56,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, fields, replace
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -240,21 +240,10 @@ class _Model:
     def project_with_jacobian(self, rot, q, shifts):
         """Projections (B, n, n) and derivatives (B, K + 5, n, n) with respect to
         amplitudes (per Å), a left axis-angle rotation update (per rad) and shifts (per px)."""
-        ps, c = self.pixel_size, self.box // 2
-        x = self.coords + torch.einsum("bk,knd->bnd", q, self.modes)
-        y = torch.matmul(x, rot.transpose(1, 2))                         # (B, N, 3) rotated, Å
-        offset = particle_offset_px(shifts) + c
-        px = y[..., 0] / ps + offset[:, 0:1]
-        py = y[..., 1] / ps + offset[:, 1:2]
+        px, py, _, dpx, dpy = self._positions(rot, q, shifts)
         gx, dgx = pixel_profiles(px, self.box, self.sigma_px, derivative=True)
         gy, dgy = pixel_profiles(py, self.box, self.sigma_px, derivative=True)
         image = torch.matmul(gy.transpose(1, 2) * self.weights, gx)
-        # d(px, py)/d(params): (B, D, N) each.
-        vrot = torch.einsum("bij,knj->bkni", rot[:, :2, :], self.modes) / ps   # (B, K, N, 2)
-        zero, d_shift = torch.zeros_like(px), particle_offset_px(torch.ones_like(px))
-        yx, yy, yz = y[..., 0] / ps, y[..., 1] / ps, y[..., 2] / ps
-        dpx = torch.cat([vrot[..., 0], torch.stack([zero, yz, -yy, d_shift, zero], 1)], 1)
-        dpy = torch.cat([vrot[..., 1], torch.stack([-yz, zero, yx, zero, d_shift], 1)], 1)
         # J_d = dGy^T diag(w dpy_d) Gx + Gy^T diag(w dpx_d) dGx: two batched products whose
         # right factors (B, N, D, n) are written contiguous, so no copy of them is made.
         b, d, n, n_atoms = dpx.shape[0], dpx.shape[1], self.box, dpx.shape[2]
@@ -264,6 +253,53 @@ class _Model:
         jac = torch.baddbmm(torch.bmm(dgy.transpose(1, 2), right[0].reshape(b, n_atoms, d * n)),
                             gy.transpose(1, 2), right[1].reshape(b, n_atoms, d * n))
         return image, jac.reshape(b, n, d, n).transpose(1, 2)
+
+    def curvature(self, rot, q, shifts, weight: torch.Tensor) -> torch.Tensor:
+        """(B, D, D), D = K + 5: the second derivatives of ``sum(weight * projection)`` over the
+        pixels, weight (B, n, n), with respect to :meth:`project_with_jacobian`'s parameters
+        (the residual's curvature term of an observed Hessian, :func:`_laplace_std`)."""
+        px, py, y, dpx, dpy = self._positions(rot, q, shifts)
+        gx = pixel_profiles(px, self.box, self.sigma_px, derivative=2)     # profiles, d/dp, d2/dp2
+        gy = pixel_profiles(py, self.box, self.sigma_px, derivative=2)
+        rows = [torch.matmul(weight, g.transpose(1, 2)) for g in gx]       # (B, n_y, N) each
+
+        def moment(order_y, order_x):  # (B, N): sum_yx weight * w d^a Gy d^b Gx
+            return self.weights * (gy[order_y] * rows[order_x].transpose(1, 2)).sum(-1)
+
+        def outer(m, a, b):
+            return torch.einsum("bn,bjn,bkn->bjk", m, a, b)
+
+        cross = outer(moment(1, 1), dpx, dpy)
+        curv = outer(moment(0, 2), dpx, dpx) + outer(moment(2, 0), dpy, dpy) + cross + cross.transpose(1, 2)
+        # Second derivatives of the rotated coordinates (Å): amplitude x rotation, e_a x (R v_k),
+        # and rotation x rotation, (K_a K_b + K_b K_a) y / 2 (Rodrigues to second order).
+        k, (b, n_atoms) = self.modes.shape[0], px.shape
+        u = torch.einsum("bij,knj->bkni", rot, self.modes)                 # (B, K, N, 3)
+        eye = torch.eye(3, dtype=y.dtype, device=y.device)
+        second = torch.zeros(b, k + 5, k + 5, n_atoms, 3, dtype=y.dtype, device=y.device)
+        for a in range(3):
+            second[:, :k, k + a] = second[:, k + a, :k] = torch.cross(eye[a].expand_as(u), u, dim=-1)
+            for c in range(3):
+                second[:, k + a, k + c] = 0.5 * (eye[c] * y[..., a:a + 1] + eye[a] * y[..., c:c + 1]) - (a == c) * y
+        second = second / self.pixel_size
+        return (curv + torch.einsum("bn,bjkn->bjk", moment(0, 1), second[..., 0])
+                + torch.einsum("bn,bjkn->bjk", moment(1, 0), second[..., 1]))
+
+    def _positions(self, rot, q, shifts):
+        """Pixel positions px, py (B, N) of the atoms, their rotated coordinates y (B, N, 3) Å
+        and the derivatives (B, D, N) of px and py with respect to the parameters."""
+        ps = self.pixel_size
+        x = self.coords + torch.einsum("bk,knd->bnd", q, self.modes)
+        y = torch.matmul(x, rot.transpose(1, 2))                         # (B, N, 3) rotated, Å
+        offset = particle_offset_px(shifts) + self.box // 2
+        px = y[..., 0] / ps + offset[:, 0:1]
+        py = y[..., 1] / ps + offset[:, 1:2]
+        vrot = torch.einsum("bij,knj->bkni", rot[:, :2, :], self.modes) / ps   # (B, K, N, 2)
+        zero, d_shift = torch.zeros_like(px), particle_offset_px(torch.ones_like(px))
+        yx, yy, yz = y[..., 0] / ps, y[..., 1] / ps, y[..., 2] / ps
+        dpx = torch.cat([vrot[..., 0], torch.stack([zero, yz, -yy, d_shift, zero], 1)], 1)
+        dpy = torch.cat([vrot[..., 1], torch.stack([-yz, zero, yx, zero, d_shift], 1)], 1)
+        return px, py, y, dpx, dpy
 
 
 def _apply_filter(x: torch.Tensor, filt: Optional[torch.Tensor]) -> torch.Tensor:
@@ -278,72 +314,75 @@ def _apply_filter(x: torch.Tensor, filt: Optional[torch.Tensor]) -> torch.Tensor
 def _refine(model: _Model, images: torch.Tensor, filt: Optional[torch.Tensor], rot, q, shifts,
             q_lo, q_hi, max_shift, iters: int, chunk: int):
     """Levenberg-Marquardt on (amplitudes, rotation, shifts) for B problems; returns the
-    refined (rot, q, shifts) and the NCC of each problem."""
+    refined (rot, q, shifts) and the least-squares state there (:class:`_Fit`; ``.ncc`` the NCC
+    of each problem)."""
     parts = []
     for start in range(0, images.shape[0], chunk):
         sl = slice(start, start + chunk)
         parts.append(_refine_chunk(model, images[sl], None if filt is None else filt[sl],
                                    rot[sl], q[sl], shifts[sl], q_lo, q_hi, max_shift, iters))
-    return tuple(torch.cat([p[i] for p in parts]) for i in range(4))
-
-
-def _profiled_cost(model: _Model, images: torch.Tensor, filt: torch.Tensor, rot, q, shifts,
-                   theta: torch.Tensor) -> torch.Tensor:
-    """Residual sum of squares (B,) of images (B, n, n) against the filtered projections at
-    the parameters ``theta`` (B, K + 5) away from (rot, q, shifts) (amplitude steps in Å, a left
-    axis-angle rotation update in rad, shift steps in px), with the best scale and offset of
-    each image (the cost profiled over them: ``|i|^2 - (i . p)^2 / |p|^2`` of centred images)."""
-    k = q.shape[1]
-    p = model.project(torch.matmul(_rodrigues(theta[:, k:k + 3]), rot), q + theta[:, :k],
-                      shifts + theta[:, k + 3:k + 5])
-    b = p.shape[0]
-    pf = _apply_filter(p, filt).reshape(b, -1)
-    pf = pf - pf.mean(1, keepdim=True)
-    im = images.reshape(b, -1)
-    im = im - im.mean(1, keepdim=True)
-    pi = (pf * im).sum(1)
-    return (im * im).sum(1) - pi * pi / (pf * pf).sum(1)
+    fit = _Fit(*(torch.cat([p[3][i] for p in parts]) for i in range(len(_Fit._fields))))
+    return tuple(torch.cat([p[i] for p in parts]) for i in range(3)) + (fit,)
 
 
 def _laplace_std(model: _Model, images: torch.Tensor, filt: torch.Tensor, rot, q, shifts,
-                 chunk: int = 16) -> torch.Tensor:
+                 fit: Optional["_Fit"] = None, chunk: int = 16) -> torch.Tensor:
     """Standard deviations (B, K + 5) of the parameters (amplitudes Å, rotation components rad,
     shifts px) at a least-squares optimum (rot (B, 3, 3), q (B, K), shifts (B, 2)) of images
     (B, n, n) under white Gaussian noise: the Laplace approximation of the posterior, whose
-    covariance is ``2 s^2 H^-1`` with H the observed Hessian of :func:`_profiled_cost` (exact
-    second derivatives through the projector, the residual's curvature term included; the
-    scale and the offset profiled out, so every standard deviation is a marginal one with the
-    pose and the other amplitudes free) and the noise variance ``s^2 = cost / (n_dof - D - 2)``
-    (n_dof: :func:`_noise_dof`; D parameters, the scale and the offset were fitted). Where H is
-    not positive definite (an optimum on a bound of the amplitude box) the Gauss-Newton matrix
-    ``2 J^T J`` stands in. The noise must be white: :func:`_crop` keeps it so."""
-    n_dof, d = _noise_dof(images.shape[-1]), q.shape[1] + 5
+    covariance is ``2 s^2 H^-1``. H is the observed Hessian of the cost profiled over each
+    image's scale and offset, ``C = |i|^2 - (i . p)^2 / |p|^2`` (centred image i, filtered
+    projection p), so every standard deviation is a marginal one, the pose and the other
+    amplitudes free. With the scale ``a``, residual ``r``, ``alpha_j = r . p_j`` and
+    ``beta_j = p . p_j``: ``H_jk = 2 a^2 p_j . p_k - 2 a r . p_jk - 2 (alpha_j - a beta_j)
+    (alpha_k - a beta_k) / |p|^2``, the second term the residual's curvature
+    (:meth:`_Model.curvature`). The noise variance is ``s^2 = cost / (n_dof - D - 2)`` (n_dof:
+    :func:`_noise_dof`; D parameters, the scale and the offset were fitted). Where H is not
+    positive definite (an optimum on a bound of the amplitude box) the Gauss-Newton matrix
+    stands in. The noise must be white: :func:`_crop` keeps it so. fit: the :class:`_Fit` at
+    these parameters if the refinement left it (else it is computed)."""
+    n_dof, d, n = _noise_dof(images.shape[-1]), q.shape[1] + 5, images.shape[-1]
     out = []
     for b0 in range(0, images.shape[0], chunk):
         sl = slice(b0, b0 + chunk)
-        with torch.enable_grad():
-            theta = torch.zeros(images[sl].shape[0], d, dtype=images.dtype, device=images.device,
-                                requires_grad=True)
-            cost = _profiled_cost(model, images[sl], filt[sl], rot[sl], q[sl], shifts[sl], theta)
-            grad, = torch.autograd.grad(cost.sum(), theta, create_graph=True)
-            hess = torch.stack([torch.autograd.grad(grad[:, j].sum(), theta, retain_graph=j < d - 1)[0]
-                                for j in range(d)], 1).double()
+        part = _system(model, images[sl], filt[sl], rot[sl], q[sl], shifts[sl]) if fit is None else fit.select(sl)
+        cost, jtj, jtr, resid, scale = part.cost, part.jtj, part.jtr, part.resid, part.scale
+        # r . F(x) = F(r) . x: the filter (real and even in frequency) is its own adjoint.
+        curv = model.curvature(rot[sl], q[sl], shifts[sl], _apply_filter(resid.reshape(-1, n, n), filt[sl]))
+        a, pp = scale.double()[:, None, None], jtj[:, d:, d:]
+        gn = 2 * (jtj[:, :d, :d] - jtj[:, :d, d:] @ jtj[:, d:, :d] / pp)     # the scale's Schur complement
+        u = (jtr[:, :d] - a[:, 0] * jtj[:, :d, d])[..., None]            # a (alpha_j - a beta_j)
+        hess = 2 * jtj[:, :d, :d] - 2 * a * curv.double() - 2 * (u @ u.transpose(1, 2)) / (a * a * pp)
         hess = 0.5 * (hess + hess.transpose(1, 2))
-        _, _, jtj, _, _ = _system(model, images[sl], filt[sl], rot[sl], q[sl], shifts[sl])
-        # The Gauss-Newton matrix of the profiled cost: the Schur complement of the scale.
-        gn = 2 * (jtj[:, :d, :d] - jtj[:, :d, d:] @ jtj[:, d:, :d] / jtj[:, d:, d:])
         curved = torch.linalg.eigvalsh(hess)[:, 0] > 1e-9 * torch.diagonal(hess, dim1=1, dim2=2).amax(1)
         h = torch.where(curved[:, None, None], hess, gn)
         eye = torch.eye(d, dtype=h.dtype, device=h.device)
         cov = torch.linalg.inv(h + eye * (1e-12 * torch.diagonal(h, dim1=1, dim2=2).amax(1))[:, None, None])
-        var = 2 * cost.detach().double() / max(n_dof - d - 2, 1)
+        var = 2 * cost.double() / max(n_dof - d - 2, 1)
         out.append(torch.sqrt(torch.clamp(torch.diagonal(cov, dim1=1, dim2=2), min=0.0) * var[:, None]))
     return torch.cat(out)
 
 
-def _system(model: _Model, images: torch.Tensor, filt: torch.Tensor, rot, q, shifts):
-    """Least-squares cost with the optimal scale and offset, NCC, and the normal equations
-    (B, D+1, D+1), (B, D+1) of the parameters plus the scale."""
+class _Fit(NamedTuple):
+    """The least-squares state of B problems at their parameters (:func:`_system`): cost (B,)
+    with the best scale and offset, NCC (B,), the normal equations jtj (B, D+1, D+1) and jtr
+    (B, D+1) of the parameters plus the scale, the images' energy (B,), the residuals (B, n * n)
+    and the scales (B,)."""
+    cost: torch.Tensor
+    ncc: torch.Tensor
+    jtj: torch.Tensor
+    jtr: torch.Tensor
+    energy: torch.Tensor
+    resid: torch.Tensor
+    scale: torch.Tensor
+
+    def select(self, index) -> "_Fit":
+        return _Fit(*(x[index] for x in self))
+
+
+def _system(model: _Model, images: torch.Tensor, filt: Optional[torch.Tensor], rot, q, shifts) -> _Fit:
+    """The least-squares state (:class:`_Fit`) of images (B, n, n) against the filtered
+    projections at (rot, q, shifts); the free offset is eliminated exactly (centring)."""
     p, j = model.project_with_jacobian(rot, q, shifts)
     p, j = _apply_filter(p, filt), _apply_filter(j, filt)
     b = p.shape[0]
@@ -352,48 +391,60 @@ def _system(model: _Model, images: torch.Tensor, filt: torch.Tensor, rot, q, shi
     im = images.reshape(b, -1)
     im = im - im.mean(1, keepdim=True)
     jf = j.reshape(b, j.shape[1], -1)
-    jf = jf - jf.mean(2, keepdim=True)       # the free offset, eliminated exactly
+    jf = jf - jf.mean(2, keepdim=True)
     pp, pi, ii = (pf * pf).sum(1), (pf * im).sum(1), (im * im).sum(1)
     scale = pi / (pp + 1e-30)
     resid = im - scale[:, None] * pf
-    cost = (resid * resid).sum(1)
-    ncc = pi / torch.sqrt(pp * ii + 1e-30)
     full = torch.cat([scale[:, None, None] * jf, pf[:, None]], 1)
-    jtj = torch.matmul(full, full.transpose(1, 2)).double()
-    jtr = torch.matmul(full, resid[..., None])[..., 0].double()
-    return cost, ncc, jtj, jtr, ii
+    return _Fit(cost=(resid * resid).sum(1), ncc=pi / torch.sqrt(pp * ii + 1e-30),
+                jtj=torch.matmul(full, full.transpose(1, 2)).double(),
+                jtr=torch.matmul(full, resid[..., None])[..., 0].double(), energy=ii, resid=resid, scale=scale)
 
 
-def _refine_chunk(model: _Model, images, filt, rot, q, shifts, q_lo, q_hi, max_shift, iters,
-                  tol: float = 1e-6):
+#: Levenberg-Marquardt stops for a problem when the Gauss-Newton step from where it stands would
+#: lower the cost by less than this fraction of its noise variance (chi^2 by 0.01: the
+#: parameters are within about a tenth of their standard deviation of the optimum), or when an
+#: accepted step gained less than that.
+CONVERGED_CHI2 = 1e-2
+
+
+def _refine_chunk(model: _Model, images, filt, rot, q, shifts, q_lo, q_hi, max_shift, iters):
+    """:func:`_refine` of one chunk. Each problem stops on its own (an active set): when it is
+    within :data:`CONVERGED_CHI2` of the optimum, on steps rejected at large damping, or on a
+    fit at the float32 precision of the image."""
     k = model.modes.shape[0]
-    cost, ncc, jtj, jtr, energy = _system(model, images, filt, rot, q, shifts)
+    rot, q, shifts = rot.clone(), q.clone(), shifts.clone()
+    fit = _system(model, images, filt, rot, q, shifts)
     lam = torch.full((images.shape[0],), 1e-3, dtype=torch.float64, device=images.device)
-    eye = torch.eye(jtj.shape[1], dtype=torch.float64, device=images.device)
-    done = torch.zeros_like(cost, dtype=torch.bool)
+    eye = torch.eye(fit.jtj.shape[1], dtype=torch.float64, device=images.device)
+    dof = max(_noise_dof(images.shape[-1]) - fit.jtj.shape[1] - 1, 1)
+    active = torch.arange(images.shape[0], device=images.device)
     for _ in range(iters):
+        # The decrease of the cost the undamped Gauss-Newton step predicts, in noise variances.
+        jtj, jtr, cost = fit.jtj[active], fit.jtr[active], fit.cost[active]
         diag = torch.diagonal(jtj, dim1=1, dim2=2)
-        damp = lam[:, None] * diag + 1e-9 * diag.amax(1, keepdim=True)
-        delta = torch.linalg.solve(jtj + eye * damp[:, :, None], jtr).to(images.dtype)
-        q_t = torch.minimum(torch.maximum(q + delta[:, :k], q_lo), q_hi)
-        rot_t = torch.matmul(_rodrigues(delta[:, k:k + 3]), rot)
-        s_t = (shifts + delta[:, k + 3:k + 5]).clamp(-max_shift, max_shift)
-        c2, n2, jtj2, jtr2, _ = _system(model, images, filt, rot_t, q_t, s_t)
-        better = c2 < cost
-        bm = better[:, None]
-        q, shifts = torch.where(bm, q_t, q), torch.where(bm, s_t, shifts)
-        rot = torch.where(better[:, None, None], rot_t, rot)
-        gain = (cost - c2) / (cost + 1e-30)
-        cost, ncc = torch.where(better, c2, cost), torch.where(better, n2, ncc)
-        jtj = torch.where(better[:, None, None], jtj2, jtj)
-        jtr = torch.where(bm, jtr2, jtr)
-        lam = torch.where(better, lam * 0.3, lam * 10).clamp(1e-8, 1e8)
-        # Converged: an accepted step that gains almost nothing, steps rejected at large
-        # damping, or a fit at the float32 precision of the image.
-        done |= (better & (gain < tol)) | (lam > 1e4) | (cost < 1e-7 * energy)
-        if bool(torch.all(done)):
+        step = torch.linalg.solve(jtj + eye * (1e-9 * diag.amax(1))[:, None, None], jtr)
+        near = (step * jtr).sum(1) < CONVERGED_CHI2 * cost / dof
+        active, jtj, jtr, cost, diag = active[~near], jtj[~near], jtr[~near], cost[~near], diag[~near]
+        if active.numel() == 0:
             break
-    return rot, q, shifts, ncc
+        a = active
+        damp = lam[a, None] * diag + 1e-9 * diag.amax(1, keepdim=True)
+        delta = torch.linalg.solve(jtj + eye * damp[:, :, None], jtr).to(images.dtype)
+        q_t = torch.minimum(torch.maximum(q[a] + delta[:, :k], q_lo), q_hi)
+        rot_t = torch.matmul(_rodrigues(delta[:, k:k + 3]), rot[a])
+        s_t = (shifts[a] + delta[:, k + 3:k + 5]).clamp(-max_shift, max_shift)
+        trial = _system(model, images[a], None if filt is None else filt[a], rot_t, q_t, s_t)
+        better = trial.cost < cost
+        gain = (cost - trial.cost) / (cost / dof + 1e-30)
+        ok = a[better]
+        q[ok], shifts[ok], rot[ok] = q_t[better], s_t[better], rot_t[better]
+        for kept, new in zip(fit, trial):
+            kept[ok] = new[better]
+        lam[a] = torch.where(better, lam[a] * 0.3, lam[a] * 10).clamp(1e-8, 1e8)
+        done = (better & (gain < CONVERGED_CHI2)) | (lam[a] > 1e4) | (fit.cost[a] < 1e-7 * fit.energy[a])
+        active = a[~done]
+    return rot, q, shifts, fit
 
 
 def _nyquist_mask(n: int, device, dtype) -> torch.Tensor:
@@ -883,34 +934,36 @@ class Aligner:
         kx = torch.fft.rfftfreq(self.search.size, device=self.device)[None, :]
         smooth = (torch.exp(-(kx * kx + ky * ky) / (2 * cfg.search_lowpass ** 2)) if cfg.search_lowpass
                   else 1.0)
-        r1, q1, s1, ncc1 = _refine(self.search.model, img_s[owner], (filt_s * smooth)[owner], rot0, q0, s0,
+        r1, q1, s1, fit1 = _refine(self.search.model, img_s[owner], (filt_s * smooth)[owner], rot0, q0, s0,
                                       self.q_lo, self.q_hi, self.search.max_shift(cfg.max_shift_px, 1.1),
                                       cfg.search_iters, chunk=64)
         per_image = len(owner) // mb
         keep = min(keep, per_image)
-        order = torch.argsort(ncc1.reshape(mb, per_image), dim=1, descending=True)[:, :keep]
+        order = torch.argsort(fit1.ncc.reshape(mb, per_image), dim=1, descending=True)[:, :keep]
         sel = (order + torch.arange(mb, device=self.device)[:, None] * per_image).reshape(-1)
         return owner[sel], r1[sel], q1[sel], s1[sel]
 
     def refine_final(self, img_w, filt_w, owner, rot1, q1, s1, mb: int):
         """All-atom refinement of the kept candidates (search-size shifts ``s1``) at the working
         size (images ``img_w``, filters ``filt_w``); the best of each image. Returns (rotations
-        (mb, 3, 3), amplitudes (mb, K) Å, shifts (mb, 2) working px, NCC (mb,))."""
+        (mb, 3, 3), amplitudes (mb, K) Å, shifts (mb, 2) working px, the least-squares state
+        there (:class:`_Fit`, ``.ncc`` the score))."""
         cfg = self.config
         s_work = self.work.shifts_here(self.search.shifts_input(s1))
-        r2, q2, s2, ncc2 = _refine(self.work.model, img_w[owner], filt_w[owner], rot1, q1, s_work,
-                                   self.q_lo, self.q_hi, self.work.max_shift(cfg.max_shift_px, 1.1),
-                                   cfg.refine_iters, chunk=16)
+        r2, q2, s2, fit = _refine(self.work.model, img_w[owner], filt_w[owner], rot1, q1, s_work,
+                                  self.q_lo, self.q_hi, self.work.max_shift(cfg.max_shift_px, 1.1),
+                                  cfg.refine_iters, chunk=16)
         per_image = len(owner) // mb
-        best = torch.argmax(ncc2.reshape(mb, per_image), dim=1) + torch.arange(mb, device=self.device) * per_image
-        return r2[best], q2[best], s2[best], ncc2[best]
+        best = torch.argmax(fit.ncc.reshape(mb, per_image), dim=1) + torch.arange(mb, device=self.device) * per_image
+        return r2[best], q2[best], s2[best], fit.select(best)
 
-    def uncertainty(self, img_w, filt_w, rot, q, s_work) -> dict:
+    def uncertainty(self, img_w, filt_w, rot, q, s_work, fit: Optional[_Fit] = None) -> dict:
         """The Laplace uncertainty (:func:`_laplace_std`) of each image's answer at the working
-        size: amplitude_std (M, K) Å, angle_std (M,) degrees (the RMS length of the three
-        axis-angle components), shift_std (M,) px of the input images."""
+        size (fit: :meth:`refine_final`'s state there): amplitude_std (M, K) Å, angle_std (M,)
+        degrees (the RMS length of the three axis-angle components), shift_std (M,) px of the
+        input images."""
         k = self.k
-        std = _laplace_std(self.work.model, img_w, filt_w, rot, q, s_work).cpu().numpy()
+        std = _laplace_std(self.work.model, img_w, filt_w, rot, q, s_work, fit).cpu().numpy()
         angle = np.degrees(np.sqrt((std[:, k:k + 3] ** 2).sum(1)))
         shift = np.sqrt((std[:, k + 3:k + 5] ** 2).sum(1)) * (self.box / self.work.size)
         return {"amplitude_std": std[:, :k], "angle_std": angle, "shift_std": shift}
@@ -918,12 +971,12 @@ class Aligner:
     def _final_stages(self, batch, ctf_b, owner, rot1, q1, s1, mb: int) -> AlignmentResult:
         """:meth:`refine_final` and :meth:`uncertainty` of input images ``batch`` (mb, box, box)."""
         img_w, filt_w = self.work.images(batch), self.work.filters(ctf_b, mb)
-        rot, q, s_work, ncc = self.refine_final(img_w, filt_w, owner, rot1, q1, s1, mb)
+        rot, q, s_work, fit = self.refine_final(img_w, filt_w, owner, rot1, q1, s1, mb)
         return AlignmentResult(amplitudes=q.double().cpu().numpy(),
                                angles=matrix_to_euler(rot.double().cpu().numpy()),
                                shifts=self.work.shifts_input(s_work).double().cpu().numpy(),
-                               score=ncc.double().cpu().numpy(),
-                               **self.uncertainty(img_w, filt_w, rot, q, s_work))
+                               score=fit.ncc.double().cpu().numpy(),
+                               **self.uncertainty(img_w, filt_w, rot, q, s_work, fit))
 
     def polish(self, images: ArrayLike, start: AlignmentResult, ctf=None) -> AlignmentResult:
         """The final refinement and the uncertainty alone (:meth:`refine_final`, :meth:`uncertainty`), from a given answer per image

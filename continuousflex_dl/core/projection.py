@@ -40,14 +40,14 @@ def _coords_tensor(coords) -> torch.Tensor:
 
 
 def pixel_profiles(positions: torch.Tensor, box: int, sigma_px: torch.Tensor,
-                   derivative: bool = False):
+                   derivative: Union[bool, int] = False):
     """Pixel-integrated 1-D Gaussian profiles.
 
     positions: (..., N) centres in pixel coordinates (pixel ``i`` covers ``[i - 1/2, i + 1/2]``);
     sigma_px: (N,) or broadcastable widths in pixels (> 0).
     Returns ``G`` (..., N, box) with ``G[..., n, i]`` the integral over pixel ``i`` of a
-    unit Gaussian centred at ``positions[..., n]``; with ``derivative=True`` also
-    ``dG/dposition`` of the same shape.
+    unit Gaussian centred at ``positions[..., n]``; with ``derivative=True`` (or 1) also
+    ``dG/dposition`` of the same shape, with ``derivative=2`` also ``d2G/dposition2``.
     """
     inv = 1.0 / (sigma_px * math.sqrt(2.0))
     half = int(math.ceil(WINDOW_SIGMAS * float(torch.max(sigma_px.detach())))) + 1
@@ -62,21 +62,26 @@ def pixel_profiles(positions: torch.Tensor, box: int, sigma_px: torch.Tensor,
 WINDOW_SIGMAS = 6.0
 
 
-def _profiles_on(edges: torch.Tensor, positions: torch.Tensor, inv: torch.Tensor, derivative: bool):
+def _profiles_on(edges: torch.Tensor, positions: torch.Tensor, inv: torch.Tensor, derivative: int):
     """Integrals of unit Gaussians (centres ``positions``, ``inv = 1 / (sigma sqrt 2)``) between
-    consecutive ``edges`` (broadcast; last axis = edges), and their derivatives in position."""
+    consecutive ``edges`` (broadcast; last axis = edges), and their first (``derivative`` >= 1)
+    and second (``derivative`` = 2) derivatives in position: a tuple then."""
     t = (edges - positions) * inv
     cdf = torch.erf(t)
     g = 0.5 * (cdf[..., 1:] - cdf[..., :-1])
     if not derivative:
         return g
-    # d/dp 0.5 erf((e - p) / (s sqrt 2)) = -exp(-t^2) / (s sqrt(2 pi)).
+    # d/dp 0.5 erf((e - p) / (s sqrt 2)) = -exp(-t^2) / (s sqrt(2 pi)) = -pdf; d(pdf)/dp = 2 t inv pdf.
     pdf = torch.exp(-t * t) * (inv / math.sqrt(math.pi))
-    return g, -(pdf[..., 1:] - pdf[..., :-1])
+    dg = -(pdf[..., 1:] - pdf[..., :-1])
+    if derivative == 1:
+        return g, dg
+    slope = 2 * inv * t * pdf
+    return g, dg, -(slope[..., 1:] - slope[..., :-1])
 
 
 def _windowed_profiles(positions: torch.Tensor, box: int, inv: torch.Tensor, half: int,
-                       derivative: bool = False):
+                       derivative: int = 0):
     """:func:`pixel_profiles` evaluated only on the 2 * half + 1 pixels around each centre
     (erf and exp are the cost of projection; this evaluates ~10 instead of box + 1 per atom)."""
     k = torch.arange(-half, half + 2, dtype=positions.dtype, device=positions.device)

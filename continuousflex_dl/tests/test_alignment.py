@@ -225,9 +225,9 @@ def test_laplace_uncertainty_is_calibrated(ake):
     model = al._Model(coords, modes, np.ones(len(coords)), np.ones(len(coords)), BOX, PIXEL, "cpu")
     t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
     filt = al._filters(ctf, n, BOX, PIXEL, "cpu", torch.float32)
-    r_fit, q_fit, s_fit, _ = al._refine(model, t(img), filt, t(rot), t(q), t(shifts), t([-1e4] * 3),
+    r_fit, q_fit, s_fit, fit = al._refine(model, t(img), filt, t(rot), t(q), t(shifts), t([-1e4] * 3),
                                         t([1e4] * 3), 3.0, 30, 16)
-    std = al._laplace_std(model, t(img), filt, r_fit, q_fit, s_fit)
+    std = al._laplace_std(model, t(img), filt, r_fit, q_fit, s_fit, fit)
     z = np.abs(q_fit.numpy() - q) / std[:, :3].numpy()
     assert 0.90 <= np.mean(z < 1.96) <= 0.99, np.mean(z < 1.96)
     assert 0.55 < np.median(z) < 0.85, np.median(z)
@@ -331,3 +331,33 @@ def test_working_size_model_counts_the_information_of_the_cropped_images():
         match[anti_alias] = al.normalised_cross_correlation(pc, p).numpy()
     # Measured NCC with the crop: 0.990-0.994 plain, 0.996-0.9993 anti-aliased.
     assert np.all(match[True] > match[False]) and np.all(match[True] > 0.995), match
+
+
+def test_observed_hessian_matches_autograd():
+    """The Laplace uncertainty's observed Hessian (Gauss-Newton part, the residual's curvature
+    through _Model.curvature, the scale and offset profiled) equals autograd's Hessian of the
+    profiled cost, so the standard deviations are those of 2 s^2 H^-1 with the exact H."""
+    rng = np.random.default_rng(7)
+    c = rng.normal(scale=5, size=(25, 3))
+    modes = rng.normal(size=(2, 25, 3))
+    modes /= np.linalg.norm(modes.reshape(2, -1), axis=1)[:, None, None]
+    model = al._Model(c, modes, np.full(25, 1.3), rng.uniform(0.5, 1.5, 25), 16, 1.5, "cpu", torch.float64)
+    rot = torch.tensor(random_rotations(3, rng))
+    q, s = torch.tensor(rng.normal(size=(3, 2)) * 3), torch.tensor(rng.normal(size=(3, 2)))
+    ctf = CTFParams(defocus_u=np.array([8000.0, 12000.0, 9000.0]), defocus_v=np.array([7000.0, 12000.0, 9500.0]),
+                    defocus_angle=np.array([30.0, 0.0, 75.0]))
+    filt = al._filters(ctf, 3, 16, 1.5, "cpu", torch.float64)
+    img = al._apply_filter(model.project(rot, q + 0.5, s - 0.2), filt) + torch.tensor(rng.normal(size=(3, 16, 16))) * 0.02
+
+    def cost(theta):  # the profiled cost at parameters theta (3, 7) away from (rot, q, s)
+        p = al._apply_filter(model.project(al._rodrigues(theta[:, 2:5]) @ rot, q + theta[:, :2], s + theta[:, 5:7]), filt)
+        pf = (p - p.mean(dim=(1, 2), keepdim=True)).reshape(3, -1)
+        im = (img - img.mean(dim=(1, 2), keepdim=True)).reshape(3, -1)
+        return (im * im).sum(1) - (pf * im).sum(1) ** 2 / (pf * pf).sum(1)
+
+    full = torch.autograd.functional.hessian(lambda t: cost(t).sum(), torch.zeros(3, 7, dtype=torch.float64))
+    auto = torch.stack([full[b, :, b, :] for b in range(3)])
+    n_dof = al._noise_dof(16) - 7 - 2
+    want = torch.sqrt(torch.diagonal(torch.linalg.inv(auto), dim1=1, dim2=2) * 2 * cost(torch.zeros(3, 7, dtype=torch.float64))[:, None] / n_dof)
+    got = al._laplace_std(model, img, filt, rot, q, s)
+    assert torch.allclose(got, want, rtol=1e-6), (got, want)
