@@ -10,7 +10,7 @@ The Scipion ``Plugin`` class is loaded lazily (PEP 562) so that
 
 import os
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # Idle OpenMP threads that spin make torch several times slower on a shared or busy
 # machine (measured 7x on 2 cores); let them sleep unless the user says otherwise.

@@ -22,7 +22,8 @@ from continuousflex_dl.demo import DemoSize, point_cloud_figure, results_dir, ru
 from continuousflex_dl.gui import gui_command
 from continuousflex_dl.viewers import FlexDLFlexViewer
 
-SIZE = DemoSize(n_particles=40, n_test=20, box=32, pixel_size=4.0, max_shift=1.0, working_size=32, epochs=2)
+SIZE = DemoSize(n_particles=40, n_test=20, box=32, pixel_size=4.0, snr=0.1, max_shift=1.0, working_size=32,
+                network_size=16, epochs=2, sim_images=64, finetune_epochs=1)
 DRIVER = Path(__file__).with_name("gui_driver.py")
 
 
@@ -53,6 +54,11 @@ def test_tiny_demo(demo):
              if line.startswith("| ") and not line.startswith("|  |")}
     assert table["HEMNMA (outliers removed)"] < 0.75 * table["Baseline: mean training amplitudes"], table
     assert stages["predict"].outputParticles.getSize() == 20
+    # The network trains on the simulated stream matched to the set, then on the HEMNMA amplitudes.
+    config = json.loads((Path(stages["train"]._getExtraPath("model")) / "config.json").read_text())
+    assert config["data"] == "simulated+finetune" and config["working_size"] == 16
+    assert config["simulation"]["snr"] == pytest.approx(0.1, rel=0.3)
+    assert [r["epoch"] for r in stages["train"].metrics()] == ["1", "2", "3"]
     assert np.isfinite(table["DeepHEMNMA (test set)"])
     # Runs are labelled, so the two synthesis runs can be told apart in the project graph.
     assert stages["synthesis"].getObjLabel() == "synthesize training particles"
