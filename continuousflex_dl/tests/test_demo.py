@@ -168,7 +168,7 @@ def test_gui_process_never_imports_prody(demo):
     for stage in ("synthesis", "synthesis_test", "hemnma", "outliers", "predict"):
         assert out["viewers"][labels[stage]][0] == "FlexDLFlexViewer", stage
     assert out["profile"][0] == 214 and 0 < out["profile"][1] < 1  # residues of adenylate kinase
-    assert out["epochs"] == SIZE.epochs
+    assert out["epochs"] == SIZE.epochs + SIZE.finetune_epochs  # simulated, then fine-tuned
     assert out["clouds"][labels["hemnma"]] == [40, 40] and out["clouds"][labels["predict"]] == [20, 20]
     for label, lines in out["summaries"].items():
         assert lines and not any(_failed(line) for line in lines), (label, lines)
