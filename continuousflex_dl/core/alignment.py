@@ -650,13 +650,14 @@ class AlignConfig:
     search_lowpass: width (cycles/px at the search size) of the Gaussian low-pass applied in
         the search-size refinement (widens its basin of convergence); None: off.
     batch_size: images aligned at once (bounds memory).
-    seed_perturbation_deg: the seeded path refines each seed, two copies of it rotated by
+    seed_perturbation_deg: the seeded path starts from each seed, two copies of it rotated by
         this angle about the image axes and its in-plane flip (psi + 180 deg, the pose a
-        network most often confuses); seed_fallback_mads: a seeded particle whose score falls
+        network most often confuses); seed_starts: how many of those four, the best matches of
+        the image as they stand, it refines; seed_fallback_mads: a seeded particle whose score falls
         this many robust standard deviations (1.4826 MAD) below the median score of the
         particles aligned by the global path, and below the lowest of them, takes the global
         path too; seed_reference: how many particles of the set at most take the global path
-        to give that score distribution (a tenth of the set, at least 8; :func:`reference_count`).
+        to give that score distribution (a twentieth of the set, at least 8; :func:`reference_count`).
     """
     max_shift_px: float = 5.0
     working_size: int = 64
@@ -673,6 +674,7 @@ class AlignConfig:
     search_lowpass: Optional[float] = 0.25
     batch_size: int = 128
     seed_perturbation_deg: float = 10.0
+    seed_starts: int = 2
     seed_fallback_mads: float = 3.0
     seed_reference: int = 16
 
@@ -876,7 +878,7 @@ class Aligner:
         if seeds is None:
             owner, rot0, q0, s0 = self.global_search(img_s, filt_s)
         else:
-            owner, rot0, q0, s0 = self.seeded_candidates(seeds, rows)
+            owner, rot0, q0, s0 = self.seeded_candidates(seeds, rows, img_s, filt_s)
         # A seed's candidates are one basin: the best of them alone goes to the working size.
         owner, rot1, q1, s1 = self.refine_candidates(img_s, filt_s, owner, rot0, q0, s0, mb,
                                                      keep=self.config.n_final if seeds is None else 1)
@@ -907,9 +909,11 @@ class Aligner:
             s0 = best_shift[owner, torch.as_tensor(pick, device=self.device)]
         return owner, rot0, q0, s0
 
-    def seeded_candidates(self, seeds: AlignmentResult, rows: np.ndarray):
-        """Candidates from a first answer per image: the seed, two copies rotated by
-        ``seed_perturbation_deg`` about the image x and y axes and the in-plane flip.
+    def seeded_candidates(self, seeds: AlignmentResult, rows: np.ndarray, img_s: torch.Tensor,
+                          filt_s: torch.Tensor):
+        """Candidates from a first answer per image: of the seed, two copies rotated by
+        ``seed_perturbation_deg`` about the image x and y axes and the in-plane flip, the
+        ``seed_starts`` that match the (low-passed, search-size) image best as they stand.
         Same return values as :meth:`global_search`."""
         a = np.radians(self.config.seed_perturbation_deg)
         turns = torch.as_tensor(np.stack([[0.0, 0.0, 0.0], [a, 0.0, 0.0], [0.0, a, 0.0], [0.0, 0.0, math.pi]]),
@@ -923,20 +927,30 @@ class Aligner:
         s = self.search.shifts_here(torch.as_tensor(seeds.shifts[rows], dtype=torch.float32, device=self.device))
         s0 = s.clamp(-limit, limit).repeat_interleave(n_turn, 0)
         owner = torch.as_tensor(np.repeat(np.arange(mb), n_turn), device=self.device)
-        return owner, rot0, q0, s0
+        smooth = self._search_lowpass()
+        match = normalised_cross_correlation(
+            _apply_filter(self.search.model.project(rot0, q0, s0), (filt_s * smooth)[owner]),
+            _apply_filter(img_s, smooth.expand(mb, -1, -1))[owner])
+        keep = min(max(1, int(self.config.seed_starts)), n_turn)
+        order = torch.argsort(match.reshape(mb, n_turn), dim=1, descending=True)[:, :keep]
+        sel = (order + torch.arange(mb, device=self.device)[:, None] * n_turn).reshape(-1)
+        return owner[sel], rot0[sel], q0[sel], s0[sel]
+
+    def _search_lowpass(self):
+        """The Gaussian low-pass (n, n//2+1) of the search-size refinement (ones when off)."""
+        width = self.config.search_lowpass
+        ky = torch.fft.fftfreq(self.search.size, device=self.device)[:, None]
+        kx = torch.fft.rfftfreq(self.search.size, device=self.device)[None, :]
+        return torch.exp(-(kx * kx + ky * ky) / (2 * width ** 2)) if width else torch.ones_like(ky * kx)
 
     def refine_candidates(self, img_s, filt_s, owner, rot0, q0, s0, mb: int, keep: int):
         """Joint local refinement of the candidates at the search size (low-passed images);
         keeps the ``keep`` best of each image. Returns (owner, rotations, amplitudes,
         shifts in search px) of those."""
         cfg = self.config
-        ky = torch.fft.fftfreq(self.search.size, device=self.device)[:, None]
-        kx = torch.fft.rfftfreq(self.search.size, device=self.device)[None, :]
-        smooth = (torch.exp(-(kx * kx + ky * ky) / (2 * cfg.search_lowpass ** 2)) if cfg.search_lowpass
-                  else 1.0)
-        r1, q1, s1, fit1 = _refine(self.search.model, img_s[owner], (filt_s * smooth)[owner], rot0, q0, s0,
-                                      self.q_lo, self.q_hi, self.search.max_shift(cfg.max_shift_px, 1.1),
-                                      cfg.search_iters, chunk=64)
+        r1, q1, s1, fit1 = _refine(self.search.model, img_s[owner], (filt_s * self._search_lowpass())[owner],
+                                   rot0, q0, s0, self.q_lo, self.q_hi,
+                                   self.search.max_shift(cfg.max_shift_px, 1.1), cfg.search_iters, chunk=64)
         per_image = len(owner) // mb
         keep = min(keep, per_image)
         order = torch.argsort(fit1.ncc.reshape(mb, per_image), dim=1, descending=True)[:, :keep]
@@ -1047,9 +1061,10 @@ class Aligner:
 
 
 def reference_count(m: int, most: int) -> int:
-    """How many of ``m`` seeded particles take the global path as the reference: a tenth,
-    at least 8 and at most ``most`` (never more than ``m``)."""
-    return min(m, max(8, min(int(most), math.ceil(m / 10))))
+    """How many of ``m`` seeded particles take the global path as the reference: a twentieth,
+    at least 8 and at most ``most`` (never more than ``m``). They give the median and the spread
+    of the scores of right answers (:meth:`Aligner._fall_back`)."""
+    return min(m, max(8, min(int(most), math.ceil(m / 20))))
 
 
 def _gather(parts: dict, m: int) -> AlignmentResult:
