@@ -46,6 +46,10 @@ in Å is unchanged) without touching their spectrum, so white noise stays white
 (the Laplace uncertainty assumes it); the projections at the coarser pixel carry
 the difference of pixel-integration blur instead (:func:`_filters`).
 
+The module reads in that order: the settings and results; :func:`align_particles` and the
+:class:`Aligner`, its methods stage by stage; then the helpers in sections, the image sizes
+(cropping, filters, pixel frames) and one section per stage.
+
 Pose convention: :mod:`geometry` (Euler ZYZ in degrees, shifts in pixels of
 the *input* images, ``[x, y] = (A r)[:2] / pixel_size - shift + box // 2``: the shift is
 RELION's origin).
@@ -73,6 +77,91 @@ __all__ = ["AlignConfig", "PRESETS", "preset_changes", "Aligner", "AlignmentResu
            "coarse_grain", "normalised_cross_correlation"]
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
+
+
+# ---------------------------------------------------------------------------- settings and results
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Settings of a HEMNMA alignment (values that change results; see :class:`Aligner`).
+
+    max_shift_px: largest |shift| searched, pixels of the input images.
+    working_size / search_size: image sizes (px) of the final refinement and of the global
+        search (reduced by Fourier cropping; never above the input box).
+    angular_step_deg: spacing of the global rotation grid; amplitude_seeds: values per mode
+        in the star of amplitude seeds of the global search; amplitude_grid: values per mode
+        of the grid tried at every candidate pose (at most ~256 combinations); n_candidates:
+        distinct poses refined per image at the search size; n_final: of those, refined at
+        the working size.
+    search_iters / refine_iters: Levenberg-Marquardt iterations of the two refinements.
+    bead_cell: bead size of the search model, in search pixels.
+    max_final_points: the final refinement uses every atom of structures up to this size;
+        larger ones are refined on beads (one working pixel, grown until there are at most
+        this many), with their modes carried over, so the cost per image stays bounded.
+    search_lowpass: width (cycles/px at the search size) of the Gaussian low-pass applied in
+        the search-size refinement (widens its basin of convergence); None: off.
+    batch_size: images aligned at once (bounds memory).
+    seed_perturbation_deg: the seeded path starts from each seed, two copies of it rotated by
+        this angle about the image axes and its in-plane flip (psi + 180 deg, the pose a
+        network most often confuses); seed_starts: how many of those four, the best matches of
+        the image as they stand, it refines; seed_fallback_mads: a seeded particle whose score falls
+        this many robust standard deviations (1.4826 MAD) below the median score of the
+        particles aligned by the global path, and below the lowest of them, takes the global
+        path too; seed_reference: how many particles of the set at most take the global path
+        to give that score distribution (a twentieth of the set, at least 8; :func:`reference_count`).
+    """
+    max_shift_px: float = 5.0
+    working_size: int = 64
+    search_size: int = 32
+    angular_step_deg: float = 15.0
+    amplitude_seeds: int = 3
+    amplitude_grid: int = 3
+    n_candidates: int = 8
+    n_final: int = 1
+    search_iters: int = 10
+    refine_iters: int = 15
+    bead_cell: float = 1.5
+    max_final_points: int = 5000
+    search_lowpass: Optional[float] = 0.25
+    batch_size: int = 128
+    seed_perturbation_deg: float = 10.0
+    seed_starts: int = 2
+    seed_fallback_mads: float = 3.0
+    seed_reference: int = 16
+
+    @classmethod
+    def preset(cls, name: str, **changes) -> "AlignConfig":
+        """A named effort, ``'fast'``, ``'normal'`` (the defaults, the settings of the README's
+        benchmark) or ``'thorough'``, with optional ``changes`` of single fields."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown alignment effort {name!r}; choose one of {sorted(PRESETS)}.")
+        return replace(PRESETS[name], **changes)
+
+    def check(self) -> None:
+        """Raise ValueError with the fix for settings no alignment can use."""
+        if self.max_shift_px < 0:
+            raise ValueError(f"The maximum shift must be >= 0 px, got {self.max_shift_px}.")
+        if not 0 < self.angular_step_deg <= 90:
+            raise ValueError(f"The angular step must be in (0, 90] degrees, got {self.angular_step_deg}.")
+        if min(self.n_candidates, self.n_final, self.batch_size) < 1 or self.n_final > self.n_candidates:
+            raise ValueError("Need 1 <= n_final <= n_candidates and a positive batch size.")
+
+
+PRESETS = {
+    "fast": AlignConfig(n_candidates=4, search_iters=8, refine_iters=10),
+    "normal": AlignConfig(),
+    "thorough": AlignConfig(n_candidates=12, n_final=2, search_iters=15, refine_iters=25),
+}
+
+
+def preset_changes(name: str) -> dict:
+    """The fields of preset ``name`` that differ from the defaults (AlignConfig keywords)."""
+    preset, default = AlignConfig.preset(name), AlignConfig()
+    return {f.name: getattr(preset, f.name) for f in fields(AlignConfig)
+            if getattr(preset, f.name) != getattr(default, f.name)}
+
+
+_CONFIG_FIELDS = {f.name for f in fields(AlignConfig)}
 
 
 @dataclass
@@ -115,7 +204,474 @@ class AlignmentResult:
 RESULT_ARRAYS = ("amplitudes", "angles", "shifts", "score", "amplitude_std", "angle_std", "shift_std")
 
 
-# ----------------------------------------------------------------------------- helpers
+#: :attr:`AlignmentResult.path` codes: how each particle was aligned.
+PATH_GLOBAL, PATH_SEEDED, PATH_FALLBACK = 0, 1, 2
+
+
+# ------------------------------------------------------------------- the alignment, stage by stage
+
+def align_particles(images: ArrayLike, coords: np.ndarray, modes: np.ndarray, pixel_size: float, *,
+                    ctf=None, sigma: Union[float, np.ndarray] = 1.0, weights: Optional[np.ndarray] = None,
+                    amplitude_range: Optional[np.ndarray] = None, seeds: Optional[AlignmentResult] = None,
+                    config: Optional[AlignConfig] = None, device: Union[str, torch.device] = "cpu",
+                    seed: int = 0, progress: Optional[Callable[[float, str], None]] = None,
+                    **settings) -> AlignmentResult:
+    """HEMNMA alignment of particle images in one call: ``Aligner(...).align(...)``.
+
+    images: (M, box, box); coords (N, 3) Å centred; modes (K, N, 3); pixel_size Å/px; ctf,
+    sigma, weights, amplitude_range, seeds: see :class:`Aligner` and :meth:`Aligner.align`.
+    config: an :class:`AlignConfig` (default: the 'normal' preset), and ``settings``: single
+    fields of it (``max_shift_px=3``, ``n_candidates=4``, ...). seed: the method is
+    deterministic; kept for the project's seeding rule. Returns an :class:`AlignmentResult`.
+    """
+    del seed  # no random choices
+    unknown = set(settings) - _CONFIG_FIELDS
+    if unknown:
+        raise ValueError(f"Unknown alignment settings {sorted(unknown)}; AlignConfig has {sorted(_CONFIG_FIELDS)}.")
+    config = replace(config or AlignConfig(), **settings)
+    imgs = _as_images(images, device)
+    aligner = Aligner(coords, modes, pixel_size, imgs.shape[-1], config, sigma=sigma, weights=weights,
+                      amplitude_range=amplitude_range, device=device)
+    return aligner.align(imgs, ctf=ctf, seeds=seeds, progress=progress)
+
+
+class Aligner:
+    """HEMNMA alignment of particle images against one flexible reference (module docstring).
+
+    coords: (N, 3) Å reference structure, centred (:func:`structure.centre`); modes: (K, N, 3)
+    the chosen normal modes (unit-norm 3N vectors), K may be 0; pixel_size: Å/px and box: px
+    of the images; config: :class:`AlignConfig`; sigma: atom width(s) Å, (N,) or a number;
+    weights: (N,) or None; amplitude_range: (K, 2) lowest and highest amplitude (Å) of each
+    mode, default ``+-5 sqrt(N)`` Å (atoms moved by 5 Å RMS).
+
+    Built once per set: the models at both sizes and, on first use, the reference projections
+    of the global search (shared by every image). Stages, in the order :meth:`align` runs them:
+    :meth:`global_search` (or :meth:`seeded_candidates`), :meth:`refine_candidates`,
+    :meth:`refine_final`, :meth:`uncertainty` (:func:`_laplace_std`).
+    """
+
+    def __init__(self, coords: np.ndarray, modes: np.ndarray, pixel_size: float, box: int,
+                 config: AlignConfig = AlignConfig(), *, sigma: Union[float, np.ndarray] = 1.0,
+                 weights: Optional[np.ndarray] = None, amplitude_range: Optional[np.ndarray] = None,
+                 device: Union[str, torch.device] = "cpu"):
+        config.check()
+        coords = np.asarray(coords, dtype=np.float64)
+        if coords.ndim != 2 or coords.shape[1] != 3:
+            raise ValueError(f"coords must have shape (N, 3) Å, got {coords.shape}.")
+        n_atoms = len(coords)
+        modes = np.asarray(modes, dtype=np.float64)
+        if modes.ndim == 2 and modes.size == 0:
+            modes = modes.reshape(0, n_atoms, 3)
+        if modes.ndim != 3 or modes.shape[1:] != (n_atoms, 3):
+            raise ValueError(f"modes must have shape (K, {n_atoms}, 3), got {modes.shape}.")
+        if not pixel_size > 0:
+            raise ValueError(f"The pixel size must be positive (Å/px), got {pixel_size}.")
+        self.k = k = modes.shape[0]
+        sig = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (n_atoms,)).copy()
+        wts = np.ones(n_atoms) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+        if wts.shape != (n_atoms,):
+            raise ValueError(f"weights must have one value per atom ({n_atoms}).")
+        if amplitude_range is None:
+            half = default_amplitude_range(n_atoms)
+            amplitude_range = np.tile([-half, half], (k, 1))
+        amplitude_range = np.asarray(amplitude_range, dtype=np.float64).reshape(k, 2)
+        if np.any(amplitude_range[:, 1] < amplitude_range[:, 0]):
+            raise ValueError("Each amplitude range must be (lowest, highest) with lowest <= highest.")
+        self.config, self.box, self.device = config, int(box), torch.device(device)
+        work = min(int(config.working_size), self.box)
+        search = min(int(config.search_size), work)
+        if search < 8:
+            raise ValueError(f"The search size must be at least 8 px, got {search}.")
+        # Models: beads of about one search pixel for the search, all atoms for the final fit.
+        bead = coarse_grain(coords, modes, sig, wts, cell=config.bead_cell * pixel_size * self.box / search)
+        self.search = _Scale(search, self.box, pixel_size, bead, self.device)
+        final = (coords, modes, sig, wts)
+        cell = pixel_size * self.box / work
+        while len(final[0]) > config.max_final_points:
+            final = coarse_grain(coords, modes, sig, wts, cell=cell)
+            cell *= 1.25
+        self.work = _Scale(work, self.box, pixel_size, final, self.device, anti_alias=True)
+        self.amplitude_range = amplitude_range
+        self.q_lo = torch.as_tensor(amplitude_range[:, 0], dtype=torch.float32, device=self.device)
+        self.q_hi = torch.as_tensor(amplitude_range[:, 1], dtype=torch.float32, device=self.device)
+        self._references = None
+        logger.info("HEMNMA: %d px images, %d atoms (%d beads in the search, %d points in the final "
+                    "refinement), %d modes; search %d px, work %d px",
+                    self.box, n_atoms, len(bead[0]), len(final[0]), k, search, work)
+
+    # ------------------------------------------------------------------------------------- the set
+    def align(self, images: ArrayLike, ctf=None, seeds: Optional[AlignmentResult] = None,
+              progress: Optional[Callable[[float, str], None]] = None) -> AlignmentResult:
+        """Align images (M, box, box) (numpy or torch, indexed ``[y, x]``); ctf: CTFParams of
+        the images (one or M values) or None; seeds: a first answer per image (amplitudes,
+        angles, shifts, e.g. a network's), which replaces the global search for all particles
+        but ``seed_reference`` of them and those whose refined score stays clearly below the
+        scores of the global path. progress: optional ``callback(fraction_done, message)``."""
+        imgs = _as_images(images, self.device)
+        m = imgs.shape[0]
+        if imgs.shape[-1] != self.box:
+            raise ValueError(f"The images are {imgs.shape[-1]} px but the aligner was built for {self.box} px.")
+        if ctf is not None and ctf.batch_size not in (1, m):
+            raise ValueError(f"The CTF describes {ctf.batch_size} images but {m} images were given.")
+        if seeds is not None and seeds.amplitudes.shape != (m, self.k):
+            raise ValueError(f"The seeds must give ({m}, {self.k}) amplitudes, got {seeds.amplitudes.shape}.")
+        report = progress or (lambda f, msg: None)
+        t0 = time.time()
+        path = np.full(m, PATH_GLOBAL if seeds is None else PATH_SEEDED, dtype=np.int8)
+        if seeds is not None:
+            path[np.linspace(0, m - 1, reference_count(m, self.config.seed_reference)).round().astype(int)] = \
+                PATH_GLOBAL
+        parts = {}
+        for route in (PATH_GLOBAL, PATH_SEEDED):
+            rows = np.flatnonzero(path == route)
+            for b0 in range(0, len(rows), self.config.batch_size):
+                batch = rows[b0:b0 + self.config.batch_size]
+                parts[tuple(batch)] = self._align_batch(imgs, ctf, batch, seeds if route == PATH_SEEDED else None)
+                done = sum(len(b) for b in parts)
+                report(done / m, f"aligned {done}/{m} images")
+                logger.info("HEMNMA: aligned %d/%d images (%.1f s)", done, m, time.time() - t0)
+        result = _gather(parts, m)
+        if seeds is not None:
+            result = self._fall_back(imgs, ctf, result, path)
+        result.path = path
+        return result
+
+    def _align_batch(self, imgs, ctf, rows: np.ndarray, seeds: Optional[AlignmentResult]) -> AlignmentResult:
+        batch = imgs[torch.as_tensor(rows, device=self.device)]
+        mb = len(rows)
+        ctf_b = None if ctf is None else (ctf if ctf.batch_size == 1 else ctf.select(rows))
+        img_s, filt_s = self.search.images(batch), self.search.filters(ctf_b, mb)
+        if seeds is None:
+            owner, rot0, q0, s0 = self.global_search(img_s, filt_s)
+        else:
+            owner, rot0, q0, s0 = self.seeded_candidates(seeds, rows, img_s, filt_s)
+        # A seed's candidates are one basin: the best of them alone goes to the working size.
+        owner, rot1, q1, s1 = self.refine_candidates(img_s, filt_s, owner, rot0, q0, s0, mb,
+                                                     keep=self.config.n_final if seeds is None else 1)
+        return self._final_stages(batch, ctf_b, owner, rot1, q1, s1, mb)
+
+    def _fall_back(self, imgs, ctf, result: AlignmentResult, path: np.ndarray) -> AlignmentResult:
+        """Seeded particles scoring clearly below the global path's scores take the global path."""
+        reference = result.score[path == PATH_GLOBAL]
+        median = np.median(reference)
+        spread = 1.4826 * np.median(np.abs(reference - median)) + 1e-6
+        threshold = min(reference.min(), median - self.config.seed_fallback_mads * spread)
+        poor = np.flatnonzero((path == PATH_SEEDED) & (result.score < threshold))
+        logger.info("HEMNMA: %d of %d seeded particles fall below the global path's scores; "
+                    "they take the global path", len(poor), int(np.sum(path == PATH_SEEDED)))
+        for b0 in range(0, len(poor), self.config.batch_size):
+            batch = poor[b0:b0 + self.config.batch_size]
+            redo = self._align_batch(imgs, ctf, batch, None)
+            better = redo.score > result.score[batch]
+            for name in RESULT_ARRAYS:
+                getattr(result, name)[batch[better]] = getattr(redo, name)[better]
+        path[poor] = PATH_FALLBACK
+        return result
+
+    # ---------------------------------------------------- stage 1: the global search, or the seeds
+    def global_search(self, img_s: torch.Tensor, filt_s: torch.Tensor):
+        """The ``n_candidates`` best distinct rotations of each image (search size) against
+        every reference projection, with the best grid amplitudes and shift of each.
+        Returns (owner (C,) image index of each candidate, rotations (C, 3, 3), amplitudes
+        (C, K) Å, shifts (C, 2) search px). Refuses contrast-inverted images."""
+        cfg, refs = self.config, self._reference_projections()
+        scores, best_shift, anti = _global_search(refs["spectra"], img_s, filt_s,
+                                                  self.search.max_shift(cfg.max_shift_px))
+        scores_np = scores.cpu().numpy()
+        check_contrast(scores_np.max(1), anti.cpu().numpy())
+        mb = img_s.shape[0]
+        pick = np.stack([_distinct_candidates(scores_np[i], refs["rotation_index"], refs["rotations"],
+                                              cfg.n_candidates, cfg.angular_step_deg)
+                         for i in range(mb)]).reshape(-1)                              # (mb * C,)
+        owner = torch.as_tensor(np.repeat(np.arange(mb), cfg.n_candidates), device=self.device)
+        rot0 = refs["rotation_tensor"][torch.as_tensor(refs["rotation_index"][pick], device=self.device)]
+        if self.k:
+            q0, s0, _ = _amplitude_grid_search(self.search.model, img_s[owner], filt_s[owner], rot0,
+                                               refs["grid"], self.search.max_shift(cfg.max_shift_px))
+        else:
+            q0 = torch.zeros(len(pick), 0, device=self.device)
+            s0 = best_shift[owner, torch.as_tensor(pick, device=self.device)]
+        return owner, rot0, q0, s0
+
+    def _reference_projections(self) -> dict:
+        """Spectra of the global search's references (rotations x amplitude seeds), the
+        rotation of each and the amplitude grid of the candidates; built on first use."""
+        if self._references is not None:
+            return self._references
+        cfg, k, device, t0 = self.config, self.k, self.device, time.time()
+        lo, hi = self.amplitude_range[:, 0], self.amplitude_range[:, 1]
+        mid = 0.5 * (lo + hi)
+        seeds = [mid]
+        if cfg.amplitude_seeds > 1:
+            frac = (np.arange(cfg.amplitude_seeds) + 0.5) / cfg.amplitude_seeds
+            for i in range(k):
+                for f in frac:
+                    s = mid.copy()
+                    s[i] = lo[i] + f * (hi[i] - lo[i])
+                    if not np.allclose(s, mid):
+                        seeds.append(s)
+        seeds = np.array(seeds).reshape(len(seeds), k)
+        rots, n_psi = rotation_grid(cfg.angular_step_deg, return_n_psi=True)
+        rot_t = torch.as_tensor(rots, dtype=torch.float32, device=device)
+        directions = rot_t[::n_psi]                 # psi = 0 of every projection direction
+        psi = torch.arange(n_psi, device=device, dtype=torch.float32) * (2 * math.pi / n_psi)
+        spectra = []
+        for sd in seeds:
+            q = torch.as_tensor(sd, dtype=torch.float32, device=device).expand(len(directions), k)
+            for start in range(0, len(directions), 256):
+                sl = slice(start, start + 256)
+                p = self.search.model.project(directions[sl], q[sl],
+                                              torch.zeros(directions[sl].shape[0], 2, device=device))
+                p = _rotate_in_plane(p, psi)                                      # (Pc * n_psi, n, n)
+                spectra.append(torch.fft.rfft2(p - p.mean(dim=(-2, -1), keepdim=True)))
+        # Amplitude grid tried at every candidate pose: bin centres, at most ~256 combinations.
+        n_grid = max(2, min(int(cfg.amplitude_grid), int(256 ** (1.0 / max(k, 1)) + 1e-9)))
+        axes = [lo[i] + (np.arange(n_grid) + 0.5) / n_grid * (hi[i] - lo[i]) for i in range(k)]
+        grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, k) if k else np.zeros((1, 0))
+        self._references = {
+            "spectra": torch.cat(spectra), "rotations": rots, "rotation_tensor": rot_t,
+            "rotation_index": np.tile(np.arange(len(rots)), len(seeds)),
+            "grid": torch.as_tensor(grid, dtype=torch.float32, device=device)}
+        logger.info("HEMNMA: %d reference projections (%d rotations x %d amplitude seeds) in %.1f s",
+                    len(self._references["spectra"]), len(rots), len(seeds), time.time() - t0)
+        return self._references
+
+    def seeded_candidates(self, seeds: AlignmentResult, rows: np.ndarray, img_s: torch.Tensor,
+                          filt_s: torch.Tensor):
+        """Candidates from a first answer per image: of the seed, two copies rotated by
+        ``seed_perturbation_deg`` about the image x and y axes and the in-plane flip, the
+        ``seed_starts`` that match the (low-passed, search-size) image best as they stand.
+        Same return values as :meth:`global_search`."""
+        a = np.radians(self.config.seed_perturbation_deg)
+        turns = torch.as_tensor(np.stack([[0.0, 0.0, 0.0], [a, 0.0, 0.0], [0.0, a, 0.0], [0.0, 0.0, math.pi]]),
+                                dtype=torch.float32, device=self.device)
+        n_turn, mb = len(turns), len(rows)
+        rot = torch.as_tensor(euler_to_matrix(seeds.angles[rows]), dtype=torch.float32, device=self.device)
+        rot0 = torch.matmul(_rodrigues(turns.repeat(mb, 1)), rot.repeat_interleave(n_turn, 0))
+        q = torch.as_tensor(seeds.amplitudes[rows], dtype=torch.float32, device=self.device)
+        q0 = torch.minimum(torch.maximum(q, self.q_lo), self.q_hi).repeat_interleave(n_turn, 0)
+        limit = self.search.max_shift(self.config.max_shift_px)
+        s = self.search.shifts_here(torch.as_tensor(seeds.shifts[rows], dtype=torch.float32, device=self.device))
+        s0 = s.clamp(-limit, limit).repeat_interleave(n_turn, 0)
+        owner = torch.as_tensor(np.repeat(np.arange(mb), n_turn), device=self.device)
+        smooth = self._search_lowpass()
+        match = normalised_cross_correlation(
+            _apply_filter(self.search.model.project(rot0, q0, s0), (filt_s * smooth)[owner]),
+            _apply_filter(img_s, smooth.expand(mb, -1, -1))[owner])
+        keep = min(max(1, int(self.config.seed_starts)), n_turn)
+        order = torch.argsort(match.reshape(mb, n_turn), dim=1, descending=True)[:, :keep]
+        sel = (order + torch.arange(mb, device=self.device)[:, None] * n_turn).reshape(-1)
+        return owner[sel], rot0[sel], q0[sel], s0[sel]
+
+    # --------------------------------------------------------------- stage 2: candidate refinement
+    def refine_candidates(self, img_s, filt_s, owner, rot0, q0, s0, mb: int, keep: int):
+        """Joint local refinement of the candidates at the search size (low-passed images);
+        keeps the ``keep`` best of each image. Returns (owner, rotations, amplitudes,
+        shifts in search px) of those."""
+        cfg = self.config
+        r1, q1, s1, fit1 = _refine(self.search.model, img_s[owner], (filt_s * self._search_lowpass())[owner],
+                                   rot0, q0, s0, self.q_lo, self.q_hi,
+                                   self.search.max_shift(cfg.max_shift_px, 1.1), cfg.search_iters, chunk=64)
+        per_image = len(owner) // mb
+        keep = min(keep, per_image)
+        order = torch.argsort(fit1.ncc.reshape(mb, per_image), dim=1, descending=True)[:, :keep]
+        sel = (order + torch.arange(mb, device=self.device)[:, None] * per_image).reshape(-1)
+        return owner[sel], r1[sel], q1[sel], s1[sel]
+
+    def _search_lowpass(self):
+        """The Gaussian low-pass (n, n//2+1) of the search-size refinement (ones when off)."""
+        width = self.config.search_lowpass
+        ky = torch.fft.fftfreq(self.search.size, device=self.device)[:, None]
+        kx = torch.fft.rfftfreq(self.search.size, device=self.device)[None, :]
+        return torch.exp(-(kx * kx + ky * ky) / (2 * width ** 2)) if width else torch.ones_like(ky * kx)
+
+    # -------------------------------------------- stages 3 and 4: final refinement and uncertainty
+    def refine_final(self, img_w, filt_w, owner, rot1, q1, s1, mb: int):
+        """All-atom refinement of the kept candidates (search-size shifts ``s1``) at the working
+        size (images ``img_w``, filters ``filt_w``); the best of each image. Returns (rotations
+        (mb, 3, 3), amplitudes (mb, K) Å, shifts (mb, 2) working px, the least-squares state
+        there (:class:`_Fit`, ``.ncc`` the score))."""
+        cfg = self.config
+        s_work = self.work.shifts_here(self.search.shifts_input(s1))
+        r2, q2, s2, fit = _refine(self.work.model, img_w[owner], filt_w[owner], rot1, q1, s_work,
+                                  self.q_lo, self.q_hi, self.work.max_shift(cfg.max_shift_px, 1.1),
+                                  cfg.refine_iters, chunk=16)
+        per_image = len(owner) // mb
+        best = torch.argmax(fit.ncc.reshape(mb, per_image), dim=1) + torch.arange(mb, device=self.device) * per_image
+        return r2[best], q2[best], s2[best], fit.select(best)
+
+    def uncertainty(self, img_w, filt_w, rot, q, s_work, fit: Optional[_Fit] = None) -> dict:
+        """The Laplace uncertainty (:func:`_laplace_std`) of each image's answer at the working
+        size (fit: :meth:`refine_final`'s state there): amplitude_std (M, K) Å, angle_std (M,)
+        degrees (the RMS length of the three axis-angle components), shift_std (M,) px of the
+        input images."""
+        k = self.k
+        std = _laplace_std(self.work.model, img_w, filt_w, rot, q, s_work, fit).cpu().numpy()
+        angle = np.degrees(np.sqrt((std[:, k:k + 3] ** 2).sum(1)))
+        shift = np.sqrt((std[:, k + 3:k + 5] ** 2).sum(1)) * (self.box / self.work.size)
+        return {"amplitude_std": std[:, :k], "angle_std": angle, "shift_std": shift}
+
+    def _final_stages(self, batch, ctf_b, owner, rot1, q1, s1, mb: int) -> AlignmentResult:
+        """:meth:`refine_final` and :meth:`uncertainty` of input images ``batch`` (mb, box, box)."""
+        img_w, filt_w = self.work.images(batch), self.work.filters(ctf_b, mb)
+        rot, q, s_work, fit = self.refine_final(img_w, filt_w, owner, rot1, q1, s1, mb)
+        return AlignmentResult(amplitudes=q.double().cpu().numpy(),
+                               angles=matrix_to_euler(rot.double().cpu().numpy()),
+                               shifts=self.work.shifts_input(s_work).double().cpu().numpy(),
+                               score=fit.ncc.double().cpu().numpy(),
+                               **self.uncertainty(img_w, filt_w, rot, q, s_work, fit))
+
+    def polish(self, images: ArrayLike, start: AlignmentResult, ctf=None) -> AlignmentResult:
+        """The final refinement and the uncertainty alone (:meth:`refine_final`,
+        :meth:`uncertainty`), from a given answer per image (images (M, box, box), ``start`` its
+        amplitudes, angles and shifts): re-fits particles whose answer is already close, e.g.
+        after the image model changed. Keeps ``start.path``."""
+        imgs = _as_images(images, self.device)
+        m = imgs.shape[0]
+        if start.amplitudes.shape != (m, self.k):
+            raise ValueError(f"The answer to polish must give ({m}, {self.k}) amplitudes, "
+                             f"got {start.amplitudes.shape}.")
+        parts = {}
+        for b0 in range(0, m, self.config.batch_size):
+            rows = np.arange(b0, min(m, b0 + self.config.batch_size))
+            mb, batch = len(rows), imgs[b0:b0 + len(rows)]
+            ctf_b = None if ctf is None else (ctf if ctf.batch_size == 1 else ctf.select(rows))
+            t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=self.device)  # noqa: E731
+            q = torch.minimum(torch.maximum(t(start.amplitudes[rows]), self.q_lo), self.q_hi)
+            parts[tuple(rows)] = self._final_stages(
+                batch, ctf_b, torch.arange(mb, device=self.device),
+                t(euler_to_matrix(np.asarray(start.angles[rows], dtype=np.float64))), q,
+                self.search.shifts_here(t(start.shifts[rows])), mb)
+        result = _gather(parts, m)
+        result.path = None if start.path is None else np.array(start.path)
+        return result
+
+
+def reference_count(m: int, most: int) -> int:
+    """How many of ``m`` seeded particles take the global path as the reference: a twentieth,
+    at least 8 and at most ``most`` (never more than ``m``). They give the median and the spread
+    of the scores of right answers (:meth:`Aligner._fall_back`)."""
+    return min(m, max(8, min(int(most), math.ceil(m / 20))))
+
+
+def _gather(parts: dict, m: int) -> AlignmentResult:
+    """One AlignmentResult of M images from results of batches keyed by their row indices."""
+    first = next(iter(parts.values()))
+    out = {n: np.zeros((m,) + getattr(first, n).shape[1:]) for n in RESULT_ARRAYS}
+    for rows, res in parts.items():
+        for n in RESULT_ARRAYS:
+            out[n][list(rows)] = getattr(res, n)
+    return AlignmentResult(**out)
+
+
+def _as_images(images, device) -> torch.Tensor:
+    t = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+    t = t.to(device=device, dtype=torch.float32)
+    if t.ndim == 2:
+        t = t[None]
+    if t.ndim != 3 or t.shape[-1] != t.shape[-2]:
+        raise ValueError(f"Images must be square, shape (M, box, box); got {tuple(t.shape)}.")
+    return t
+
+
+# ---------------------------------------------------- image sizes: cropping, filters, pixel frames
+
+class _Scale:
+    """One image size of the alignment: its model, its pixel size and the conversions of
+    shifts between its pixels and those of the input images. With ``anti_alias`` (the final
+    refinement's size) a size below the box draws its atoms :data:`ANTI_ALIAS_PX` wider and
+    its filters undo it; the search size leaves that to its low-pass (``search_lowpass``)."""
+
+    def __init__(self, size: int, box: int, pixel_size: float, model_args, device, anti_alias: bool = False):
+        self.size, self.box = int(size), int(box)
+        self.pixel_size = pixel_size * box / size            # Å/px at this size
+        # Å: the atoms' widening against aliasing (ANTI_ALIAS_PX), undone by the filters.
+        self.blur = ANTI_ALIAS_PX * self.pixel_size if anti_alias and self.size < self.box else 0.0
+        coords, modes, sigma, weights = model_args
+        self.model = _Model(coords, modes, np.sqrt(np.asarray(sigma) ** 2 + self.blur ** 2), weights,
+                            self.size, self.pixel_size, device)
+        self.device = device
+
+    def shifts_here(self, shifts_px: torch.Tensor) -> torch.Tensor:
+        """Input-image pixels -> pixels of this size."""
+        return shifts_px * (self.size / self.box)
+
+    def shifts_input(self, shifts: torch.Tensor) -> torch.Tensor:
+        """Pixels of this size -> input-image pixels."""
+        return shifts * (self.box / self.size)
+
+    def max_shift(self, max_shift_px: float, margin: float = 1.0) -> float:
+        """The largest shift in pixels of this size (``margin``: slack of the refinements)."""
+        return max_shift_px * self.size / self.box * margin
+
+    def images(self, batch: torch.Tensor) -> torch.Tensor:
+        """Input images (B, box, box) at this size (:func:`_crop`: their noise stays white)."""
+        return _crop(batch, self.size)
+
+    def filters(self, ctf, m: int) -> torch.Tensor:
+        """(M, size, size//2+1) filters of the projections at this size (:func:`_filters`)."""
+        return _filters(ctf, m, self.size, self.pixel_size, self.device, torch.float32, source_box=self.box,
+                        blur=self.blur)
+
+
+def _crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Images (B, n, n) Fourier-cropped to (B, size, size) *without* the pixel-blur correction:
+    white noise stays white (with the correction its high frequencies would be damped, and a
+    least-squares fit weighing all pixels alike would misjudge its noise); the model side
+    carries the blur instead (:func:`_filters` with ``source_box``)."""
+    return fourier_crop(images, size, correct_pixel_blur=False)
+
+
+#: Projections at a size coarser than the images (reduced by :func:`_crop`) draw every atom
+#: wider by this many pixels of that size (in quadrature) and undo the extra Gaussian blur in
+#: their filter (:func:`_filters` ``blur``): the same projection on the frequencies the crop
+#: keeps, but with far less of the content above the coarse Nyquist frequency aliased into
+#: them. The crop has no such aliases; without the blur the model's 1 Å atoms at 2 Å/px put
+#: them into its Jacobian and the Laplace uncertainty counted 3.5 % too much information.
+ANTI_ALIAS_PX = 0.75
+
+
+def _filters(ctf, m: int, n: int, pixel_size: float, device, dtype,
+             source_box: Optional[int] = None, blur: float = 0.0) -> torch.Tensor:
+    """(M, n, n//2+1): what projections at n px (``pixel_size`` Å/px) are multiplied by to match
+    the images: the CTF (or 1) times the Nyquist mask and, for images of ``source_box`` px
+    reduced to n px by :func:`_crop`, the ratio ``sinc(f n / source_box) / sinc(f)`` per axis
+    (``f`` cycles/px) that turns a projection integrated over the n-px pixel into one
+    integrated over the input pixel (the inverse of :func:`fourier_crop`'s correction); blur:
+    Å, the width the atoms of the projections were widened by (:data:`ANTI_ALIAS_PX`), undone
+    by ``exp(2 pi^2 blur^2 |f|^2)`` (``f`` cycles/Å)."""
+    mask = _nyquist_mask(n, device, dtype)
+    fy = torch.fft.fftfreq(n, device=device, dtype=dtype)[:, None]
+    fx = torch.fft.rfftfreq(n, device=device, dtype=dtype)[None, :]
+    if source_box is not None and source_box != n:
+        r = n / source_box
+        mask = mask * (torch.sinc(fy * r) * torch.sinc(fx * r) / (torch.sinc(fy) * torch.sinc(fx)))
+    if blur > 0:
+        mask = mask * torch.exp(2 * math.pi ** 2 * (blur / pixel_size) ** 2 * (fy * fy + fx * fx))
+    if ctf is None:
+        return mask.expand(m, -1, -1)
+    from .ctf import ctf_image
+    if ctf.batch_size not in (1, m):
+        raise ValueError(f"The CTF describes {ctf.batch_size} images but {m} images were given.")
+    c = ctf_image(ctf, n, pixel_size, device=device, dtype=dtype) * mask
+    return c.expand(m, -1, -1)
+
+
+def _nyquist_mask(n: int, device, dtype) -> torch.Tensor:
+    mask = torch.ones(n, n // 2 + 1, device=device, dtype=dtype)
+    if n % 2 == 0:
+        mask[n // 2, :] = 0
+        mask[:, n // 2] = 0
+    return mask
+
+
+def _noise_dof(n: int) -> int:
+    """Independent real values of an n x n image whose Nyquist row and column are removed
+    (:func:`fourier_crop` does so for even n): the residual's degrees of freedom before fitting."""
+    return n * n - (2 * n - 1 if n % 2 == 0 else 0)
+
+
+# -------------------------------------------------------------------------- stage 1: global search
 
 def rotation_grid(step_deg: float, return_n_psi: bool = False):
     """Quasi-uniform rotations about ``step_deg`` apart, (R, 3, 3).
@@ -157,6 +713,133 @@ def _rotate_in_plane(images: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
     return out[:, 0]
 
 
+def _global_search(ref_ft: torch.Tensor, img: torch.Tensor,
+                   filt: torch.Tensor, max_shift: float, chunk: int = 256):
+    """NCC of every image (M, n, n) with every reference spectrum (P, n, n//2+1) over integer
+    shifts within ``max_shift`` px. Returns scores (M, P), the best shifts (M, P, 2) px and
+    each image's best anti-correlation (M,): the largest ``-NCC`` over references and shifts,
+    which beats the best score when the image's contrast is inverted."""
+    m, n = img.shape[0], img.shape[-1]
+    window, flat = _shift_window(max_shift, n, img.device)
+    img = img - img.mean(dim=(-2, -1), keepdim=True)
+    f_img = torch.fft.rfft2(img) * filt
+    img_norm = torch.sqrt((img * img).sum(dim=(-2, -1)))
+    wgt = _half_plane_weights(n, img.device, img.dtype)
+    filt2 = (filt * filt * wgt).reshape(m, -1) / (n * n)
+    scores = torch.empty(m, ref_ft.shape[0], dtype=img.dtype, device=img.device)
+    best = torch.empty(m, ref_ft.shape[0], 2, dtype=img.dtype, device=img.device)
+    anti = torch.full((m,), -math.inf, dtype=img.dtype, device=img.device)
+    for start in range(0, ref_ft.shape[0], chunk):
+        f_ref = ref_ft[start:start + chunk]
+        power = (f_ref.real ** 2 + f_ref.imag ** 2).reshape(f_ref.shape[0], -1)
+        ref_norm = torch.sqrt(torch.matmul(filt2, power.T) + 1e-30)      # (M, Pc)
+        for i0 in range(0, m, 16):
+            cc = torch.fft.irfft2(f_img[i0:i0 + 16, None] * f_ref.conj()[None], s=(n, n))
+            cc = cc.reshape(cc.shape[0], cc.shape[1], -1)[..., flat]     # (Mc, Pc, S)
+            val, arg = cc.max(-1)
+            norm = img_norm[i0:i0 + 16, None] * ref_norm[i0:i0 + 16]
+            scores[i0:i0 + 16, start:start + chunk] = val / norm
+            best[i0:i0 + 16, start:start + chunk] = window[arg].to(img.dtype)
+            neg = (-cc.min(-1).values / norm).max(-1).values
+            anti[i0:i0 + 16] = torch.maximum(anti[i0:i0 + 16], neg)
+    return scores, best, anti
+
+
+def _half_plane_weights(n: int, device, dtype) -> torch.Tensor:
+    """Parseval weights of an rfft2 half-plane (n, n//2+1): columns counted twice except 0 and Nyquist."""
+    w = torch.full((n // 2 + 1,), 2.0, device=device, dtype=dtype)
+    w[0] = 1.0
+    if n % 2 == 0:
+        w[-1] = 1.0
+    return w
+
+
+def _shift_window(max_shift: float, n: int, device):
+    """The integer particle displacements within ``max_shift`` px of the box centre, as pose
+    shifts (S, 2) px, and their flat indices (S,) in an n x n cross-correlation map."""
+    r = int(math.ceil(max_shift))
+    d = torch.arange(-r, r + 1, device=device)
+    dy, dx = torch.meshgrid(d, d, indexing="ij")
+    keep = (dx * dx + dy * dy) <= (max_shift + 0.5) ** 2
+    dx, dy = dx[keep], dy[keep]
+    return particle_offset_px(torch.stack([dx, dy], -1)), (dy % n) * n + (dx % n)
+
+
+#: Fewest images of a batch on which inverted contrast is judged, and the fraction of them
+#: whose best anti-correlation must beat their best correlation. Images of a hopeless SNR
+#: split about evenly; inverted particles at SNR 0.1 do so for nearly all.
+POLARITY_MIN_IMAGES, POLARITY_FRACTION = 10, 0.75
+
+
+def check_contrast(best: np.ndarray, anti: np.ndarray) -> None:
+    """Refuse particles whose contrast is inverted (dark protein on a bright background).
+
+    best, anti: (M,) each image's best correlation and best anti-correlation with the
+    reference projections (:func:`_global_search`). Raises ValueError when, of at least
+    :data:`POLARITY_MIN_IMAGES` images, more than :data:`POLARITY_FRACTION` match the
+    reference better with the opposite sign.
+    """
+    best, anti = np.asarray(best, dtype=float), np.asarray(anti, dtype=float)
+    inverted = anti > best
+    if len(best) >= POLARITY_MIN_IMAGES and inverted.mean() > POLARITY_FRACTION:
+        raise ValueError(
+            f"The particles look contrast-inverted (dark protein on a bright background): "
+            f"{int(inverted.sum())} of {len(best)} images match the reference better with the "
+            f"opposite sign (median correlation {np.median(best):.3f}, anti-correlation "
+            f"{np.median(anti):.3f}). Set 'Invert contrast' to Yes (or invert the stack) and "
+            f"run again; this plugin expects white particles on black, as RELION does.")
+
+
+def _distinct_candidates(scores: np.ndarray, rot_index: np.ndarray, rots: np.ndarray,
+                         n_keep: int, min_angle: float) -> np.ndarray:
+    """Indices of the ``n_keep`` best references of one image whose rotations differ by
+    more than ``min_angle`` degrees (greedy non-maximum suppression)."""
+    order = np.argsort(-scores)[: max(50, 30 * n_keep)]
+    chosen = []
+    for i in order:
+        if all(angular_distance_deg(rots[rot_index[i]], rots[rot_index[j]]) > min_angle
+               for j in chosen):
+            chosen.append(i)
+            if len(chosen) == n_keep:
+                break
+    while len(chosen) < n_keep:          # fewer distinct ones than asked: repeat the best
+        chosen.append(chosen[0])
+    return np.array(chosen)
+
+
+def _amplitude_grid_search(model: _Model, img: torch.Tensor, filt: torch.Tensor, rot: torch.Tensor,
+                           grid: torch.Tensor, max_shift: float, chunk: int = 8):
+    """For B candidate poses (rot (B,3,3)) of images img (B, n, n), the best of the G
+    amplitude vectors ``grid`` (G, K) and its integer shift: returns (q (B,K), shifts (B,2), ncc (B,))."""
+    b_all, n, g = img.shape[0], img.shape[-1], grid.shape[0]
+    window, flat = _shift_window(max_shift, n, img.device)
+    wgt = _half_plane_weights(n, img.device, img.dtype)
+    out_q, out_s, out_c = [], [], []
+    for b0 in range(0, b_all, chunk):
+        im = img[b0:b0 + chunk]
+        b = im.shape[0]
+        im = im - im.mean(dim=(-2, -1), keepdim=True)
+        f_img = torch.fft.rfft2(im) * filt[b0:b0 + chunk]
+        rr = rot[b0:b0 + chunk].repeat_interleave(g, 0)
+        qq = grid.repeat(b, 1)
+        ref = model.project(rr, qq, torch.zeros(b * g, 2, device=img.device, dtype=img.dtype))
+        f_ref = torch.fft.rfft2(ref).reshape(b, g, n, n // 2 + 1)
+        f_ref[..., 0, 0] = 0
+        power = (f_ref.real ** 2 + f_ref.imag ** 2) * (filt[b0:b0 + chunk, None] ** 2) * wgt
+        ref_norm = torch.sqrt(power.sum(dim=(-2, -1)) / (n * n) + 1e-30)           # (b, g)
+        cc = torch.fft.irfft2(f_img[:, None] * f_ref.conj(), s=(n, n)).reshape(b, g, -1)[..., flat]
+        val, arg = cc.max(-1)
+        ncc = val / (torch.sqrt((im * im).sum(dim=(-2, -1)))[:, None] * ref_norm)
+        best = ncc.argmax(1)
+        ar = torch.arange(b, device=img.device)
+        out_q.append(grid[best])
+        out_s.append(window[arg[ar, best]].to(img.dtype))
+        out_c.append(ncc[ar, best])
+    return torch.cat(out_q), torch.cat(out_s), torch.cat(out_c)
+
+
+# ----------------------------------- stages 2 and 3: the deformable model and its local refinement
+
 def coarse_grain(coords: np.ndarray, modes: np.ndarray, sigma: np.ndarray, weights: np.ndarray,
                  cell: float):
     """Group atoms into beads: one per occupied cubic cell of ``cell`` Å.
@@ -183,39 +866,6 @@ def coarse_grain(coords: np.ndarray, modes: np.ndarray, sigma: np.ndarray, weigh
     bmodes = np.stack([wmean(m) for m in modes]) if len(modes) else np.zeros((0, p, 3))
     return bead, bmodes, bsigma, wsum
 
-
-def normalised_cross_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """NCC of image pairs (..., n, n) -> (...): Pearson correlation over all pixels."""
-    a = a - a.mean(dim=(-2, -1), keepdim=True)
-    b = b - b.mean(dim=(-2, -1), keepdim=True)
-    num = (a * b).sum(dim=(-2, -1))
-    return num / torch.sqrt((a * a).sum(dim=(-2, -1)) * (b * b).sum(dim=(-2, -1)) + 1e-30)
-
-
-def _rodrigues(w: torch.Tensor) -> torch.Tensor:
-    """Rotation matrices (B, 3, 3) of axis-angle vectors (B, 3) (radians)."""
-    theta2 = (w * w).sum(-1)[:, None, None]
-    theta = torch.sqrt(theta2 + 1e-30)
-    a = torch.where(theta2 < 1e-12, 1 - theta2 / 6, torch.sin(theta) / theta)
-    b = torch.where(theta2 < 1e-12, 0.5 - theta2 / 24, (1 - torch.cos(theta)) / (theta2 + 1e-30))
-    z = torch.zeros_like(w[:, 0])
-    k = torch.stack([torch.stack([z, -w[:, 2], w[:, 1]], -1),
-                     torch.stack([w[:, 2], z, -w[:, 0]], -1),
-                     torch.stack([-w[:, 1], w[:, 0], z], -1)], -2)
-    eye = torch.eye(3, dtype=w.dtype, device=w.device)
-    return eye + a * k + b * (k @ k)
-
-
-def _half_plane_weights(n: int, device, dtype) -> torch.Tensor:
-    """Parseval weights of an rfft2 half-plane (n, n//2+1): columns counted twice except 0 and Nyquist."""
-    w = torch.full((n // 2 + 1,), 2.0, device=device, dtype=dtype)
-    w[0] = 1.0
-    if n % 2 == 0:
-        w[-1] = 1.0
-    return w
-
-
-# ----------------------------------------------------------------------------- model + Jacobian
 
 class _Model:
     """Projections of a deformable Gaussian-atom model and their Jacobians at one image size."""
@@ -311,6 +961,28 @@ def _apply_filter(x: torch.Tensor, filt: Optional[torch.Tensor]) -> torch.Tensor
     return torch.fft.irfft2(torch.fft.rfft2(x) * f, s=(n, n))
 
 
+def _rodrigues(w: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices (B, 3, 3) of axis-angle vectors (B, 3) (radians)."""
+    theta2 = (w * w).sum(-1)[:, None, None]
+    theta = torch.sqrt(theta2 + 1e-30)
+    a = torch.where(theta2 < 1e-12, 1 - theta2 / 6, torch.sin(theta) / theta)
+    b = torch.where(theta2 < 1e-12, 0.5 - theta2 / 24, (1 - torch.cos(theta)) / (theta2 + 1e-30))
+    z = torch.zeros_like(w[:, 0])
+    k = torch.stack([torch.stack([z, -w[:, 2], w[:, 1]], -1),
+                     torch.stack([w[:, 2], z, -w[:, 0]], -1),
+                     torch.stack([-w[:, 1], w[:, 0], z], -1)], -2)
+    eye = torch.eye(3, dtype=w.dtype, device=w.device)
+    return eye + a * k + b * (k @ k)
+
+
+def normalised_cross_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """NCC of image pairs (..., n, n) -> (...): Pearson correlation over all pixels."""
+    a = a - a.mean(dim=(-2, -1), keepdim=True)
+    b = b - b.mean(dim=(-2, -1), keepdim=True)
+    num = (a * b).sum(dim=(-2, -1))
+    return num / torch.sqrt((a * a).sum(dim=(-2, -1)) * (b * b).sum(dim=(-2, -1)) + 1e-30)
+
+
 def _refine(model: _Model, images: torch.Tensor, filt: Optional[torch.Tensor], rot, q, shifts,
             q_lo, q_hi, max_shift, iters: int, chunk: int):
     """Levenberg-Marquardt on (amplitudes, rotation, shifts) for B problems; returns the
@@ -323,82 +995,6 @@ def _refine(model: _Model, images: torch.Tensor, filt: Optional[torch.Tensor], r
                                    rot[sl], q[sl], shifts[sl], q_lo, q_hi, max_shift, iters))
     fit = _Fit(*(torch.cat([p[3][i] for p in parts]) for i in range(len(_Fit._fields))))
     return tuple(torch.cat([p[i] for p in parts]) for i in range(3)) + (fit,)
-
-
-def _laplace_std(model: _Model, images: torch.Tensor, filt: torch.Tensor, rot, q, shifts,
-                 fit: Optional["_Fit"] = None, chunk: int = 16) -> torch.Tensor:
-    """Standard deviations (B, K + 5) of the parameters (amplitudes Å, rotation components rad,
-    shifts px) at a least-squares optimum (rot (B, 3, 3), q (B, K), shifts (B, 2)) of images
-    (B, n, n) under white Gaussian noise: the Laplace approximation of the posterior, whose
-    covariance is ``2 s^2 H^-1``. H is the observed Hessian of the cost profiled over each
-    image's scale and offset, ``C = |i|^2 - (i . p)^2 / |p|^2`` (centred image i, filtered
-    projection p), so every standard deviation is a marginal one, the pose and the other
-    amplitudes free. With the scale ``a``, residual ``r``, ``alpha_j = r . p_j`` and
-    ``beta_j = p . p_j``: ``H_jk = 2 a^2 p_j . p_k - 2 a r . p_jk - 2 (alpha_j - a beta_j)
-    (alpha_k - a beta_k) / |p|^2``, the second term the residual's curvature
-    (:meth:`_Model.curvature`). The noise variance is ``s^2 = cost / (n_dof - D - 2)`` (n_dof:
-    :func:`_noise_dof`; D parameters, the scale and the offset were fitted). Where H is not
-    positive definite (an optimum on a bound of the amplitude box) the Gauss-Newton matrix
-    stands in. The noise must be white: :func:`_crop` keeps it so. fit: the :class:`_Fit` at
-    these parameters if the refinement left it (else it is computed)."""
-    n_dof, d, n = _noise_dof(images.shape[-1]), q.shape[1] + 5, images.shape[-1]
-    out = []
-    for b0 in range(0, images.shape[0], chunk):
-        sl = slice(b0, b0 + chunk)
-        part = _system(model, images[sl], filt[sl], rot[sl], q[sl], shifts[sl]) if fit is None else fit.select(sl)
-        cost, jtj, jtr, resid, scale = part.cost, part.jtj, part.jtr, part.resid, part.scale
-        # r . F(x) = F(r) . x: the filter (real and even in frequency) is its own adjoint.
-        curv = model.curvature(rot[sl], q[sl], shifts[sl], _apply_filter(resid.reshape(-1, n, n), filt[sl]))
-        a, pp = scale.double()[:, None, None], jtj[:, d:, d:]
-        gn = 2 * (jtj[:, :d, :d] - jtj[:, :d, d:] @ jtj[:, d:, :d] / pp)     # the scale's Schur complement
-        u = (jtr[:, :d] - a[:, 0] * jtj[:, :d, d])[..., None]            # a (alpha_j - a beta_j)
-        hess = 2 * jtj[:, :d, :d] - 2 * a * curv.double() - 2 * (u @ u.transpose(1, 2)) / (a * a * pp)
-        hess = 0.5 * (hess + hess.transpose(1, 2))
-        curved = torch.linalg.eigvalsh(hess)[:, 0] > 1e-9 * torch.diagonal(hess, dim1=1, dim2=2).amax(1)
-        h = torch.where(curved[:, None, None], hess, gn)
-        eye = torch.eye(d, dtype=h.dtype, device=h.device)
-        cov = torch.linalg.inv(h + eye * (1e-12 * torch.diagonal(h, dim1=1, dim2=2).amax(1))[:, None, None])
-        var = 2 * cost.double() / max(n_dof - d - 2, 1)
-        out.append(torch.sqrt(torch.clamp(torch.diagonal(cov, dim1=1, dim2=2), min=0.0) * var[:, None]))
-    return torch.cat(out)
-
-
-class _Fit(NamedTuple):
-    """The least-squares state of B problems at their parameters (:func:`_system`): cost (B,)
-    with the best scale and offset, NCC (B,), the normal equations jtj (B, D+1, D+1) and jtr
-    (B, D+1) of the parameters plus the scale, the images' energy (B,), the residuals (B, n * n)
-    and the scales (B,)."""
-    cost: torch.Tensor
-    ncc: torch.Tensor
-    jtj: torch.Tensor
-    jtr: torch.Tensor
-    energy: torch.Tensor
-    resid: torch.Tensor
-    scale: torch.Tensor
-
-    def select(self, index) -> "_Fit":
-        return _Fit(*(x[index] for x in self))
-
-
-def _system(model: _Model, images: torch.Tensor, filt: Optional[torch.Tensor], rot, q, shifts) -> _Fit:
-    """The least-squares state (:class:`_Fit`) of images (B, n, n) against the filtered
-    projections at (rot, q, shifts); the free offset is eliminated exactly (centring)."""
-    p, j = model.project_with_jacobian(rot, q, shifts)
-    p, j = _apply_filter(p, filt), _apply_filter(j, filt)
-    b = p.shape[0]
-    pf = p.reshape(b, -1)
-    pf = pf - pf.mean(1, keepdim=True)
-    im = images.reshape(b, -1)
-    im = im - im.mean(1, keepdim=True)
-    jf = j.reshape(b, j.shape[1], -1)
-    jf = jf - jf.mean(2, keepdim=True)
-    pp, pi, ii = (pf * pf).sum(1), (pf * im).sum(1), (im * im).sum(1)
-    scale = pi / (pp + 1e-30)
-    resid = im - scale[:, None] * pf
-    full = torch.cat([scale[:, None, None] * jf, pf[:, None]], 1)
-    return _Fit(cost=(resid * resid).sum(1), ncc=pi / torch.sqrt(pp * ii + 1e-30),
-                jtj=torch.matmul(full, full.transpose(1, 2)).double(),
-                jtr=torch.matmul(full, resid[..., None])[..., 0].double(), energy=ii, resid=resid, scale=scale)
 
 
 #: Levenberg-Marquardt stops for a problem when the Gauss-Newton step from where it stands would
@@ -447,659 +1043,79 @@ def _refine_chunk(model: _Model, images, filt, rot, q, shifts, q_lo, q_hi, max_s
     return rot, q, shifts, fit
 
 
-def _nyquist_mask(n: int, device, dtype) -> torch.Tensor:
-    mask = torch.ones(n, n // 2 + 1, device=device, dtype=dtype)
-    if n % 2 == 0:
-        mask[n // 2, :] = 0
-        mask[:, n // 2] = 0
-    return mask
-
-
-def _crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Images (B, n, n) Fourier-cropped to (B, size, size) *without* the pixel-blur correction:
-    white noise stays white (with the correction its high frequencies would be damped, and a
-    least-squares fit weighing all pixels alike would misjudge its noise); the model side
-    carries the blur instead (:func:`_filters` with ``source_box``)."""
-    return fourier_crop(images, size, correct_pixel_blur=False)
-
-
-#: Projections at a size coarser than the images (reduced by :func:`_crop`) draw every atom
-#: wider by this many pixels of that size (in quadrature) and undo the extra Gaussian blur in
-#: their filter (:func:`_filters` ``blur``): the same projection on the frequencies the crop
-#: keeps, but with far less of the content above the coarse Nyquist frequency aliased into
-#: them. The crop has no such aliases; without the blur the model's 1 Å atoms at 2 Å/px put
-#: them into its Jacobian and the Laplace uncertainty counted 3.5 % too much information.
-ANTI_ALIAS_PX = 0.75
-
-
-def _filters(ctf, m: int, n: int, pixel_size: float, device, dtype,
-             source_box: Optional[int] = None, blur: float = 0.0) -> torch.Tensor:
-    """(M, n, n//2+1): what projections at n px (``pixel_size`` Å/px) are multiplied by to match
-    the images: the CTF (or 1) times the Nyquist mask and, for images of ``source_box`` px
-    reduced to n px by :func:`_crop`, the ratio ``sinc(f n / source_box) / sinc(f)`` per axis
-    (``f`` cycles/px) that turns a projection integrated over the n-px pixel into one
-    integrated over the input pixel (the inverse of :func:`fourier_crop`'s correction); blur:
-    Å, the width the atoms of the projections were widened by (:data:`ANTI_ALIAS_PX`), undone
-    by ``exp(2 pi^2 blur^2 |f|^2)`` (``f`` cycles/Å)."""
-    mask = _nyquist_mask(n, device, dtype)
-    fy = torch.fft.fftfreq(n, device=device, dtype=dtype)[:, None]
-    fx = torch.fft.rfftfreq(n, device=device, dtype=dtype)[None, :]
-    if source_box is not None and source_box != n:
-        r = n / source_box
-        mask = mask * (torch.sinc(fy * r) * torch.sinc(fx * r) / (torch.sinc(fy) * torch.sinc(fx)))
-    if blur > 0:
-        mask = mask * torch.exp(2 * math.pi ** 2 * (blur / pixel_size) ** 2 * (fy * fy + fx * fx))
-    if ctf is None:
-        return mask.expand(m, -1, -1)
-    from .ctf import ctf_image
-    if ctf.batch_size not in (1, m):
-        raise ValueError(f"The CTF describes {ctf.batch_size} images but {m} images were given.")
-    c = ctf_image(ctf, n, pixel_size, device=device, dtype=dtype) * mask
-    return c.expand(m, -1, -1)
-
-
-def _noise_dof(n: int) -> int:
-    """Independent real values of an n x n image whose Nyquist row and column are removed
-    (:func:`fourier_crop` does so for even n): the residual's degrees of freedom before fitting."""
-    return n * n - (2 * n - 1 if n % 2 == 0 else 0)
-
-
-def _global_search(ref_ft: torch.Tensor, img: torch.Tensor,
-                   filt: torch.Tensor, max_shift: float, chunk: int = 256):
-    """NCC of every image (M, n, n) with every reference spectrum (P, n, n//2+1) over integer
-    shifts within ``max_shift`` px. Returns scores (M, P), the best shifts (M, P, 2) px and
-    each image's best anti-correlation (M,): the largest ``-NCC`` over references and shifts,
-    which beats the best score when the image's contrast is inverted."""
-    m, n = img.shape[0], img.shape[-1]
-    window, flat = _shift_window(max_shift, n, img.device)
-    img = img - img.mean(dim=(-2, -1), keepdim=True)
-    f_img = torch.fft.rfft2(img) * filt
-    img_norm = torch.sqrt((img * img).sum(dim=(-2, -1)))
-    wgt = _half_plane_weights(n, img.device, img.dtype)
-    filt2 = (filt * filt * wgt).reshape(m, -1) / (n * n)
-    scores = torch.empty(m, ref_ft.shape[0], dtype=img.dtype, device=img.device)
-    best = torch.empty(m, ref_ft.shape[0], 2, dtype=img.dtype, device=img.device)
-    anti = torch.full((m,), -math.inf, dtype=img.dtype, device=img.device)
-    for start in range(0, ref_ft.shape[0], chunk):
-        f_ref = ref_ft[start:start + chunk]
-        power = (f_ref.real ** 2 + f_ref.imag ** 2).reshape(f_ref.shape[0], -1)
-        ref_norm = torch.sqrt(torch.matmul(filt2, power.T) + 1e-30)      # (M, Pc)
-        for i0 in range(0, m, 16):
-            cc = torch.fft.irfft2(f_img[i0:i0 + 16, None] * f_ref.conj()[None], s=(n, n))
-            cc = cc.reshape(cc.shape[0], cc.shape[1], -1)[..., flat]     # (Mc, Pc, S)
-            val, arg = cc.max(-1)
-            norm = img_norm[i0:i0 + 16, None] * ref_norm[i0:i0 + 16]
-            scores[i0:i0 + 16, start:start + chunk] = val / norm
-            best[i0:i0 + 16, start:start + chunk] = window[arg].to(img.dtype)
-            neg = (-cc.min(-1).values / norm).max(-1).values
-            anti[i0:i0 + 16] = torch.maximum(anti[i0:i0 + 16], neg)
-    return scores, best, anti
-
-
-#: Fewest images of a batch on which inverted contrast is judged, and the fraction of them
-#: whose best anti-correlation must beat their best correlation. Images of a hopeless SNR
-#: split about evenly; inverted particles at SNR 0.1 do so for nearly all.
-POLARITY_MIN_IMAGES, POLARITY_FRACTION = 10, 0.75
-
-
-def check_contrast(best: np.ndarray, anti: np.ndarray) -> None:
-    """Refuse particles whose contrast is inverted (dark protein on a bright background).
-
-    best, anti: (M,) each image's best correlation and best anti-correlation with the
-    reference projections (:func:`_global_search`). Raises ValueError when, of at least
-    :data:`POLARITY_MIN_IMAGES` images, more than :data:`POLARITY_FRACTION` match the
-    reference better with the opposite sign.
-    """
-    best, anti = np.asarray(best, dtype=float), np.asarray(anti, dtype=float)
-    inverted = anti > best
-    if len(best) >= POLARITY_MIN_IMAGES and inverted.mean() > POLARITY_FRACTION:
-        raise ValueError(
-            f"The particles look contrast-inverted (dark protein on a bright background): "
-            f"{int(inverted.sum())} of {len(best)} images match the reference better with the "
-            f"opposite sign (median correlation {np.median(best):.3f}, anti-correlation "
-            f"{np.median(anti):.3f}). Set 'Invert contrast' to Yes (or invert the stack) and "
-            f"run again; this plugin expects white particles on black, as RELION does.")
-
-
-def _shift_window(max_shift: float, n: int, device):
-    """The integer particle displacements within ``max_shift`` px of the box centre, as pose
-    shifts (S, 2) px, and their flat indices (S,) in an n x n cross-correlation map."""
-    r = int(math.ceil(max_shift))
-    d = torch.arange(-r, r + 1, device=device)
-    dy, dx = torch.meshgrid(d, d, indexing="ij")
-    keep = (dx * dx + dy * dy) <= (max_shift + 0.5) ** 2
-    dx, dy = dx[keep], dy[keep]
-    return particle_offset_px(torch.stack([dx, dy], -1)), (dy % n) * n + (dx % n)
-
-
-def _amplitude_grid_search(model: _Model, img: torch.Tensor, filt: torch.Tensor, rot: torch.Tensor,
-                           grid: torch.Tensor, max_shift: float, chunk: int = 8):
-    """For B candidate poses (rot (B,3,3)) of images img (B, n, n), the best of the G
-    amplitude vectors ``grid`` (G, K) and its integer shift: returns (q (B,K), shifts (B,2), ncc (B,))."""
-    b_all, n, g = img.shape[0], img.shape[-1], grid.shape[0]
-    window, flat = _shift_window(max_shift, n, img.device)
-    wgt = _half_plane_weights(n, img.device, img.dtype)
-    out_q, out_s, out_c = [], [], []
-    for b0 in range(0, b_all, chunk):
-        im = img[b0:b0 + chunk]
-        b = im.shape[0]
-        im = im - im.mean(dim=(-2, -1), keepdim=True)
-        f_img = torch.fft.rfft2(im) * filt[b0:b0 + chunk]
-        rr = rot[b0:b0 + chunk].repeat_interleave(g, 0)
-        qq = grid.repeat(b, 1)
-        ref = model.project(rr, qq, torch.zeros(b * g, 2, device=img.device, dtype=img.dtype))
-        f_ref = torch.fft.rfft2(ref).reshape(b, g, n, n // 2 + 1)
-        f_ref[..., 0, 0] = 0
-        power = (f_ref.real ** 2 + f_ref.imag ** 2) * (filt[b0:b0 + chunk, None] ** 2) * wgt
-        ref_norm = torch.sqrt(power.sum(dim=(-2, -1)) / (n * n) + 1e-30)           # (b, g)
-        cc = torch.fft.irfft2(f_img[:, None] * f_ref.conj(), s=(n, n)).reshape(b, g, -1)[..., flat]
-        val, arg = cc.max(-1)
-        ncc = val / (torch.sqrt((im * im).sum(dim=(-2, -1)))[:, None] * ref_norm)
-        best = ncc.argmax(1)
-        ar = torch.arange(b, device=img.device)
-        out_q.append(grid[best])
-        out_s.append(window[arg[ar, best]].to(img.dtype))
-        out_c.append(ncc[ar, best])
-    return torch.cat(out_q), torch.cat(out_s), torch.cat(out_c)
-
-
-def _distinct_candidates(scores: np.ndarray, rot_index: np.ndarray, rots: np.ndarray,
-                         n_keep: int, min_angle: float) -> np.ndarray:
-    """Indices of the ``n_keep`` best references of one image whose rotations differ by
-    more than ``min_angle`` degrees (greedy non-maximum suppression)."""
-    order = np.argsort(-scores)[: max(50, 30 * n_keep)]
-    chosen = []
-    for i in order:
-        if all(angular_distance_deg(rots[rot_index[i]], rots[rot_index[j]]) > min_angle
-               for j in chosen):
-            chosen.append(i)
-            if len(chosen) == n_keep:
-                break
-    while len(chosen) < n_keep:          # fewer distinct ones than asked: repeat the best
-        chosen.append(chosen[0])
-    return np.array(chosen)
-
-
-def _as_images(images, device) -> torch.Tensor:
-    t = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
-    t = t.to(device=device, dtype=torch.float32)
-    if t.ndim == 2:
-        t = t[None]
-    if t.ndim != 3 or t.shape[-1] != t.shape[-2]:
-        raise ValueError(f"Images must be square, shape (M, box, box); got {tuple(t.shape)}.")
-    return t
-
-
-@dataclass(frozen=True)
-class AlignConfig:
-    """Settings of a HEMNMA alignment (values that change results; see :class:`Aligner`).
-
-    max_shift_px: largest |shift| searched, pixels of the input images.
-    working_size / search_size: image sizes (px) of the final refinement and of the global
-        search (reduced by Fourier cropping; never above the input box).
-    angular_step_deg: spacing of the global rotation grid; amplitude_seeds: values per mode
-        in the star of amplitude seeds of the global search; amplitude_grid: values per mode
-        of the grid tried at every candidate pose (at most ~256 combinations); n_candidates:
-        distinct poses refined per image at the search size; n_final: of those, refined at
-        the working size.
-    search_iters / refine_iters: Levenberg-Marquardt iterations of the two refinements.
-    bead_cell: bead size of the search model, in search pixels.
-    max_final_points: the final refinement uses every atom of structures up to this size;
-        larger ones are refined on beads (one working pixel, grown until there are at most
-        this many), with their modes carried over, so the cost per image stays bounded.
-    search_lowpass: width (cycles/px at the search size) of the Gaussian low-pass applied in
-        the search-size refinement (widens its basin of convergence); None: off.
-    batch_size: images aligned at once (bounds memory).
-    seed_perturbation_deg: the seeded path starts from each seed, two copies of it rotated by
-        this angle about the image axes and its in-plane flip (psi + 180 deg, the pose a
-        network most often confuses); seed_starts: how many of those four, the best matches of
-        the image as they stand, it refines; seed_fallback_mads: a seeded particle whose score falls
-        this many robust standard deviations (1.4826 MAD) below the median score of the
-        particles aligned by the global path, and below the lowest of them, takes the global
-        path too; seed_reference: how many particles of the set at most take the global path
-        to give that score distribution (a twentieth of the set, at least 8; :func:`reference_count`).
-    """
-    max_shift_px: float = 5.0
-    working_size: int = 64
-    search_size: int = 32
-    angular_step_deg: float = 15.0
-    amplitude_seeds: int = 3
-    amplitude_grid: int = 3
-    n_candidates: int = 8
-    n_final: int = 1
-    search_iters: int = 10
-    refine_iters: int = 15
-    bead_cell: float = 1.5
-    max_final_points: int = 5000
-    search_lowpass: Optional[float] = 0.25
-    batch_size: int = 128
-    seed_perturbation_deg: float = 10.0
-    seed_starts: int = 2
-    seed_fallback_mads: float = 3.0
-    seed_reference: int = 16
-
-    @classmethod
-    def preset(cls, name: str, **changes) -> "AlignConfig":
-        """A named effort, ``'fast'``, ``'normal'`` (the defaults, the settings of the README's
-        benchmark) or ``'thorough'``, with optional ``changes`` of single fields."""
-        if name not in PRESETS:
-            raise ValueError(f"Unknown alignment effort {name!r}; choose one of {sorted(PRESETS)}.")
-        return replace(PRESETS[name], **changes)
-
-    def check(self) -> None:
-        """Raise ValueError with the fix for settings no alignment can use."""
-        if self.max_shift_px < 0:
-            raise ValueError(f"The maximum shift must be >= 0 px, got {self.max_shift_px}.")
-        if not 0 < self.angular_step_deg <= 90:
-            raise ValueError(f"The angular step must be in (0, 90] degrees, got {self.angular_step_deg}.")
-        if min(self.n_candidates, self.n_final, self.batch_size) < 1 or self.n_final > self.n_candidates:
-            raise ValueError("Need 1 <= n_final <= n_candidates and a positive batch size.")
-
-
-PRESETS = {
-    "fast": AlignConfig(n_candidates=4, search_iters=8, refine_iters=10),
-    "normal": AlignConfig(),
-    "thorough": AlignConfig(n_candidates=12, n_final=2, search_iters=15, refine_iters=25),
-}
-
-def preset_changes(name: str) -> dict:
-    """The fields of preset ``name`` that differ from the defaults (AlignConfig keywords)."""
-    preset, default = AlignConfig.preset(name), AlignConfig()
-    return {f.name: getattr(preset, f.name) for f in fields(AlignConfig)
-            if getattr(preset, f.name) != getattr(default, f.name)}
-
-
-#: :attr:`AlignmentResult.path` codes: how each particle was aligned.
-PATH_GLOBAL, PATH_SEEDED, PATH_FALLBACK = 0, 1, 2
-
-
-class _Scale:
-    """One image size of the alignment: its model, its pixel size and the conversions of
-    shifts between its pixels and those of the input images. With ``anti_alias`` (the final
-    refinement's size) a size below the box draws its atoms :data:`ANTI_ALIAS_PX` wider and
-    its filters undo it; the search size leaves that to its low-pass (``search_lowpass``)."""
-
-    def __init__(self, size: int, box: int, pixel_size: float, model_args, device, anti_alias: bool = False):
-        self.size, self.box = int(size), int(box)
-        self.pixel_size = pixel_size * box / size            # Å/px at this size
-        # Å: the atoms' widening against aliasing (ANTI_ALIAS_PX), undone by the filters.
-        self.blur = ANTI_ALIAS_PX * self.pixel_size if anti_alias and self.size < self.box else 0.0
-        coords, modes, sigma, weights = model_args
-        self.model = _Model(coords, modes, np.sqrt(np.asarray(sigma) ** 2 + self.blur ** 2), weights,
-                            self.size, self.pixel_size, device)
-        self.device = device
-
-    def shifts_here(self, shifts_px: torch.Tensor) -> torch.Tensor:
-        """Input-image pixels -> pixels of this size."""
-        return shifts_px * (self.size / self.box)
-
-    def shifts_input(self, shifts: torch.Tensor) -> torch.Tensor:
-        """Pixels of this size -> input-image pixels."""
-        return shifts * (self.box / self.size)
-
-    def max_shift(self, max_shift_px: float, margin: float = 1.0) -> float:
-        """The largest shift in pixels of this size (``margin``: slack of the refinements)."""
-        return max_shift_px * self.size / self.box * margin
-
-    def images(self, batch: torch.Tensor) -> torch.Tensor:
-        """Input images (B, box, box) at this size (:func:`_crop`: their noise stays white)."""
-        return _crop(batch, self.size)
-
-    def filters(self, ctf, m: int) -> torch.Tensor:
-        """(M, size, size//2+1) filters of the projections at this size (:func:`_filters`)."""
-        return _filters(ctf, m, self.size, self.pixel_size, self.device, torch.float32, source_box=self.box,
-                        blur=self.blur)
-
-
-class Aligner:
-    """HEMNMA alignment of particle images against one flexible reference (module docstring).
-
-    coords: (N, 3) Å reference structure, centred (:func:`structure.centre`); modes: (K, N, 3)
-    the chosen normal modes (unit-norm 3N vectors), K may be 0; pixel_size: Å/px and box: px
-    of the images; config: :class:`AlignConfig`; sigma: atom width(s) Å, (N,) or a number;
-    weights: (N,) or None; amplitude_range: (K, 2) lowest and highest amplitude (Å) of each
-    mode, default ``+-5 sqrt(N)`` Å (atoms moved by 5 Å RMS).
-
-    Built once per set: the models at both sizes and, on first use, the reference projections
-    of the global search (shared by every image). Stages, in the order :meth:`align` runs them:
-    :meth:`global_search` (or :meth:`seeded_candidates`), :meth:`refine_candidates`,
-    :meth:`refine_final`, :meth:`uncertainty` (:func:`_laplace_std`).
-    """
-
-    def __init__(self, coords: np.ndarray, modes: np.ndarray, pixel_size: float, box: int,
-                 config: AlignConfig = AlignConfig(), *, sigma: Union[float, np.ndarray] = 1.0,
-                 weights: Optional[np.ndarray] = None, amplitude_range: Optional[np.ndarray] = None,
-                 device: Union[str, torch.device] = "cpu"):
-        config.check()
-        coords = np.asarray(coords, dtype=np.float64)
-        if coords.ndim != 2 or coords.shape[1] != 3:
-            raise ValueError(f"coords must have shape (N, 3) Å, got {coords.shape}.")
-        n_atoms = len(coords)
-        modes = np.asarray(modes, dtype=np.float64)
-        if modes.ndim == 2 and modes.size == 0:
-            modes = modes.reshape(0, n_atoms, 3)
-        if modes.ndim != 3 or modes.shape[1:] != (n_atoms, 3):
-            raise ValueError(f"modes must have shape (K, {n_atoms}, 3), got {modes.shape}.")
-        if not pixel_size > 0:
-            raise ValueError(f"The pixel size must be positive (Å/px), got {pixel_size}.")
-        self.k = k = modes.shape[0]
-        sig = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (n_atoms,)).copy()
-        wts = np.ones(n_atoms) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
-        if wts.shape != (n_atoms,):
-            raise ValueError(f"weights must have one value per atom ({n_atoms}).")
-        if amplitude_range is None:
-            half = default_amplitude_range(n_atoms)
-            amplitude_range = np.tile([-half, half], (k, 1))
-        amplitude_range = np.asarray(amplitude_range, dtype=np.float64).reshape(k, 2)
-        if np.any(amplitude_range[:, 1] < amplitude_range[:, 0]):
-            raise ValueError("Each amplitude range must be (lowest, highest) with lowest <= highest.")
-        self.config, self.box, self.device = config, int(box), torch.device(device)
-        work = min(int(config.working_size), self.box)
-        search = min(int(config.search_size), work)
-        if search < 8:
-            raise ValueError(f"The search size must be at least 8 px, got {search}.")
-        # Models: beads of about one search pixel for the search, all atoms for the final fit.
-        bead = coarse_grain(coords, modes, sig, wts, cell=config.bead_cell * pixel_size * self.box / search)
-        self.search = _Scale(search, self.box, pixel_size, bead, self.device)
-        final = (coords, modes, sig, wts)
-        cell = pixel_size * self.box / work
-        while len(final[0]) > config.max_final_points:
-            final = coarse_grain(coords, modes, sig, wts, cell=cell)
-            cell *= 1.25
-        self.work = _Scale(work, self.box, pixel_size, final, self.device, anti_alias=True)
-        self.amplitude_range = amplitude_range
-        self.q_lo = torch.as_tensor(amplitude_range[:, 0], dtype=torch.float32, device=self.device)
-        self.q_hi = torch.as_tensor(amplitude_range[:, 1], dtype=torch.float32, device=self.device)
-        self._references = None
-        logger.info("HEMNMA: %d px images, %d atoms (%d beads in the search, %d points in the final "
-                    "refinement), %d modes; search %d px, work %d px",
-                    self.box, n_atoms, len(bead[0]), len(final[0]), k, search, work)
-
-    # ------------------------------------------------------------------ the set
-    def align(self, images: ArrayLike, ctf=None, seeds: Optional[AlignmentResult] = None,
-              progress: Optional[Callable[[float, str], None]] = None) -> AlignmentResult:
-        """Align images (M, box, box) (numpy or torch, indexed ``[y, x]``); ctf: CTFParams of
-        the images (one or M values) or None; seeds: a first answer per image (amplitudes,
-        angles, shifts, e.g. a network's), which replaces the global search for all particles
-        but ``seed_reference`` of them and those whose refined score stays clearly below the
-        scores of the global path. progress: optional ``callback(fraction_done, message)``."""
-        imgs = _as_images(images, self.device)
-        m = imgs.shape[0]
-        if imgs.shape[-1] != self.box:
-            raise ValueError(f"The images are {imgs.shape[-1]} px but the aligner was built for {self.box} px.")
-        if ctf is not None and ctf.batch_size not in (1, m):
-            raise ValueError(f"The CTF describes {ctf.batch_size} images but {m} images were given.")
-        if seeds is not None and seeds.amplitudes.shape != (m, self.k):
-            raise ValueError(f"The seeds must give ({m}, {self.k}) amplitudes, got {seeds.amplitudes.shape}.")
-        report = progress or (lambda f, msg: None)
-        t0 = time.time()
-        path = np.full(m, PATH_GLOBAL if seeds is None else PATH_SEEDED, dtype=np.int8)
-        if seeds is not None:
-            path[np.linspace(0, m - 1, reference_count(m, self.config.seed_reference)).round().astype(int)] = \
-                PATH_GLOBAL
-        parts = {}
-        for route in (PATH_GLOBAL, PATH_SEEDED):
-            rows = np.flatnonzero(path == route)
-            for b0 in range(0, len(rows), self.config.batch_size):
-                batch = rows[b0:b0 + self.config.batch_size]
-                parts[tuple(batch)] = self._align_batch(imgs, ctf, batch, seeds if route == PATH_SEEDED else None)
-                done = sum(len(b) for b in parts)
-                report(done / m, f"aligned {done}/{m} images")
-                logger.info("HEMNMA: aligned %d/%d images (%.1f s)", done, m, time.time() - t0)
-        result = _gather(parts, m)
-        if seeds is not None:
-            result = self._fall_back(imgs, ctf, result, path)
-        result.path = path
-        return result
-
-    def _fall_back(self, imgs, ctf, result: AlignmentResult, path: np.ndarray) -> AlignmentResult:
-        """Seeded particles scoring clearly below the global path's scores take the global path."""
-        reference = result.score[path == PATH_GLOBAL]
-        median = np.median(reference)
-        spread = 1.4826 * np.median(np.abs(reference - median)) + 1e-6
-        threshold = min(reference.min(), median - self.config.seed_fallback_mads * spread)
-        poor = np.flatnonzero((path == PATH_SEEDED) & (result.score < threshold))
-        logger.info("HEMNMA: %d of %d seeded particles fall below the global path's scores; "
-                    "they take the global path", len(poor), int(np.sum(path == PATH_SEEDED)))
-        for b0 in range(0, len(poor), self.config.batch_size):
-            batch = poor[b0:b0 + self.config.batch_size]
-            redo = self._align_batch(imgs, ctf, batch, None)
-            better = redo.score > result.score[batch]
-            for name in RESULT_ARRAYS:
-                getattr(result, name)[batch[better]] = getattr(redo, name)[better]
-        path[poor] = PATH_FALLBACK
-        return result
-
-    def _align_batch(self, imgs, ctf, rows: np.ndarray, seeds: Optional[AlignmentResult]) -> AlignmentResult:
-        batch = imgs[torch.as_tensor(rows, device=self.device)]
-        mb = len(rows)
-        ctf_b = None if ctf is None else (ctf if ctf.batch_size == 1 else ctf.select(rows))
-        img_s, filt_s = self.search.images(batch), self.search.filters(ctf_b, mb)
-        if seeds is None:
-            owner, rot0, q0, s0 = self.global_search(img_s, filt_s)
-        else:
-            owner, rot0, q0, s0 = self.seeded_candidates(seeds, rows, img_s, filt_s)
-        # A seed's candidates are one basin: the best of them alone goes to the working size.
-        owner, rot1, q1, s1 = self.refine_candidates(img_s, filt_s, owner, rot0, q0, s0, mb,
-                                                     keep=self.config.n_final if seeds is None else 1)
-        return self._final_stages(batch, ctf_b, owner, rot1, q1, s1, mb)
-
-    # ------------------------------------------------------------------ stages
-    def global_search(self, img_s: torch.Tensor, filt_s: torch.Tensor):
-        """The ``n_candidates`` best distinct rotations of each image (search size) against
-        every reference projection, with the best grid amplitudes and shift of each.
-        Returns (owner (C,) image index of each candidate, rotations (C, 3, 3), amplitudes
-        (C, K) Å, shifts (C, 2) search px). Refuses contrast-inverted images."""
-        cfg, refs = self.config, self._reference_projections()
-        scores, best_shift, anti = _global_search(refs["spectra"], img_s, filt_s,
-                                                  self.search.max_shift(cfg.max_shift_px))
-        scores_np = scores.cpu().numpy()
-        check_contrast(scores_np.max(1), anti.cpu().numpy())
-        mb = img_s.shape[0]
-        pick = np.stack([_distinct_candidates(scores_np[i], refs["rotation_index"], refs["rotations"],
-                                              cfg.n_candidates, cfg.angular_step_deg)
-                         for i in range(mb)]).reshape(-1)                              # (mb * C,)
-        owner = torch.as_tensor(np.repeat(np.arange(mb), cfg.n_candidates), device=self.device)
-        rot0 = refs["rotation_tensor"][torch.as_tensor(refs["rotation_index"][pick], device=self.device)]
-        if self.k:
-            q0, s0, _ = _amplitude_grid_search(self.search.model, img_s[owner], filt_s[owner], rot0,
-                                               refs["grid"], self.search.max_shift(cfg.max_shift_px))
-        else:
-            q0 = torch.zeros(len(pick), 0, device=self.device)
-            s0 = best_shift[owner, torch.as_tensor(pick, device=self.device)]
-        return owner, rot0, q0, s0
-
-    def seeded_candidates(self, seeds: AlignmentResult, rows: np.ndarray, img_s: torch.Tensor,
-                          filt_s: torch.Tensor):
-        """Candidates from a first answer per image: of the seed, two copies rotated by
-        ``seed_perturbation_deg`` about the image x and y axes and the in-plane flip, the
-        ``seed_starts`` that match the (low-passed, search-size) image best as they stand.
-        Same return values as :meth:`global_search`."""
-        a = np.radians(self.config.seed_perturbation_deg)
-        turns = torch.as_tensor(np.stack([[0.0, 0.0, 0.0], [a, 0.0, 0.0], [0.0, a, 0.0], [0.0, 0.0, math.pi]]),
-                                dtype=torch.float32, device=self.device)
-        n_turn, mb = len(turns), len(rows)
-        rot = torch.as_tensor(euler_to_matrix(seeds.angles[rows]), dtype=torch.float32, device=self.device)
-        rot0 = torch.matmul(_rodrigues(turns.repeat(mb, 1)), rot.repeat_interleave(n_turn, 0))
-        q = torch.as_tensor(seeds.amplitudes[rows], dtype=torch.float32, device=self.device)
-        q0 = torch.minimum(torch.maximum(q, self.q_lo), self.q_hi).repeat_interleave(n_turn, 0)
-        limit = self.search.max_shift(self.config.max_shift_px)
-        s = self.search.shifts_here(torch.as_tensor(seeds.shifts[rows], dtype=torch.float32, device=self.device))
-        s0 = s.clamp(-limit, limit).repeat_interleave(n_turn, 0)
-        owner = torch.as_tensor(np.repeat(np.arange(mb), n_turn), device=self.device)
-        smooth = self._search_lowpass()
-        match = normalised_cross_correlation(
-            _apply_filter(self.search.model.project(rot0, q0, s0), (filt_s * smooth)[owner]),
-            _apply_filter(img_s, smooth.expand(mb, -1, -1))[owner])
-        keep = min(max(1, int(self.config.seed_starts)), n_turn)
-        order = torch.argsort(match.reshape(mb, n_turn), dim=1, descending=True)[:, :keep]
-        sel = (order + torch.arange(mb, device=self.device)[:, None] * n_turn).reshape(-1)
-        return owner[sel], rot0[sel], q0[sel], s0[sel]
-
-    def _search_lowpass(self):
-        """The Gaussian low-pass (n, n//2+1) of the search-size refinement (ones when off)."""
-        width = self.config.search_lowpass
-        ky = torch.fft.fftfreq(self.search.size, device=self.device)[:, None]
-        kx = torch.fft.rfftfreq(self.search.size, device=self.device)[None, :]
-        return torch.exp(-(kx * kx + ky * ky) / (2 * width ** 2)) if width else torch.ones_like(ky * kx)
-
-    def refine_candidates(self, img_s, filt_s, owner, rot0, q0, s0, mb: int, keep: int):
-        """Joint local refinement of the candidates at the search size (low-passed images);
-        keeps the ``keep`` best of each image. Returns (owner, rotations, amplitudes,
-        shifts in search px) of those."""
-        cfg = self.config
-        r1, q1, s1, fit1 = _refine(self.search.model, img_s[owner], (filt_s * self._search_lowpass())[owner],
-                                   rot0, q0, s0, self.q_lo, self.q_hi,
-                                   self.search.max_shift(cfg.max_shift_px, 1.1), cfg.search_iters, chunk=64)
-        per_image = len(owner) // mb
-        keep = min(keep, per_image)
-        order = torch.argsort(fit1.ncc.reshape(mb, per_image), dim=1, descending=True)[:, :keep]
-        sel = (order + torch.arange(mb, device=self.device)[:, None] * per_image).reshape(-1)
-        return owner[sel], r1[sel], q1[sel], s1[sel]
-
-    def refine_final(self, img_w, filt_w, owner, rot1, q1, s1, mb: int):
-        """All-atom refinement of the kept candidates (search-size shifts ``s1``) at the working
-        size (images ``img_w``, filters ``filt_w``); the best of each image. Returns (rotations
-        (mb, 3, 3), amplitudes (mb, K) Å, shifts (mb, 2) working px, the least-squares state
-        there (:class:`_Fit`, ``.ncc`` the score))."""
-        cfg = self.config
-        s_work = self.work.shifts_here(self.search.shifts_input(s1))
-        r2, q2, s2, fit = _refine(self.work.model, img_w[owner], filt_w[owner], rot1, q1, s_work,
-                                  self.q_lo, self.q_hi, self.work.max_shift(cfg.max_shift_px, 1.1),
-                                  cfg.refine_iters, chunk=16)
-        per_image = len(owner) // mb
-        best = torch.argmax(fit.ncc.reshape(mb, per_image), dim=1) + torch.arange(mb, device=self.device) * per_image
-        return r2[best], q2[best], s2[best], fit.select(best)
-
-    def uncertainty(self, img_w, filt_w, rot, q, s_work, fit: Optional[_Fit] = None) -> dict:
-        """The Laplace uncertainty (:func:`_laplace_std`) of each image's answer at the working
-        size (fit: :meth:`refine_final`'s state there): amplitude_std (M, K) Å, angle_std (M,)
-        degrees (the RMS length of the three axis-angle components), shift_std (M,) px of the
-        input images."""
-        k = self.k
-        std = _laplace_std(self.work.model, img_w, filt_w, rot, q, s_work, fit).cpu().numpy()
-        angle = np.degrees(np.sqrt((std[:, k:k + 3] ** 2).sum(1)))
-        shift = np.sqrt((std[:, k + 3:k + 5] ** 2).sum(1)) * (self.box / self.work.size)
-        return {"amplitude_std": std[:, :k], "angle_std": angle, "shift_std": shift}
-
-    def _final_stages(self, batch, ctf_b, owner, rot1, q1, s1, mb: int) -> AlignmentResult:
-        """:meth:`refine_final` and :meth:`uncertainty` of input images ``batch`` (mb, box, box)."""
-        img_w, filt_w = self.work.images(batch), self.work.filters(ctf_b, mb)
-        rot, q, s_work, fit = self.refine_final(img_w, filt_w, owner, rot1, q1, s1, mb)
-        return AlignmentResult(amplitudes=q.double().cpu().numpy(),
-                               angles=matrix_to_euler(rot.double().cpu().numpy()),
-                               shifts=self.work.shifts_input(s_work).double().cpu().numpy(),
-                               score=fit.ncc.double().cpu().numpy(),
-                               **self.uncertainty(img_w, filt_w, rot, q, s_work, fit))
-
-    def polish(self, images: ArrayLike, start: AlignmentResult, ctf=None) -> AlignmentResult:
-        """The final refinement and the uncertainty alone (:meth:`refine_final`, :meth:`uncertainty`), from a given answer per image
-        (images (M, box, box), ``start`` its amplitudes, angles and shifts): re-fits particles
-        whose answer is already close, e.g. after the image model changed. Keeps ``start.path``."""
-        imgs = _as_images(images, self.device)
-        m = imgs.shape[0]
-        if start.amplitudes.shape != (m, self.k):
-            raise ValueError(f"The answer to polish must give ({m}, {self.k}) amplitudes, "
-                             f"got {start.amplitudes.shape}.")
-        parts = {}
-        for b0 in range(0, m, self.config.batch_size):
-            rows = np.arange(b0, min(m, b0 + self.config.batch_size))
-            mb, batch = len(rows), imgs[b0:b0 + len(rows)]
-            ctf_b = None if ctf is None else (ctf if ctf.batch_size == 1 else ctf.select(rows))
-            t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=self.device)  # noqa: E731
-            q = torch.minimum(torch.maximum(t(start.amplitudes[rows]), self.q_lo), self.q_hi)
-            parts[tuple(rows)] = self._final_stages(
-                batch, ctf_b, torch.arange(mb, device=self.device),
-                t(euler_to_matrix(np.asarray(start.angles[rows], dtype=np.float64))), q,
-                self.search.shifts_here(t(start.shifts[rows])), mb)
-        result = _gather(parts, m)
-        result.path = None if start.path is None else np.array(start.path)
-        return result
-
-    def _reference_projections(self) -> dict:
-        """Spectra of the global search's references (rotations x amplitude seeds), the
-        rotation of each and the amplitude grid of the candidates; built on first use."""
-        if self._references is not None:
-            return self._references
-        cfg, k, device, t0 = self.config, self.k, self.device, time.time()
-        lo, hi = self.amplitude_range[:, 0], self.amplitude_range[:, 1]
-        mid = 0.5 * (lo + hi)
-        seeds = [mid]
-        if cfg.amplitude_seeds > 1:
-            frac = (np.arange(cfg.amplitude_seeds) + 0.5) / cfg.amplitude_seeds
-            for i in range(k):
-                for f in frac:
-                    s = mid.copy()
-                    s[i] = lo[i] + f * (hi[i] - lo[i])
-                    if not np.allclose(s, mid):
-                        seeds.append(s)
-        seeds = np.array(seeds).reshape(len(seeds), k)
-        rots, n_psi = rotation_grid(cfg.angular_step_deg, return_n_psi=True)
-        rot_t = torch.as_tensor(rots, dtype=torch.float32, device=device)
-        directions = rot_t[::n_psi]                 # psi = 0 of every projection direction
-        psi = torch.arange(n_psi, device=device, dtype=torch.float32) * (2 * math.pi / n_psi)
-        spectra = []
-        for sd in seeds:
-            q = torch.as_tensor(sd, dtype=torch.float32, device=device).expand(len(directions), k)
-            for start in range(0, len(directions), 256):
-                sl = slice(start, start + 256)
-                p = self.search.model.project(directions[sl], q[sl],
-                                              torch.zeros(directions[sl].shape[0], 2, device=device))
-                p = _rotate_in_plane(p, psi)                                      # (Pc * n_psi, n, n)
-                spectra.append(torch.fft.rfft2(p - p.mean(dim=(-2, -1), keepdim=True)))
-        # Amplitude grid tried at every candidate pose: bin centres, at most ~256 combinations.
-        n_grid = max(2, min(int(cfg.amplitude_grid), int(256 ** (1.0 / max(k, 1)) + 1e-9)))
-        axes = [lo[i] + (np.arange(n_grid) + 0.5) / n_grid * (hi[i] - lo[i]) for i in range(k)]
-        grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, k) if k else np.zeros((1, 0))
-        self._references = {
-            "spectra": torch.cat(spectra), "rotations": rots, "rotation_tensor": rot_t,
-            "rotation_index": np.tile(np.arange(len(rots)), len(seeds)),
-            "grid": torch.as_tensor(grid, dtype=torch.float32, device=device)}
-        logger.info("HEMNMA: %d reference projections (%d rotations x %d amplitude seeds) in %.1f s",
-                    len(self._references["spectra"]), len(rots), len(seeds), time.time() - t0)
-        return self._references
-
-
-def reference_count(m: int, most: int) -> int:
-    """How many of ``m`` seeded particles take the global path as the reference: a twentieth,
-    at least 8 and at most ``most`` (never more than ``m``). They give the median and the spread
-    of the scores of right answers (:meth:`Aligner._fall_back`)."""
-    return min(m, max(8, min(int(most), math.ceil(m / 20))))
-
-
-def _gather(parts: dict, m: int) -> AlignmentResult:
-    """One AlignmentResult of M images from results of batches keyed by their row indices."""
-    first = next(iter(parts.values()))
-    out = {n: np.zeros((m,) + getattr(first, n).shape[1:]) for n in RESULT_ARRAYS}
-    for rows, res in parts.items():
-        for n in RESULT_ARRAYS:
-            out[n][list(rows)] = getattr(res, n)
-    return AlignmentResult(**out)
-
-
-_CONFIG_FIELDS = {f.name for f in fields(AlignConfig)}
-
-
-def align_particles(images: ArrayLike, coords: np.ndarray, modes: np.ndarray, pixel_size: float, *,
-                    ctf=None, sigma: Union[float, np.ndarray] = 1.0, weights: Optional[np.ndarray] = None,
-                    amplitude_range: Optional[np.ndarray] = None, seeds: Optional[AlignmentResult] = None,
-                    config: Optional[AlignConfig] = None, device: Union[str, torch.device] = "cpu",
-                    seed: int = 0, progress: Optional[Callable[[float, str], None]] = None,
-                    **settings) -> AlignmentResult:
-    """HEMNMA alignment of particle images in one call: ``Aligner(...).align(...)``.
-
-    images: (M, box, box); coords (N, 3) Å centred; modes (K, N, 3); pixel_size Å/px; ctf,
-    sigma, weights, amplitude_range, seeds: see :class:`Aligner` and :meth:`Aligner.align`.
-    config: an :class:`AlignConfig` (default: the 'normal' preset), and ``settings``: single
-    fields of it (``max_shift_px=3``, ``n_candidates=4``, ...). seed: the method is
-    deterministic; kept for the project's seeding rule. Returns an :class:`AlignmentResult`.
-    """
-    del seed  # no random choices
-    unknown = set(settings) - _CONFIG_FIELDS
-    if unknown:
-        raise ValueError(f"Unknown alignment settings {sorted(unknown)}; AlignConfig has {sorted(_CONFIG_FIELDS)}.")
-    config = replace(config or AlignConfig(), **settings)
-    imgs = _as_images(images, device)
-    aligner = Aligner(coords, modes, pixel_size, imgs.shape[-1], config, sigma=sigma, weights=weights,
-                      amplitude_range=amplitude_range, device=device)
-    return aligner.align(imgs, ctf=ctf, seeds=seeds, progress=progress)
+class _Fit(NamedTuple):
+    """The least-squares state of B problems at their parameters (:func:`_system`): cost (B,)
+    with the best scale and offset, NCC (B,), the normal equations jtj (B, D+1, D+1) and jtr
+    (B, D+1) of the parameters plus the scale, the images' energy (B,), the residuals (B, n * n)
+    and the scales (B,)."""
+    cost: torch.Tensor
+    ncc: torch.Tensor
+    jtj: torch.Tensor
+    jtr: torch.Tensor
+    energy: torch.Tensor
+    resid: torch.Tensor
+    scale: torch.Tensor
+
+    def select(self, index) -> "_Fit":
+        return _Fit(*(x[index] for x in self))
+
+
+def _system(model: _Model, images: torch.Tensor, filt: Optional[torch.Tensor], rot, q, shifts) -> _Fit:
+    """The least-squares state (:class:`_Fit`) of images (B, n, n) against the filtered
+    projections at (rot, q, shifts); the free offset is eliminated exactly (centring)."""
+    p, j = model.project_with_jacobian(rot, q, shifts)
+    p, j = _apply_filter(p, filt), _apply_filter(j, filt)
+    b = p.shape[0]
+    pf = p.reshape(b, -1)
+    pf = pf - pf.mean(1, keepdim=True)
+    im = images.reshape(b, -1)
+    im = im - im.mean(1, keepdim=True)
+    jf = j.reshape(b, j.shape[1], -1)
+    jf = jf - jf.mean(2, keepdim=True)
+    pp, pi, ii = (pf * pf).sum(1), (pf * im).sum(1), (im * im).sum(1)
+    scale = pi / (pp + 1e-30)
+    resid = im - scale[:, None] * pf
+    full = torch.cat([scale[:, None, None] * jf, pf[:, None]], 1)
+    return _Fit(cost=(resid * resid).sum(1), ncc=pi / torch.sqrt(pp * ii + 1e-30),
+                jtj=torch.matmul(full, full.transpose(1, 2)).double(),
+                jtr=torch.matmul(full, resid[..., None])[..., 0].double(), energy=ii, resid=resid, scale=scale)
+
+
+# ---------------------------------------------------------------------------- stage 4: uncertainty
+
+def _laplace_std(model: _Model, images: torch.Tensor, filt: torch.Tensor, rot, q, shifts,
+                 fit: Optional["_Fit"] = None, chunk: int = 16) -> torch.Tensor:
+    """Standard deviations (B, K + 5) of the parameters (amplitudes Å, rotation components rad,
+    shifts px) at a least-squares optimum (rot (B, 3, 3), q (B, K), shifts (B, 2)) of images
+    (B, n, n) under white Gaussian noise: the Laplace approximation of the posterior, whose
+    covariance is ``2 s^2 H^-1``. H is the observed Hessian of the cost profiled over each
+    image's scale and offset, ``C = |i|^2 - (i . p)^2 / |p|^2`` (centred image i, filtered
+    projection p), so every standard deviation is a marginal one, the pose and the other
+    amplitudes free. With the scale ``a``, residual ``r``, ``alpha_j = r . p_j`` and
+    ``beta_j = p . p_j``: ``H_jk = 2 a^2 p_j . p_k - 2 a r . p_jk - 2 (alpha_j - a beta_j)
+    (alpha_k - a beta_k) / |p|^2``, the second term the residual's curvature
+    (:meth:`_Model.curvature`). The noise variance is ``s^2 = cost / (n_dof - D - 2)`` (n_dof:
+    :func:`_noise_dof`; D parameters, the scale and the offset were fitted). Where H is not
+    positive definite (an optimum on a bound of the amplitude box) the Gauss-Newton matrix
+    stands in. The noise must be white: :func:`_crop` keeps it so. fit: the :class:`_Fit` at
+    these parameters if the refinement left it (else it is computed)."""
+    n_dof, d, n = _noise_dof(images.shape[-1]), q.shape[1] + 5, images.shape[-1]
+    out = []
+    for b0 in range(0, images.shape[0], chunk):
+        sl = slice(b0, b0 + chunk)
+        part = _system(model, images[sl], filt[sl], rot[sl], q[sl], shifts[sl]) if fit is None else fit.select(sl)
+        cost, jtj, jtr, resid, scale = part.cost, part.jtj, part.jtr, part.resid, part.scale
+        # r . F(x) = F(r) . x: the filter (real and even in frequency) is its own adjoint.
+        curv = model.curvature(rot[sl], q[sl], shifts[sl], _apply_filter(resid.reshape(-1, n, n), filt[sl]))
+        a, pp = scale.double()[:, None, None], jtj[:, d:, d:]
+        gn = 2 * (jtj[:, :d, :d] - jtj[:, :d, d:] @ jtj[:, d:, :d] / pp)     # the scale's Schur complement
+        u = (jtr[:, :d] - a[:, 0] * jtj[:, :d, d])[..., None]            # a (alpha_j - a beta_j)
+        hess = 2 * jtj[:, :d, :d] - 2 * a * curv.double() - 2 * (u @ u.transpose(1, 2)) / (a * a * pp)
+        hess = 0.5 * (hess + hess.transpose(1, 2))
+        curved = torch.linalg.eigvalsh(hess)[:, 0] > 1e-9 * torch.diagonal(hess, dim1=1, dim2=2).amax(1)
+        h = torch.where(curved[:, None, None], hess, gn)
+        eye = torch.eye(d, dtype=h.dtype, device=h.device)
+        cov = torch.linalg.inv(h + eye * (1e-12 * torch.diagonal(h, dim1=1, dim2=2).amax(1))[:, None, None])
+        var = 2 * cost.double() / max(n_dof - d - 2, 1)
+        out.append(torch.sqrt(torch.clamp(torch.diagonal(cov, dim1=1, dim2=2), min=0.0) * var[:, None]))
+    return torch.cat(out)
