@@ -72,7 +72,7 @@ from .simulator import (VALIDATION_EPOCH, AmplitudePrior, EstimatesPrior, Partic
 logger = logging.getLogger(__name__)
 
 __all__ = ["TrainConfig", "LoadedModel", "CheckpointError", "split_by_particle", "train", "load_model",
-           "predict", "changed_settings", "save_checkpoint", "load_checkpoint", "METRICS_COLUMNS",
+           "best_epoch", "predict", "changed_settings", "save_checkpoint", "load_checkpoint", "METRICS_COLUMNS",
            "FITTED_FIELDS", "RESUMABLE_SETTINGS", "DATA_CHOICES", "PRIOR_CHOICES"]
 
 CONFIG_FILE, BEST_FILE, LAST_FILE, METRICS_FILE = "config.json", "best.pt", "last.pt", "metrics.csv"
@@ -660,6 +660,20 @@ def _phases(config: TrainConfig) -> List[_Phase]:
         phases.append(_Phase(1, "particles", config.finetune_epochs,
                              config.finetune_lr or config.learning_rate / 10))
     return phases
+
+
+def best_epoch(model_dir: Union[str, os.PathLike]) -> Optional[dict]:
+    """The metrics row of the weights kept in ``best.pt`` (the lowest validation loss) of a
+    trained model folder, with ``"source"``: what that epoch trained on ("simulated" or
+    "particles", the fine-tuning of "simulated+finetune"); None before the first epoch."""
+    folder = Path(model_dir)
+    rows = _read_metrics(folder / METRICS_FILE)
+    if not rows:
+        return None
+    best = dict(min(rows, key=lambda r: r["val_loss"]))
+    phases = _phases(TrainConfig.load(folder / CONFIG_FILE))
+    best["source"] = phases[0].source if best["epoch"] <= phases[0].epochs else phases[-1].source
+    return best
 
 
 def _distributed(world_size: int) -> bool:

@@ -7,7 +7,7 @@ from pyworkflow.protocol import params
 
 from .. import convert
 from ..core.distributed import TrainingJob
-from ..core.training import METRICS_FILE, TrainConfig
+from ..core.training import METRICS_FILE, TrainConfig, best_epoch
 from ..objects import FlexDLModel
 from .base import FlexDLProtBase
 
@@ -268,9 +268,14 @@ class FlexDLProtTrain(FlexDLProtBase):
         rows = self.metrics()
         if not rows:
             return ["Not trained yet."]
-        best = min(rows, key=lambda r: float(r["val_loss"]))
-        lines = [f"{len(rows)} epochs; best validation MAE {float(best['val_mae']):.2f} Å at epoch {best['epoch']}."]
         config = self._config()
+        best = (best_epoch(self._modelDir()) if config is not None else None) or \
+            min(rows, key=lambda r: float(r["val_loss"]))
+        stage = ""
+        if config is not None and config.data == "simulated+finetune":
+            stage = " (simulated training)" if best["source"] == "simulated" else " (fine-tuning)"
+        lines = [f"{len(rows)} epochs; best validation MAE {float(best['val_mae']):.2f} Å at epoch "
+                 f"{best['epoch']}{stage}, the weights the model keeps."]
         if config is not None and config.simulates:
             sim = config.simulation
             snr = "none found" if sim.get("snr") is None else f"{sim['snr']:.3g}"

@@ -227,6 +227,11 @@ def test_finetuning_changes_the_weights_and_lowers_the_validation_error(trained)
     simulated, finetuned = rows[SIM_EPOCHS - 1]["val_mae"], rows[-1]["val_mae"]
     assert finetuned < simulated, f"validation MAE {simulated:.1f} Å after simulation, {finetuned:.1f} Å after"
     assert rows[SIM_EPOCHS]["lr"] < 0.2 * tr.TrainConfig(modes=[7]).learning_rate  # fine-tuning at lr / 10
+    best = tr.best_epoch(trained["out"])  # the row of best.pt, and what that epoch trained on
+    lowest = min(rows, key=lambda r: r["val_loss"])
+    assert best["epoch"] == lowest["epoch"] == torch.load(trained["out"] / "best.pt", weights_only=True)["epoch"]
+    assert best["source"] == ("particles" if lowest["epoch"] > SIM_EPOCHS else "simulated")
+    assert tr.best_epoch(trained["dir"]) is None  # a folder without metrics
 
 
 def test_simulated_training_resumes_across_the_phase_change(ake, tmp_path):
