@@ -233,6 +233,45 @@ def test_laplace_uncertainty_is_calibrated(ake):
     assert 0.55 < np.median(z) < 0.85, np.median(z)
 
 
+
+def test_finishing_step_lands_on_the_converged_optimum(ake):
+    """The final refinement's unevaluated last Gauss-Newton step (FINISH_CHI2, LINEAR_TOLERANCE)
+    ends within a small fraction of a standard deviation of the refinement run to convergence,
+    with a first-order state that matches a fresh evaluation there, in fewer evaluations."""
+    coords, modes = ake
+    n = 32
+    ctf = CTFParams(defocus_u=np.full(n, 6000.0), defocus_v=np.full(n, 6000.0))
+    img, q, rot, shifts, _ = _particles(coords, modes, n, seed=4, ctf=ctf, snr=0.3)
+    model = al._Model(coords, modes, np.ones(len(coords)), np.ones(len(coords)), BOX, PIXEL, "cpu")
+    t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    filt = al._filters(ctf, n, BOX, PIXEL, "cpu", torch.float32)
+    start = (t(np.einsum("bij,bjk->bik", random_small_rotations(n, 4.0, np.random.default_rng(1)), rot)),
+             t(q + 4.0), t(shifts + 0.3))
+    calls = []
+    system = al._system
+
+    def counting(model_, images, *args):
+        calls.append(images.shape[0])
+        return system(model_, images, *args)
+
+    runs = {}
+    for finish in (0.0, al.FINISH_CHI2):
+        calls.clear()
+        al._system = counting
+        try:
+            runs[finish] = al._refine(model, t(img), filt, *start, t([-1e4] * 3), t([1e4] * 3), 3.0, 30, 16,
+                                      finish=finish) + (sum(calls),)
+        finally:
+            al._system = system
+    (_, q0, _, _, evals0), (r1, q1, s1, fit1, evals1) = runs[0.0], runs[al.FINISH_CHI2]
+    std = al._laplace_std(model, t(img), filt, r1, q1, s1, fit1)[:, :3]
+    z = ((q1 - q0) / std).numpy()
+    assert np.sqrt(np.mean(z ** 2)) < 0.1 and np.abs(z).max() < 0.5, z
+    assert evals1 < evals0, (evals1, evals0)
+    fresh = al._system(model, t(img), filt, r1, q1, s1)
+    np.testing.assert_allclose(fit1.cost.numpy(), fresh.cost.numpy(), rtol=1e-3)
+    np.testing.assert_allclose(fit1.ncc.numpy(), fresh.ncc.numpy(), atol=1e-3)
+
 def test_seeded_alignment_keeps_good_seeds_and_replaces_poor_ones(ake):
     """A perfect first answer (the truth, slightly off) skips the global search for all but
     the reference particles at no loss of accuracy; random first answers (a poor network) fall
