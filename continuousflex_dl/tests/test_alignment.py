@@ -213,18 +213,27 @@ def test_check_contrast_needs_a_clear_majority():
         al.check_contrast(best, anti)
 
 
+def _refinement_problem(ake, n, seed, snr):
+    """n particles at the test's box with a 0.6 um CTF and noise at ``snr``, and the model and
+    CTF filters the refinement sees: (images, amplitudes, rotations, shifts, model, filters)."""
+    coords, modes = ake
+    ctf = CTFParams(defocus_u=np.full(n, 6000.0), defocus_v=np.full(n, 6000.0))
+    img, q, rot, shifts, _ = _particles(coords, modes, n, seed=seed, ctf=ctf, snr=snr)
+    model = al._Model(coords, modes, np.ones(len(coords)), np.ones(len(coords)), BOX, PIXEL, "cpu")
+    return img, q, rot, shifts, model, al._filters(ctf, n, BOX, PIXEL, "cpu", torch.float32)
+
+
+def t(a) -> torch.Tensor:
+    """float32 tensor of ``a``."""
+    return torch.tensor(a, dtype=torch.float32)
+
+
 def test_laplace_uncertainty_is_calibrated(ake):
     """At the optimum of the refinement, the amplitude errors of 60 noisy particles (SNR 1, CTF)
     fall within +-1.96 sigma for 95 % of them (observed Hessian: measured 0.95-0.98 over seeds
     1-3, median |error| / sigma 0.64-0.74 against 0.674 for a Gaussian). The bench_alignment run
     at 128 px, SNR 0.1 checks the same on the whole pipeline."""
-    coords, modes = ake
-    n = 60
-    ctf = CTFParams(defocus_u=np.full(n, 6000.0), defocus_v=np.full(n, 6000.0))
-    img, q, rot, shifts, _ = _particles(coords, modes, n, seed=1, ctf=ctf, snr=1.0)
-    model = al._Model(coords, modes, np.ones(len(coords)), np.ones(len(coords)), BOX, PIXEL, "cpu")
-    t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-    filt = al._filters(ctf, n, BOX, PIXEL, "cpu", torch.float32)
+    img, q, rot, shifts, model, filt = _refinement_problem(ake, 60, seed=1, snr=1.0)
     r_fit, q_fit, s_fit, fit = al._refine(model, t(img), filt, t(rot), t(q), t(shifts), t([-1e4] * 3),
                                         t([1e4] * 3), 3.0, 30, 16)
     std = al._laplace_std(model, t(img), filt, r_fit, q_fit, s_fit, fit)
@@ -233,18 +242,12 @@ def test_laplace_uncertainty_is_calibrated(ake):
     assert 0.55 < np.median(z) < 0.85, np.median(z)
 
 
-
-def test_finishing_step_lands_on_the_converged_optimum(ake):
-    """The final refinement's unevaluated last Gauss-Newton step (FINISH_CHI2, LINEAR_TOLERANCE)
+def test_finishing_step_lands_on_the_converged_optimum(ake, monkeypatch):
+    """The final refinement's unevaluated last Gauss-Newton step (FINISH_CHI2, FINISH_CONTRACTION)
     ends within a small fraction of a standard deviation of the refinement run to convergence,
     with a first-order state that matches a fresh evaluation there, in fewer evaluations."""
-    coords, modes = ake
     n = 32
-    ctf = CTFParams(defocus_u=np.full(n, 6000.0), defocus_v=np.full(n, 6000.0))
-    img, q, rot, shifts, _ = _particles(coords, modes, n, seed=4, ctf=ctf, snr=0.3)
-    model = al._Model(coords, modes, np.ones(len(coords)), np.ones(len(coords)), BOX, PIXEL, "cpu")
-    t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-    filt = al._filters(ctf, n, BOX, PIXEL, "cpu", torch.float32)
+    img, q, rot, shifts, model, filt = _refinement_problem(ake, n, seed=4, snr=0.3)
     start = (t(np.einsum("bij,bjk->bik", random_small_rotations(n, 4.0, np.random.default_rng(1)), rot)),
              t(q + 4.0), t(shifts + 0.3))
     calls = []
@@ -254,15 +257,13 @@ def test_finishing_step_lands_on_the_converged_optimum(ake):
         calls.append(images.shape[0])
         return system(model_, images, *args)
 
+    monkeypatch.setattr(al, "_system", counting)
     runs = {}
     for finish in (0.0, al.FINISH_CHI2):
         calls.clear()
-        al._system = counting
-        try:
-            runs[finish] = al._refine(model, t(img), filt, *start, t([-1e4] * 3), t([1e4] * 3), 3.0, 30, 16,
-                                      finish=finish) + (sum(calls),)
-        finally:
-            al._system = system
+        runs[finish] = al._refine(model, t(img), filt, *start, t([-1e4] * 3), t([1e4] * 3), 3.0, 30, 16,
+                                  finish=finish) + (sum(calls),)
+    monkeypatch.undo()
     (_, q0, _, _, evals0), (r1, q1, s1, fit1, evals1) = runs[0.0], runs[al.FINISH_CHI2]
     std = al._laplace_std(model, t(img), filt, r1, q1, s1, fit1)[:, :3]
     z = ((q1 - q0) / std).numpy()
@@ -271,6 +272,7 @@ def test_finishing_step_lands_on_the_converged_optimum(ake):
     fresh = al._system(model, t(img), filt, r1, q1, s1)
     np.testing.assert_allclose(fit1.cost.numpy(), fresh.cost.numpy(), rtol=1e-3)
     np.testing.assert_allclose(fit1.ncc.numpy(), fresh.ncc.numpy(), atol=1e-3)
+
 
 def test_seeded_alignment_keeps_good_seeds_and_replaces_poor_ones(ake):
     """A perfect first answer (the truth, slightly off) skips the global search for all but
@@ -346,7 +348,6 @@ def test_working_size_model_counts_the_information_of_the_cropped_images():
     modes /= np.linalg.norm(modes.reshape(3, -1), axis=1)[:, None, None]
     rot, shifts, q = random_rotations(n, rng), rng.uniform(-2, 2, (n, 2)), rng.normal(0, 5, (n, 3))
     ctf = CTFParams(defocus_u=5000.0, defocus_v=5000.0)
-    t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
     fine = al._Model(coords, modes, np.ones(n_atoms), np.ones(n_atoms), 64, 1.0, "cpu")
     p, j = fine.project_with_jacobian(t(rot), t(q), t(shifts))
     c = ctf_image(ctf, 64, 1.0).expand(n, -1, -1)
