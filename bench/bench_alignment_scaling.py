@@ -7,9 +7,11 @@ amplitudes are scaled by sqrt(copies) to move the atoms by the same RMS distance
 size is chosen so that the assembly fills the 128 px box as 4AKE does at 1 Å/px. Particles:
 random orientations, shifts within 5 px, CTF 0.5 µm (scaled with the pixel size), SNR 0.1.
 Prints, per structure, the number of atoms and of points in the final refinement, the
-amplitude MAE (Å, divided by sqrt(copies): the error of the equivalent single-copy amplitude)
-and the CPU seconds per image of the global and of the seeded path (first answers = the truth
-with network-like errors, as ``bench_alignment.py --seeded``; 8 reference particles, the minimum).
+amplitude MAE (Å, divided by sqrt(copies): the error of the equivalent single-copy amplitude),
+the angular errors (median, and the fraction of particles more than 10 degrees off: a wrong
+orientation, whose amplitudes are wrong too) and the CPU seconds per image of the global and
+of the seeded path (first answers = the truth with network-like errors, as
+``bench_alignment.py --seeded``; 8 reference particles, the minimum).
 
 Example: python bench/bench_alignment_scaling.py --n 16
 """
@@ -29,7 +31,7 @@ from bench_alignment import network_like_seeds, paper_amplitudes, synthesize, ti
 from figures import report  # noqa: E402
 from continuousflex_dl.core.alignment import Aligner, AlignConfig  # noqa: E402
 from continuousflex_dl.core.ctf import CTFParams  # noqa: E402
-from continuousflex_dl.core.geometry import random_rotations  # noqa: E402
+from continuousflex_dl.core.geometry import angular_distance_deg, random_rotations  # noqa: E402
 from continuousflex_dl.core.nma import compute_modes  # noqa: E402
 from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms  # noqa: E402
 
@@ -81,6 +83,10 @@ def main(argv=None) -> dict:
                "final_points": len(aligner.work.model.coords),
                "global_mae": round(float(np.abs(glob.amplitudes - q).mean() / np.sqrt(copies)), 3),
                "seeded_mae": round(float(np.abs(seeded.amplitudes - q).mean() / np.sqrt(copies)), 3),
+               "global_angle_median_deg": round(float(np.median(angular_distance_deg(glob.rotations, rot))), 2),
+               "global_wrong_pose": round(float(np.mean(angular_distance_deg(glob.rotations, rot) > 10)), 3),
+               "seeded_angle_median_deg": round(float(np.median(angular_distance_deg(seeded.rotations, rot))), 2),
+               "seeded_wrong_pose": round(float(np.mean(angular_distance_deg(seeded.rotations, rot) > 10)), 3),
                "global_cpu_s_per_image": round(g_cpu / args.n, 3),
                "seeded_cpu_s_per_image": round(s_cpu / args.n, 3),
                "build_cpu_s": round(build_cpu, 2)}
