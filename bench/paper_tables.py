@@ -81,14 +81,14 @@ def entries(result):
     return [(result.stack_path, i) for i in range(result.n_images)]
 
 
-def train_and_test(folder, train_entries, amplitudes, ids, test_set, args, augment, data="particles",
-                   simulation=None, epochs=None):
-    """Train on (stack, index) entries with their amplitudes; predict the test set.
+def train_network(folder, train_entries, amplitudes, ids, args, augment, data="particles",
+                  simulation=None, epochs=None):
+    """Train on (stack, index) entries with their amplitudes.
 
     augment: random in-plane rotations of the training images (sets with random in-plane
     angles). data: TrainConfig.data; simulation: (Reference, the training set's CTFs or None,
     its poses (angles, shifts), in_plane) for the simulated stream. epochs: None for --epochs.
-    Returns (rotation-averaged prediction, plain prediction, training seconds).
+    Returns (model folder, training seconds).
     """
     epochs = epochs or args.epochs
     in_plane = simulation[3] if simulation else True
@@ -105,7 +105,16 @@ def train_and_test(folder, train_entries, amplitudes, ids, test_set, args, augme
         extra = dict(reference=simulation[0], particle_ctf=simulation[1], poses=simulation[2])
     t0 = time.time()
     train(train_entries, amplitudes, ids, out, config, device=args.device, seed=args.seed, **extra)
-    seconds = time.time() - t0
+    return out, time.time() - t0
+
+
+def train_and_test(folder, train_entries, amplitudes, ids, test_set, args, augment, data="particles",
+                   simulation=None, epochs=None):
+    """:func:`train_network`, then predict the test set.
+    Returns (rotation-averaged prediction, plain prediction, training seconds).
+    """
+    out, seconds = train_network(folder, train_entries, amplitudes, ids, args, augment, data, simulation,
+                                 epochs)
     model = load_model(out, args.device)
     plain = predict(model, entries(test_set))
     if not augment or args.rotations < 2:
@@ -140,8 +149,8 @@ def table1(args, folder):
             # The same wall time as the network trained on the truth: a one-epoch run of the
             # stream (rendering the full box costs more than training on the window's crop)
             # gives the number of epochs that fit in it.
-            _, _, probe = train_and_test(folder, entries(tr), tr.amplitudes, np.arange(args.train), te, args,
-                                         epochs=1, **sim)
+            _, probe = train_network(folder, entries(tr), tr.amplitudes, np.arange(args.train), args,
+                                     epochs=1, **sim)
             sim_epochs = max(1, int(seconds // probe))
             sim_pred, _, sim_seconds = train_and_test(folder, entries(tr), tr.amplitudes, np.arange(args.train),
                                                       te, args, epochs=sim_epochs, **sim)
