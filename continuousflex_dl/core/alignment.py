@@ -67,7 +67,7 @@ from typing import Callable, NamedTuple, Optional, Union
 import numpy as np
 import torch
 
-from .geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler, particle_offset_px
+from .geometry import euler_to_matrix, matrix_to_euler, particle_offset_px
 from .nma import default_amplitude_range
 from .projection import fourier_crop, pixel_profiles, project_gaussians
 
