@@ -97,6 +97,37 @@ def test_best_of_each_image():
     np.testing.assert_array_equal(al._best_of_each(score, owner, 3, 2).numpy(), [1, 2, 4, 3, 6, 5])
 
 
+@pytest.mark.parametrize("by", ["product", "fft"])
+def test_global_search_scores_are_real_space_ncc_over_the_shift_window(by, monkeypatch):
+    """Scores, best shifts and anti-correlation of _global_search against a direct real-space
+    computation: NCC of the centred image with the filtered reference circularly displaced by
+    every integer d within the radius, the best d reported as the pose shift -d (RELION)."""
+    if by == "fft":
+        monkeypatch.setattr(al, "SEARCH_GEMM_SHIFTS", -1)
+    rng = np.random.default_rng(4)
+    n, m, p, radius = 16, 5, 70, 2.0
+    images = rng.normal(size=(m, n, n))
+    refs = rng.normal(size=(p, n, n))
+    k = np.hypot(np.fft.fftfreq(n)[:, None], np.fft.rfftfreq(n)[None, :])
+    filt = np.stack([np.cos(20 * k * (i + 1)) for i in range(m)])     # CTF-like, signed, symmetric
+    scores, best, anti = al._global_search(torch.fft.rfft2(torch.tensor(refs, dtype=torch.float32)),
+                                           torch.tensor(images, dtype=torch.float32),
+                                           torch.tensor(filt, dtype=torch.float32), radius)
+    window = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if dx * dx + dy * dy <= (radius + 0.5) ** 2]
+    for i in range(m):
+        img = images[i] - images[i].mean()
+        worst = -np.inf
+        for j in range(p):
+            ref_f = np.fft.irfft2(np.fft.rfft2(refs[j]) * filt[i], s=(n, n))
+            ncc = np.array([np.sum(img * np.roll(ref_f, d, axis=(0, 1))) for d in window])
+            ncc /= np.linalg.norm(img) * np.linalg.norm(ref_f)
+            assert scores[i, j].item() == pytest.approx(ncc.max(), abs=1e-5)
+            dy, dx = window[int(np.argmax(ncc))]
+            assert best[i, j].tolist() == [-dx, -dy]
+            worst = max(worst, -ncc.min())
+        assert anti[i].item() == pytest.approx(worst, abs=1e-5)
+
+
 def test_in_plane_rotation_of_references_matches_psi():
     rng = np.random.default_rng(2)
     coords = rng.normal(scale=5.0, size=(40, 3)) + [5.0, 0.0, 0.0]
