@@ -14,7 +14,7 @@ shifts within 3 px, white noise at SNR 0.1, no CTF) are written as an alignment 
    threads against 2 chunk processes of 1 thread each running at once (target: the
    processes at least as fast);
 4. on paper, for 500,000 particles at the chunk's box on a 10-node, 32-core cluster (one core
-   per chunk job): chunk size (core.chunks.auto_chunk_size), chunks, waves and hours, from
+   per chunk job): chunk size (core.alignment_job.alignment_chunk_size), chunks, waves and hours, from
    the measured CPU seconds per image.
 
 Times are wall-clock on the machine as it is; run it on a quiet machine.
@@ -39,8 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from continuousflex_dl.core.alignment_job import AlignmentJob, chunk_path, run_chunk  # noqa: E402
-from continuousflex_dl.core.chunks import auto_chunk_size  # noqa: E402
+from continuousflex_dl.core.alignment_job import AlignmentJob, alignment_chunk_size, chunk_path, run_chunk  # noqa: E402
 from continuousflex_dl.core.nma import compute_modes  # noqa: E402
 from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms  # noqa: E402
 from continuousflex_dl.core.synthesis import synthesize  # noqa: E402
@@ -157,7 +156,7 @@ def main() -> None:
               f"2 chunk processes of 1 thread at once {t_procs:.1f} s ({t_inproc / t_procs:.2f}x)")
     # 4. On paper: 500,000 particles on 10 nodes x 32 cores, one core per chunk job.
     workers = CLUSTER_NODES * CORES_PER_NODE
-    size = auto_chunk_size(PAPER_SET, workers)
+    size = alignment_chunk_size(PAPER_SET, workers)
     n_chunks = math.ceil(PAPER_SET / size)
     waves = math.ceil(n_chunks / workers)
     hours = waves * (size * cpu_per_image + overhead) / 3600

@@ -10,8 +10,9 @@ from pyworkflow.protocol import STEPS_PARALLEL, params
 
 from .. import convert
 from ..core.alignment import PATH_FALLBACK, PATH_GLOBAL, PATH_SEEDED, PRESETS, AlignmentResult, preset_changes
-from ..core.alignment_job import RESULT_KEYS, AlignmentJob, chunk_path, finished_chunk, gather
-from ..core.chunks import auto_chunk_size, chunk_bounds
+from ..core.alignment_job import (ALIGN_CHUNK_SMALLEST, RESULT_KEYS, AlignmentJob, alignment_chunk_size, chunk_path,
+                                  finished_chunk, gather)
+from ..core.chunks import chunk_bounds
 from ..core.image_model import ImageModel, structure_atom_types
 from ..core.device import cpu_threads_available
 from ..core.structure import centre
@@ -90,9 +91,10 @@ class FlexDLProtAlign(FlexDLProtBase):
                       help="Each chunk is one step, a process of its own (python -m continuousflex_dl "
                            "align-chunk), or a cluster job with 'Use queue for steps'. Threads N "
                            "(Parallelization) run N-1 chunks at the same time. 0: automatic, about 4 "
-                           "chunks per parallel worker, of 20 to 500 particles (fewer than 20 only so that "
-                           "every worker has one); kept on Continue. Continue skips the chunks already done "
-                           "with the same inputs and settings.")
+                           f"chunks per parallel worker, of {ALIGN_CHUNK_SMALLEST} to 500 particles (fewer "
+                           "only so that every worker has one: a chunk process takes about 2 s to start); "
+                           "kept on Continue. Continue skips the chunks already done with the same inputs "
+                           "and settings.")
         self._addDeviceParam(form)
         self._addChunkParallelSection(form)
 
@@ -126,7 +128,7 @@ class FlexDLProtAlign(FlexDLProtBase):
                 return int(plan["chunk_size"])
         except (OSError, ValueError):
             pass
-        return auto_chunk_size(n, self._parallelChunks())
+        return alignment_chunk_size(n, self._parallelChunks())
 
     def _planFile(self) -> str:
         return self._getExtraPath("plan.json")

@@ -80,3 +80,18 @@ def test_auto_chunk_size_gives_every_worker_work_in_bounded_chunks():
     with pytest.raises(ValueError, match="at least 1"):
         auto_chunk_size(10, 0)
 
+
+
+def test_alignment_chunks_are_large_enough_to_pay_for_their_process():
+    from continuousflex_dl.core.alignment_job import ALIGN_CHUNK_SMALLEST, alignment_chunk_size
+    assert alignment_chunk_size(2000, 2) == 250     # about 4 per worker
+    assert alignment_chunk_size(400, 2) == 200      # one per worker, not 8 of 50
+    assert alignment_chunk_size(100, 2) == 50       # a small set: still every worker busy
+    assert alignment_chunk_size(500_000, 320) == 391
+    for n in range(1, 3000, 37):
+        for workers in (1, 2, 3, 8, 32):
+            size = alignment_chunk_size(n, workers)
+            chunks = len(chunk_bounds(n, size))
+            assert chunks >= min(n, workers), (n, workers, size)
+            # smaller than ALIGN_CHUNK_SMALLEST only when that is one share per worker
+            assert size <= 500 and (size >= ALIGN_CHUNK_SMALLEST or size == max(1, n // workers)), (n, workers, size)
