@@ -128,6 +128,25 @@ def test_global_search_scores_are_real_space_ncc_over_the_shift_window(by, monke
         assert anti[i].item() == pytest.approx(worst, abs=1e-5)
 
 
+def test_levenberg_marquardt_step_does_not_depend_on_the_units_of_the_parameters():
+    """Amplitudes in units 1e5 times smaller (as a mode of a 100k-atom assembly moves each atom
+    1/300 of what it moves 4AKE's) scale the damped and the undamped step by 1e5 exactly."""
+    rng = np.random.default_rng(0)
+    j = torch.tensor(rng.normal(size=(2, 50, 9)))
+    r = torch.tensor(rng.normal(size=(2, 50)))
+    unit = torch.tensor([1e-5] * 3 + [1.0] * 6, dtype=torch.float64)
+    for lam in (0.0, torch.tensor([1e-3, 1.0], dtype=torch.float64)):
+        steps = []
+        for jac in (j, j * unit):
+            jtj, jtr = jac.transpose(1, 2) @ jac, (jac.transpose(1, 2) @ r[..., None])[..., 0]
+            steps.append(al._scaled_solve(jtj, jtr, torch.diagonal(jtj, dim1=1, dim2=2), lam))
+        torch.testing.assert_close(steps[1] * unit, steps[0], rtol=1e-7, atol=0)
+    # undamped, it is the least-squares step
+    jtj, jtr = j.transpose(1, 2) @ j, (j.transpose(1, 2) @ r[..., None])[..., 0]
+    torch.testing.assert_close(al._scaled_solve(jtj, jtr, torch.diagonal(jtj, dim1=1, dim2=2), 0.0),
+                               torch.linalg.lstsq(j, r[..., None]).solution[..., 0], rtol=1e-6, atol=1e-9)
+
+
 def test_in_plane_rotation_of_references_matches_psi():
     rng = np.random.default_rng(2)
     coords = rng.normal(scale=5.0, size=(40, 3)) + [5.0, 0.0, 0.0]
