@@ -111,11 +111,12 @@ class AlignConfig:
         this angle about the image axes and its in-plane flip (psi + 180 deg, the pose a
         network most often confuses); seed_starts: how many of those four, the best matches of
         the image as they stand, it refines (1: 96 network-like seeds at 128 px, SNR 0.1, gave
-        the same MAE as 2, 3.01 Å, at 0.024 instead of 0.030 CPU s per image); seed_fallback_mads: a seeded particle whose score falls
-        this many robust standard deviations below the median score of the particles aligned
-        by the global path, and below the lowest of them, takes the global path too (the
-        spread: 1.4826 MAD of those scores, or, if larger, 1.4826 times the median excess of
-        the seeded scores above that median, which poor seeds, scoring low, leave alone);
+        the same MAE as 2, 3.01 Å, at 0.024 instead of 0.030 CPU s per image);
+        seed_fallback_mads: a seeded particle whose score falls this many robust standard
+        deviations below the median score of the particles aligned by the global path, and
+        below the lowest of them, takes the global path too (the spread: 1.4826 MAD of those
+        scores, or, if larger, 1.4826 times the median excess of the seeded scores above that
+        median, which poor seeds, scoring low, leave alone);
         seed_reference: how many particles of the set at most take the global path to give that
         score distribution (a twentieth of the set, at least 8; :func:`reference_count`).
     """
@@ -1166,8 +1167,7 @@ def _refine_chunk(model: _Model, images, filt, rot, q, shifts, q_lo, q_hi, max_s
     for _ in range(iters):
         # The decrease of the cost the undamped Gauss-Newton step predicts, in noise variances.
         jtj, jtr, cost = fit.jtj[active], fit.jtr[active], fit.cost[active]
-        diag = torch.diagonal(jtj, dim1=1, dim2=2)
-        step = _scaled_solve(jtj, jtr, diag, 0.0)
+        step = _scaled_solve(jtj, jtr, 0.0)
         pred = (step * jtr).sum(1) / (cost / dof + 1e-30)
         finishing = (pred < finish) & (pred < FINISH_CONTRACTION * last_gain[active])
         if bool(finishing.any()):
@@ -1177,11 +1177,11 @@ def _refine_chunk(model: _Model, images, filt, rot, q, shifts, q_lo, q_hi, max_s
             for kept, new in zip(fit, fit.select(last).step(delta)):
                 kept[last] = new
         near = finishing | (pred < CONVERGED_CHI2)
-        active, jtj, jtr, cost, diag = active[~near], jtj[~near], jtr[~near], cost[~near], diag[~near]
+        active, jtj, jtr, cost = active[~near], jtj[~near], jtr[~near], cost[~near]
         if active.numel() == 0:
             break
         a = active
-        delta = _scaled_solve(jtj, jtr, diag, lam[a]).to(images.dtype)
+        delta = _scaled_solve(jtj, jtr, lam[a]).to(images.dtype)
         q_t, rot_t, s_t, _ = _take_step(delta, q[a], rot[a], shifts[a], q_lo, q_hi, max_shift)
         trial = _system(model, images[a], None if filt is None else filt[a], rot_t, q_t, s_t)
         better = trial.cost < cost
@@ -1197,17 +1197,23 @@ def _refine_chunk(model: _Model, images, filt, rot, q, shifts, q_lo, q_hi, max_s
     return rot, q, shifts, fit
 
 
-def _scaled_solve(jtj: torch.Tensor, jtr: torch.Tensor, diag: torch.Tensor, lam) -> torch.Tensor:
+def _curvature_units(curvature: torch.Tensor) -> torch.Tensor:
+    """The units (B, D) ``u = sqrt(diag(curvature))`` of curvature matrices (B, D, D) that give
+    every parameter unit curvature: ``curvature / (u_i u_j)`` has ones on its diagonal, and
+    tests and floors on it do not depend on the parameters' units."""
+    return torch.sqrt(torch.diagonal(curvature, dim1=1, dim2=2)).clamp_min(1e-150)
+
+
+def _scaled_solve(jtj: torch.Tensor, jtr: torch.Tensor, lam) -> torch.Tensor:
     """Levenberg-Marquardt steps (B, D): ``(JtJ + (lam + 1e-9) diag(JtJ)) step = Jtr``, solved in
     the parameters scaled to unit curvature, so the damping and its floor act alike on every
     parameter whatever its unit. (A floor of 1e-9 times the largest diagonal, as before, held
     back the amplitudes of large assemblies: at 60 copies of 4AKE, 1 Å of a mode moves each
     atom by 1/300 Å, and the final refinement crept to its iteration limit in steps of 25 %.)"""
-    d = torch.sqrt(diag).clamp_min(1e-150)                                    # (B, D)
-    scaled = jtj / (d[:, :, None] * d[:, None, :])
+    d = _curvature_units(jtj)                                                 # (B, D)
     lam = torch.as_tensor(lam, dtype=jtj.dtype, device=jtj.device).reshape(-1, 1, 1)
     eye = torch.eye(jtj.shape[1], dtype=jtj.dtype, device=jtj.device)
-    return torch.linalg.solve(scaled + (lam + 1e-9) * eye, jtr / d) / d
+    return torch.linalg.solve(jtj / (d[:, :, None] * d[:, None, :]) + (lam + 1e-9) * eye, jtr / d) / d
 
 
 def _take_step(delta, q, rot, shifts, q_lo, q_hi, max_shift):
@@ -1307,8 +1313,8 @@ def _laplace_std(model: _Model, images: torch.Tensor, filt: torch.Tensor, rot, q
         # In the parameters scaled to unit Gauss-Newton curvature, so that the tests below do
         # not depend on their units (at 60 copies of 4AKE an amplitude's curvature is 1e-9 of
         # a rotation's).
-        unit = torch.sqrt(torch.diagonal(gn, dim1=1, dim2=2)).clamp_min(1e-150)
-        unit = unit[:, :, None] * unit[:, None, :]
+        u = _curvature_units(gn)
+        unit = u[:, :, None] * u[:, None, :]
         curved = torch.linalg.eigvalsh(hess / unit)[:, 0] > 1e-9
         h = torch.where(curved[:, None, None], hess, gn) / unit
         eye = torch.eye(d, dtype=h.dtype, device=h.device)

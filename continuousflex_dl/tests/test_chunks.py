@@ -81,7 +81,6 @@ def test_auto_chunk_size_gives_every_worker_work_in_bounded_chunks():
         auto_chunk_size(10, 0)
 
 
-
 def test_alignment_chunks_are_large_enough_to_pay_for_their_process():
     from continuousflex_dl.core.alignment_job import ALIGN_CHUNK_SMALLEST, alignment_chunk_size
     assert alignment_chunk_size(2000, 2) == 250     # about 4 per worker
