@@ -160,12 +160,16 @@ def test_in_plane_rotation_of_references_matches_psi():
     assert np.all(al.normalised_cross_correlation(rotated, direct).numpy() > 0.99)
 
 
-def test_model_jacobian_matches_autograd():
+@pytest.mark.parametrize("box, pixel_size, edge", [(11, 2.5, 0.0), (48, 1.0, 0.0), (40, 1.0, 19.0)])
+def test_model_jacobian_matches_autograd(box, pixel_size, edge):
+    # 48 px: the profiles are windowed and the atoms reach about half of each axis (the
+    # products are formed there only); 40 px: one atom reaches the edge of the box.
     rng = np.random.default_rng(0)
     c = rng.normal(scale=5, size=(20, 3))
+    c[0] *= 1 + edge / np.linalg.norm(c[0])
     modes = rng.normal(size=(2, 20, 3))
     modes /= np.linalg.norm(modes.reshape(2, -1), axis=1)[:, None, None]
-    model = al._Model(c, modes, np.full(20, 1.3), np.ones(20), 11, 2.5, "cpu", torch.float64)
+    model = al._Model(c, modes, np.full(20, 1.3), np.ones(20), box, pixel_size, "cpu", torch.float64)
     rot = torch.tensor(random_rotations(3, rng))
     q = torch.tensor(rng.normal(size=(3, 2)) * 3)
     s = torch.tensor(rng.normal(size=(3, 2)))
@@ -457,21 +461,24 @@ def test_working_size_model_counts_the_information_of_the_cropped_images():
     assert np.all(match[True] > match[False]) and np.all(match[True] > 0.995), match
 
 
-def test_observed_hessian_matches_autograd():
+@pytest.mark.parametrize("box, pixel_size", [(16, 1.5), (40, 1.0)])
+def test_observed_hessian_matches_autograd(box, pixel_size):
     """The Laplace uncertainty's observed Hessian (Gauss-Newton part, the residual's curvature
     through _Model.curvature, the scale and offset profiled) equals autograd's Hessian of the
-    profiled cost, so the standard deviations are those of 2 s^2 H^-1 with the exact H."""
+    profiled cost, so the standard deviations are those of 2 s^2 H^-1 with the exact H. At
+    40 px the atoms reach part of the image, where the curvature's products are formed."""
     rng = np.random.default_rng(7)
     c = rng.normal(scale=5, size=(25, 3))
     modes = rng.normal(size=(2, 25, 3))
     modes /= np.linalg.norm(modes.reshape(2, -1), axis=1)[:, None, None]
-    model = al._Model(c, modes, np.full(25, 1.3), rng.uniform(0.5, 1.5, 25), 16, 1.5, "cpu", torch.float64)
+    model = al._Model(c, modes, np.full(25, 1.3), rng.uniform(0.5, 1.5, 25), box, pixel_size, "cpu",
+                      torch.float64)
     rot = torch.tensor(random_rotations(3, rng))
     q, s = torch.tensor(rng.normal(size=(3, 2)) * 3), torch.tensor(rng.normal(size=(3, 2)))
     ctf = CTFParams(defocus_u=np.array([8000.0, 12000.0, 9000.0]), defocus_v=np.array([7000.0, 12000.0, 9500.0]),
                     defocus_angle=np.array([30.0, 0.0, 75.0]))
-    filt = al._filters(ctf, 3, 16, 1.5, "cpu", torch.float64)
-    img = al._apply_filter(model.project(rot, q + 0.5, s - 0.2), filt) + torch.tensor(rng.normal(size=(3, 16, 16))) * 0.02
+    filt = al._filters(ctf, 3, box, pixel_size, "cpu", torch.float64)
+    img = al._apply_filter(model.project(rot, q + 0.5, s - 0.2), filt) + torch.tensor(rng.normal(size=(3, box, box))) * 0.02
 
     def cost(theta):  # the profiled cost at parameters theta (3, 7) away from (rot, q, s)
         p = al._apply_filter(model.project(al._rodrigues(theta[:, 2:5]) @ rot, q + theta[:, :2], s + theta[:, 5:7]), filt)
@@ -481,7 +488,7 @@ def test_observed_hessian_matches_autograd():
 
     full = torch.autograd.functional.hessian(lambda t: cost(t).sum(), torch.zeros(3, 7, dtype=torch.float64))
     auto = torch.stack([full[b, :, b, :] for b in range(3)])
-    n_dof = al._noise_dof(16) - 7 - 2
+    n_dof = al._noise_dof(box) - 7 - 2
     want = torch.sqrt(torch.diagonal(torch.linalg.inv(auto), dim1=1, dim2=2) * 2 * cost(torch.zeros(3, 7, dtype=torch.float64))[:, None] / n_dof)
     got = al._laplace_std(model, img, filt, rot, q, s)
     assert torch.allclose(got, want, rtol=1e-6), (got, want)
