@@ -1000,6 +1000,11 @@ class _Model:
         self.sigma_px = torch.as_tensor(sigma, dtype=dtype, device=device) / pixel_size
         self.weights = torch.as_tensor(weights, dtype=dtype, device=device)
         self.box, self.pixel_size = int(box), float(pixel_size)
+        # The parameters that move the atoms along y (all but a rotation about y and a shift in
+        # x) and along x (all but a rotation about x and a shift in y): the Jacobian's columns.
+        k, d = self.modes.shape[0], self.modes.shape[0] + 5
+        self._on_y = torch.as_tensor([i for i in range(d) if i not in (k + 1, k + 3)], device=device)
+        self._on_x = torch.as_tensor([i for i in range(d) if i not in (k, k + 4)], device=device)
 
     @property
     def n_params(self) -> int:
@@ -1030,9 +1035,7 @@ class _Model:
         # px alone; about y or in x, py), in blocks of problems whose right factors (N, E, n)
         # stay in the cache (on a CPU: a block of 16 problems took twice the time per problem).
         b, d, n, n_atoms = dpx.shape[0], dpx.shape[1], self.box, dpx.shape[2]
-        k = d - 5
-        on_y = torch.as_tensor([i for i in range(d) if i not in (k + 1, k + 3)], device=gx.device)
-        on_x = torch.as_tensor([i for i in range(d) if i not in (k, k + 4)], device=gx.device)
+        on_y, on_x = self._on_y, self._on_x
         e = len(on_y)
         wy, wx = (self.weights * dpy[:, on_y]).transpose(1, 2), (self.weights * dpx[:, on_x]).transpose(1, 2)
         # The products are formed only over the rows and columns the block's atoms reach (the
