@@ -492,7 +492,8 @@ class Aligner:
         cfg = self.config
         r1, q1, s1, fit1 = _refine(self.search.model, img_s[owner], (filt_s * self._search_lowpass())[owner],
                                    rot0, q0, s0, self.q_lo, self.q_hi,
-                                   self.search.max_shift(cfg.max_shift_px, 1.1), iters, chunk=64)
+                                   self.search.max_shift(cfg.max_shift_px, 1.1), iters,
+                                   chunk=self.search.model.problems_at_once(64))
         keep = min(keep, int(torch.bincount(owner, minlength=mb).min()))
         sel = _best_of_each(fit1.ncc, owner, mb, keep)
         return owner[sel], r1[sel], q1[sel], s1[sel]
@@ -526,7 +527,7 @@ class Aligner:
             owner, rot1, q1, s_work = owner[sel], rot1[sel], q1[sel], s_work[sel]
         r2, q2, s2, fit = _refine(self.work.model, img_w[owner], filt_w[owner], rot1, q1, s_work,
                                   self.q_lo, self.q_hi, self.work.max_shift(cfg.max_shift_px, 1.1),
-                                  cfg.refine_iters, chunk=16, finish=FINISH_CHI2)
+                                  cfg.refine_iters, chunk=self.work.model.problems_at_once(16), finish=FINISH_CHI2)
         best = _best_of_each(fit.ncc, owner, mb, 1)
         return r2[best], q2[best], s2[best], fit.select(best)
 
@@ -536,7 +537,8 @@ class Aligner:
         degrees (the RMS length of the three axis-angle components), shift_std (M,) px of the
         input images."""
         k = self.k
-        std = _laplace_std(self.work.model, img_w, filt_w, rot, q, s_work, fit).cpu().numpy()
+        std = _laplace_std(self.work.model, img_w, filt_w, rot, q, s_work, fit,
+                           chunk=self.work.model.problems_at_once(16)).cpu().numpy()
         angle = np.degrees(np.sqrt((std[:, k:k + 3] ** 2).sum(1)))
         shift = np.sqrt((std[:, k + 3:k + 5] ** 2).sum(1)) * (self.box / self.work.size)
         return {"amplitude_std": std[:, :k], "angle_std": angle, "shift_std": shift}
@@ -985,10 +987,13 @@ def coarse_grain(coords: np.ndarray, modes: np.ndarray, sigma: np.ndarray, weigh
 #: intermediate products at a time (about a problem of 1,700 atoms at 64 px).
 JACOBIAN_BLOCK_BYTES = 4 << 20
 
-#: On a CPU, :meth:`_Model.project` draws as many problems at a time as keep their two pixel
-#: profiles within this many bytes: 4AKE at 64 px (1,656 atoms), 0.66 ms per projection in
-#: blocks of 4 against 1.98 ms for 512 at once (one Intel Xeon thread).
-PROJECTION_BLOCK_BYTES = 4 << 20
+#: On a CPU, projections (:meth:`_Model.project`), refinements and the uncertainty take as many
+#: problems at a time as keep two of their pixel profiles, (B, N, n) float32 each, within this
+#: many bytes (:meth:`_Model.problems_at_once`), so they stay in the cache between the steps
+#: that make and use them. 4AKE at 64 px (1,656 atoms), blocks of 4 instead of 16 or 512 (one
+#: Intel Xeon thread): a projection 1.98 (512) -> 0.66 ms, an evaluation of the least-squares
+#: state 4.2 -> 2.9 ms, the residual's curvature 4.7 -> 2.5 ms.
+PROFILE_BLOCK_BYTES = 4 << 20
 
 
 class _Model:
@@ -1010,11 +1015,18 @@ class _Model:
     def n_params(self) -> int:
         return self.modes.shape[0] + 5
 
+    def problems_at_once(self, most: int) -> int:
+        """How many problems (poses) to draw or refine together, at most ``most`` (all of them
+        on a GPU): on a CPU, as many as keep two pixel profiles within :data:`PROFILE_BLOCK_BYTES`."""
+        if self.coords.is_cuda:
+            return max(1, int(most))
+        return max(1, min(int(most), PROFILE_BLOCK_BYTES // (8 * self.coords.shape[0] * self.box)))
+
     def project(self, rot, q, shifts):
         """(B, box, box) projections for rotations (B,3,3), amplitudes (B,K), shifts (B,2) px.
-        On a CPU in blocks whose pixel profiles stay in the cache (:data:`PROJECTION_BLOCK_BYTES`)."""
-        n_atoms, b = self.coords.shape[0], rot.shape[0]
-        block = b if self.coords.is_cuda else max(1, PROJECTION_BLOCK_BYTES // (8 * n_atoms * self.box))
+        In blocks of :meth:`problems_at_once`."""
+        b = rot.shape[0]
+        block = self.problems_at_once(b)
         out = []
         for b0 in range(0, b, block):
             sl = slice(b0, b0 + block)
