@@ -208,10 +208,10 @@ run_chunk = AlignmentJob.run_folder_chunk
 
 
 #: Automatic alignment chunks hold at least this many particles when the set leaves every
-#: worker one: a chunk process starts in about 1.6 s (``import torch``, 1.56 s, nearly all
-#: of it), at most 5 % of a chunk of 242 particles at 128 px and 0.14 CPU s per image (2
+#: worker one: a chunk process starts in about 1.5 s (``import torch``, 1.50 s, nearly all
+#: of it), at most 5 % of a chunk of 279 particles at 128 px and 0.114 CPU s per image (2
 #: Intel Xeon cores, bench/bench_align_chunk.py); chunks of 20 spent 36 % of their time so.
-ALIGN_CHUNK_SMALLEST = 250
+ALIGN_CHUNK_SMALLEST = 300
 
 
 def alignment_chunk_size(n: int, workers: int) -> int:
