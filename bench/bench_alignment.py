@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from figures import report  # noqa: E402
-from continuousflex_dl.core.alignment import align_particles  # noqa: E402
+from continuousflex_dl.core.alignment import AlignConfig, align_particles  # noqa: E402
 from continuousflex_dl.core.geometry import angular_distance_deg, random_rotations  # noqa: E402
 from continuousflex_dl.core.nma import compute_modes  # noqa: E402
 from continuousflex_dl.core.projection import project_gaussians  # noqa: E402
@@ -122,12 +122,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--modes", type=int, nargs="+", default=[7, 8, 9], help="mode numbers (1-based)")
     ap.add_argument("--amp-range", type=float, default=250.0, help="amplitudes searched in +-this Å")
     ap.add_argument("--max-shift", type=float, default=5.0, help="true shifts uniform in +-this px")
-    ap.add_argument("--working-size", type=int, default=64)
-    ap.add_argument("--search-size", type=int, default=32)
-    ap.add_argument("--angular-step", type=float, default=15.0)
-    ap.add_argument("--candidates", type=int, default=6)
-    ap.add_argument("--final", type=int, default=2)
-    ap.add_argument("--refine-iters", type=int, default=15)
+    normal = AlignConfig()  # the protocol's default effort
+    ap.add_argument("--working-size", type=int, default=normal.working_size, help="px of the final refinement")
+    ap.add_argument("--search-size", type=int, default=normal.search_size, help="px of the global search")
+    ap.add_argument("--angular-step", type=float, default=normal.angular_step_deg, help="degrees")
+    ap.add_argument("--candidates", type=int, default=normal.n_candidates, help="poses refined per image")
+    ap.add_argument("--final", type=int, default=normal.n_final, help="of those, refined at the working size")
+    ap.add_argument("--refine-iters", type=int, default=normal.refine_iters)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
