@@ -1007,7 +1007,7 @@ class _Model:
         self.box, self.pixel_size = int(box), float(pixel_size)
         # The parameters that move the atoms along y (all but a rotation about y and a shift in
         # x) and along x (all but a rotation about x and a shift in y): the Jacobian's columns.
-        k, d = self.modes.shape[0], self.modes.shape[0] + 5
+        k, d = self.modes.shape[0], self.n_params
         self._on_y = torch.as_tensor([i for i in range(d) if i not in (k + 1, k + 3)], device=device)
         self._on_x = torch.as_tensor([i for i in range(d) if i not in (k, k + 4)], device=device)
 
