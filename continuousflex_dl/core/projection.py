@@ -23,7 +23,7 @@ import torch
 
 from .geometry import particle_offset_px
 
-__all__ = ["fourier_crop", "project_gaussians", "density_map", "pixel_profiles"]
+__all__ = ["fourier_crop", "project_gaussians", "density_map", "pixel_profiles", "profile_reach"]
 
 ArrayLike = Union[np.ndarray, torch.Tensor, float]
 
@@ -40,21 +40,38 @@ def _coords_tensor(coords) -> torch.Tensor:
 
 
 def pixel_profiles(positions: torch.Tensor, box: int, sigma_px: torch.Tensor,
-                   derivative: Union[bool, int] = False):
+                   derivative: bool = False, pixels: Optional[slice] = None):
     """Pixel-integrated 1-D Gaussian profiles.
 
     positions: (..., N) centres in pixel coordinates (pixel ``i`` covers ``[i - 1/2, i + 1/2]``);
     sigma_px: (N,) or broadcastable widths in pixels (> 0).
     Returns ``G`` (..., N, box) with ``G[..., n, i]`` the integral over pixel ``i`` of a
-    unit Gaussian centred at ``positions[..., n]``; with ``derivative=True`` (or 1) also
-    ``dG/dposition`` of the same shape, with ``derivative=2`` also ``d2G/dposition2``.
+    unit Gaussian centred at ``positions[..., n]``; with ``derivative=True`` also
+    ``dG/dposition`` of the same shape. pixels: only these pixels (a slice of the box, e.g.
+    :func:`profile_reach`), the last axis their length.
     """
+    first, stop = (0, box) if pixels is None else (pixels.start, pixels.stop)
     inv = 1.0 / (sigma_px * math.sqrt(2.0))
-    half = int(math.ceil(WINDOW_SIGMAS * float(torch.max(sigma_px.detach())))) + 1
+    half = _window_half(sigma_px)
     if 2 * half + 1 < box:
-        return _windowed_profiles(positions, box, inv, half, derivative)
-    return _profiles_on(torch.arange(box + 1, dtype=positions.dtype, device=positions.device) - 0.5,
+        return _windowed_profiles(positions, first, stop, inv, half, derivative)
+    return _profiles_on(torch.arange(first, stop + 1, dtype=positions.dtype, device=positions.device) - 0.5,
                         positions[..., None], inv[..., None], derivative)
+
+
+def profile_reach(positions: torch.Tensor, box: int, sigma_px: torch.Tensor) -> slice:
+    """The pixels (a slice of the box) beyond which every profile of :func:`pixel_profiles` at
+    ``positions`` is zero (all of them where the profiles are not windowed)."""
+    half = _window_half(sigma_px)
+    if 2 * half + 1 >= box or positions.numel() == 0:
+        return slice(0, box)
+    c = torch.round(torch.stack([positions.min(), positions.max()])).tolist()
+    return slice(min(box, max(0, int(c[0]) - half)), max(0, min(box, int(c[1]) + half + 1)))
+
+
+def _window_half(sigma_px: torch.Tensor) -> int:
+    """Half the width (px) of the window in which profiles are evaluated (:data:`WINDOW_SIGMAS`)."""
+    return int(math.ceil(WINDOW_SIGMAS * float(torch.max(sigma_px.detach())))) + 1
 
 
 #: Profiles are evaluated within this many widths of each centre (the Gaussian mass
@@ -62,37 +79,34 @@ def pixel_profiles(positions: torch.Tensor, box: int, sigma_px: torch.Tensor,
 WINDOW_SIGMAS = 6.0
 
 
-def _profiles_on(edges: torch.Tensor, positions: torch.Tensor, inv: torch.Tensor, derivative: int):
+def _profiles_on(edges: torch.Tensor, positions: torch.Tensor, inv: torch.Tensor, derivative: bool):
     """Integrals of unit Gaussians (centres ``positions``, ``inv = 1 / (sigma sqrt 2)``) between
-    consecutive ``edges`` (broadcast; last axis = edges), and their first (``derivative`` >= 1)
-    and second (``derivative`` = 2) derivatives in position: a tuple then."""
+    consecutive ``edges`` (broadcast; last axis = edges), and with ``derivative`` their
+    derivatives in position: a pair then."""
     t = (edges - positions) * inv
     cdf = torch.erf(t)
     g = 0.5 * (cdf[..., 1:] - cdf[..., :-1])
     if not derivative:
         return g
-    # d/dp 0.5 erf((e - p) / (s sqrt 2)) = -exp(-t^2) / (s sqrt(2 pi)) = -pdf; d(pdf)/dp = 2 t inv pdf.
+    # d/dp 0.5 erf((e - p) / (s sqrt 2)) = -exp(-t^2) / (s sqrt(2 pi)) = -pdf.
     pdf = torch.exp(-t * t) * (inv / math.sqrt(math.pi))
-    dg = -(pdf[..., 1:] - pdf[..., :-1])
-    if derivative == 1:
-        return g, dg
-    slope = 2 * inv * t * pdf
-    return g, dg, -(slope[..., 1:] - slope[..., :-1])
+    return g, -(pdf[..., 1:] - pdf[..., :-1])
 
 
-def _windowed_profiles(positions: torch.Tensor, box: int, inv: torch.Tensor, half: int,
-                       derivative: int = 0):
-    """:func:`pixel_profiles` evaluated only on the 2 * half + 1 pixels around each centre
-    (erf and exp are the cost of projection; this evaluates ~10 instead of box + 1 per atom)."""
+def _windowed_profiles(positions: torch.Tensor, first: int, stop: int, inv: torch.Tensor, half: int,
+                       derivative: bool = False):
+    """:func:`pixel_profiles` on pixels ``first`` to ``stop - 1``, evaluated only on the
+    2 * half + 1 pixels around each centre (erf and exp are the cost of projection; this
+    evaluates ~10 instead of box + 1 per atom)."""
     k = torch.arange(-half, half + 2, dtype=positions.dtype, device=positions.device)
     c = torch.round(positions)
     values = _profiles_on(c[..., None] + (k - 0.5), positions[..., None], inv[..., None], derivative)
-    idx = c[..., None].long() + k[:-1].long()
-    inside = (idx >= 0) & (idx < box)
-    idx = idx.clamp_(0, box - 1)
+    idx = c[..., None].long() + (k[:-1].long() - first)
+    inside = (idx >= 0) & (idx < stop - first)
+    idx = idx.clamp_(0, max(stop - first - 1, 0))
     out = []
     for v in (values if derivative else (values,)):
-        full = torch.zeros(positions.shape + (box,), dtype=positions.dtype, device=positions.device)
+        full = torch.zeros(positions.shape + (stop - first,), dtype=positions.dtype, device=positions.device)
         out.append(full.scatter_add_(-1, idx, v * inside))
     return tuple(out) if derivative else out[0]
 

@@ -131,3 +131,25 @@ def test_windowed_profiles_equal_the_full_evaluation():
     np.testing.assert_allclose(fast.numpy(), full, atol=1e-9, rtol=0)
     np.testing.assert_allclose(g.numpy(), full, atol=1e-9, rtol=0)
     np.testing.assert_allclose(dg.numpy(), -np.diff(pdf, axis=-1), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("spread", [10.0, 80.0])
+def test_profiles_on_their_reach_are_the_box_profiles_there(spread):
+    """profile_reach bounds the pixels where any profile reaches 1e-9 of scipy's full
+    evaluation, and profiles drawn on those pixels alone equal the box's there (atoms in a
+    corner of the box, and atoms over all of it and beyond)."""
+    from scipy.special import erf
+    from continuousflex_dl.core.projection import pixel_profiles, profile_reach
+    gen = torch.Generator().manual_seed(1)
+    pos = torch.rand(3, 40, generator=gen, dtype=torch.float64) * spread + 5
+    sigma = torch.rand(40, generator=gen, dtype=torch.float64) * 0.8 + 0.4
+    reach = profile_reach(pos, 64, sigma)
+    t = (np.arange(65) - 0.5 - pos.numpy()[..., None]) / (sigma.numpy()[:, None] * np.sqrt(2))
+    full = 0.5 * np.diff(erf(t), axis=-1)
+    used = np.flatnonzero(np.abs(full).max(axis=(0, 1)) > 1e-9)
+    assert reach.start <= used[0] and used[-1] < reach.stop, (reach, used[[0, -1]])
+    assert (reach.stop - reach.start < 64) == (spread < 50), reach
+    g, dg = pixel_profiles(pos, 64, sigma, derivative=True, pixels=reach)
+    box_g, box_dg = pixel_profiles(pos, 64, sigma, derivative=True)
+    np.testing.assert_array_equal(g.numpy(), box_g[..., reach].numpy())
+    np.testing.assert_array_equal(dg.numpy(), box_dg[..., reach].numpy())
