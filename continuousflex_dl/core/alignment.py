@@ -493,7 +493,7 @@ class Aligner:
         r1, q1, s1, fit1 = _refine(self.search.model, img_s[owner], (filt_s * self._search_lowpass())[owner],
                                    rot0, q0, s0, self.q_lo, self.q_hi,
                                    self.search.max_shift(cfg.max_shift_px, 1.1), iters,
-                                   chunk=self.search.model.problems_at_once(64))
+                                   chunk=REFINED_AT_ONCE[0])
         keep = min(keep, int(torch.bincount(owner, minlength=mb).min()))
         sel = _best_of_each(fit1.ncc, owner, mb, keep)
         return owner[sel], r1[sel], q1[sel], s1[sel]
@@ -527,7 +527,7 @@ class Aligner:
             owner, rot1, q1, s_work = owner[sel], rot1[sel], q1[sel], s_work[sel]
         r2, q2, s2, fit = _refine(self.work.model, img_w[owner], filt_w[owner], rot1, q1, s_work,
                                   self.q_lo, self.q_hi, self.work.max_shift(cfg.max_shift_px, 1.1),
-                                  cfg.refine_iters, chunk=self.work.model.problems_at_once(16), finish=FINISH_CHI2)
+                                  cfg.refine_iters, chunk=REFINED_AT_ONCE[1], finish=FINISH_CHI2)
         best = _best_of_each(fit.ncc, owner, mb, 1)
         return r2[best], q2[best], s2[best], fit.select(best)
 
@@ -538,7 +538,7 @@ class Aligner:
         (M,) px of the input images."""
         k = self.k
         if fit is None:
-            chunk = self.work.model.problems_at_once(16)
+            chunk = REFINED_AT_ONCE[1]
             parts = [_system(self.work.model, img_w[b0:b0 + chunk], filt_w[b0:b0 + chunk], rot[b0:b0 + chunk],
                              q[b0:b0 + chunk], s_work[b0:b0 + chunk]) for b0 in range(0, len(q), chunk)]
             fit = _Fit(*(torch.cat(x) for x in zip(*parts)))
@@ -991,13 +991,20 @@ def coarse_grain(coords: np.ndarray, modes: np.ndarray, sigma: np.ndarray, weigh
 #: intermediate products at a time (about a problem of 1,700 atoms at 64 px).
 JACOBIAN_BLOCK_BYTES = 4 << 20
 
-#: On a CPU, projections (:meth:`_Model.project`), refinements and the uncertainty take as many
-#: problems at a time as keep two of their pixel profiles, (B, N, n) float32 each, within this
-#: many bytes (:meth:`_Model.problems_at_once`), so they stay in the cache between the steps
-#: that make and use them. 4AKE at 64 px (1,656 atoms), blocks of 4 instead of 16 or 512 (one
-#: Intel Xeon thread): a projection 1.98 (512) -> 0.66 ms, an evaluation of the least-squares
-#: state 4.2 -> 2.9 ms.
+#: On a CPU, projections (:meth:`_Model.project`) take as many problems at a time as keep two
+#: of their pixel profiles, (B, N, n) float32 each, within this many bytes
+#: (:meth:`_Model.problems_at_once`), so they stay in the cache between the steps that make and
+#: use them. 4AKE at 64 px (1,656 atoms), blocks of 4 instead of 512 (one Intel Xeon thread):
+#: a projection 1.98 -> 0.66 ms.
 PROFILE_BLOCK_BYTES = 4 << 20
+
+#: Problems refined together (Levenberg-Marquardt's steps batched over them) at the search and
+#: at the working size. The Jacobian draws its profiles in blocks of its own
+#: (:data:`JACOBIAN_BLOCK_BYTES`), so these bound only the memory (the derivatives, (D, n, n)
+#: float32 per problem) and spread the per-step work of the solver: 16 instead of 4 problems at
+#: 64 px took the seeded path of 256 particles from 17.8 to 14.2 ms per image (best of 4, one
+#: AMD EPYC thread).
+REFINED_AT_ONCE = (64, 16)
 
 
 class _Model:
@@ -1020,8 +1027,8 @@ class _Model:
         return self.modes.shape[0] + 5
 
     def problems_at_once(self, most: int) -> int:
-        """How many problems (poses) to draw or refine together, at most ``most`` (all of them
-        on a GPU): on a CPU, as many as keep two pixel profiles within :data:`PROFILE_BLOCK_BYTES`."""
+        """How many problems (poses) to project together, at most ``most`` (all of them on a
+        GPU): on a CPU, as many as keep two pixel profiles within :data:`PROFILE_BLOCK_BYTES`."""
         if self.coords.is_cuda:
             return max(1, int(most))
         return max(1, min(int(most), PROFILE_BLOCK_BYTES // (8 * self.coords.shape[0] * self.box)))
