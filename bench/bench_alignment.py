@@ -209,6 +209,8 @@ def main(argv=None) -> dict:
             "seeded_paths": {"global (reference)": int(np.sum(sres.path == PATH_GLOBAL)),
                              "seeded": int(np.sum(sres.path == PATH_SEEDED)),
                              "seeded then global": int(np.sum(sres.path == PATH_FALLBACK))},
+            "seeded_uncertainty_coverage_1.96sigma": round(float(np.mean(s_err < 1.96 * sres.amplitude_std)), 3),
+            "seeded_median_amplitude_std": round(float(np.median(sres.amplitude_std)), 3),
             "seeded_cpu_s_per_image": round(s_cpu / args.n, 3),
             "seeded_speedup_cpu": round(cpu / s_cpu, 2),
             "seed_mae": round(float(np.abs(seeds.amplitudes - q_true).mean()), 3),
