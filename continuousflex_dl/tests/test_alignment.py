@@ -256,6 +256,8 @@ def test_bad_inputs(ake):
     with pytest.raises(ValueError, match="CTF"):
         al.align_particles(img, coords, modes, PIXEL,
                            ctf=CTFParams(defocus_u=np.ones(3) * 5e3, defocus_v=np.ones(3) * 5e3))
+    with pytest.raises(ValueError, match="seed_finish_chi2"):
+        al.align_particles(img, coords, modes, PIXEL, seed_finish_chi2=-1.0)
 
 
 def test_rigid_alignment_without_modes(ake):
@@ -388,6 +390,51 @@ def test_seeded_alignment_keeps_good_seeds_and_replaces_poor_ones(ake):
     assert np.sum(bad.path == al.PATH_FALLBACK) >= 10, bad.path
     mae, ang, _ = _errors(bad, q, rot, shifts)
     assert np.median(ang) < 2.0 and np.median(np.abs(bad.amplitudes - q)) < 4.0, (mae, ang)
+
+
+def test_seeded_path_finishes_on_its_own_threshold(ake, monkeypatch):
+    """The seeded particles' final refinement ends on seed_finish_chi2 (fewer evaluations than
+    run to convergence, its answers within a fraction of a standard deviation of the converged
+    ones), the reference particles' on the global path's FINISH_CHI2 (their answers unchanged)."""
+    coords, modes = ake
+    n = 16
+    ctf = CTFParams(defocus_u=np.full(n, 6000.0), defocus_v=np.full(n, 6000.0))
+    img, q, rot, shifts, scale = _particles(coords, modes, n, seed=5, ctf=ctf, snr=1.0)
+    rng = np.random.default_rng(1)
+    seeds = al.AlignmentResult(amplitudes=q + rng.normal(0, 5, q.shape),
+                               angles=matrix_to_euler(np.einsum("bij,bjk->bik", random_small_rotations(n, 5.0, rng), rot)),
+                               shifts=shifts + rng.normal(0, 0.5, shifts.shape), score=np.zeros(n))
+    kw = dict(ctf=ctf, max_shift_px=2.0, seeds=seeds, seed_reference=8,
+              amplitude_range=np.tile([-1.25 * scale, 1.25 * scale], (3, 1)))
+    state, calls = {"final": False}, []
+    refine_final, system = al.Aligner.refine_final, al._system
+
+    def final(*args, **kwargs):            # counts the evaluations of the final refinement
+        state["final"] = True
+        try:
+            return refine_final(*args, **kwargs)
+        finally:
+            state["final"] = False
+
+    def counting(model_, images, *args):
+        if state["final"]:
+            calls.append(images.shape[0])
+        return system(model_, images, *args)
+
+    monkeypatch.setattr(al.Aligner, "refine_final", final)
+    monkeypatch.setattr(al, "_system", counting)
+    runs, evals = {}, {}
+    for finish in (0.0, al.AlignConfig().seed_finish_chi2):
+        calls.clear()
+        runs[finish] = al.align_particles(img, coords, modes, PIXEL, seed_finish_chi2=finish, **kw)
+        evals[finish] = sum(calls)
+    (conv, fast) = runs.values()
+    ref, seeded = conv.path == al.PATH_GLOBAL, conv.path == al.PATH_SEEDED
+    assert np.sum(ref) == 8 and np.all(fast.path == conv.path)
+    np.testing.assert_array_equal(fast.amplitudes[ref], conv.amplitudes[ref])
+    assert evals[al.AlignConfig().seed_finish_chi2] < evals[0.0], evals
+    z = (fast.amplitudes - conv.amplitudes)[seeded] / conv.amplitude_std[seeded]
+    assert np.sqrt(np.mean(z ** 2)) < 0.3, z
 
 
 def random_small_rotations(n, degrees, rng):
