@@ -546,17 +546,12 @@ class Aligner:
         best = _best_of_each(fit.ncc, owner, mb, 1)
         return r2[best], q2[best], s2[best], fit.select(best)
 
-    def uncertainty(self, img_w, filt_w, rot, q, s_work, fit: Optional[_Fit] = None) -> dict:
+    def uncertainty(self, fit: _Fit) -> dict:
         """The Laplace uncertainty (:func:`_laplace_std`) of each image's answer at the working
-        size (fit: :meth:`refine_final`'s state there, else computed): amplitude_std (M, K) Å,
+        size, from :meth:`refine_final`'s least-squares state there: amplitude_std (M, K) Å,
         angle_std (M,) degrees (the RMS length of the three axis-angle components), shift_std
         (M,) px of the input images."""
         k = self.k
-        if fit is None:
-            chunk = REFINED_AT_ONCE[1]
-            parts = [_system(self.work.model, img_w[b0:b0 + chunk], filt_w[b0:b0 + chunk], rot[b0:b0 + chunk],
-                             q[b0:b0 + chunk], s_work[b0:b0 + chunk]) for b0 in range(0, len(q), chunk)]
-            fit = _Fit(*(torch.cat(x) for x in zip(*parts)))
         std = _laplace_std(fit, self.work.model.n_params, self.work.size).cpu().numpy()
         angle = np.degrees(np.sqrt((std[:, k:k + 3] ** 2).sum(1)))
         shift = np.sqrt((std[:, k + 3:k + 5] ** 2).sum(1)) * (self.box / self.work.size)
@@ -572,7 +567,7 @@ class Aligner:
                                angles=matrix_to_euler(rot.double().cpu().numpy()),
                                shifts=self.work.shifts_input(s_work).double().cpu().numpy(),
                                score=fit.ncc.double().cpu().numpy(),
-                               **self.uncertainty(img_w, filt_w, rot, q, s_work, fit))
+                               **self.uncertainty(fit))
 
     def polish(self, images: ArrayLike, start: AlignmentResult, ctf=None) -> AlignmentResult:
         """The final refinement and the uncertainty alone (:meth:`refine_final`,
