@@ -374,7 +374,7 @@ class Aligner:
         owner, rot1, q1, s1 = self.refine_candidates(img_s, filt_s, owner, rot0, q0, s0, mb, keep=keep, iters=iters)
         return self._final_stages(batch, ctf_b, owner, rot1, q1, s1, mb,
                                   keep=self.config.n_final if seeds is None else None,
-                                  finish=FINISH_CHI2 if seeds is None else self.config.seed_finish_chi2)
+                                  finish=None if seeds is None else self.config.seed_finish_chi2)
 
     def _fall_back(self, imgs, ctf, result: AlignmentResult, path: np.ndarray) -> AlignmentResult:
         """Seeded particles scoring clearly below the global path's scores take the global path.

@@ -538,8 +538,9 @@ def test_laplace_std_is_the_inverse_fisher_information(box, pixel_size):
 
     for b in range(3):
         at = torch.zeros(9, dtype=torch.float64)
-        pf = (lambda p: p - p.mean())(al._apply_filter(model.project(rot[b:b + 1], q[b:b + 1], s[b:b + 1]),
-                                                       filt[b:b + 1]).reshape(-1))
+        at[7] = 1.0
+        pf = mean_image(b, at)                                            # the filtered projection
+        pf = pf - pf.mean()
         im = img[b].reshape(-1)
         at[7] = (pf * (im - im.mean())).sum() / (pf * pf).sum()          # the least-squares scale,
         at[8] = (im - mean_image(b, at)).mean()                          # and offset
