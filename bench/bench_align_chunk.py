@@ -2,7 +2,7 @@
 
 Synthetic 4AKE particles (heavy atoms, modes 7-9 with the paper's amplitudes, random poses,
 shifts within 3 px, white noise at SNR 0.1, no CTF) are written as an alignment job folder
-(core.alignment_job), as the alignment protocol does. Prints and (``--out``) writes as JSON:
+(core.hemnma.alignment_job), as the alignment protocol does. Prints and (``--out``) writes as JSON:
 
 1. the wall time of one chunk of ``--chunk`` particles at ``--box`` px aligned in-process
    with 1 torch thread, and its CPU seconds per image;
@@ -14,7 +14,7 @@ shifts within 3 px, white noise at SNR 0.1, no CTF) are written as an alignment 
    threads against 2 chunk processes of 1 thread each running at once (target: the
    processes at least as fast);
 4. on paper, for 500,000 particles at the chunk's box on a 10-node, 32-core cluster (one core
-   per chunk job): chunk size (core.alignment_job.alignment_chunk_size), chunks, waves and hours, from
+   per chunk job): chunk size (core.hemnma.alignment_job.alignment_chunk_size), chunks, waves and hours, from
    the measured CPU seconds per image.
 
 Times are wall-clock on the machine as it is; run it on a quiet machine.
@@ -39,10 +39,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from continuousflex_dl.core.alignment_job import AlignmentJob, alignment_chunk_size, chunk_path, run_chunk  # noqa: E402
-from continuousflex_dl.core.nma import compute_modes  # noqa: E402
-from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms  # noqa: E402
-from continuousflex_dl.core.synthesis import synthesize  # noqa: E402
+from continuousflex_dl.core.hemnma.alignment_job import AlignmentJob, alignment_chunk_size, chunk_path, run_chunk  # noqa: E402
+from continuousflex_dl.core.modes.nma import compute_modes  # noqa: E402
+from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms  # noqa: E402
+from continuousflex_dl.core.modes.synthesis import synthesize  # noqa: E402
 
 CLUSTER_NODES, CORES_PER_NODE, PAPER_SET = 10, 32, 500_000
 

@@ -1,4 +1,4 @@
-"""Accuracy and speed of HEMNMA alignment (core.alignment) on synthetic 4AKE particles.
+"""Accuracy and speed of HEMNMA alignment (core.hemnma.alignment) on synthetic 4AKE particles.
 
 Particles: adenylate kinase (4AKE chain A, heavy atoms) deformed along ANM modes with the
 DeepHEMNMA paper's amplitudes (q7 = -200 r, q8 = 200 sin(pi r), q9 = 200 cos(pi r), r uniform
@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from figures import report  # noqa: E402
-from continuousflex_dl.core.alignment import AlignConfig, align_particles  # noqa: E402
-from continuousflex_dl.core.geometry import angular_distance_deg, random_rotations  # noqa: E402
-from continuousflex_dl.core.nma import compute_modes  # noqa: E402
-from continuousflex_dl.core.projection import project_gaussians  # noqa: E402
-from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms  # noqa: E402
+from continuousflex_dl.core.hemnma.alignment import AlignConfig, align_particles  # noqa: E402
+from continuousflex_dl.core.imaging.geometry import angular_distance_deg, random_rotations  # noqa: E402
+from continuousflex_dl.core.modes.nma import compute_modes  # noqa: E402
+from continuousflex_dl.core.imaging.projection import project_gaussians  # noqa: E402
+from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms  # noqa: E402
 
 
 def paper_amplitudes(n: int, n_modes: int, rng: np.random.Generator) -> np.ndarray:
@@ -52,7 +52,7 @@ def paper_amplitudes(n: int, n_modes: int, rng: np.random.Generator) -> np.ndarr
 def synthesize(coords, modes, amplitudes, rotations, shifts, box, pixel_size, ctf=None, snr=None,
                rng=None, chunk=32):
     """Particle images (n, box, box) float32: projections of displaced structures, CTF, noise."""
-    from continuousflex_dl.core.ctf import apply_ctf, ctf_image
+    from continuousflex_dl.core.imaging.ctf import apply_ctf, ctf_image
     out = []
     for s in range(0, len(amplitudes), chunk):
         sl = slice(s, s + chunk)
@@ -74,7 +74,7 @@ def cramer_rao_std(coords, modes, amplitudes, rotations, shifts, box, pixel_size
                    chunk=8):
     """(n, K) Å: sqrt of the diagonal of the inverse Fisher information of the amplitudes at the
     true pose, scale known, white noise of variance ``noise_var`` (n,) per pixel."""
-    from continuousflex_dl.core import alignment as al
+    from continuousflex_dl.core.hemnma import alignment as al
     k, n = len(modes), len(amplitudes)
     model = al._Model(coords, modes, np.ones(len(coords)), np.ones(len(coords)), box, pixel_size, "cpu")
     out = np.zeros((n, k))
@@ -100,8 +100,8 @@ def timed(run):
 
 def network_like_seeds(q_true, rot_true, s_true, args, rng):
     """First answers standing for a network's: the truth with Gaussian errors."""
-    from continuousflex_dl.core.alignment import AlignmentResult, _rodrigues
-    from continuousflex_dl.core.geometry import matrix_to_euler
+    from continuousflex_dl.core.hemnma.alignment import AlignmentResult, _rodrigues
+    from continuousflex_dl.core.imaging.geometry import matrix_to_euler
     n = len(q_true)
     axes = rng.normal(size=(n, 3))
     w = axes / np.linalg.norm(axes, axis=1, keepdims=True) * np.radians(args.seed_angle_error)
@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
     s_true = rng.uniform(-args.max_shift, args.max_shift, size=(args.n, 2))
     ctf = None
     if args.defocus_um > 0:
-        from continuousflex_dl.core.ctf import CTFParams
+        from continuousflex_dl.core.imaging.ctf import CTFParams
         ctf = CTFParams(defocus_u=args.defocus_um * 1e4, defocus_v=args.defocus_um * 1e4)
     images = synthesize(coords, modes, q_true, rot_true, s_true, args.size, args.pixel_size, ctf,
                         args.snr, rng)
@@ -168,7 +168,7 @@ def main(argv=None) -> dict:
     amp_err = np.abs(res.amplitudes - q_true)
     ang_err = angular_distance_deg(res.rotations, rot_true)
     sh_err = np.linalg.norm(res.shifts - s_true, axis=1)
-    from continuousflex_dl.core.analysis import mahalanobis_distances, outlier_mask
+    from continuousflex_dl.core.landscape.analysis import mahalanobis_distances, outlier_mask
     keep = outlier_mask(mahalanobis_distances(res.amplitudes), fraction=0.1)  # as the paper: 10 %
     figures = {
         "n": args.n, "size": args.size, "pixel_size": args.pixel_size, "snr": args.snr,
@@ -200,7 +200,7 @@ def main(argv=None) -> dict:
         sres, s_elapsed, s_cpu = timed(lambda: align_particles(images, coords, modes, args.pixel_size,
                                                                seeds=seeds, **common))
         s_err = np.abs(sres.amplitudes - q_true)
-        from continuousflex_dl.core.alignment import PATH_FALLBACK, PATH_GLOBAL, PATH_SEEDED
+        from continuousflex_dl.core.hemnma.alignment import PATH_FALLBACK, PATH_GLOBAL, PATH_SEEDED
         figures.update({
             "seeded_mae_all": round(float(s_err.mean()), 3),
             "seeded_mae_ratio_to_global": round(float(s_err.mean() / amp_err.mean()), 3),

@@ -9,7 +9,7 @@ is the heavy-atom structure with HEMNMA's Gaussian atoms (1 Å, unit weights).
 
 Prints the amplitude MAE (Å) per mode, its bias, and the angular error of (1) the plain
 alignment, (2) the alignment of the whole set after fitting the image model
-(core.image_model.refine_image_model) on ``--fit-n`` of the particles, the fitted weights and
+(core.hemnma.image_model.refine_image_model) on ``--fit-n`` of the particles, the fitted weights and
 B-factor, and the CPU seconds of each part; ``--out`` writes them as JSON.
 
 Example: python bench/bench_alignment_physical.py --n 40 --size 128 --defocus-um 0.5
@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_alignment import paper_amplitudes, timed  # noqa: E402
 from figures import report  # noqa: E402
-from continuousflex_dl.core.alignment import align_particles  # noqa: E402
-from continuousflex_dl.core.ctf import CTFParams  # noqa: E402
-from continuousflex_dl.core.geometry import angular_distance_deg, random_rotations  # noqa: E402
-from continuousflex_dl.core.image_model import atom_types, refine_image_model  # noqa: E402
-from continuousflex_dl.core.nma import compute_modes  # noqa: E402
-from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms  # noqa: E402
+from continuousflex_dl.core.hemnma.alignment import align_particles  # noqa: E402
+from continuousflex_dl.core.imaging.ctf import CTFParams  # noqa: E402
+from continuousflex_dl.core.imaging.geometry import angular_distance_deg, random_rotations  # noqa: E402
+from continuousflex_dl.core.hemnma.image_model import atom_types, refine_image_model  # noqa: E402
+from continuousflex_dl.core.modes.nma import compute_modes  # noqa: E402
+from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms  # noqa: E402
 from continuousflex_dl.tests import physical_particles as pp  # noqa: E402
 
 

@@ -38,11 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_alignment import network_like_seeds, paper_amplitudes, synthesize, timed  # noqa: E402
 from figures import report  # noqa: E402
-from continuousflex_dl.core.alignment import PATH_FALLBACK, Aligner, AlignConfig  # noqa: E402
-from continuousflex_dl.core.ctf import CTFParams  # noqa: E402
-from continuousflex_dl.core.geometry import angular_distance_deg, random_rotations  # noqa: E402
-from continuousflex_dl.core.nma import compute_modes  # noqa: E402
-from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms  # noqa: E402
+from continuousflex_dl.core.hemnma.alignment import PATH_FALLBACK, Aligner, AlignConfig  # noqa: E402
+from continuousflex_dl.core.imaging.ctf import CTFParams  # noqa: E402
+from continuousflex_dl.core.imaging.geometry import angular_distance_deg, random_rotations  # noqa: E402
+from continuousflex_dl.core.modes.nma import compute_modes  # noqa: E402
+from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms  # noqa: E402
 
 GRIDS = {1: (1, 1, 1), 12: (3, 2, 2), 60: (5, 4, 3)}
 

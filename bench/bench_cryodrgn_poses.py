@@ -1,6 +1,6 @@
 """Our poses as cryoDRGN reads them: a backprojection from our RELION star must be sharp.
 
-Synthesizes rigid adenylate kinase particles (core.synthesis, CTF, optional noise), writes
+Synthesizes rigid adenylate kinase particles (core.modes.synthesis, CTF, optional noise), writes
 their ground truth as a RELION star (SynthesisResult.write_star), then runs cryoDRGN's own
 ``parse_pose_star``, ``parse_ctf_star`` and ``backproject_voxel`` and correlates its map with
 the density of the atoms. cryoDRGN's CTF is negative at zero frequency (``-w cos(gamma)``),
@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from figures import report  # noqa: E402
-from continuousflex_dl.core.geometry import euler_to_matrix, matrix_to_euler  # noqa: E402
-from continuousflex_dl.core.projection import density_map  # noqa: E402
-from continuousflex_dl.core.star import write_particles_star  # noqa: E402
-from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms  # noqa: E402
-from continuousflex_dl.core.synthesis import CTFSampler, synthesize  # noqa: E402
+from continuousflex_dl.core.imaging.geometry import euler_to_matrix, matrix_to_euler  # noqa: E402
+from continuousflex_dl.core.imaging.projection import density_map  # noqa: E402
+from continuousflex_dl.core.imaging.star import write_particles_star  # noqa: E402
+from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms  # noqa: E402
+from continuousflex_dl.core.modes.synthesis import CTFSampler, synthesize  # noqa: E402
 
 
 def backproject(cryodrgn: str, folder: Path, name: str, stack: Path, box: int, pixel: float) -> np.ndarray:

@@ -32,10 +32,10 @@ configure_scipion(Path(tempfile.mkdtemp(prefix="cfdl-bench-")), overwrite=False)
 from pwem.objects import ParticleFlex, SetOfParticlesFlex, Transform  # noqa: E402
 
 from continuousflex_dl import convert  # noqa: E402
-from continuousflex_dl.core.geometry import (matrix_to_euler, pose_to_scipion_matrix,  # noqa: E402
+from continuousflex_dl.core.imaging.geometry import (matrix_to_euler, pose_to_scipion_matrix,  # noqa: E402
                                              random_rotations)
-from continuousflex_dl.core.structure import atoms_from_coords, write_multimodel_pdb  # noqa: E402
-from continuousflex_dl.core.trajectory import kmeans, principal_path, trajectory_frames  # noqa: E402
+from continuousflex_dl.core.imaging.structure import atoms_from_coords, write_multimodel_pdb  # noqa: E402
+from continuousflex_dl.core.landscape.trajectory import kmeans, principal_path, trajectory_frames  # noqa: E402
 from continuousflex_dl.reports import error_reports  # noqa: E402
 from continuousflex_dl.viewers.viewer_flex import cloud_figure  # noqa: E402
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from continuousflex_dl.core import training as tr  # noqa: E402
-from continuousflex_dl.core.network import build_model  # noqa: E402
+from continuousflex_dl.core.network import training as tr  # noqa: E402
+from continuousflex_dl.core.network.resnet import build_model  # noqa: E402
 
 
 def prediction_rates(images, working_size, device, batch_size, bfloat16, repeats):

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from continuousflex_dl.core.geometry import random_rotations  # noqa: E402
-from continuousflex_dl.core.nma import compute_modes, subspace_overlap  # noqa: E402
-from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms  # noqa: E402
+from continuousflex_dl.core.imaging.geometry import random_rotations  # noqa: E402
+from continuousflex_dl.core.modes.nma import compute_modes, subspace_overlap  # noqa: E402
+from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms  # noqa: E402
 
 
 def lattice_of_copies(n_atoms: int, seed: int = 0) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Speed and accuracy of map -> Gaussian pseudoatoms (core.pseudoatoms) on a 128^3 map.
+"""Speed and accuracy of map -> Gaussian pseudoatoms (core.modes.pseudoatoms) on a 128^3 map.
 
 The map: copies of adenylate kinase (4AKE chain A, heavy atoms, each in a random
 orientation) on a cubic lattice ``--spacing`` Å apart, rendered as Gaussians of
@@ -32,10 +32,10 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from continuousflex_dl.core import pseudoatoms as pa  # noqa: E402
-from continuousflex_dl.core.geometry import random_rotations  # noqa: E402
-from continuousflex_dl.core.projection import density_map  # noqa: E402
-from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms  # noqa: E402
+from continuousflex_dl.core.modes import pseudoatoms as pa  # noqa: E402
+from continuousflex_dl.core.imaging.geometry import random_rotations  # noqa: E402
+from continuousflex_dl.core.imaging.projection import density_map  # noqa: E402
+from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms  # noqa: E402
 
 
 def lattice_of_copies(coords: np.ndarray, per_side: int, spacing: float,

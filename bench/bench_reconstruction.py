@@ -33,11 +33,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from continuousflex_dl.core import reconstruction as rec  # noqa: E402
-from continuousflex_dl.core.ctf import CTFParams  # noqa: E402
-from continuousflex_dl.core.projection import density_map  # noqa: E402
-from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms  # noqa: E402
-from continuousflex_dl.core.synthesis import sample_orientations, synthesize  # noqa: E402
+from continuousflex_dl.core.landscape import reconstruction as rec  # noqa: E402
+from continuousflex_dl.core.imaging.ctf import CTFParams  # noqa: E402
+from continuousflex_dl.core.imaging.projection import density_map  # noqa: E402
+from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms  # noqa: E402
+from continuousflex_dl.core.modes.synthesis import sample_orientations, synthesize  # noqa: E402
 
 
 def _sync(device: str) -> None:

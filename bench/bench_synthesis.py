@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from continuousflex_dl.core.nma import compute_modes  # noqa: E402
-from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms  # noqa: E402
-from continuousflex_dl.core.synthesis import CTFSampler, synthesize  # noqa: E402
+from continuousflex_dl.core.modes.nma import compute_modes  # noqa: E402
+from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms  # noqa: E402
+from continuousflex_dl.core.modes.synthesis import CTFSampler, synthesize  # noqa: E402
 
 
 def rss_kib(field: str = "VmRSS") -> int:

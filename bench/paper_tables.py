@@ -8,7 +8,7 @@ random in every row. Global mean absolute error (Å) and per-mode mean ± std
 on a test set, beside a second network trained for the same wall time
 (epochs of --train images each, as many as a timed one-epoch run says fit)
 on particles simulated on the fly and matched to the training set
-(core/simulator.py: its CTFs, noise, amplitude and shift ranges; no image
+(core/network/simulator.py: its CTFs, noise, amplitude and shift ranges; no image
 seen twice).
 Table II: HEMNMA on the hardest case (all random, CTF, SNR 0.1) before and
 after 10 % outlier removal, then the network trained on the HEMNMA amplitudes
@@ -43,15 +43,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from continuousflex_dl.core.alignment import align_particles  # noqa: E402
-from continuousflex_dl.core.analysis import amplitude_errors, mahalanobis_distances, outlier_mask  # noqa: E402
-from continuousflex_dl.core.ctf import CTFParams  # noqa: E402
-from continuousflex_dl.core.dataset import MrcsImageSource  # noqa: E402
-from continuousflex_dl.core.nma import compute_modes  # noqa: E402
-from continuousflex_dl.core.simulator import Reference  # noqa: E402
-from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms  # noqa: E402
-from continuousflex_dl.core.synthesis import synthesize  # noqa: E402
-from continuousflex_dl.core.training import TrainConfig, load_model, predict, train  # noqa: E402
+from continuousflex_dl.core.hemnma.alignment import align_particles  # noqa: E402
+from continuousflex_dl.core.landscape.analysis import amplitude_errors, mahalanobis_distances, outlier_mask  # noqa: E402
+from continuousflex_dl.core.imaging.ctf import CTFParams  # noqa: E402
+from continuousflex_dl.core.imaging.dataset import MrcsImageSource  # noqa: E402
+from continuousflex_dl.core.modes.nma import compute_modes  # noqa: E402
+from continuousflex_dl.core.network.simulator import Reference  # noqa: E402
+from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms  # noqa: E402
+from continuousflex_dl.core.modes.synthesis import synthesize  # noqa: E402
+from continuousflex_dl.core.network.training import TrainConfig, load_model, predict, train  # noqa: E402
 
 MODES = [7, 8, 9]
 #: Table I cases (in-plane rotation, shift, noise + CTF) in the paper's row order.

@@ -15,8 +15,8 @@ def _parse(parser: argparse.ArgumentParser, argv):
 
 
 def nma_main(argv=None) -> int:
-    from .core import nma
-    from .core.structure import load_atoms, write_multimodel_pdb
+    from .core.modes import nma
+    from .core.imaging.structure import load_atoms, write_multimodel_pdb
     parser = argparse.ArgumentParser(prog="continuousflex_dl nma",
                                      description="ANM normal modes of a structure -> vec.N mode files.")
     parser.add_argument("structure", type=Path, help="PDB or mmCIF file")
@@ -75,20 +75,20 @@ def _chunk_main(argv, command: str, what: str, run_chunk) -> int:
 
 def align_chunk_main(argv=None) -> int:
     """Align one chunk of a HEMNMA alignment job folder (written by the alignment protocol or
-    :meth:`core.alignment_job.AlignmentJob.save`); the chunk file is written atomically."""
-    from .core.alignment_job import run_chunk
+    :meth:`core.hemnma.alignment_job.AlignmentJob.save`); the chunk file is written atomically."""
+    from .core.hemnma.alignment_job import run_chunk
     return _chunk_main(argv, "align-chunk", "HEMNMA alignment", run_chunk)
 
 
 def predict_chunk_main(argv=None) -> int:
     """Predict one chunk of a DeepHEMNMA prediction job folder (written by the prediction
-    protocol or :meth:`core.prediction_job.PredictionJob.save`); the chunk file is written atomically."""
-    from .core.prediction_job import run_chunk
+    protocol or :meth:`core.network.prediction_job.PredictionJob.save`); the chunk file is written atomically."""
+    from .core.network.prediction_job import run_chunk
     return _chunk_main(argv, "predict-chunk", "DeepHEMNMA prediction", run_chunk)
 
 
 def train_worker_main(argv=None) -> int:
-    """Train a DeepHEMNMA training job folder (``core.distributed.TrainingJob.save``) on one or
+    """Train a DeepHEMNMA training job folder (``core.network.distributed.TrainingJob.save``) on one or
     several processes (DDP) into a model directory."""
     parser = argparse.ArgumentParser(
         prog="continuousflex_dl train-worker",
@@ -104,7 +104,7 @@ def train_worker_main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads of torch per process; 0: the cores shared among the processes")
     args = _parse(parser, argv)
-    from .core.distributed import TrainingJob, train_distributed
+    from .core.network.distributed import TrainingJob, train_distributed
     try:
         train_distributed(TrainingJob.load(args.folder), args.model, args.processes, args.device, args.threads)
     except ValueError as exc:

@@ -10,10 +10,10 @@ import pyworkflow.object as pwobj
 from pwem.objects import (CTFModel, FlexInfo, NormalMode, ParticleFlex, SetOfNormalModes,
                           Transform)
 
-from .core.ctf import CTFParams
-from .core.geometry import pose_to_scipion_matrix, scipion_matrix_to_pose
-from .core.nma import NormalModes, read_mode_files
-from .core.structure import Atoms, load_atoms
+from .core.imaging.ctf import CTFParams
+from .core.imaging.geometry import pose_to_scipion_matrix, scipion_matrix_to_pose
+from .core.modes.nma import NormalModes, read_mode_files
+from .core.imaging.structure import Atoms, load_atoms
 
 logger = logging.getLogger(__name__)
 

@@ -101,7 +101,7 @@ def run_demo(out_dir: Path, size: DemoSize, seed: int = 0) -> dict:
     configure_scipion(out_dir / "scipion", overwrite=False)
     from pwem.protocols import ProtImportPdb
 
-    from .core.structure import example_structure_path
+    from .core.imaging.structure import example_structure_path
     from .protocols import (FlexDLProtAlign, FlexDLProtNMA, FlexDLProtOutliers, FlexDLProtPredict,
                             FlexDLProtSynthesize, FlexDLProtTrain)
 
@@ -161,10 +161,10 @@ def _report(project, stages) -> None:
     import numpy as np
 
     from . import convert
-    from .core.analysis import amplitude_errors, format_error_table, pose_errors, write_error_csv
-    from .core.nma import displace
-    from .core.structure import write_multimodel_pdb
-    from .core.trajectory import principal_path
+    from .core.landscape.analysis import amplitude_errors, format_error_table, pose_errors, write_error_csv
+    from .core.modes.nma import displace
+    from .core.imaging.structure import write_multimodel_pdb
+    from .core.landscape.trajectory import principal_path
 
     out = results_dir(stages)
     out.mkdir(exist_ok=True)
@@ -218,7 +218,7 @@ def _report(project, stages) -> None:
 
 def _training_line(train, n_kept: int) -> str:
     """What the network learned from, read from the trained model's config."""
-    from .core.training import CONFIG_FILE, TrainConfig, best_epoch
+    from .core.network.training import CONFIG_FILE, TrainConfig, best_epoch
     folder = Path(os.path.abspath(train._getExtraPath("model")))
     config = TrainConfig.load(folder / CONFIG_FILE)
     if not config.simulates:

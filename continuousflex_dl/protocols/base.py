@@ -10,9 +10,9 @@ from pyworkflow.protocol import params
 
 from .. import convert
 from ..core.device import DEVICE_CHOICES, resolve_device
-from ..core.mrc import check_mrc_stack
-from ..core.nma import N_RIGID
-from ..core.structure import diameter, read_coordinates
+from ..core.imaging.mrc import check_mrc_stack
+from ..core.modes.nma import N_RIGID
+from ..core.imaging.structure import diameter, read_coordinates
 
 
 
@@ -50,7 +50,7 @@ class FlexDLProtBase(EMProtocol):
     def _imageSource(self, parts, size: int = 0):
         """The images of ``parts`` (convert.ParticleArrays) read with the sign of 'Invert
         contrast', Fourier-cropped to ``size`` px when given and different from their box."""
-        from ..core.dataset import ArrayImageSource, MrcsImageSource, fourier_crop
+        from ..core.imaging.dataset import ArrayImageSource, MrcsImageSource, fourier_crop
         invert = bool(getattr(self, "invertContrast", None) and self.invertContrast.get())
         source = MrcsImageSource(list(zip(parts.stacks, parts.indices.tolist())), invert=invert)
         if not size or parts.box == size:
@@ -61,8 +61,8 @@ class FlexDLProtBase(EMProtocol):
 
     def _networkPrediction(self, parts, model, pose: bool, **options):
         """(amplitudes (M, K) Å, angles (M, 3) deg or None, shifts (M, 2) px of the particles or
-        None) of a FlexDLModel on ``parts``; options: of core.training.predict."""
-        from ..core.training import load_model, predict
+        None) of a FlexDLModel on ``parts``; options: of core.network.training.predict."""
+        from ..core.network.training import load_model, predict
         loaded = load_model(model.getModelDir(), self._getDevice())
         out = predict(loaded, self._imageSource(parts, model.getImageSize()), return_pose=pose,
                       ctf=parts.ctf if loaded.config.phase_flip else None, ids=parts.ids,
@@ -102,7 +102,7 @@ class FlexDLProtBase(EMProtocol):
 
     def _stackErrors(self, particles, most: int = 3) -> List[str]:
         """Validation errors for the image files of a set of particles: missing, damaged
-        header, truncated (core.dataset.check_mrc_stack); at most ``most`` of them."""
+        header, truncated (core.imaging.dataset.check_mrc_stack); at most ``most`` of them."""
         errors = []
         for path in sorted(set(particles.getUniqueValues("_filename"))):
             try:

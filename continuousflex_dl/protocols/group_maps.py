@@ -12,9 +12,9 @@ from pwem.objects import SetOfVolumes, Transform, Volume
 from pyworkflow.protocol import params
 
 from .. import convert
-from ..core.reconstruction import FSC_THRESHOLD, centred_origin, model_map_correlation, reconstruct
-from ..core.structure import centre
-from ..core.trajectory import trajectory_frames
+from ..core.landscape.reconstruction import FSC_THRESHOLD, centred_origin, model_map_correlation, reconstruct
+from ..core.imaging.structure import centre
+from ..core.landscape.trajectory import trajectory_frames
 
 
 class GroupMapsMixin:

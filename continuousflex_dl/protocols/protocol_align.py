@@ -9,13 +9,13 @@ from pwem.objects import SetOfParticlesFlex
 from pyworkflow.protocol import STEPS_PARALLEL, params
 
 from .. import convert
-from ..core.alignment import PATH_FALLBACK, PATH_GLOBAL, PATH_SEEDED, PRESETS, AlignmentResult, preset_changes
-from ..core.alignment_job import (ALIGN_CHUNK_SMALLEST, RESULT_KEYS, AlignmentJob, alignment_chunk_size, chunk_path,
+from ..core.hemnma.alignment import PATH_FALLBACK, PATH_GLOBAL, PATH_SEEDED, PRESETS, AlignmentResult, preset_changes
+from ..core.hemnma.alignment_job import (ALIGN_CHUNK_SMALLEST, RESULT_KEYS, AlignmentJob, alignment_chunk_size, chunk_path,
                                   finished_chunk, gather)
 from ..core.chunks import chunk_bounds
-from ..core.image_model import ImageModel, structure_atom_types
+from ..core.hemnma.image_model import ImageModel, structure_atom_types
 from ..core.device import cpu_threads_available
-from ..core.structure import centre
+from ..core.imaging.structure import centre
 from .base import FlexDLProtBase
 
 SCORE_ATTR = "_cfdlScore"
@@ -68,7 +68,7 @@ class FlexDLProtAlign(FlexDLProtBase):
                            "(the paper aligned 128 px versions of 256 px images).")
         form.addParam("effort", params.EnumParam, choices=list(PRESETS), default=1,
                       display=params.EnumParam.DISPLAY_HLIST, label="Refinement effort",
-                      help="How many candidate poses are refined, and for how long (core.alignment.PRESETS; "
+                      help="How many candidate poses are refined, and for how long (core.hemnma.alignment.PRESETS; "
                            "normal: the settings of the benchmark in the README).")
         form.addParam("refineImageModel", params.BooleanParam, default=False,
                       label="Refine the image model on the data?",
@@ -140,7 +140,7 @@ class FlexDLProtAlign(FlexDLProtBase):
         return convert.default_mode_numbers(self.inputModes.get())
 
     def _options(self) -> dict:
-        """Keyword arguments of core.alignment.align_particles set by the form."""
+        """Keyword arguments of core.hemnma.alignment.align_particles set by the form."""
         return dict(max_shift_px=self.maxShift.get(), working_size=self.workingSize.get(),
                     angular_step_deg=self.angularStep.get(),
                     amplitude_range=self.amplitudeRange.get() or None,
@@ -166,7 +166,7 @@ class FlexDLProtAlign(FlexDLProtBase):
         model = self.inputModel.get()
         if model is None:
             return ""
-        from ..core.training import BEST_FILE
+        from ..core.network.training import BEST_FILE
         path = os.path.join(model.getModelDir(), BEST_FILE)
         return f"{os.path.abspath(path)}@{os.path.getmtime(path) if os.path.exists(path) else 0}"
 
@@ -202,7 +202,7 @@ class FlexDLProtAlign(FlexDLProtBase):
         return [os.path.join(self._jobFolder(), name) for name in ("job.npz", "job.json")] + [self._planFile()]
 
     def fitImageModelStep(self, job_fp):
-        """Align a subset, fit the image model to it (core.image_model) and save it in the job,
+        """Align a subset, fit the image model to it (core.hemnma.image_model) and save it in the job,
         where every chunk reads it."""
         self._logToRunLog()
         job = AlignmentJob.load(self._jobFolder())

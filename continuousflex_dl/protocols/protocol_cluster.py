@@ -6,8 +6,8 @@ from pwem.objects import SetOfAtomStructs, SetOfParticlesFlex, SetOfVolumes
 from pyworkflow.protocol import params
 
 from .. import convert
-from ..core.structure import write_multimodel_pdb
-from ..core.trajectory import kmeans, select_by_ranges, trajectory_frames
+from ..core.imaging.structure import write_multimodel_pdb
+from ..core.landscape.trajectory import kmeans, select_by_ranges, trajectory_frames
 from .base import FlexDLProtBase
 from .group_maps import GroupMapsMixin
 from .protocol_trajectory import (check_modes_input, fill_atom_structs, particles_mode_numbers,
@@ -23,7 +23,7 @@ def parse_ranges(text: str, mode_numbers) -> list:
     leaves a side open), e.g. ``7 -100 0; 8 * 50``.
 
     mode_numbers: the K mode numbers of the amplitude columns. Returns a list of
-    ``{column index: (low, high)}`` for :func:`core.trajectory.select_by_ranges`.
+    ``{column index: (low, high)}`` for :func:`core.landscape.trajectory.select_by_ranges`.
     Raises ValueError naming the faulty line.
     """
     columns = {int(m): j for j, m in enumerate(mode_numbers)}

@@ -6,8 +6,8 @@ from pwem.objects import AtomStruct, SetOfNormalModes
 from pyworkflow.protocol import params
 
 from .. import convert
-from ..core import nma
-from ..core.structure import load_atoms, write_multimodel_pdb
+from ..core.modes import nma
+from ..core.imaging.structure import load_atoms, write_multimodel_pdb
 from .base import FlexDLProtBase
 
 SELECTION_KEYS = ["heavy", "ca", "all", "custom"]

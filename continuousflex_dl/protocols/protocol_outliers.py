@@ -4,7 +4,7 @@ from pwem.objects import SetOfParticlesFlex
 from pyworkflow.protocol import params
 
 from .. import convert
-from ..core.analysis import mahalanobis_distances, outlier_mask
+from ..core.landscape.analysis import mahalanobis_distances, outlier_mask
 from .base import FlexDLProtBase
 
 DISTANCE_ATTR = "_cfdlMahalanobis"

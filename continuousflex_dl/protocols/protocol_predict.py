@@ -7,7 +7,7 @@ from pyworkflow.protocol import STEPS_PARALLEL, params
 
 from .. import convert
 from ..core.chunks import chunk_bounds, chunk_path, finished_chunk
-from ..core.prediction_job import PredictionJob, model_stamp, prediction_chunk_size
+from ..core.network.prediction_job import PredictionJob, model_stamp, prediction_chunk_size
 from .base import FlexDLProtBase
 
 
@@ -144,7 +144,7 @@ class FlexDLProtPredict(FlexDLProtBase):
 
     @staticmethod
     def _modelPhaseFlips(model) -> bool:
-        from ..core.training import CONFIG_FILE, TrainConfig
+        from ..core.network.training import CONFIG_FILE, TrainConfig
         path = os.path.join(model.getModelDir() or "", CONFIG_FILE)
         return os.path.exists(path) and TrainConfig.load(path).phase_flip
 

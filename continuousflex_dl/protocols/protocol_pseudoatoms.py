@@ -5,7 +5,7 @@ import os
 from pwem.objects import AtomStruct
 from pyworkflow.protocol import params
 
-from ..core import pseudoatoms as pa
+from ..core.modes import pseudoatoms as pa
 from .base import FlexDLProtBase
 
 MASK_NONE, MASK_THRESHOLD, MASK_VOLUME = 0, 1, 2

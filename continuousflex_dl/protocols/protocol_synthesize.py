@@ -3,8 +3,8 @@ from pwem.objects import SetOfParticlesFlex
 from pyworkflow.protocol import params
 
 from .. import convert
-from ..core.structure import centre, load_atoms
-from ..core.synthesis import AMPLITUDE_RELATIONS, CTFSampler, SynthesisResult, synthesize
+from ..core.imaging.structure import centre, load_atoms
+from ..core.modes.synthesis import AMPLITUDE_RELATIONS, CTFSampler, SynthesisResult, synthesize
 from .base import FlexDLProtBase
 
 INPUT_MODES, INPUT_STRUCTURE = 0, 1

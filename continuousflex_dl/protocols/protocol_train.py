@@ -6,8 +6,8 @@ import sys
 from pyworkflow.protocol import params
 
 from .. import convert
-from ..core.distributed import TrainingJob
-from ..core.training import METRICS_FILE, TrainConfig, best_epoch
+from ..core.network.distributed import TrainingJob
+from ..core.network.training import METRICS_FILE, TrainConfig, best_epoch
 from ..objects import FlexDLModel
 from .base import FlexDLProtBase
 
@@ -146,7 +146,7 @@ class FlexDLProtTrain(FlexDLProtBase):
         return self._getExtraPath("model")
 
     def _trainingData(self) -> str:
-        """The training data (a ``core.training.DATA_CHOICES`` value), "auto" resolved: simulated then
+        """The training data (a ``core.network.training.DATA_CHOICES`` value), "auto" resolved: simulated then
         fine-tuned for HEMNMA amplitudes when the normal modes are given, else the particles'."""
         chosen = list(TRAINING_DATA.values())[self.trainingData.get()]
         if chosen is not None:
@@ -197,13 +197,13 @@ class FlexDLProtTrain(FlexDLProtBase):
 
     def _reference(self, mode_numbers):
         """The structure of the normal modes and the modes of the amplitude columns (core Reference)."""
-        from ..core.simulator import Reference
-        from ..core.structure import centre
+        from ..core.network.simulator import Reference
+        from ..core.imaging.structure import centre
         atoms, vectors = convert.read_modes(self.inputModes.get(), mode_numbers)
         return Reference(centre(atoms.coords), vectors, atoms.sigma, atoms.weights)
 
     def createOutputStep(self):
-        from ..core.training import load_model
+        from ..core.network.training import load_model
         config = load_model(self._modelDir(), "cpu").config
         model = FlexDLModel(modelDir=self._modelDir())
         model.setModes(config.modes)
@@ -299,7 +299,7 @@ class FlexDLProtTrain(FlexDLProtBase):
 
     def _config(self):
         """The trained model's TrainConfig, or None before training."""
-        from ..core.training import CONFIG_FILE
+        from ..core.network.training import CONFIG_FILE
         path = os.path.join(self._modelDir(), CONFIG_FILE)
         return TrainConfig.load(path) if os.path.exists(path) else None
 

@@ -6,8 +6,8 @@ from pwem.objects import AtomStruct, SetOfAtomStructs, SetOfVolumes
 from pyworkflow.protocol import params
 
 from .. import convert
-from ..core.structure import write_multimodel_pdb
-from ..core.trajectory import nearest_points, path_through_points, principal_path, trajectory_frames
+from ..core.imaging.structure import write_multimodel_pdb
+from ..core.landscape.trajectory import nearest_points, path_through_points, principal_path, trajectory_frames
 from .base import FlexDLProtBase
 from .group_maps import GroupMapsMixin
 

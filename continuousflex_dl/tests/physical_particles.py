@@ -1,7 +1,7 @@
 """An independent, physical-style particle renderer, to test and bench HEMNMA on images its
 Gaussian-atom model does not produce exactly.
 
-Image formation, each step written here and not borrowed from :mod:`core.projection`:
+Image formation, each step written here and not borrowed from :mod:`core.imaging.projection`:
 
 1. **Atoms with hydrogens.** Adenylate kinase with its hydrogens (ProDy's
    ``4akeA_alg_fixed.pdb``); each hydrogen rides on its nearest heavy atom, so a structure
@@ -18,9 +18,9 @@ Image formation, each step written here and not borrowed from :mod:`core.project
 3. **Projection** by the Fourier-slice theorem (``torch_fourier_slice.project_3d_to_2d``,
    trilinear interpolation of the padded 3-D DFT), so the orientation enters through
    interpolation in Fourier space, not through atom coordinates. The pose convention is the
-   project's (:mod:`core.geometry`): the reference point ``r`` lands at ``(A r)[:2]`` and the
+   project's (:mod:`core.imaging.geometry`): the reference point ``r`` lands at ``(A r)[:2]`` and the
    particle centre at box centre minus the shift; the shift is a Fourier phase (sub-pixel).
-4. **Microscope and detector**: the CTF (:mod:`core.ctf`, RELION's convention), a detector
+4. **Microscope and detector**: the CTF (:mod:`core.imaging.ctf`, RELION's convention), a detector
    modulation transfer function ``1 / (1 + (f / mtf_half)^2)`` (``f`` in cycles/px; 0.5 at
    ``mtf_half``), and white Gaussian noise of variance ``var(clean) / snr`` per image.
 
@@ -75,7 +75,7 @@ def load_4ake(b_backbone: float = 15.0, b_sidechain: float = 30.0,
     """Adenylate kinase (4AKE chain A) with hydrogens; B-factors in Å² as the module says.
     Its heavy atoms are, in order, those of ``load_atoms(example_structure_path('4ake'))``."""
     import prody
-    from continuousflex_dl.core.structure import example_structure_path
+    from continuousflex_dl.core.imaging.structure import example_structure_path
     prody.LOGGER.verbosity = "warning"
     group = prody.parsePDB(str(example_structure_path("4ake")))
     elements = np.array([e.strip().upper() or n[0] for e, n in zip(group.getElements(), group.getNames())])
@@ -156,12 +156,12 @@ def render(structure: PhysicalStructure, modes: np.ndarray, amplitudes: np.ndarr
     """Particle images (M, box, box) float32, white on black.
 
     modes: (K, H, 3) unit-norm modes of the heavy atoms; amplitudes: (M, K) Å; rotations:
-    (M, 3, 3); shifts: (M, 2) px; ctf: :class:`core.ctf.CTFParams` (one or M) or None;
+    (M, 3, 3); shifts: (M, 2) px; ctf: :class:`core.imaging.ctf.CTFParams` (one or M) or None;
     mtf_half: cycles/px where the detector MTF is 0.5 (None: no MTF); snr: var(clean) /
     var(noise) per image over the box (None: clean); b_scale multiplies every B-factor;
     envelope_b: Å², a global envelope ``exp(-envelope_b q^2 / 4)`` (beam-induced motion, drift).
     """
-    from continuousflex_dl.core.ctf import ctf_image
+    from continuousflex_dl.core.imaging.ctf import ctf_image
     out = []
     for i in range(len(amplitudes)):
         disp = np.einsum("k,knd->nd", amplitudes[i], modes)

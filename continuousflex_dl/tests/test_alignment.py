@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from continuousflex_dl.core import alignment as al
-from continuousflex_dl.core.ctf import CTFParams, apply_ctf, ctf_image
-from continuousflex_dl.core.geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler, random_rotations
-from continuousflex_dl.core.nma import compute_modes
-from continuousflex_dl.core.projection import project_gaussians
-from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms
+from continuousflex_dl.core.hemnma import alignment as al
+from continuousflex_dl.core.imaging.ctf import CTFParams, apply_ctf, ctf_image
+from continuousflex_dl.core.imaging.geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler, random_rotations
+from continuousflex_dl.core.modes.nma import compute_modes
+from continuousflex_dl.core.imaging.projection import project_gaussians
+from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms
 
 BOX, PIXEL = 32, 3.0          # 96 Å box around adenylate kinase (~50 Å)
 

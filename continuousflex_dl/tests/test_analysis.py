@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import mahalanobis
 
-from continuousflex_dl.core import analysis as an
-from continuousflex_dl.core import trajectory as tr
-from continuousflex_dl.core.geometry import euler_to_matrix, matrix_to_euler
+from continuousflex_dl.core.landscape import analysis as an
+from continuousflex_dl.core.landscape import trajectory as tr
+from continuousflex_dl.core.imaging.geometry import euler_to_matrix, matrix_to_euler
 
 
 def _orthonormal_modes(k, n, seed=0):

@@ -82,7 +82,7 @@ def test_auto_chunk_size_gives_every_worker_work_in_bounded_chunks():
 
 
 def test_alignment_chunks_are_large_enough_to_pay_for_their_process():
-    from continuousflex_dl.core.alignment_job import ALIGN_CHUNK_SMALLEST, alignment_chunk_size
+    from continuousflex_dl.core.hemnma.alignment_job import ALIGN_CHUNK_SMALLEST, alignment_chunk_size
     assert alignment_chunk_size(2000, 2) == 300     # 4 per worker would be 250: too small
     assert alignment_chunk_size(400, 2) == 200      # one per worker, not 8 of 50
     assert alignment_chunk_size(100, 2) == 50       # a small set: still every worker busy

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.optimize import brentq
 
-from continuousflex_dl.core.ctf import CTFParams, apply_ctf, ctf_image, electron_wavelength, phase_flip
+from continuousflex_dl.core.imaging.ctf import CTFParams, apply_ctf, ctf_image, electron_wavelength, phase_flip
 
 # Physical constants (CODATA), for an independent wavelength.
 H, M_E, Q_E, C = 6.62607015e-34, 9.1093837015e-31, 1.602176634e-19, 299792458.0

@@ -17,7 +17,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
 from continuousflex_dl import convert
-from continuousflex_dl.core.trajectory import principal_path
+from continuousflex_dl.core.landscape.trajectory import principal_path
 from continuousflex_dl.demo import DemoSize, point_cloud_figure, results_dir, run_demo
 from continuousflex_dl.gui import gui_command
 from continuousflex_dl.viewers import FlexDLFlexViewer

@@ -18,9 +18,9 @@ import pytest
 import torch
 from torch import nn
 
-from continuousflex_dl.core import distributed as dd
-from continuousflex_dl.core import training as tr
-from continuousflex_dl.core.dataset import ArrayImageSource
+from continuousflex_dl.core.network import distributed as dd
+from continuousflex_dl.core.network import training as tr
+from continuousflex_dl.core.imaging.dataset import ArrayImageSource
 
 
 class _ImageNorm(nn.GroupNorm):

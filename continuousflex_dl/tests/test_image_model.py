@@ -1,17 +1,17 @@
-"""The image model refined on the data (core.image_model), tested on particles of an
+"""The image model refined on the data (core.hemnma.image_model), tested on particles of an
 independent physical-style renderer (tests/physical_particles.py): hydrogens, 5-Gaussian
 scattering factors, B-factors, Fourier-slice projection, CTF, detector MTF."""
 import numpy as np
 import pytest
 import torch
 
-from continuousflex_dl.core.alignment import align_particles
-from continuousflex_dl.core.ctf import CTFParams
-from continuousflex_dl.core.geometry import random_rotations
-from continuousflex_dl.core.image_model import ImageModel, atom_types, refine_image_model
-from continuousflex_dl.core.nma import compute_modes
-from continuousflex_dl.core.projection import project_gaussians
-from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms
+from continuousflex_dl.core.hemnma.alignment import align_particles
+from continuousflex_dl.core.imaging.ctf import CTFParams
+from continuousflex_dl.core.imaging.geometry import random_rotations
+from continuousflex_dl.core.hemnma.image_model import ImageModel, atom_types, refine_image_model
+from continuousflex_dl.core.modes.nma import compute_modes
+from continuousflex_dl.core.imaging.projection import project_gaussians
+from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms
 from continuousflex_dl.tests import physical_particles as pp
 
 BOX, PIXEL = 64, 2.0      # 128 Å box around adenylate kinase, the alignment's working size

@@ -1,10 +1,10 @@
-"""Damaged particle stacks are named with what is wrong and what to do (core/mrc.py)."""
+"""Damaged particle stacks are named with what is wrong and what to do (core/imaging/mrc.py)."""
 import mrcfile
 import numpy as np
 import pytest
 
-from continuousflex_dl.core.dataset import MrcsImageSource
-from continuousflex_dl.core.mrc import check_mrc_stack
+from continuousflex_dl.core.imaging.dataset import MrcsImageSource
+from continuousflex_dl.core.imaging.mrc import check_mrc_stack
 
 
 @pytest.fixture

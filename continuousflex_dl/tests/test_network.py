@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from continuousflex_dl import __version__
-from continuousflex_dl.core import dataset as ds
-from continuousflex_dl.core import training as tr
-from continuousflex_dl.core.ctf import CTFParams, ctf_image
-from continuousflex_dl.core.geometry import euler_to_matrix, random_rotations
-from continuousflex_dl.core.network import build_model, matrix_to_rotation_6d, rotation_6d_to_matrix
+from continuousflex_dl.core.imaging import dataset as ds
+from continuousflex_dl.core.network import training as tr
+from continuousflex_dl.core.imaging.ctf import CTFParams, ctf_image
+from continuousflex_dl.core.imaging.geometry import euler_to_matrix, random_rotations
+from continuousflex_dl.core.network.resnet import build_model, matrix_to_rotation_6d, rotation_6d_to_matrix
 
 torch.set_num_threads(2)
 
@@ -352,7 +352,7 @@ def test_pose_prediction_with_rotation_augmentation(tmp_path):
     images, q, pid = synthetic(16, 2, 2, seed=9)
     rng = np.random.default_rng(9)
     mats = random_rotations(16, rng)
-    from continuousflex_dl.core.geometry import matrix_to_euler
+    from continuousflex_dl.core.imaging.geometry import matrix_to_euler
     angles = np.repeat(matrix_to_euler(mats), 2, 0)
     shifts = np.repeat(rng.normal(0, 2, (16, 2)), 2, 0)
     cfg = tr.TrainConfig(modes=[7, 8], working_size=16, pixel_size=2.0, epochs=1, batch_size=16,

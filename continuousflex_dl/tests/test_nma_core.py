@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from continuousflex_dl.core.nma import (
+from continuousflex_dl.core.modes.nma import (
     animation_frames, compute_modes, displace, read_mode_files, relative_cutoff, subspace_overlap,
     write_mode_files)
-from continuousflex_dl.core.structure import (
+from continuousflex_dl.core.imaging.structure import (
     centre, example_structure_path, load_atoms, write_multimodel_pdb)
 
 

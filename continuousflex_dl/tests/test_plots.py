@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from continuousflex_dl.core.analysis import amplitude_errors
+from continuousflex_dl.core.landscape.analysis import amplitude_errors
 from continuousflex_dl.viewers import plots
 
 

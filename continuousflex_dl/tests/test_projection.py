@@ -4,8 +4,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from continuousflex_dl.core.geometry import euler_to_matrix, random_rotations
-from continuousflex_dl.core.projection import density_map, project_gaussians
+from continuousflex_dl.core.imaging.geometry import euler_to_matrix, random_rotations
+from continuousflex_dl.core.imaging.projection import density_map, project_gaussians
 
 
 def _centroid(img):
@@ -118,7 +118,7 @@ def test_windowed_profiles_equal_the_full_evaluation():
     """Profiles and their derivatives, evaluated near each centre, equal scipy's erf and the
     Gaussian density on every pixel of the box."""
     from scipy.special import erf
-    from continuousflex_dl.core.projection import pixel_profiles
+    from continuousflex_dl.core.imaging.projection import pixel_profiles
     gen = torch.Generator().manual_seed(0)
     pos = torch.rand(4, 50, generator=gen, dtype=torch.float64) * 80 - 8  # some atoms off the box
     sigma = torch.rand(50, generator=gen, dtype=torch.float64) * 1.5 + 0.2
@@ -139,7 +139,7 @@ def test_profiles_on_their_reach_are_the_box_profiles_there(spread):
     evaluation, and profiles drawn on those pixels alone equal the box's there (atoms in a
     corner of the box, and atoms over all of it and beyond)."""
     from scipy.special import erf
-    from continuousflex_dl.core.projection import pixel_profiles, profile_reach
+    from continuousflex_dl.core.imaging.projection import pixel_profiles, profile_reach
     gen = torch.Generator().manual_seed(1)
     pos = torch.rand(3, 40, generator=gen, dtype=torch.float64) * spread + 5
     sigma = torch.rand(40, generator=gen, dtype=torch.float64) * 0.8 + 0.4

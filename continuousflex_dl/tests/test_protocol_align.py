@@ -10,11 +10,11 @@ import numpy as np
 from pyworkflow.tests import BaseTest, setupTestProject
 
 from continuousflex_dl import convert
-from continuousflex_dl.core.alignment_job import AlignmentJob, chunk_path, run_chunk
-from continuousflex_dl.core.analysis import amplitude_errors, pose_errors
+from continuousflex_dl.core.hemnma.alignment_job import AlignmentJob, chunk_path, run_chunk
+from continuousflex_dl.core.landscape.analysis import amplitude_errors, pose_errors
 from continuousflex_dl.core.chunks import read_chunk
-from continuousflex_dl.core.image_model import ImageModel
-from continuousflex_dl.core.alignment import AlignConfig, reference_count
+from continuousflex_dl.core.hemnma.image_model import ImageModel
+from continuousflex_dl.core.hemnma.alignment import AlignConfig, reference_count
 from continuousflex_dl.protocols import (FlexDLProtAlign, FlexDLProtOutliers,
                                          FlexDLProtSynthesize, FlexDLProtTrain)
 from continuousflex_dl.protocols.protocol_outliers import DISTANCE_ATTR

@@ -12,7 +12,7 @@ from pyworkflow.tests import BaseTest, setupTestProject
 from scipy.cluster.hierarchy import fcluster, linkage
 
 from continuousflex_dl import convert
-from continuousflex_dl.core.nma import displace
+from continuousflex_dl.core.modes.nma import displace
 from continuousflex_dl.protocols import FlexDLProtNMA, FlexDLProtSynthesize
 from continuousflex_dl.protocols.protocol_cluster import FlexDLProtCluster, parse_ranges
 from continuousflex_dl.protocols.protocol_trajectory import FlexDLProtTrajectory, parse_points

@@ -3,7 +3,7 @@ import numpy as np
 from pyworkflow.tests import BaseTest, setupTestProject
 
 from continuousflex_dl import convert
-from continuousflex_dl.core.training import load_model
+from continuousflex_dl.core.network.training import load_model
 from continuousflex_dl.protocols import (FlexDLProtPredict, FlexDLProtSynthesize,
                                          FlexDLProtTrain)
 from continuousflex_dl.tests.test_protocol_nma import compute_test_modes

@@ -6,8 +6,8 @@ from pwem.protocols import ProtImportPdb
 from pyworkflow.tests import BaseTest, setupTestProject
 
 from continuousflex_dl import convert
-from continuousflex_dl.core.nma import compute_modes, subspace_overlap
-from continuousflex_dl.core.structure import example_structure_path, load_atoms
+from continuousflex_dl.core.modes.nma import compute_modes, subspace_overlap
+from continuousflex_dl.core.imaging.structure import example_structure_path, load_atoms
 from continuousflex_dl.protocols import FlexDLProtAlign, FlexDLProtNMA
 
 

@@ -8,10 +8,10 @@ from pwem.protocols import ProtImportVolumes
 from pyworkflow.tests import BaseTest, setupTestProject
 
 from continuousflex_dl import convert
-from continuousflex_dl.core import nma
-from continuousflex_dl.core import pseudoatoms as pa
-from continuousflex_dl.core.projection import density_map
-from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms
+from continuousflex_dl.core.modes import nma
+from continuousflex_dl.core.modes import pseudoatoms as pa
+from continuousflex_dl.core.imaging.projection import density_map
+from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms
 from continuousflex_dl.protocols.protocol_nma import FlexDLProtNMA
 from continuousflex_dl.protocols.protocol_pseudoatoms import FlexDLProtPseudoatoms
 

@@ -10,10 +10,10 @@ from pwem.protocols import ProtImportPdb
 from pyworkflow.tests import BaseTest, setupTestProject
 
 from continuousflex_dl import convert
-from continuousflex_dl.core.nma import displace
-from continuousflex_dl.core.projection import density_map
-from continuousflex_dl.core.reconstruction import map_correlation, model_map_correlation, soft_spherical_mask
-from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms
+from continuousflex_dl.core.modes.nma import displace
+from continuousflex_dl.core.imaging.projection import density_map
+from continuousflex_dl.core.landscape.reconstruction import map_correlation, model_map_correlation, soft_spherical_mask
+from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms
 from continuousflex_dl.protocols import (FlexDLProtCluster, FlexDLProtNMA, FlexDLProtReconstruct,
                                         FlexDLProtSynthesize, FlexDLProtTrajectory)
 from continuousflex_dl.viewers.viewer_reconstruct import FlexDLReconstructViewer

@@ -9,8 +9,8 @@ from pyworkflow.tests import BaseTest, setupTestProject
 
 from continuousflex_dl import convert
 from continuousflex_dl.core.chunks import read_chunk
-from continuousflex_dl.core.prediction_job import prediction_chunk_size
-from continuousflex_dl.core.training import LAST_FILE, load_checkpoint, load_model, predict
+from continuousflex_dl.core.network.prediction_job import prediction_chunk_size
+from continuousflex_dl.core.network.training import LAST_FILE, load_checkpoint, load_model, predict
 from continuousflex_dl.protocols import FlexDLProtPredict, FlexDLProtSynthesize, FlexDLProtTrain
 from continuousflex_dl.tests.test_protocol_nma import compute_test_modes
 

@@ -6,12 +6,12 @@ import torch
 from pyworkflow.tests import BaseTest, setupTestProject
 
 from continuousflex_dl import convert
-from continuousflex_dl.core.ctf import apply_ctf, ctf_image
-from continuousflex_dl.core.geometry import euler_to_matrix
-from continuousflex_dl.core.nma import displace
-from continuousflex_dl.core.projection import project_gaussians
-from continuousflex_dl.core.star import read_particles_star
-from continuousflex_dl.core.structure import centre
+from continuousflex_dl.core.imaging.ctf import apply_ctf, ctf_image
+from continuousflex_dl.core.imaging.geometry import euler_to_matrix
+from continuousflex_dl.core.modes.nma import displace
+from continuousflex_dl.core.imaging.projection import project_gaussians
+from continuousflex_dl.core.imaging.star import read_particles_star
+from continuousflex_dl.core.imaging.structure import centre
 from continuousflex_dl.protocols import FlexDLProtSynthesize
 from continuousflex_dl.tests.test_protocol_nma import compute_test_modes
 

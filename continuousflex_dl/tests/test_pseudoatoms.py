@@ -1,13 +1,13 @@
-"""Gaussian pseudoatoms of a density map (core.pseudoatoms), against synthetic truth."""
+"""Gaussian pseudoatoms of a density map (core.modes.pseudoatoms), against synthetic truth."""
 import numpy as np
 import pytest
 import torch
 
-from continuousflex_dl.core import nma
-from continuousflex_dl.core import pseudoatoms as pa
-from continuousflex_dl.core.geometry import random_rotations
-from continuousflex_dl.core.projection import density_map, project_gaussians
-from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms
+from continuousflex_dl.core.modes import nma
+from continuousflex_dl.core.modes import pseudoatoms as pa
+from continuousflex_dl.core.imaging.geometry import random_rotations
+from continuousflex_dl.core.imaging.projection import density_map, project_gaussians
+from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms
 
 BOX, PIXEL, MAP_SIGMA = 48, 2.0, 2.0  # 4AKE map at 2 Å/px, atoms blurred to sigma 2 Å (~6 Å resolution)
 
@@ -145,7 +145,7 @@ def test_pseudoatomic_modes_overlap_atomic_modes(fitted, atoms):
 
 
 def test_alignment_with_pseudoatomic_reference(fitted, atoms):
-    alignment = pytest.importorskip("continuousflex_dl.core.alignment")
+    alignment = pytest.importorskip("continuousflex_dl.core.hemnma.alignment")
     rng = np.random.default_rng(1)
     n, box, snr, amp = 12, 48, 0.3, 250.0
     atomic = nma.compute_modes(atoms, 8, 8.0).vectors[6:8]

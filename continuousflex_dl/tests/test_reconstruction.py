@@ -8,12 +8,12 @@ import pytest
 import torch
 from scipy import ndimage
 
-from continuousflex_dl.core import reconstruction as rec
-from continuousflex_dl.core.ctf import CTFParams, apply_ctf, ctf_image
-from continuousflex_dl.core.geometry import euler_to_matrix, matrix_to_euler
-from continuousflex_dl.core.projection import density_map, project_gaussians
-from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms
-from continuousflex_dl.core.synthesis import add_noise, sample_orientations
+from continuousflex_dl.core.landscape import reconstruction as rec
+from continuousflex_dl.core.imaging.ctf import CTFParams, apply_ctf, ctf_image
+from continuousflex_dl.core.imaging.geometry import euler_to_matrix, matrix_to_euler
+from continuousflex_dl.core.imaging.projection import density_map, project_gaussians
+from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms
+from continuousflex_dl.core.modes.synthesis import add_noise, sample_orientations
 
 BOX, PIXEL, N = 32, 3.0, 400
 

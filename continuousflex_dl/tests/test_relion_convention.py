@@ -25,11 +25,11 @@ from pwem.constants import ALIGN_PROJ  # noqa: E402
 from pwem.objects import SetOfParticles  # noqa: E402
 
 from continuousflex_dl import convert  # noqa: E402
-from continuousflex_dl.core.ctf import apply_ctf, ctf_image  # noqa: E402
-from continuousflex_dl.core.geometry import euler_to_matrix  # noqa: E402
-from continuousflex_dl.core.projection import project_gaussians  # noqa: E402
-from continuousflex_dl.core.nma import displace  # noqa: E402
-from continuousflex_dl.core.structure import centre  # noqa: E402
+from continuousflex_dl.core.imaging.ctf import apply_ctf, ctf_image  # noqa: E402
+from continuousflex_dl.core.imaging.geometry import euler_to_matrix  # noqa: E402
+from continuousflex_dl.core.imaging.projection import project_gaussians  # noqa: E402
+from continuousflex_dl.core.modes.nma import displace  # noqa: E402
+from continuousflex_dl.core.imaging.structure import centre  # noqa: E402
 from continuousflex_dl.protocols import FlexDLProtAlign, FlexDLProtSynthesize  # noqa: E402
 from continuousflex_dl.tests.test_protocol_nma import compute_test_modes  # noqa: E402
 

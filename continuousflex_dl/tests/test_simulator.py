@@ -1,4 +1,4 @@
-"""Training on particles simulated on the fly and matched to the data set (core/simulator.py).
+"""Training on particles simulated on the fly and matched to the data set (core/network/simulator.py).
 
 Particles: adenylate kinase (4AKE chain A, 214 CA atoms, Gaussian width 2 Å)
 moved along ANM mode 7, synthesized by ``synthesis.synthesize`` (an independent
@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from continuousflex_dl.core import simulator as sm
-from continuousflex_dl.core import training as tr
-from continuousflex_dl.core.ctf import CTFParams
-from continuousflex_dl.core.dataset import MrcsImageSource
-from continuousflex_dl.core.nma import compute_modes
-from continuousflex_dl.core.structure import centre, example_structure_path, load_atoms
-from continuousflex_dl.core.synthesis import CTFSampler, synthesize
+from continuousflex_dl.core.network import simulator as sm
+from continuousflex_dl.core.network import training as tr
+from continuousflex_dl.core.imaging.ctf import CTFParams
+from continuousflex_dl.core.imaging.dataset import MrcsImageSource
+from continuousflex_dl.core.modes.nma import compute_modes
+from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms
+from continuousflex_dl.core.modes.synthesis import CTFSampler, synthesize
 
 torch.set_num_threads(2)
 
@@ -102,7 +102,7 @@ def test_simulated_ctfs_come_from_the_particles(ake):
     np.testing.assert_array_equal(batch.ctf.column("defocus_v"), batch.ctf.column("defocus_u") - 300.0)
     assert np.all(batch.ctf.column("voltage") == 200.0)
     # the images carry those CTFs: noise-free, their power vanishes at the CTF's zeros
-    from continuousflex_dl.core.ctf import ctf_image
+    from continuousflex_dl.core.imaging.ctf import ctf_image
     clean = sim.with_noise(None).batch(1, 0, 10)
     expected = ctf_image(clean.ctf, BOX, PIXEL)
     torch.testing.assert_close(clean.ctf_images, expected)

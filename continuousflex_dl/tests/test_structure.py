@@ -3,7 +3,7 @@ import numpy as np
 import prody
 from scipy.spatial.distance import pdist
 
-from continuousflex_dl.core.structure import diameter, example_structure_path, load_atoms, read_coordinates
+from continuousflex_dl.core.imaging.structure import diameter, example_structure_path, load_atoms, read_coordinates
 
 
 def test_coordinates_match_prody_for_pdb_and_mmcif(tmp_path):

@@ -9,12 +9,12 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from continuousflex_dl.core.ctf import CTFParams, apply_ctf, ctf_image
-from continuousflex_dl.core.geometry import euler_to_matrix
-from continuousflex_dl.core.projection import project_gaussians
-from continuousflex_dl.core import synthesis
-from continuousflex_dl.core.star import read_particles_star, read_star, write_star
-from continuousflex_dl.core.synthesis import (
+from continuousflex_dl.core.imaging.ctf import CTFParams, apply_ctf, ctf_image
+from continuousflex_dl.core.imaging.geometry import euler_to_matrix
+from continuousflex_dl.core.imaging.projection import project_gaussians
+from continuousflex_dl.core.modes import synthesis
+from continuousflex_dl.core.imaging.star import read_particles_star, read_star, write_star
+from continuousflex_dl.core.modes.synthesis import (
     CTFSampler, add_noise, measured_snr, sample_amplitudes, sample_defocus, sample_orientations,
     sample_shifts, synthesize,
 )
@@ -282,7 +282,7 @@ def test_synthesize_cuda_matches_cpu(tmp_path, toy):
 
 
 def test_synthesis_result_save_load_round_trip(tmp_path):
-    from continuousflex_dl.core.synthesis import SynthesisResult
+    from continuousflex_dl.core.modes.synthesis import SynthesisResult
     rng = np.random.default_rng(0)
     n = 5
     result = SynthesisResult(stack_path="s.mrcs", box=32, pixel_size=2.0, angles=rng.normal(size=(n, 3)),

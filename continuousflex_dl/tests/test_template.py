@@ -6,7 +6,7 @@ import os
 from pyworkflow.template import Validations
 from pyworkflow.tests import BaseTest, setupTestProject
 
-from continuousflex_dl.core.structure import example_structure_path
+from continuousflex_dl.core.imaging.structure import example_structure_path
 from continuousflex_dl.plugin import Plugin
 
 

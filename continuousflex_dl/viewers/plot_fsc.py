@@ -7,7 +7,7 @@ from typing import Mapping, Sequence, Tuple
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..core.reconstruction import FSC_THRESHOLD, resolution_at
+from ..core.landscape.reconstruction import FSC_THRESHOLD, resolution_at
 
 __all__ = ["plot_fsc"]
 

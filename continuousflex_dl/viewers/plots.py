@@ -14,8 +14,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from mpl_toolkits.mplot3d import Axes3D  # noqa: F401  (registers the '3d' projection)
 
-from ..core.analysis import AmplitudeErrorReport
-from ..core.trajectory import principal_components
+from ..core.landscape.analysis import AmplitudeErrorReport
+from ..core.landscape.trajectory import principal_components
 
 __all__ = [
     "mode_label", "plot_point_cloud", "plot_error_histograms", "plot_mode_profile",

@@ -16,7 +16,7 @@ from pyworkflow.protocol import params
 from pyworkflow.viewer import DESKTOP_TKINTER, ProtocolViewer
 
 from .. import convert
-from ..core import analysis
+from ..core.landscape import analysis
 from ..protocols import (FlexDLProtAlign, FlexDLProtCluster, FlexDLProtOutliers, FlexDLProtPredict,
                          FlexDLProtSynthesize, FlexDLProtTrajectory)
 from ..reports import (ERROR_TABLE_NOTE, error_reports, error_summary_lines, error_table,  # noqa: F401

@@ -2,7 +2,7 @@
 from pyworkflow.protocol import params
 from pyworkflow.viewer import DESKTOP_TKINTER, ProtocolViewer
 
-from ..core.reconstruction import read_fsc_csv
+from ..core.landscape.reconstruction import read_fsc_csv
 from ..protocols import FlexDLProtReconstruct
 from .plot_fsc import plot_fsc
 from .views import FigureView, TableRowsView

@@ -26,10 +26,10 @@ from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
-from .chunks import load_job_files, save_job_files
-from .ctf import CTFParams
-from .dataset import ArrayImageSource, MrcsImageSource
-from .device import cpu_threads_available, resolve_device
+from ..chunks import load_job_files, save_job_files
+from ..imaging.ctf import CTFParams
+from ..imaging.dataset import ArrayImageSource, MrcsImageSource
+from ..device import cpu_threads_available, resolve_device
 from .simulator import Reference
 
 logger = logging.getLogger(__name__)

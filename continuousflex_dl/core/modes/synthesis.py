@@ -2,11 +2,11 @@
 
 The pipeline of :func:`synthesize`, per chunk of images:
 
-1. displace the reference ``x + sum_k q_k v_k`` (:func:`continuousflex_dl.core.nma.displace`),
+1. displace the reference ``x + sum_k q_k v_k`` (:func:`continuousflex_dl.core.modes.nma.displace`),
 2. project the Gaussian atoms with the pose ``(rot, tilt, psi)`` and shift
-   (:func:`continuousflex_dl.core.projection.project_gaussians`, convention of
-   :mod:`continuousflex_dl.core.geometry`),
-3. modulate by the CTF (:mod:`continuousflex_dl.core.ctf`),
+   (:func:`continuousflex_dl.core.imaging.projection.project_gaussians`, convention of
+   :mod:`continuousflex_dl.core.imaging.geometry`),
+3. modulate by the CTF (:mod:`continuousflex_dl.core.imaging.ctf`),
 4. add white Gaussian noise at the requested SNR (:func:`add_noise`),
 5. write the chunk into ONE .mrcs stack on disk,
 
@@ -35,8 +35,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .ctf import CTFParams, apply_ctf, ctf_image
-from .geometry import euler_to_matrix, matrix_to_euler, pose_to_scipion_matrix, random_rotations
+from ..imaging.ctf import CTFParams, apply_ctf, ctf_image
+from ..imaging.geometry import euler_to_matrix, matrix_to_euler, pose_to_scipion_matrix, random_rotations
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ class SynthesisResult:
         """Write the ground truth as a RELION .star file (see :mod:`.star`); returns the path.
         ``stack_name`` is the stack path written in ``_rlnImageName`` (default: relative to
         the star file's folder when possible)."""
-        from .star import write_particles_star
+        from ..imaging.star import write_particles_star
         if stack_name is None:
             try:
                 stack_name = os.path.relpath(self.stack_path, os.path.dirname(os.path.abspath(path)))
@@ -423,7 +423,7 @@ def synthesize(out_stack: Union[str, os.PathLike], coords, modes, n_images: int,
     ctf = _ctf_of_images(ctf, n, rng_ctf)
 
     from .nma import displace
-    from .projection import project_gaussians
+    from ..imaging.projection import project_gaussians
 
     coords_t = torch.as_tensor(coords, dtype=torch.float32, device=device)
     modes_t = torch.as_tensor(modes, dtype=torch.float32, device=device)

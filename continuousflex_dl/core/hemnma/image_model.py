@@ -143,7 +143,7 @@ def fit_image_model(images, coords: np.ndarray, modes: np.ndarray, pixel_size: f
     :data:`LOG_WEIGHT_PRIOR_SD` on each log weight. L-BFGS with autograd through the projector.
     """
     from .alignment import ANTI_ALIAS_PX, _apply_filter, _as_images, _crop, _filters
-    from .projection import project_gaussians
+    from ..imaging.projection import project_gaussians
     labels = np.asarray(labels, dtype=np.int64)
     start = start or ImageModel.identity(type_names)
     if tuple(start.type_names) != tuple(type_names):
@@ -161,7 +161,7 @@ def fit_image_model(images, coords: np.ndarray, modes: np.ndarray, pixel_size: f
     filt = _filters(ctf, m, n, ps, dev, torch.float32, source_box=box, blur=blur)
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=dev)  # noqa: E731
     x = t(coords) + torch.einsum("mk,knd->mnd", t(result.amplitudes), t(modes).reshape(-1, len(coords), 3))
-    from .geometry import euler_to_matrix
+    from ..imaging.geometry import euler_to_matrix
     rot, shifts = t(euler_to_matrix(np.asarray(result.angles, dtype=np.float64))), t(result.shifts) * (n / box)
     sig0 = t(np.broadcast_to(np.asarray(sigma, dtype=np.float64), labels.shape).copy())
     w0 = torch.ones(len(labels), device=dev) if weights is None else t(weights)

@@ -22,8 +22,8 @@ from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 
-from .chunks import ChunkedJob, auto_chunk_size, fingerprint, load_job_files, save_job_files
-from .ctf import CTFParams
+from ..chunks import ChunkedJob, auto_chunk_size, fingerprint, load_job_files, save_job_files
+from ..imaging.ctf import CTFParams
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class PredictionJob(ChunkedJob):
 
     def fingerprint(self) -> str:
         """Digest of everything that changes the results (and the package version)."""
-        from .. import __version__
+        from ... import __version__
         return fingerprint(__version__, os.path.abspath(self.model_dir), self.stamp, self.ids, list(self.stacks),
                            self.indices, float(self.pixel_size), bool(self.invert), self._ctf_columns(),
                            bool(self.pose), self.options)
@@ -127,7 +127,7 @@ class PredictionJob(ChunkedJob):
         """Amplitudes (B, K) Å [angles (B, 3) deg, shifts (B, 2) particle px] of rows ``[start, stop)``
         from their images (B, box, box)."""
         import torch
-        from .dataset import fourier_crop
+        from ..imaging.dataset import fourier_crop
         from .training import load_model, predict
         if model_stamp(self.model_dir) != self.stamp:
             raise ValueError(f"The model in {self.model_dir} changed since this prediction was prepared "

@@ -39,11 +39,11 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .ctf import CTFParams, apply_ctf, ctf_image
-from .geometry import euler_to_matrix
-from .nma import default_amplitude_range, displace
-from .projection import project_gaussians
-from .synthesis import sample_orientations, sample_shifts
+from ..imaging.ctf import CTFParams, apply_ctf, ctf_image
+from ..imaging.geometry import euler_to_matrix
+from ..modes.nma import default_amplitude_range, displace
+from ..imaging.projection import project_gaussians
+from ..modes.synthesis import sample_orientations, sample_shifts
 
 logger = logging.getLogger(__name__)
 
@@ -447,7 +447,7 @@ def match_simulator(reference: Reference, images, box: int, pixel_size: float, c
     particle spectrum, ``n_clean`` clean simulated images the clean spectrum
     (:func:`estimate_noise`). Other arguments as :class:`ParticleSimulator`.
     """
-    from .dataset import as_image_source
+    from ..imaging.dataset import as_image_source
     source = as_image_source(images)
     if source.image_size != box:
         raise ValueError(f"The particles are {source.image_size} px, the simulator {box} px.")

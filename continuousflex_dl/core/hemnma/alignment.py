@@ -67,9 +67,9 @@ from typing import Callable, NamedTuple, Optional, Union
 import numpy as np
 import torch
 
-from .geometry import euler_to_matrix, matrix_to_euler, particle_offset_px
-from .nma import default_amplitude_range
-from .projection import fourier_crop, pixel_profiles, profile_reach, project_gaussians
+from ..imaging.geometry import euler_to_matrix, matrix_to_euler, particle_offset_px
+from ..modes.nma import default_amplitude_range
+from ..imaging.projection import fourier_crop, pixel_profiles, profile_reach, project_gaussians
 
 logger = logging.getLogger(__name__)
 
@@ -715,7 +715,7 @@ def _filters(ctf, m: int, n: int, pixel_size: float, device, dtype,
         mask = mask * torch.exp(2 * math.pi ** 2 * (blur / pixel_size) ** 2 * (fy * fy + fx * fx))
     if ctf is None:
         return mask.expand(m, -1, -1)
-    from .ctf import ctf_image
+    from ..imaging.ctf import ctf_image
     if ctf.batch_size not in (1, m):
         raise ValueError(f"The CTF describes {ctf.batch_size} images but {m} images were given.")
     c = ctf_image(ctf, n, pixel_size, device=device, dtype=dtype) * mask

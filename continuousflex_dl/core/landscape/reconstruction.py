@@ -50,8 +50,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .ctf import CTFParams, ctf_image
-from .geometry import euler_to_matrix, particle_offset_px
+from ..imaging.ctf import CTFParams, ctf_image
+from ..imaging.geometry import euler_to_matrix, particle_offset_px
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def model_map_correlation(coords: ArrayLike, volume: ArrayLike, pixel_size: floa
     coords: (N, 3) Å in the map's frame: the reference centred as for projection and
     synthesis (:func:`.structure.centre` of the *undeformed* reference), then displaced.
     """
-    from .projection import density_map
+    from ..imaging.projection import density_map
     vol = _as_volume(volume, "volume")
     c = torch.as_tensor(np.asarray(coords, dtype=np.float64) if not isinstance(coords, torch.Tensor) else coords,
                         dtype=torch.float64)
@@ -421,7 +421,7 @@ class ReconstructionResult:
         and header origin set, :func:`.pseudoatoms.write_map`) and ``<prefix>_fsc.csv``
         (:func:`read_fsc_csv`) into ``folder``; returns their paths by key ``map``,
         ``half1``, ``half2``, ``fsc``."""
-        from .pseudoatoms import write_map
+        from ..modes.pseudoatoms import write_map
         folder = Path(folder)
         origin = centred_origin(self.box, self.pixel_size)
         paths = {"map": folder / f"{prefix}.mrc", "half1": folder / f"{prefix}_half1.mrc",
@@ -476,7 +476,7 @@ def reconstruct(images, angles_deg: np.ndarray, shifts_px: np.ndarray, pixel_siz
     Other arguments: :class:`Reconstructor` and :meth:`Reconstructor.finish`.
     ``progress(done, n)`` after each chunk. Returns a :class:`ReconstructionResult`.
     """
-    from .dataset import as_image_source
+    from ..imaging.dataset import as_image_source
     source = as_image_source(images)
     n = len(source)
     angles = np.asarray(angles_deg, dtype=np.float64)

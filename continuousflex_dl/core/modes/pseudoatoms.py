@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from .projection import pixel_profiles
+from ..imaging.projection import pixel_profiles
 
 logger = logging.getLogger(__name__)
 

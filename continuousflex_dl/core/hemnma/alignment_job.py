@@ -21,9 +21,9 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from .alignment import RESULT_ARRAYS, AlignmentResult, align_particles
-from . import chunks
-from .chunks import Chunk, ChunkedJob, chunk_path, fingerprint, load_job_files, save_job_files
-from .ctf import CTFParams
+from .. import chunks
+from ..chunks import Chunk, ChunkedJob, chunk_path, fingerprint, load_job_files, save_job_files
+from ..imaging.ctf import CTFParams
 from .image_model import ImageModel, refine_image_model
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class AlignmentJob(ChunkedJob):
 
     def fingerprint(self) -> str:
         """Digest of everything that changes the results (and the package version)."""
-        from .. import __version__
+        from ... import __version__
         return fingerprint(__version__, self.coords, self.modes, np.asarray(self.sigma),
                            self.weights, list(self.mode_numbers), self.ids, list(self.stacks),
                            self.indices, float(self.pixel_size), self._ctf_columns(), self.options,

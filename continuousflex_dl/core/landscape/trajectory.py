@@ -5,7 +5,7 @@ Amplitudes are (M, K) arrays in Å (one row per particle, one column per
 chosen mode, in the order of the modes). A path is a (F, K) array of
 amplitude vectors; :func:`trajectory_frames` turns it into (F, N, 3)
 displaced structures (``x + sum_k q_k v_k``, see :mod:`.nma`) that
-:func:`continuousflex_dl.core.structure.write_multimodel_pdb` writes out.
+:func:`continuousflex_dl.core.imaging.structure.write_multimodel_pdb` writes out.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from .nma import displace
+from ..modes.nma import displace
 
 __all__ = [
     "principal_components", "principal_path", "path_through_points", "kmeans",

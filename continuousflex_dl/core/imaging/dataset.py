@@ -26,7 +26,7 @@ Images no method can use are refused by :func:`check_images` (NaN or
 infinite pixels, constant images), the one check of alignment, training and
 prediction.
 
-Geometry follows :mod:`continuousflex_dl.core.geometry`: images are indexed
+Geometry follows :mod:`continuousflex_dl.core.imaging.geometry`: images are indexed
 ``[y, x]``, pixel ``(iy, ix)`` has coordinates ``(ix - n // 2, iy - n // 2)``.
 """
 from __future__ import annotations

@@ -61,11 +61,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .ctf import CTFParams
-from .dataset import (NORMALIZATIONS, CtfLike, as_image_source, check_images, iterate_batches, prepare_images,
+from ..imaging.ctf import CTFParams
+from ..imaging.dataset import (NORMALIZATIONS, CtfLike, as_image_source, check_images, iterate_batches, prepare_images,
                       rotate_images, rotate_pose)
-from .geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler
-from .network import DeepHEMNMANet, build_model, matrix_to_rotation_6d, rotation_6d_to_matrix
+from ..imaging.geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler
+from .resnet import DeepHEMNMANet, build_model, matrix_to_rotation_6d, rotation_6d_to_matrix
 from .simulator import (VALIDATION_EPOCH, AmplitudePrior, EstimatesPrior, ParticleSimulator, Reference,
                         SimulatedBatch, default_amplitude_range, match_simulator)
 
@@ -983,7 +983,7 @@ def train(images, amplitudes: Optional[np.ndarray], particle_ids: np.ndarray, ou
     only with the world size it was started with.
     Returns the metrics rows of all epochs so far (see ``METRICS_COLUMNS``).
     """
-    from .. import __version__
+    from ... import __version__
     device = torch.device(device)
     config = replace(config, seed=int(seed), phase_flip=ctf is not None)
     data = _check_inputs(images, amplitudes, particle_ids, config, poses, ctf, reference, particle_ctf,

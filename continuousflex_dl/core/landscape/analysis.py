@@ -7,7 +7,7 @@ and particles, and the RMSD (Å) between the reference structure and the
 reference displaced by those errors (by the means, and by mean -/+ std).
 Pose errors are geodesic angles between rotations (degrees) and Euclidean
 distances between in-plane shifts (pixels); rotations come from
-:mod:`continuousflex_dl.core.geometry` (Euler ZYZ).
+:mod:`continuousflex_dl.core.imaging.geometry` (Euler ZYZ).
 
 Outlier removal (the papers remove 10 % of the HEMNMA amplitudes) uses the
 Mahalanobis distance of each particle's amplitude vector to the cloud.
@@ -23,8 +23,8 @@ from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .geometry import angular_distance_deg, euler_to_matrix
-from .nma import displace
+from ..imaging.geometry import angular_distance_deg, euler_to_matrix
+from ..modes.nma import displace
 
 __all__ = [
     "AmplitudeErrorReport", "PoseErrorReport", "amplitude_errors", "pose_errors",

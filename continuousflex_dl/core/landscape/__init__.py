@@ -1,0 +1,1 @@
+"""The conformational landscape: analysis against the truth, trajectories and clusters, maps."""
