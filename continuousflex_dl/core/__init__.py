@@ -9,7 +9,8 @@ follow the pipeline, and a stage imports only from the stages before it:
 3. ``hemnma``    — HEMNMA: the alignment, its image model, alignment jobs in chunks;
 4. ``network``   — DeepHEMNMA: the ResNet regressor, training, the simulated stream,
    distributed training, prediction jobs;
-5. ``landscape`` — the conformational space: analysis, trajectories and clusters, maps.
+5. ``landscape`` — the conformational space: analysis, trajectories and clusters, maps, files
+   for other tools (Xmipp metadata, RELION 3.1 star, cryoDRGN latent).
 
 ``device`` (CPU/CUDA choice) serves every stage; ``chunks`` (chunked jobs and their files, which
 read images through ``imaging``) serves the stages after ``imaging``.

@@ -7,7 +7,8 @@ from continuousflex_dl import protocols
 
 EXPECTED = {"FlexDLProtNMA", "FlexDLProtSynthesize", "FlexDLProtAlign", "FlexDLProtOutliers",
             "FlexDLProtTrain", "FlexDLProtPredict", "FlexDLProtTrajectory", "FlexDLProtCluster",
-            "FlexDLProtPseudoatoms", "FlexDLProtReconstruct"}
+            "FlexDLProtPseudoatoms", "FlexDLProtReconstruct",
+            "FlexDLProtExport"}
 
 
 def _ours(mapping):

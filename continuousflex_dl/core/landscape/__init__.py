@@ -1,1 +1,1 @@
-"""The conformational landscape: analysis against the truth, trajectories and clusters, maps."""
+"""The conformational landscape: analysis against the truth, trajectories and clusters, maps, exports."""
