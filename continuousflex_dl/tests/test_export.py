@@ -20,6 +20,7 @@ import mrcfile
 import numpy as np
 import pytest
 from pwem.constants import ALIGN_PROJ
+from pwem.protocols import ProtImportParticles
 from pwem.objects import CTFModel, ParticleFlex, SetOfParticles, SetOfParticlesFlex, Transform
 from pyworkflow.tests import BaseTest, setupTestProject
 
@@ -340,11 +341,27 @@ class TestProtExport(BaseTest):
             self.assertIn(name, summary)
             self.assertTrue(os.path.exists(export._getExtraPath(name)), name)
         self.assertIn(export._getExtraPath(), summary)
-        back = read_relion(export._getExtraPath("particles.star"))
+        # Scipion's RELION import (scipion-em-relion) of the star, as a user would re-import it.
+        imported = self.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_RELION,
+                                    starFile=self.proj.getPath(export._getExtraPath("particles.star")),
+                                    samplingRate=3.0, voltage=300.0, sphericalAberration=2.7,
+                                    amplitudeContrast=0.1, haveDataBeenPhaseFlipped=False)
+        self.launchProtocol(imported)
+        back = imported.outputParticles
         self.assertEqual(back.getSamplingRate(), 3.0)
-        got = np.stack([p.getTransform().getMatrix() for p in back.iterItems(orderBy="id")])
-        want = np.stack([p.getTransform().getMatrix() for p in synth.outputParticles.iterItems(orderBy="id")])
-        np.testing.assert_allclose(got, want, atol=1e-12)
+        self.assertTrue(back.hasAlignmentProj())
+        got = convert.read_particles(back)
+        np.testing.assert_array_equal(got.ids, truth.ids)
+        mats = [np.stack([p.getTransform().getMatrix() for p in s.iterItems(orderBy="id")])
+                for s in (back, synth.outputParticles)]
+        np.testing.assert_allclose(mats[0], mats[1], atol=1e-12)
+        for i in range(len(truth.ids)):  # the same CTF, the same image
+            profiles = [defocus_profile(c.column("defocus_u")[i], c.column("defocus_v")[i],
+                                        c.column("defocus_angle")[i]) for c in (got.ctf, truth.ctf)]
+            np.testing.assert_allclose(*profiles, rtol=1e-12)
+            with mrcfile.open(self.proj.getPath(got.stacks[i])) as a, \
+                    mrcfile.open(self.proj.getPath(truth.stacks[i])) as b:
+                np.testing.assert_array_equal(a.data[got.indices[i]], b.data[truth.indices[i]])
         np.testing.assert_array_equal(load_pkl(export._getExtraPath("z.pkl")), truth.amplitudes.astype(np.float32))
         out = export.outputParticles
         self.assertSetSize(out, 5)
