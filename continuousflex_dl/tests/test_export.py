@@ -54,7 +54,7 @@ late 2 0.655 300.0 2.7 0.1 1.31 16 2
 """
 
 
-def make_set(folder, optics=True, score=True, std=True, seed=0):
+def make_set(folder, optics=True, score=True, std=True, pose=True, ctf=True, seed=0):
     """A SetOfParticlesFlex of N known particles over two stacks (.mrcs and .mrc): poses, CTFs,
     amplitudes of :data:`MODES`, HEMNMA score and uncertainty, two RELION optics groups.
     Returns the set and the truth."""
@@ -73,7 +73,7 @@ def make_set(folder, optics=True, score=True, std=True, seed=0):
     with mrcfile.new(stacks[1], overwrite=True) as mrc:
         mrc.set_data(truth["images"][4:])
     truth["locations"] = [(i + 1, stacks[0]) for i in range(4)] + [(i + 1, stacks[1]) for i in range(3)]
-    parts = SetOfParticlesFlex(filename=os.path.join(folder, f"particles_{seed}_{optics}.sqlite"),
+    parts = SetOfParticlesFlex(filename=os.path.join(folder, f"particles_{seed}_{optics}_{pose}_{ctf}.sqlite"),
                                progName=convert.FLEX_PROG_NAME)
     parts.setSamplingRate(PIXEL)
     acq = parts.getAcquisition()
@@ -82,19 +82,22 @@ def make_set(folder, optics=True, score=True, std=True, seed=0):
     acq.setAmplitudeContrast(0.1)
     if optics:
         acq.opticsGroupInfo = convert.pwobj.String(OPTICS_INFO)
-    parts.setHasCTF(True)
-    parts.setAlignmentProj()
+    parts.setHasCTF(ctf)
+    if pose:
+        parts.setAlignmentProj()
     parts.setFlexInfo(convert.flex_info(MODES, convert.SOURCE_HEMNMA))
     matrices = pose_to_scipion_matrix(truth["angles"], truth["shifts"])
     for i in range(N):
         p = ParticleFlex(progName=convert.FLEX_PROG_NAME)
         p.setObjId(int(truth["ids"][i]))
         p.setLocation(*truth["locations"][i])
-        p.setTransform(Transform(matrices[i]))
-        du, dv, da, ph = truth["defocus"][i]
-        ctf = CTFModel(defocusU=du, defocusV=dv, defocusAngle=da)
-        ctf.setPhaseShift(ph)
-        p.setCTF(ctf)
+        if pose:
+            p.setTransform(Transform(matrices[i]))
+        if ctf:
+            du, dv, da, ph = truth["defocus"][i]
+            model = CTFModel(defocusU=du, defocusV=dv, defocusAngle=da)
+            model.setPhaseShift(ph)
+            p.setCTF(model)
         p.setZFlex(truth["amplitudes"][i].tolist())
         if score:
             setattr(p, "_cfdlScore", convert.pwobj.Float(float(truth["score"][i])))
@@ -258,6 +261,21 @@ def test_relion_star_without_optics_groups_takes_the_acquisition(tmp_path):
     assert [(g["rlnOpticsGroup"], g["rlnVoltage"], g["rlnImagePixelSize"], g["rlnImageSize"]) for g in groups] \
         == [(1, 300.0, PIXEL, BOX)]
     assert [int(p._rlnOpticsGroup) for p in back] == [1] * N
+
+
+def test_set_without_poses_or_ctf(tmp_path):
+    import pwem.emlib.metadata as md
+    from pwem import emlib
+    parts, truth = make_set(str(tmp_path), pose=False, ctf=False, score=False, std=False)
+    written = convert_export.export_particles(parts, str(tmp_path))
+    assert "no poses" in written["images.xmd"] and "no poses, no CTF" in written["particles.star"]
+    assert "log-variance" not in written["z.pkl"]
+    labels = md.MetaData(str(tmp_path / "images.xmd")).getActiveLabels()
+    assert emlib.MDL_NMA in labels and emlib.MDL_ANGLE_ROT not in labels and emlib.MDL_COST not in labels
+    back = read_relion(tmp_path / "particles.star", [f"cfdlAmplitudeMode{m}" for m in MODES])
+    assert not back.hasCTF() and all(p.getTransform() is None for p in back)
+    np.testing.assert_array_equal([[float(getattr(p, f"_cfdlAmplitudeMode{m}")) for m in MODES] for p in back],
+                                  truth["amplitudes"])
 
 
 def test_relion_stack_of_another_format_is_converted(tmp_path):
