@@ -39,8 +39,9 @@ class FlexDLProtExport(FlexDLProtBase):
         form.addParam("writeRelion", params.BooleanParam, default=True, label="RELION 3.1 star?",
                       help=f"extra/{STAR_FILE}: optics groups, poses, CTFs and one _cfdlAmplitudeMode<k> "
                            f"column (Å) per mode; the stacks are linked (MRC) or converted into "
-                           f"extra/{STACK_FOLDER}/, so the folder can be copied to a RELION project or "
-                           f"imported into Scipion again.")
+                           f"extra/{STACK_FOLDER}/ and named relative to extra/: run RELION there, or "
+                           f"copy both into the RELION project folder. Scipion's RELION import reads "
+                           f"the star back.")
         form.addParam("writeLatent", params.BooleanParam, default=True, label="cryoDRGN latent file?",
                       help=f"extra/{LATENT_FILE}: the amplitudes as cryoDRGN's z (a pickled float32 "
                            f"array N x K, then the log-variance when HEMNMA gave uncertainties), for "

@@ -368,6 +368,8 @@ class TestProtExport(BaseTest):
         back = imported.outputParticles
         self.assertEqual(back.getSamplingRate(), 3.0)
         self.assertTrue(back.hasAlignmentProj())
+        self.assertEqual([(g["rlnOpticsGroup"], g["rlnImagePixelSize"], g["rlnImageSize"])
+                          for g in optics_rows(back.getAcquisition().opticsGroupInfo.get())], [(1, 3.0, 32)])
         got = convert.read_particles(back)
         np.testing.assert_array_equal(got.ids, truth.ids)
         mats = [np.stack([p.getTransform().getMatrix() for p in s.iterItems(orderBy="id")])
