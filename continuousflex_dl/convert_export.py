@@ -1,8 +1,8 @@
 """The Scipion side of the exports for other tools (see :mod:`.core.landscape.export`).
 
 What a SetOfParticlesFlex holds beyond :func:`.convert.read_particles`: RELION optics groups,
-per-particle values, image names as Xmipp and RELION read them, and ContinuousFlex's particle
-attribute ``_xmipp_nmaDisplacements``. Every function lists particles in id order, the order of
+image names as Xmipp and RELION read them, and ContinuousFlex's particle attributes
+``_xmipp_nmaDisplacements`` and ``_xmipp_cost``. Every function lists particles in id order, the order of
 :func:`.convert.read_particles`.
 """
 from __future__ import annotations
@@ -57,10 +57,8 @@ def export_particles(particles, folder: str, xmipp: bool = True, relion: bool = 
                               f"{'CTF' if parts.ctf is not None else 'no CTF'}, amplitudes of modes {numbers} "
                               f"(_cfdlAmplitudeMode<k>); stacks in {STACK_FOLDER}/")
     if latent:
-        write_latent(os.path.join(folder, LATENT_FILE), parts.amplitudes, parts.amplitude_std)
+        logvar = write_latent(os.path.join(folder, LATENT_FILE), parts.amplitudes, parts.amplitude_std)
         np.savetxt(os.path.join(folder, IDS_FILE), parts.ids, fmt="%d")
-        std = parts.amplitude_std
-        logvar = std is not None and bool(np.all(np.isfinite(std)) and np.all(std > 0))
         written[LATENT_FILE] = (f"cryoDRGN z, {len(parts.ids)} x {len(numbers)} float32 (modes {numbers})"
                                 + (" and its log-variance" if logvar else "") + f"; Scipion ids in {IDS_FILE}")
     return written

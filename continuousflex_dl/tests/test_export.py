@@ -330,7 +330,7 @@ def test_cryodrgn_latent_in_particle_order(exported):
 
 
 def test_cryodrgn_latent_without_uncertainty_has_one_pickle(tmp_path):
-    write_latent(tmp_path / "z.pkl", np.ones((4, 2)), np.full((4, 2), np.nan))
+    assert not write_latent(tmp_path / "z.pkl", np.ones((4, 2)), np.full((4, 2), np.nan))
     with open(tmp_path / "z.pkl", "rb") as f:
         pickle.load(f)
         with pytest.raises(EOFError):

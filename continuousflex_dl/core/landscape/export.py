@@ -148,11 +148,12 @@ def write_relion31_star(path: PathLike, image_names: Sequence[str], image_ids: S
                       "particles": table})
 
 
-def write_latent(path: PathLike, z: np.ndarray, z_std: Optional[np.ndarray] = None) -> None:
+def write_latent(path: PathLike, z: np.ndarray, z_std: Optional[np.ndarray] = None) -> bool:
     """Write cryoDRGN's latent file (``z.<epoch>.pkl`` of ``cryodrgn train_vae``, what its
     analysis tools load with ``cryodrgn.utils.load_pkl``): the pickled float32 array
-    ``z`` (N, zdim), in particle order, followed, when ``z_std`` (N, zdim) is given and finite,
-    by a second pickle with the log-variance ``log(z_std ** 2)`` (cryoDRGN's ``z_logvar``)."""
+    ``z`` (N, zdim), in particle order, followed, when ``z_std`` (N, zdim) is given, finite and
+    positive, by a second pickle with the log-variance ``log(z_std ** 2)`` (cryoDRGN's
+    ``z_logvar``). Returns whether the log-variance was written."""
     z = np.asarray(z, dtype=np.float32)
     if z.ndim != 2 or not z.shape[1]:
         raise ValueError(f"The latent array must have shape (N, zdim) with zdim >= 1, got {z.shape}.")
@@ -162,3 +163,5 @@ def write_latent(path: PathLike, z: np.ndarray, z_std: Optional[np.ndarray] = No
             std = _rows("Latent standard deviation", z_std, z.shape)
             if np.all(np.isfinite(std)) and np.all(std > 0):
                 pickle.dump(np.log(std ** 2).astype(np.float32), f)
+                return True
+    return False
