@@ -13,7 +13,7 @@ from pwem.objects import (CTFModel, FlexInfo, NormalMode, ParticleFlex, SetOfNor
 from .core.imaging.ctf import CTFParams
 from .core.imaging.geometry import pose_to_scipion_matrix, scipion_matrix_to_pose
 from .core.modes.nma import NormalModes, read_mode_files
-from .core.imaging.structure import Atoms, load_atoms
+from .core.imaging.structure import Atoms, load_atoms, read_atoms_plain
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,22 @@ def read_modes(modes_set: SetOfNormalModes, mode_numbers: Sequence[int]) -> Tupl
     if vectors.shape[1] != atoms.n_atoms:
         raise ValueError(f"The mode files have {vectors.shape[1]} atoms, the structure {atoms.n_atoms}. "
                          "The modes do not match the structure: recompute them on this structure.")
+    return atoms, vectors
+
+
+def read_modes_plain(modes_set: SetOfNormalModes, mode_numbers: Sequence[int]) -> Tuple[Atoms, np.ndarray]:
+    """:func:`read_modes` without ProDy (for viewers in the Scipion GUI, which runs under
+    ``python -O`` where ProDy cannot be imported): all ATOM/HETATM records of the structure
+    (:func:`structure.read_atoms_plain`, no atom group) and the modes (K, N, 3)."""
+    structure = modes_set.getPdb()
+    if structure is None:
+        raise ValueError("The normal modes have no atomic structure attached; "
+                         "compute them with the NMA protocol of this plugin.")
+    atoms = read_atoms_plain(structure.getFileName())
+    vectors = read_mode_vectors(modes_set, mode_numbers)
+    if vectors.shape[1] != atoms.n_atoms:
+        raise ValueError(f"The mode files have {vectors.shape[1]} atoms, the structure {atoms.n_atoms} "
+                         f"ATOM/HETATM records. The modes do not match the structure: recompute them on it.")
     return atoms, vectors
 
 

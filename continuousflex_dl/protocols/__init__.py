@@ -9,3 +9,4 @@ from .protocol_cluster import FlexDLProtCluster  # noqa: F401
 from .protocol_pseudoatoms import FlexDLProtPseudoatoms  # noqa: F401
 from .protocol_reconstruct import FlexDLProtReconstruct  # noqa: F401
 from .protocol_export import FlexDLProtExport  # noqa: F401
+from .protocol_subset import FlexDLProtSubset  # noqa: F401

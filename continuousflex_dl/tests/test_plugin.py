@@ -8,7 +8,7 @@ from continuousflex_dl import protocols
 EXPECTED = {"FlexDLProtNMA", "FlexDLProtSynthesize", "FlexDLProtAlign", "FlexDLProtOutliers",
             "FlexDLProtTrain", "FlexDLProtPredict", "FlexDLProtTrajectory", "FlexDLProtCluster",
             "FlexDLProtPseudoatoms", "FlexDLProtReconstruct",
-            "FlexDLProtExport"}
+            "FlexDLProtExport", "FlexDLProtSubset"}
 
 
 def _ours(mapping):

@@ -22,7 +22,8 @@ from ..protocols import (FlexDLProtAlign, FlexDLProtCluster, FlexDLProtOutliers,
 from ..reports import (ERROR_TABLE_NOTE, error_reports, error_summary_lines, error_table,  # noqa: F401
                        find_ground_truth, flex_arrays, flex_source, matched_amplitudes, output_name,
                        producer, read_attribute, related_sets, set_label, write_error_reports_csv)
-from . import plots
+from . import gallery, plots
+from .selection import LandscapeSelection, SelectionView, writable_folder
 from .views import ErrorDialogs, FigureView, TableRowsView
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,13 @@ class FlexDLFlexViewer(ErrorDialogs, ProtocolViewer):
         form.addParam("colorMode", params.IntParam, default=7, condition="colorBy == 2",
                       label="Mode")
         form.addParam("displayCloud", params.LabelParam, label="Show the point cloud")
+        form.addParam("displaySelection", params.LabelParam, label="Select particles (lasso, box) or a structure",
+                      help="The main set on two of the modes to show (the first two), or on the first two "
+                           "principal components. Drag a lasso or a box around points, then 'Create "
+                           "subset' runs a landscape subset protocol with that region (it appears in the "
+                           "project; its output feeds reconstruction, training and trajectories). Click "
+                           "a point: the reference displaced by that particle's amplitudes is saved as a "
+                           "PDB file and opened in ChimeraX when it is installed (else plotted).")
         form.addSection(label="Errors")
         form.addParam("groundTruth", params.PointerParam, pointerClass="SetOfParticlesFlex",
                       allowsNull=True, label="Ground truth",
@@ -153,10 +161,30 @@ class FlexDLFlexViewer(ErrorDialogs, ProtocolViewer):
                            "each particle's error as an atomic RMSD (Å).")
         form.addParam("displayErrors", params.LabelParam, label="Error table (and CSV)")
         form.addParam("displayErrorHistograms", params.LabelParam, label="Error histograms")
+        form.addSection(label="Images")
+        form.addParam("galleryCount", params.IntParam, default=8, validators=[params.Range(1, 64)],
+                      label="Particles to show",
+                      help="How many particles the gallery shows, the first ones in the chosen order. Each "
+                           "is shown beside the projection of the model fitted to it (the reference of "
+                           "'Normal modes' deformed by its amplitudes, in its pose, under its CTF, scaled "
+                           "to it) and the residual (particle minus model).")
+        form.addParam("gallerySort", params.EnumParam, choices=gallery.SORT_KEYS, default=gallery.SORT_SCORE,
+                      label="Order by",
+                      help="alignment score: HEMNMA's normalised cross-correlation (0-1). reliability: "
+                           "the particles' reliability when they carry one. amplitude norm: the length "
+                           "of the amplitude vector (Å). error to ground truth: distance (Å) to the "
+                           "amplitudes of 'Ground truth'. relative residual: the residual's energy over "
+                           "the particle's (0-1; computed for every particle, slower on large sets).")
+        form.addParam("galleryLargestFirst", params.BooleanParam, default=False, label="Largest first?",
+                      help="No: the smallest values first (the worst scores). Yes: the largest first "
+                           "(the largest errors, residuals or amplitudes).")
+        form.addParam("displayGallery", params.LabelParam, label="Particles beside their fitted model",
+                      help="Opens the gallery (needs only Tk and matplotlib).")
 
     def _getVisualizeDict(self):
         return {"displayCloud": self._showCloud, "displayErrors": self._showErrors,
-                "displayErrorHistograms": self._showErrorHistograms}
+                "displayErrorHistograms": self._showErrorHistograms, "displaySelection": self._showSelection,
+                "displayGallery": self._showGallery}
 
     # ------------------------------------------------------------------ inputs
     def setProtocol(self, protocol):
@@ -185,6 +213,8 @@ class FlexDLFlexViewer(ErrorDialogs, ProtocolViewer):
             self.groundTruth.copy(self._pointerTo(related.truth))
         if self.errorModes.get() is None and related.modes is not None:
             self.errorModes.copy(self._pointerTo(related.modes))
+        if getattr(main.getFirstItem(), gallery.SCORE_ATTR, None) is None:
+            self.gallerySort.set(gallery.SORT_AMPLITUDE)  # no alignment score (a prediction, a synthesis)
 
     def _targetIsRun(self) -> bool:
         return not isinstance(self.protocol, SetOfParticlesFlex)
@@ -286,3 +316,58 @@ class FlexDLFlexViewer(ErrorDialogs, ProtocolViewer):
         return [FigureView(plots.plot_error_histograms(amp, title=label), f"Errors of {label}", self._tkRoot)
                 for label, (amp, _) in self.errorReports().items()]
 
+
+    # ------------------------------------------------------------------ selection and images
+    def _runFolder(self) -> str:
+        """The extra folder of the run analysed (else the viewer's working folder): where the
+        viewer writes its files."""
+        run = self.protocol if self._targetIsRun() else producer(self.protocol, self.getProject())
+        return writable_folder(run._getExtraPath() if run is not None else None, self.getWorkingDir())
+
+    def landscapeSelection(self) -> LandscapeSelection:
+        """The selection on the main set in the view of the form (headless)."""
+        sets = self._shownSets()
+        pca = self.dimensions.get() == DIMS_PCA
+        others = []
+        if pca:
+            arrays = flex_arrays(sets, self._labels(sets))
+            others = list(matched_amplitudes(arrays).values())[1:]
+        numbers = convert.flex_mode_numbers(sets[0]) or []
+        shown = [numbers[i] for i in _dims(numbers, self.modesToShow.get())] if numbers and not pca else []
+        return LandscapeSelection.for_view(sets[0], shown, pca, others, title=self._labels(sets)[:1][0])
+
+    def makeSubset(self, selection: LandscapeSelection, wait: bool = False):
+        """Launch the subset run of ``selection`` on the main set; returns the protocol."""
+        return selection.make_subset(self.getProject(), self._pointerTo(self._mainSet()), wait=wait)
+
+    def _showSelection(self, param=None):
+        selection = self.landscapeSelection()
+        return [SelectionView(selection, lambda: self.makeSubset(selection), self.errorModes.get(),
+                              self._runFolder(), self._tkRoot)]
+
+    def _invert(self) -> bool:
+        """Whether the run that aligned (or predicted) the main set read its images inverted."""
+        obj, project = self._mainSet(), self.getProject()
+        for _ in range(10):
+            prot = producer(obj, project) if obj is not None else None
+            if prot is None:
+                return False
+            if hasattr(prot, "invertContrast"):
+                return bool(prot.invertContrast.get())
+            pointer = getattr(prot, "inputParticles", None)
+            obj = pointer.get() if pointer is not None else None
+        return False
+
+    def particleGallery(self) -> "gallery.Gallery":
+        """The gallery of the form's values (headless)."""
+        truth = self.groundTruth.get() if self.gallerySort.get() == gallery.SORT_ERROR else None
+        main = self._mainSet()
+        if main is None:
+            raise ValueError("This run has no particles with amplitudes yet.")
+        return gallery.particle_gallery(main, self.errorModes.get(), self.galleryCount.get(),
+                                        self.gallerySort.get(), self.galleryLargestFirst.get(), truth,
+                                        self._invert())
+
+    def _showGallery(self, param=None):
+        label = self._labels([self._mainSet()])[0]
+        return [FigureView(gallery.gallery_figure(self.particleGallery()), f"Particles of {label}", self._tkRoot)]

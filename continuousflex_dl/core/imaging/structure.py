@@ -10,14 +10,15 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Atoms", "SELECTIONS", "load_atoms", "read_coordinates", "diameter", "centre",
-           "write_multimodel_pdb", "example_structure_path", "ATOM_SIGMA"]
+           "write_multimodel_pdb", "example_structure_path", "ATOM_SIGMA", "read_atoms_plain",
+           "write_coordinates_pdb"]
 
 #: Named atom selections (ProDy syntax). The default leaves out hydrogens,
 #: waters, ions and ligands.
@@ -207,3 +208,64 @@ def atoms_from_coords(coords: np.ndarray, sigma: Optional[Sequence[float]] = Non
     return Atoms(coords=coords,
                  sigma=np.full(n, ATOM_SIGMA) if sigma is None else np.asarray(sigma, float),
                  weights=np.ones(n) if weights is None else np.asarray(weights, float))
+
+
+def _pdb_atom_lines(lines: Sequence[str]) -> List[int]:
+    """Indices of the ATOM/HETATM lines of the first model of a PDB file."""
+    rows = []
+    for i, line in enumerate(lines):
+        if line.startswith("ENDMDL") and rows:
+            break
+        if line[:6].strip().upper() in ("ATOM", "HETATM"):
+            rows.append(i)
+    return rows
+
+
+def read_atoms_plain(path: str | os.PathLike) -> Atoms:
+    """The atoms (all ATOM and HETATM records of the first model) of a PDB or mmCIF file read
+    without ProDy (usable in the Scipion GUI under ``python -O``): coords (N, 3) Å, and widths
+    and weights as :func:`load_atoms` gives them (pseudoatoms, residue ``PSE`` in a PDB file:
+    B-factor column = sigma Å, occupancy = weight; other atoms: ATOM_SIGMA and 1). No group."""
+    coords = read_coordinates(path)
+    n = len(coords)
+    sigma, weights = np.full(n, ATOM_SIGMA), np.ones(n)
+    if Path(path).suffix.lower() not in (".cif", ".mmcif"):
+        lines = Path(path).read_text(errors="replace").splitlines()
+        rows = [lines[i] for i in _pdb_atom_lines(lines)]
+        if len(rows) == n and n and all(r[17:20].strip() == "PSE" for r in rows):
+            try:
+                sigma = np.array([float(r[60:66]) for r in rows])
+                weights = np.array([float(r[54:60]) for r in rows])
+            except ValueError:
+                raise ValueError(f"The pseudoatoms of {path} lack widths (B-factor column) or weights "
+                                 f"(occupancy column): make them again with the pseudoatom protocol.")
+    return Atoms(coords=coords, sigma=sigma, weights=weights)
+
+
+def write_coordinates_pdb(path: str | os.PathLike, template: str | os.PathLike, coords: np.ndarray) -> Path:
+    """Write ``coords`` (N, 3) Å as a PDB file, without ProDy: the atom records of the PDB
+    ``template`` (its N ATOM/HETATM lines of the first model) with new coordinates; for an mmCIF
+    template, plain ``ATOM`` records of carbon atoms. Returns the path."""
+    coords = np.asarray(coords, dtype=np.float64)
+    if coords.ndim != 2 or coords.shape[1] != 3:
+        raise ValueError(f"Coordinates must be (N, 3) Å; got shape {coords.shape}.")
+    if np.abs(coords).max(initial=0.0) >= 1e4:
+        raise ValueError("Coordinates of 10000 Å or more do not fit the PDB format's columns.")
+    xyz = [f"{x:8.3f}{y:8.3f}{z:8.3f}" for x, y, z in coords]
+    out = []
+    if Path(template).suffix.lower() in (".cif", ".mmcif"):
+        out = [f"ATOM  {(i + 1) % 100000:5d}  C   UNK A{(i + 1) % 10000:4d}    {c}  1.00  0.00           C"
+               for i, c in enumerate(xyz)]
+    else:
+        lines = Path(template).read_text(errors="replace").splitlines()
+        rows = _pdb_atom_lines(lines)
+        if len(rows) != len(coords):
+            raise ValueError(f"{template} has {len(rows)} atoms, the coordinates {len(coords)}: give the "
+                             f"structure the coordinates come from.")
+        out = [lines[i][:30].ljust(30) + c + lines[i][54:] for i, c in zip(rows, xyz)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(out + ["END"]) + "\n")
+    os.replace(tmp, path)
+    return path
