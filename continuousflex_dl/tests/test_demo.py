@@ -15,12 +15,14 @@ import prody
 import pytest
 from matplotlib.colors import to_rgb
 from matplotlib.image import imread
+from matplotlib.path import Path as MplPath
 
 from continuousflex_dl import convert
 from continuousflex_dl.core.landscape.trajectory import principal_path
 from continuousflex_dl.demo import DemoSize, point_cloud_figure, results_dir, run_demo
 from continuousflex_dl.gui import gui_command
-from continuousflex_dl.viewers import FlexDLFlexViewer
+from continuousflex_dl.reports import read_attribute
+from continuousflex_dl.viewers import FlexDLFlexViewer, gallery
 
 SIZE = DemoSize(n_particles=40, n_test=20, box=32, pixel_size=4.0, snr=0.1, max_shift=1.0, working_size=32,
                 network_size=16, epochs=2, sim_images=64, finetune_epochs=1)
@@ -114,6 +116,18 @@ def test_viewers_prefilled_from_lineage(demo):
         viewer._showErrors()
         run = stages[stage]
         assert Path(viewer.csvFile).parent == Path(os.path.abspath(run._getExtraPath())), stage
+    # The gallery of a prediction: the particles with the largest errors to the truth first.
+    viewer = FlexDLFlexViewer(project=project)
+    viewer.setProtocol(project.getProtocol(stages["predict"].getObjId()))
+    assert viewer.gallerySort.get() == gallery.SORT_AMPLITUDE  # a prediction has no alignment score
+    viewer.gallerySort.set(gallery.SORT_ERROR)
+    viewer.galleryLargestFirst.set(True)
+    shown = viewer.particleGallery()
+    predicted = convert.read_particles(stages["predict"].outputParticles, need_amplitudes=True)
+    true = convert.read_particles(test_truth, need_amplitudes=True)
+    errors = np.linalg.norm(predicted.amplitudes - true.amplitudes, axis=1)  # same ids, id order
+    np.testing.assert_allclose(shown.values, np.sort(errors)[::-1][:viewer.galleryCount.get()])
+    assert shown.images.models.shape == (viewer.galleryCount.get(), SIZE.box, SIZE.box)
 
 
 GUI_SCRIPT = r"""
@@ -242,3 +256,29 @@ def test_gui_project_window_and_landscape_viewer(demo, tmp_path):
     cloud = imread(result["shots"]["cloud"])[..., :3]
     r, g, b = cloud[..., 0], cloud[..., 1], cloud[..., 2]
     assert np.sum((b - r > 0.25) & (b > g)) > 50  # the HEMNMA points (blue) are on screen
+    # Selection: the lasso keeps the HEMNMA particles whose (mode 7, mode 8) point is inside it,
+    # and the subset run it launched (in the project graph) outputs exactly those.
+    hemnma = convert.read_particles(stages["hemnma"].outputParticles, need_amplitudes=True)
+    chosen = result["selection"]
+    inside = MplPath(np.array(chosen["lasso"])).contains_points(hemnma.amplitudes[:, :2])
+    expected = sorted(hemnma.ids[inside].tolist())
+    assert chosen["labels"] == ["Mode 7 amplitude (Å)", "Mode 8 amplitude (Å)"]
+    assert 0 < len(expected) < SIZE.n_particles and chosen["selected"] == expected
+    assert chosen["status"] == f"{len(expected)} of {SIZE.n_particles} particles selected."
+    assert chosen["status_after"].startswith(f"Launched 'landscape subset ({len(expected)} particles)'")
+    subset = result["subset"]
+    assert subset["status"] == "finished", subset
+    assert subset["ids"] == expected
+    assert f"Kept {len(expected)} of {SIZE.n_particles} particles." in subset["summary"]
+    # Click: the reference displaced by the clicked particle's amplitudes, saved as PDB.
+    row = list(hemnma.ids).index(result["structure"]["id"])
+    atoms, vectors = convert.read_modes(stages["nma"].outputModes, hemnma.mode_numbers)
+    written = np.asarray(prody.parsePDB(result["structure"]["path"]).getCoords(), dtype=float)
+    np.testing.assert_allclose(written, atoms.coords + np.einsum("k,knd->nd", hemnma.amplitudes[row], vectors),
+                               atol=1e-3)
+    # Gallery: particle | model | residual rows, the lowest HEMNMA scores first.
+    shown = result["gallery"]
+    assert shown["panels"] == ["particle", "model", "residual"] * shown["count"]
+    scores = read_attribute(stages["hemnma"].outputParticles, "_cfdlScore")
+    lowest = hemnma.ids[np.argsort(scores, kind="stable")[:shown["count"]]]
+    assert [int(text.split()[1]) for text in shown["rows"]] == lowest.tolist()

@@ -8,7 +8,7 @@ neither Java, Xmipp nor Qt.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -129,27 +129,31 @@ def particle_gallery(particles, modes_set, n: int = 8, sort_by: int = SORT_SCORE
     return Gallery(ids=arrays.ids[order], values=values[order], key=SORT_KEYS[sort_by], images=images)
 
 
-def gallery_figure(gallery: Gallery, panel_size: float = 1.6) -> Figure:
+def gallery_figure(gallery: Gallery, panel_size: float = 1.6, rows_per_column: int = 4) -> Figure:
     """One row per particle: particle | fitted model | residual (the residual on the
     particle's grey scale, so its size compares with the particle's), titled with the
-    particle's id and sort value. Axes are named ``'particle'``, ``'model'``, ``'residual'``
-    (``ax.get_label()``) for scripts and tests."""
+    particle's id and sort value; ``rows_per_column`` particles down, then the next column
+    of triples (so that the window fits a screen). Axes are named ``'particle'``,
+    ``'model'``, ``'residual'`` (``ax.get_label()``) in display order, for scripts and tests."""
     im = gallery.images
     n = len(gallery.ids)
-    fig = Figure(figsize=(3 * panel_size + 1.2, n * panel_size + 0.6), layout="constrained")
-    grid = fig.add_gridspec(n, 3)
+    rows = min(n, rows_per_column)
+    groups = -(-n // rows)
+    fig = Figure(figsize=(groups * (3 * panel_size + 0.5) + 0.3, rows * panel_size + 0.5), layout="constrained")
+    grid = fig.add_gridspec(rows, 3 * groups)
     columns = (("particle", im.particles), ("model", im.models), ("residual", im.residuals))
-    for row, title in enumerate(gallery.titles()):
-        lo, hi = np.percentile(im.particles[row], [1, 99])
+    headings = {"particle": "Particle", "model": "Fitted model", "residual": "Residual"}
+    for i, title in enumerate(gallery.titles()):
+        row, group = i % rows, i // rows
+        lo, hi = np.percentile(im.particles[i], [1, 99])
         for col, (name, stack) in enumerate(columns):
-            ax = fig.add_subplot(grid[row, col], label=name)
-            shown = stack[row] - (0 if name != "residual" else stack[row].mean() - im.particles[row].mean())
+            ax = fig.add_subplot(grid[row, 3 * group + col], label=name)
+            shown = stack[i] if name != "residual" else stack[i] - stack[i].mean() + im.particles[i].mean()
             ax.imshow(shown, cmap="gray", vmin=lo, vmax=hi)
             ax.set_xticks([])
             ax.set_yticks([])
             if col == 0:
                 ax.set_ylabel(title.replace(": ", "\n"), fontsize=7)
             if row == 0:
-                ax.set_title({"particle": "Particle", "model": "Fitted model (CTF)",
-                              "residual": "Residual"}[name], fontsize=9)
+                ax.set_title(headings[name], fontsize=9)
     return fig

@@ -120,8 +120,8 @@ class LandscapeSelection:
         Pointer to this set, as the form makes it: run + output name). Returns the protocol."""
         from ..protocols import FlexDLProtSubset
         params = self.subset_params()
-        prot = project.newProtocol(FlexDLProtSubset, objLabel=f"landscape subset ({int(self.selected.sum())} "
-                                                              f"particles)", **params)
+        prot = project.newProtocol(FlexDLProtSubset, **params)
+        prot.setObjLabel(f"landscape subset ({int(self.selected.sum())} particles)")
         prot.inputParticles.copy(particles_pointer)
         project.launchProtocol(prot, wait=wait)
         return prot
@@ -166,16 +166,19 @@ class LandscapeSelection:
 
 
 def structure_figure(reference: np.ndarray, displaced: np.ndarray, title: str = "", most: int = 2000) -> Figure:
-    """3-D scatter of a reference (N, 3) Å (grey) and its displaced structure (orange), at most
-    ``most`` atoms (evenly spaced) of each."""
+    """3-D scatter of a displaced structure (N, 3) Å, each atom coloured by its displacement from
+    the reference (N, 3) Å (drawn faint grey behind), at most ``most`` atoms (evenly spaced)."""
     step = max(1, len(reference) // most)
-    fig = Figure(figsize=(5.6, 5.2), layout="constrained")
+    ref, moved = np.asarray(reference)[::step], np.asarray(displaced)[::step]
+    fig = Figure(figsize=(6.0, 5.2), layout="constrained")
     ax = fig.add_subplot(projection="3d")
-    ax.scatter(*reference[::step].T, s=3, color="0.6", label="reference")
-    ax.scatter(*displaced[::step].T, s=3, color=SELECTED_COLOUR, label="at the clicked point")
+    ax.scatter(*ref.T, s=2, color="0.75", alpha=0.3, label="reference")
+    points = ax.scatter(*moved.T, s=4, c=np.linalg.norm(moved - ref, axis=1), cmap="viridis",
+                        label="at the clicked point")
+    fig.colorbar(points, ax=ax, shrink=0.6, pad=0.1, label="Displacement (Å)")
     for name, set_label in zip("xyz", (ax.set_xlabel, ax.set_ylabel, ax.set_zlabel)):
         set_label(f"{name} (Å)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     if title:
         ax.set_title(title, fontsize=9)
     return fig
