@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from continuousflex_dl.core.hemnma.alignment_job import AlignmentJob, alignment_chunk_size, chunk_path, run_chunk  # noqa: E402
+from continuousflex_dl.core.modes.reference import Reference  # noqa: E402
 from continuousflex_dl.core.modes.nma import compute_modes  # noqa: E402
 from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms  # noqa: E402
 from continuousflex_dl.core.modes.synthesis import synthesize  # noqa: E402
@@ -55,7 +56,7 @@ def make_job(folder: Path, n: int, box: int, pixel_size: float, working_size: in
     folder.mkdir(parents=True, exist_ok=True)
     stack = folder / "particles.mrcs"
     synthesize(stack, coords, modes, n, box, pixel_size, max_shift_px=3.0, ctf=None, snr=0.1, seed=1)
-    job = AlignmentJob(coords=coords, modes=modes, sigma=atoms.sigma, weights=atoms.weights, mode_numbers=[7, 8, 9],
+    job = AlignmentJob(reference=Reference(coords, modes, atoms.sigma, atoms.weights), mode_numbers=[7, 8, 9],
                        ids=np.arange(1, n + 1), stacks=[str(stack)] * n, indices=np.arange(n),
                        pixel_size=pixel_size,
                        options=dict(max_shift_px=5.0, working_size=working_size, angular_step_deg=15.0,

@@ -74,17 +74,18 @@ def cramer_rao_std(coords, modes, amplitudes, rotations, shifts, box, pixel_size
                    chunk=8):
     """(n, K) Å: sqrt of the diagonal of the inverse Fisher information of the amplitudes at the
     true pose, scale known, white noise of variance ``noise_var`` (n,) per pixel."""
-    from continuousflex_dl.core.hemnma import alignment as al
+    from continuousflex_dl.core.hemnma.alignment.model import DeformableModel, apply_filter
+    from continuousflex_dl.core.hemnma.alignment.sizes import projection_filters
     k, n = len(modes), len(amplitudes)
-    model = al._Model(coords, modes, np.ones(len(coords)), np.ones(len(coords)), box, pixel_size, "cpu")
+    model = DeformableModel(coords, modes, np.ones(len(coords)), np.ones(len(coords)), box, pixel_size, "cpu")
     out = np.zeros((n, k))
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
     for s in range(0, n, chunk):
         sl = slice(s, s + chunk)
         _, jac = model.project_with_jacobian(t(rotations[sl]), t(amplitudes[sl]), t(shifts[sl]))
         m = jac.shape[0]
-        filt = al._filters(ctf, m, box, pixel_size, "cpu", torch.float32)
-        jq = al._apply_filter(jac[:, :k], filt).reshape(m, k, -1).double()
+        filt = projection_filters(ctf, m, box, pixel_size, "cpu", torch.float32)
+        jq = apply_filter(jac[:, :k], filt).reshape(m, k, -1).double()
         fisher = torch.matmul(jq, jq.transpose(1, 2)) / torch.as_tensor(noise_var[sl])[:, None, None]
         out[sl] = np.sqrt(np.diagonal(np.linalg.inv(fisher.numpy()), axis1=1, axis2=2))
     return out
@@ -100,12 +101,13 @@ def timed(run):
 
 def network_like_seeds(q_true, rot_true, s_true, args, rng):
     """First answers standing for a network's: the truth with Gaussian errors."""
-    from continuousflex_dl.core.hemnma.alignment import AlignmentResult, _rodrigues
+    from continuousflex_dl.core.hemnma.alignment import AlignmentResult
+    from continuousflex_dl.core.hemnma.alignment.model import rodrigues
     from continuousflex_dl.core.imaging.geometry import matrix_to_euler
     n = len(q_true)
     axes = rng.normal(size=(n, 3))
     w = axes / np.linalg.norm(axes, axis=1, keepdims=True) * np.radians(args.seed_angle_error)
-    turn = _rodrigues(torch.as_tensor(w)).numpy()
+    turn = rodrigues(torch.as_tensor(w)).numpy()
     return AlignmentResult(amplitudes=q_true + rng.normal(0, args.seed_amp_error, q_true.shape),
                            angles=matrix_to_euler(np.einsum("bij,bjk->bik", turn, rot_true)),
                            shifts=s_true + rng.normal(0, args.seed_shift_error / np.sqrt(2), s_true.shape),

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_alignment import network_like_seeds, paper_amplitudes, synthesize, timed  # noqa: E402
 from figures import report  # noqa: E402
 from continuousflex_dl.core.hemnma.alignment import PATH_FALLBACK, Aligner, AlignConfig  # noqa: E402
+from continuousflex_dl.core.modes.reference import Reference  # noqa: E402
 from continuousflex_dl.core.imaging.ctf import CTFParams  # noqa: E402
 from continuousflex_dl.core.imaging.geometry import angular_distance_deg, random_rotations  # noqa: E402
 from continuousflex_dl.core.modes.nma import compute_modes  # noqa: E402
@@ -107,7 +108,8 @@ def main(argv=None) -> dict:
         images = synthesize(coords, modes, q, rot, shifts, 128, pixel, ctf, 0.1, rng)
         amp = np.tile([-250.0, 250.0], (3, 1)) * np.sqrt(copies)
         config = AlignConfig(max_final_points=args.max_final_points)
-        aligner, _, build_cpu = timed(lambda: Aligner(coords, modes, pixel, 128, config, amplitude_range=amp))
+        aligner, _, build_cpu = timed(lambda: Aligner(Reference(coords, modes), pixel, 128, config,
+                                                      amplitude_range=amp))
         glob, _, g_cpu = timed(lambda: aligner.align(images, ctf=ctf))
         seeds = network_like_seeds(q, rot, shifts, seed_args, rng)
         seeded, _, s_cpu = timed(lambda: aligner.align(images, ctf=ctf, seeds=seeds))

@@ -64,8 +64,8 @@ def _chunk_main(argv, command: str, what: str, run_chunk) -> int:
         device = resolve_device(args.device, args.slot)
         start, stop = args.rows
         path, computed = run_chunk(args.folder, start, stop, args.fingerprint, device=device,
-                                   progress=lambda f, m: logging.info("rows %d-%d: %.0f%% %s", start, stop,
-                                                                      100 * f, m))
+                                   progress=lambda done, total, m: logging.info("rows %d-%d: %d/%d %s", start,
+                                                                                stop, done, total, m))
     except ValueError as exc:
         print(f"{command}: {exc}", file=sys.stderr)
         return 1

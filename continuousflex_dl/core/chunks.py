@@ -17,9 +17,11 @@ import math
 import os
 import zipfile
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from .progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +276,7 @@ class ChunkedJob:
         return self.read_rows(np.arange(start, stop))
 
     def compute(self, images: np.ndarray, start: int, stop: int, device: str = "cpu",
-                progress: Optional[Callable[[float, str], None]] = None) -> Dict[str, np.ndarray]:
+                progress: Optional[Progress] = None) -> Dict[str, np.ndarray]:
         """The results {name: (B, ...)} of rows ``[start, stop)`` from their images."""
         raise NotImplementedError
 
@@ -290,7 +292,7 @@ class ChunkedJob:
 
     @classmethod
     def run_folder_chunk(cls, folder: PathLike, start: int, stop: int, expected_fingerprint: Optional[str] = None,
-                         device: str = "cpu", progress: Optional[Callable[[float, str], None]] = None
+                         device: str = "cpu", progress: Optional[Progress] = None
                          ) -> Tuple[Path, bool]:
         """Compute rows ``[start, stop)`` of the job in ``folder`` unless an up-to-date chunk file
         exists (what a chunk process does). expected_fingerprint: the job fingerprint the caller
@@ -301,7 +303,7 @@ class ChunkedJob:
         return job.run_chunk(folder, start, stop, device=device, progress=progress)
 
     def run_chunk(self, folder: PathLike, start: int, stop: int, device: str = "cpu",
-                  progress: Optional[Callable[[float, str], None]] = None) -> Tuple[Path, bool]:
+                  progress: Optional[Progress] = None) -> Tuple[Path, bool]:
         """Compute rows ``[start, stop)`` into their chunk file (written atomically) unless an
         up-to-date one exists. Returns ``(chunk file, computed)``."""
         if not 0 <= start < stop <= len(self.ids):

@@ -50,14 +50,16 @@ class FlexDLProtBase(EMProtocol):
     def _imageSource(self, parts, size: int = 0):
         """The images of ``parts`` (convert.ParticleArrays) read with the sign of 'Invert
         contrast', Fourier-cropped to ``size`` px when given and different from their box."""
-        from ..core.imaging.dataset import ArrayImageSource, MrcsImageSource, fourier_crop
+        from ..core.imaging.dataset import ArrayImageSource, MrcsImageSource
+        from ..core.imaging.projection import fourier_crop
         invert = bool(getattr(self, "invertContrast", None) and self.invertContrast.get())
         source = MrcsImageSource(list(zip(parts.stacks, parts.indices.tolist())), invert=invert)
         if not size or parts.box == size:
             return source
         import numpy as np
         import torch
-        return ArrayImageSource(fourier_crop(torch.as_tensor(source.read(np.arange(len(source)))), size).numpy())
+        return ArrayImageSource(fourier_crop(torch.as_tensor(source.read(np.arange(len(source)))), size,
+                                             preserve="mean", correct_pixel_blur=False).numpy())
 
     def _networkPrediction(self, parts, model, pose: bool, **options):
         """(amplitudes (M, K) Å, angles (M, 3) deg or None, shifts (M, 2) px of the particles or
@@ -66,7 +68,7 @@ class FlexDLProtBase(EMProtocol):
         loaded = load_model(model.getModelDir(), self._getDevice())
         out = predict(loaded, self._imageSource(parts, model.getImageSize()), return_pose=pose,
                       ctf=parts.ctf if loaded.config.phase_flip else None, ids=parts.ids,
-                      progress=lambda done, total: self.info(f"Predicted {done} / {total} particles"),
+                      progress=lambda done, total, message: self.info(f"Predicted {done} / {total} particles"),
                       **options)
         amplitudes, angles, shifts = out if pose else (out, None, None)
         if shifts is not None:  # the model's pixels -> the particles' pixels

@@ -16,6 +16,7 @@ from ..core.chunks import chunk_bounds
 from ..core.hemnma.image_model import ImageModel, structure_atom_types
 from ..core.device import cpu_threads_available
 from ..core.imaging.structure import centre
+from ..core.modes.reference import Reference
 from .base import FlexDLProtBase
 
 SCORE_ATTR = "_cfdlScore"
@@ -154,7 +155,7 @@ class FlexDLProtAlign(FlexDLProtBase):
         if self.refineImageModel.get():
             group = atoms.group
             types, type_names = structure_atom_types(group.getElements(), group.getNames(), group.getResnames())
-        return AlignmentJob(coords=centre(atoms.coords), modes=modes, sigma=atoms.sigma, weights=atoms.weights,
+        return AlignmentJob(reference=Reference(centre(atoms.coords), modes, atoms.sigma, atoms.weights),
                             mode_numbers=numbers, ids=parts.ids, stacks=parts.stacks, indices=parts.indices,
                             pixel_size=parts.pixel_size, ctf=parts.ctf, options=self._options(),
                             invert=self.invertContrast.get(), seed_source=self._seedSource(),
@@ -196,7 +197,7 @@ class FlexDLProtAlign(FlexDLProtBase):
             json.dump({"fingerprint": job_fp, "chunk_size": int(chunk_size)}, f)
         n_chunks = len(chunk_bounds(len(job.ids), chunk_size))
         where = "cluster jobs" if self.useQueueForSteps() else "processes"
-        self.info(f"{len(job.ids)} particles, modes {job.mode_numbers}, {len(job.coords)} atoms in the "
+        self.info(f"{len(job.ids)} particles, modes {job.mode_numbers}, {job.reference.n_atoms} atoms in the "
                   f"reference: {n_chunks} chunks of at most {chunk_size} particles, "
                   f"{min(n_chunks, self._parallelChunks())} {where} at a time")
         return [os.path.join(self._jobFolder(), name) for name in ("job.npz", "job.json")] + [self._planFile()]
@@ -209,7 +210,7 @@ class FlexDLProtAlign(FlexDLProtBase):
         if job.fingerprint() != job_fp:
             raise ValueError("The alignment job was prepared for other inputs or settings: Continue the run "
                              "(its conversion step writes it again).")
-        model = job.fit_image_model(device=self._getDevice(), progress=lambda f, msg: self.info(msg))
+        model = job.fit_image_model(device=self._getDevice(), progress=lambda done, total, msg: self.info(msg))
         job.save(self._jobFolder())
         self.info(f"Image model fitted on {model.fit.get('images')} particles: {model.describe()}")
         return [os.path.join(self._jobFolder(), "job.json")]

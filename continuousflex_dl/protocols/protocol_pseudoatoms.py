@@ -83,7 +83,7 @@ class FlexDLProtPseudoatoms(FlexDLProtBase):
         pixel = float(volume.getSamplingRate())
         threshold = self.threshold.get() if self.maskMode.get() == MASK_THRESHOLD else None
 
-        def progress(fraction, message):
+        def progress(done, total, message):
             self.info("Pseudoatoms: %s" % message)
 
         result = pa.volume_to_pseudoatoms(

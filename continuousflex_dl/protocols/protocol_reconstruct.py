@@ -68,7 +68,7 @@ class FlexDLProtReconstruct(FlexDLProtBase):
         diameter = self.maskDiameter.get()
         radius = None if diameter <= 0 else diameter / 2.0 / particles.pixel_size
 
-        def progress(done, total):
+        def progress(done, total, message):
             self.info("Inserted %d / %d particles" % (done, total))
 
         result = reconstruct(list(zip(particles.stacks, particles.indices)), particles.angles,

@@ -118,7 +118,7 @@ class FlexDLProtSynthesize(FlexDLProtBase):
         relation, relation_params = self._relation()
         n = self.numberOfImages.get()
 
-        def progress(done, total):
+        def progress(done, total, message):
             self.info("Synthesized %d / %d images" % (done, total))
 
         result = synthesize(

@@ -4,10 +4,17 @@ import pytest
 import torch
 
 from continuousflex_dl.core.hemnma import alignment as al
+from continuousflex_dl.core.hemnma.alignment import aligner as ag
+from continuousflex_dl.core.hemnma.alignment import least_squares as ls
+from continuousflex_dl.core.hemnma.alignment import model as dm
+from continuousflex_dl.core.hemnma.alignment import search as se
+from continuousflex_dl.core.hemnma.alignment import sizes as sz
+from continuousflex_dl.core.hemnma.alignment import uncertainty as un
 from continuousflex_dl.core.imaging.ctf import CTFParams, apply_ctf, ctf_image
 from continuousflex_dl.core.imaging.geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler, random_rotations
 from continuousflex_dl.core.modes.nma import compute_modes
-from continuousflex_dl.core.imaging.projection import project_gaussians
+from continuousflex_dl.core.modes.reference import Reference
+from continuousflex_dl.core.imaging.projection import fourier_crop, project_gaussians
 from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms
 
 BOX, PIXEL = 32, 3.0          # 96 Å box around adenylate kinase (~50 Å)
@@ -47,7 +54,7 @@ def test_fourier_crop_matches_projection_at_coarser_pixel():
     for n, m in [(64, 32), (45, 21)]:
         fine = project_gaussians(coords, rot, shifts, n, 1.0, sigma=1.5)
         direct = project_gaussians(coords, rot, shifts * m / n, m, n / m, sigma=1.5)
-        cropped = al.fourier_crop(fine, m)
+        cropped = fourier_crop(fine, m, preserve="sum", correct_pixel_blur=True)
         assert cropped.shape == (2, m, m)
         np.testing.assert_allclose(cropped.sum(dim=(1, 2)).numpy(), fine.sum(dim=(1, 2)).numpy(), rtol=1e-4)
         corr = al.normalised_cross_correlation(cropped, direct).numpy()
@@ -78,15 +85,15 @@ def test_candidates_are_distinct_and_more_where_the_ranking_is_flat():
         return np.exp(-0.5 * (d / 20.0) ** 2).max(0) + rng.uniform(0, 1e-3, len(index))
 
     one = scores(mates[:1])
-    pick = al._distinct_candidates(one, index, rots, 4, 30.0)
+    pick = se.distinct_candidates(one, index, rots, 4, 30.0)
     chosen = rots[index[pick]]
     assert len(pick) == 4 and pick[0] == np.argmax(one)
     assert all(angular_distance_deg(chosen[i], chosen[j]) > 30.0 for i in range(4) for j in range(i))
-    np.testing.assert_array_equal(al._distinct_candidates(one, index, rots, 4, 30.0, adaptive=True), pick)
+    np.testing.assert_array_equal(se.distinct_candidates(one, index, rots, 4, 30.0, adaptive=True), pick)
     flat = scores(mates)
-    assert len(al._distinct_candidates(flat, index, rots, 4, 30.0)) == 4
-    pick = al._distinct_candidates(flat, index, rots, 4, 30.0, adaptive=True)
-    assert 8 <= len(pick) <= 4 * al.CANDIDATE_MOST
+    assert len(se.distinct_candidates(flat, index, rots, 4, 30.0)) == 4
+    pick = se.distinct_candidates(flat, index, rots, 4, 30.0, adaptive=True)
+    assert 8 <= len(pick) <= 4 * se.CANDIDATE_MOST
     nearest = np.array([angular_distance_deg(rots[index[pick]], m).min() for m in mates])
     assert np.all(nearest < 25.0), nearest       # measured: at most 21 degrees over 8 seeds
 
@@ -94,23 +101,23 @@ def test_candidates_are_distinct_and_more_where_the_ranking_is_flat():
 def test_best_of_each_image():
     score = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.8, 0.2, 0.7])
     owner = torch.tensor([0, 0, 0, 1, 1, 2, 2])
-    np.testing.assert_array_equal(al._best_of_each(score, owner, 3, 2).numpy(), [1, 2, 4, 3, 6, 5])
+    np.testing.assert_array_equal(ag._best_of_each(score, owner, 3, 2).numpy(), [1, 2, 4, 3, 6, 5])
 
 
 @pytest.mark.parametrize("by", ["product", "fft"])
 def test_global_search_scores_are_real_space_ncc_over_the_shift_window(by, monkeypatch):
-    """Scores, best shifts and anti-correlation of _global_search against a direct real-space
+    """Scores, best shifts and anti-correlation of score_references against a direct real-space
     computation: NCC of the centred image with the filtered reference circularly displaced by
     every integer d within the radius, the best d reported as the pose shift -d (RELION)."""
     if by == "fft":
-        monkeypatch.setattr(al, "SEARCH_GEMM_SHIFTS", -1)
+        monkeypatch.setattr(se, "SEARCH_GEMM_SHIFTS", -1)
     rng = np.random.default_rng(4)
     n, m, p, radius = 16, 5, 70, 2.0
     images = rng.normal(size=(m, n, n))
     refs = rng.normal(size=(p, n, n))
     k = np.hypot(np.fft.fftfreq(n)[:, None], np.fft.rfftfreq(n)[None, :])
     filt = np.stack([np.cos(20 * k * (i + 1)) for i in range(m)])     # CTF-like, signed, symmetric
-    scores, best, anti = al._global_search(torch.fft.rfft2(torch.tensor(refs, dtype=torch.float32)),
+    scores, best, anti = se.score_references(torch.fft.rfft2(torch.tensor(refs, dtype=torch.float32)),
                                            torch.tensor(images, dtype=torch.float32),
                                            torch.tensor(filt, dtype=torch.float32), radius)
     window = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if dx * dx + dy * dy <= (radius + 0.5) ** 2]
@@ -139,11 +146,11 @@ def test_levenberg_marquardt_step_does_not_depend_on_the_units_of_the_parameters
         steps = []
         for jac in (j, j * unit):
             jtj, jtr = jac.transpose(1, 2) @ jac, (jac.transpose(1, 2) @ r[..., None])[..., 0]
-            steps.append(al._scaled_solve(jtj, jtr, lam))
+            steps.append(ls.scaled_solve(jtj, jtr, lam))
         torch.testing.assert_close(steps[1] * unit, steps[0], rtol=1e-7, atol=0)
     # undamped, it is the least-squares step
     jtj, jtr = j.transpose(1, 2) @ j, (j.transpose(1, 2) @ r[..., None])[..., 0]
-    torch.testing.assert_close(al._scaled_solve(jtj, jtr, 0.0),
+    torch.testing.assert_close(ls.scaled_solve(jtj, jtr, 0.0),
                                torch.linalg.lstsq(j, r[..., None]).solution[..., 0], rtol=1e-6, atol=1e-9)
 
 
@@ -151,11 +158,11 @@ def test_in_plane_rotation_of_references_matches_psi():
     rng = np.random.default_rng(2)
     coords = rng.normal(scale=5.0, size=(40, 3)) + [5.0, 0.0, 0.0]
     base = np.array([[30.0, 60.0, 0.0]])
-    psi = torch.tensor([0.0, 0.7, 2.5])
-    rotated = al._rotate_in_plane(project_gaussians(coords, euler_to_matrix(base), np.zeros((1, 2)), 33,
-                                                    1.0, sigma=2.0), psi)
+    psi = torch.tensor([0.0, 40.0, 143.0])                                               # degrees
+    rotated = se.in_plane_rotations(project_gaussians(coords, euler_to_matrix(base), np.zeros((1, 2)), 33,
+                                                      1.0, sigma=2.0), psi)
     angles = np.repeat(base, 3, 0)
-    angles[:, 2] = np.degrees(psi.numpy())
+    angles[:, 2] = psi.numpy()
     direct = project_gaussians(coords, euler_to_matrix(angles), np.zeros((3, 2)), 33, 1.0, sigma=2.0)
     assert np.all(al.normalised_cross_correlation(rotated, direct).numpy() > 0.99)
 
@@ -169,14 +176,14 @@ def test_model_jacobian_matches_autograd(box, pixel_size, edge):
     c[0] *= 1 + edge / np.linalg.norm(c[0])
     modes = rng.normal(size=(2, 20, 3))
     modes /= np.linalg.norm(modes.reshape(2, -1), axis=1)[:, None, None]
-    model = al._Model(c, modes, np.full(20, 1.3), np.ones(20), box, pixel_size, "cpu", torch.float64)
+    model = dm.DeformableModel(c, modes, np.full(20, 1.3), np.ones(20), box, pixel_size, "cpu", torch.float64)
     rot = torch.tensor(random_rotations(3, rng))
     q = torch.tensor(rng.normal(size=(3, 2)) * 3)
     s = torch.tensor(rng.normal(size=(3, 2)))
     image, jac = model.project_with_jacobian(rot, q, s)
 
     def f(t):
-        return model.project(al._rodrigues(t[:, 2:5]) @ rot, q + t[:, :2], s + t[:, 5:7])
+        return model.project(dm.rodrigues(t[:, 2:5]) @ rot, q + t[:, :2], s + t[:, 5:7])
 
     num = torch.autograd.functional.jacobian(f, torch.zeros(3, 7, dtype=torch.float64), vectorize=True)
     num = torch.stack([num[b, :, :, b, :] for b in range(3)]).permute(0, 3, 1, 2)
@@ -235,12 +242,13 @@ def test_align_with_ctf_and_noise(ake):
     assert np.all(np.abs(res.amplitudes - q) < 4 * res.amplitude_std), (res.amplitudes - q, res.amplitude_std)
     assert np.all((res.angle_std > 0) & (res.angle_std < 3.0)) and np.all(res.shift_std > 0)
     # The search reaches the optimum: no worse a fit than the true parameters.
-    model = al._Model(coords, modes, np.ones(len(coords)), np.ones(len(coords)), BOX, PIXEL, "cpu")
+    model = dm.DeformableModel(coords, modes, np.ones(len(coords)), np.ones(len(coords)), BOX, PIXEL, "cpu")
     truth = model.project(torch.tensor(rot, dtype=torch.float32), torch.tensor(q, dtype=torch.float32),
                           torch.tensor(shifts, dtype=torch.float32))
-    filt = al._filters(ctf, 6, BOX, PIXEL, "cpu", torch.float32)
-    truth_ncc = al.normalised_cross_correlation(al._apply_filter(truth, filt),
-                                                al.fourier_crop(torch.tensor(img, dtype=torch.float32), BOX))
+    filt = sz.projection_filters(ctf, 6, BOX, PIXEL, "cpu", torch.float32)
+    truth_ncc = al.normalised_cross_correlation(dm.apply_filter(truth, filt),
+                                                fourier_crop(torch.tensor(img, dtype=torch.float32), BOX, preserve="sum",
+                                                             correct_pixel_blur=True))
     assert np.all(res.score >= truth_ncc.numpy() - 1e-3), (res.score, truth_ncc)
 
 
@@ -258,6 +266,38 @@ def test_bad_inputs(ake):
                            ctf=CTFParams(defocus_u=np.ones(3) * 5e3, defocus_v=np.ones(3) * 5e3))
     with pytest.raises(ValueError, match="seed_finish_chi2"):
         al.align_particles(img, coords, modes, PIXEL, seed_finish_chi2=-1.0)
+    with pytest.raises(ValueError, match="finish_chi2"):
+        al.align_particles(img, coords, modes, PIXEL, finish_chi2=-0.5)
+    # the reference (modes.reference.Reference) is validated in one place, also for the aligner
+    with pytest.raises(ValueError, match="one per atom"):
+        al.align_particles(img, coords, modes, PIXEL, sigma=np.ones(5))
+    with pytest.raises(ValueError, match="positive"):
+        al.align_particles(img, coords, modes, PIXEL, sigma=-1.0)
+    with pytest.raises(ValueError, match="weights"):
+        al.align_particles(img, coords, modes, PIXEL, weights=np.ones(5))
+    with pytest.raises(ValueError, match="Reference"):
+        al.Aligner(coords, PIXEL, BOX)
+
+
+def test_candidates_carry_shifts_in_input_pixels(ake):
+    """The stages hand on Candidates whose shifts are in pixels of the input images, whatever
+    size a stage works at: from the global search at 16 px of 32 px images, the particles'
+    true shifts (pose convention, RELION's origin) come back within a search pixel (2 input px),
+    and the final refinement's within 0.05 px."""
+    coords, modes = ake
+    rng = np.random.default_rng(8)
+    rot, shifts = random_rotations(4, rng), np.array([[3.0, -2.0], [-4.0, 1.0], [0.5, 4.0], [-2.5, -3.5]])
+    img = project_gaussians(coords, rot, shifts, BOX, PIXEL)
+    aligner = al.Aligner(Reference(coords, modes[:0]), PIXEL, BOX,
+                         al.AlignConfig(max_shift_px=5.0, search_size=16, angular_step_deg=20.0, n_candidates=1))
+    at_search = ag.ScaledBatch(aligner.search.images(img), aligner.search.filters(None, 4))
+    found = aligner.global_search(at_search)
+    first = found.select(torch.searchsorted(found.owner, torch.arange(4)))       # each image's best rotation
+    assert np.all(np.abs(first.shifts.numpy() - shifts) <= 2.0 + 1e-6), first.shifts
+    at_work = ag.ScaledBatch(aligner.work.images(img), aligner.work.filters(None, 4))
+    best, _ = aligner.refine_final(at_work, aligner.refine_candidates(at_search, found, keep=1, iters=10),
+                                   finish=0.0)
+    np.testing.assert_allclose(best.shifts.numpy(), shifts, atol=0.05)
 
 
 def test_rigid_alignment_without_modes(ake):
@@ -265,8 +305,11 @@ def test_rigid_alignment_without_modes(ake):
     rng = np.random.default_rng(5)
     rot, shifts = random_rotations(3, rng), rng.uniform(-2, 2, size=(3, 2))
     img = project_gaussians(coords, rot, shifts, BOX, PIXEL)
+    calls = []
     res = al.align_particles(img, coords, np.zeros((0, len(coords), 3)), PIXEL, max_shift_px=2.0,
-                             angular_step_deg=20.0)
+                             angular_step_deg=20.0, batch_size=2,
+                             progress=lambda done, total, message: calls.append((done, total, message)))
+    assert [c[:2] for c in calls] == [(2, 3), (3, 3)] and all(isinstance(c[2], str) for c in calls)
     assert res.amplitudes.shape == (3, 0)
     assert np.all(angular_distance_deg(res.rotations, rot) < 0.1)     # measured < 1e-4 deg
     assert np.all(np.abs(res.shifts - shifts) < 0.01)
@@ -309,8 +352,8 @@ def _refinement_problem(ake, n, seed, snr):
     coords, modes = ake
     ctf = CTFParams(defocus_u=np.full(n, 6000.0), defocus_v=np.full(n, 6000.0))
     img, q, rot, shifts, _ = _particles(coords, modes, n, seed=seed, ctf=ctf, snr=snr)
-    model = al._Model(coords, modes, np.ones(len(coords)), np.ones(len(coords)), BOX, PIXEL, "cpu")
-    return img, q, rot, shifts, model, al._filters(ctf, n, BOX, PIXEL, "cpu", torch.float32)
+    model = dm.DeformableModel(coords, modes, np.ones(len(coords)), np.ones(len(coords)), BOX, PIXEL, "cpu")
+    return img, q, rot, shifts, model, sz.projection_filters(ctf, n, BOX, PIXEL, "cpu", torch.float32)
 
 
 def t(a) -> torch.Tensor:
@@ -324,16 +367,16 @@ def test_laplace_uncertainty_is_calibrated(ake):
     1-3, median |error| / sigma 0.64-0.70 against 0.674 for a Gaussian). The bench_alignment run
     at 128 px, SNR 0.1 checks the same on the whole pipeline."""
     img, q, rot, shifts, model, filt = _refinement_problem(ake, 60, seed=1, snr=1.0)
-    r_fit, q_fit, s_fit, fit = al._refine(model, t(img), filt, t(rot), t(q), t(shifts), t([-1e4] * 3),
+    r_fit, q_fit, s_fit, fit = ls.refine(model, t(img), filt, t(rot), t(q), t(shifts), t([-1e4] * 3),
                                         t([1e4] * 3), 3.0, 30, 16)
-    std = al._laplace_std(fit, model.n_params, BOX)
+    std = un.laplace_std(fit, model.n_params, BOX)
     z = np.abs(q_fit.numpy() - q) / std[:, :3].numpy()
     assert 0.90 <= np.mean(z < 1.96) <= 0.99, np.mean(z < 1.96)
     assert 0.55 < np.median(z) < 0.85, np.median(z)
 
 
 def test_finishing_step_lands_on_the_converged_optimum(ake, monkeypatch):
-    """The final refinement's unevaluated last Gauss-Newton step (FINISH_CHI2, FINISH_CONTRACTION)
+    """The final refinement's unevaluated last Gauss-Newton step (finish_chi2, FINISH_CONTRACTION)
     ends within a small fraction of a standard deviation of the refinement run to convergence,
     with a first-order state that matches a fresh evaluation there, in fewer evaluations."""
     n = 32
@@ -341,25 +384,25 @@ def test_finishing_step_lands_on_the_converged_optimum(ake, monkeypatch):
     start = (t(np.einsum("bij,bjk->bik", random_small_rotations(n, 4.0, np.random.default_rng(1)), rot)),
              t(q + 4.0), t(shifts + 0.3))
     calls = []
-    system = al._system
+    system = ls.least_squares_state
 
     def counting(model_, images, *args):
         calls.append(images.shape[0])
         return system(model_, images, *args)
 
-    monkeypatch.setattr(al, "_system", counting)
+    monkeypatch.setattr(ls, "least_squares_state", counting)
     runs = {}
-    for finish in (0.0, al.FINISH_CHI2):
+    for finish in (0.0, al.AlignConfig().finish_chi2):
         calls.clear()
-        runs[finish] = al._refine(model, t(img), filt, *start, t([-1e4] * 3), t([1e4] * 3), 3.0, 30, 16,
+        runs[finish] = ls.refine(model, t(img), filt, *start, t([-1e4] * 3), t([1e4] * 3), 3.0, 30, 16,
                                   finish=finish) + (sum(calls),)
     monkeypatch.undo()
-    (_, q0, _, _, evals0), (r1, q1, s1, fit1, evals1) = runs[0.0], runs[al.FINISH_CHI2]
-    std = al._laplace_std(fit1, model.n_params, BOX)[:, :3]
+    (_, q0, _, _, evals0), (r1, q1, s1, fit1, evals1) = runs[0.0], runs[al.AlignConfig().finish_chi2]
+    std = un.laplace_std(fit1, model.n_params, BOX)[:, :3]
     z = ((q1 - q0) / std).numpy()
     assert np.sqrt(np.mean(z ** 2)) < 0.1 and np.abs(z).max() < 0.5, z
     assert evals1 < evals0, (evals1, evals0)
-    fresh = al._system(model, t(img), filt, r1, q1, s1)
+    fresh = ls.least_squares_state(model, t(img), filt, r1, q1, s1)
     np.testing.assert_allclose(fit1.cost.numpy(), fresh.cost.numpy(), rtol=1e-3)
     np.testing.assert_allclose(fit1.ncc.numpy(), fresh.ncc.numpy(), atol=1e-3)
 
@@ -395,7 +438,7 @@ def test_seeded_alignment_keeps_good_seeds_and_replaces_poor_ones(ake):
 def test_seeded_path_finishes_on_its_own_threshold(ake, monkeypatch):
     """The seeded particles' final refinement ends on seed_finish_chi2 (fewer evaluations than
     run to convergence, its answers within a fraction of a standard deviation of the converged
-    ones), the reference particles' on the global path's FINISH_CHI2 (their answers unchanged)."""
+    ones), the reference particles' on the global path's finish_chi2 (their answers unchanged)."""
     coords, modes = ake
     n = 16
     ctf = CTFParams(defocus_u=np.full(n, 6000.0), defocus_v=np.full(n, 6000.0))
@@ -407,7 +450,7 @@ def test_seeded_path_finishes_on_its_own_threshold(ake, monkeypatch):
     kw = dict(ctf=ctf, max_shift_px=2.0, seeds=seeds, seed_reference=8,
               amplitude_range=np.tile([-1.25 * scale, 1.25 * scale], (3, 1)))
     state, calls = {"final": False}, []
-    refine_final, system = al.Aligner.refine_final, al._system
+    refine_final, system = al.Aligner.refine_final, ls.least_squares_state
 
     def final(*args, **kwargs):            # counts the evaluations of the final refinement
         state["final"] = True
@@ -422,7 +465,7 @@ def test_seeded_path_finishes_on_its_own_threshold(ake, monkeypatch):
         return system(model_, images, *args)
 
     monkeypatch.setattr(al.Aligner, "refine_final", final)
-    monkeypatch.setattr(al, "_system", counting)
+    monkeypatch.setattr(ls, "least_squares_state", counting)
     runs, evals = {}, {}
     for finish in (0.0, al.AlignConfig().seed_finish_chi2):
         calls.clear()
@@ -441,7 +484,7 @@ def random_small_rotations(n, degrees, rng):
     """(n, 3, 3) rotations by ``degrees`` about random axes."""
     axes = rng.normal(size=(n, 3))
     w = torch.tensor(axes / np.linalg.norm(axes, axis=1, keepdims=True) * np.radians(degrees))
-    return al._rodrigues(w).numpy()
+    return dm.rodrigues(w).numpy()
 
 
 def test_cropped_noise_stays_white_and_the_model_carries_the_pixel_blur():
@@ -451,11 +494,11 @@ def test_cropped_noise_stays_white_and_the_model_carries_the_pixel_blur():
     underestimated); the coarse projection times _filters(source_box) equals the crop."""
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(400, 64, 64, generator=gen)
-    power = (torch.fft.rfft2(al._crop(noise, 32)).abs() ** 2).mean(0)
-    mask = al._nyquist_mask(32, "cpu", torch.float32) > 0
+    power = (torch.fft.rfft2(sz.crop_images(noise, 32)).abs() ** 2).mean(0)
+    mask = sz.nyquist_mask(32, "cpu", torch.float32) > 0
     flat = power[mask] / power[mask].mean()
     assert float(flat.min()) > 0.8 and float(flat.max()) < 1.2
-    corrected = (torch.fft.rfft2(al.fourier_crop(noise, 32)).abs() ** 2).mean(0)
+    corrected = (torch.fft.rfft2(fourier_crop(noise, 32, preserve="sum", correct_pixel_blur=True)).abs() ** 2).mean(0)
     assert float(corrected[16, 15] / corrected[0, 1]) < 0.3       # what the correction does to noise
     rng = np.random.default_rng(2)
     coords = rng.normal(scale=6.0, size=(40, 3))
@@ -463,9 +506,9 @@ def test_cropped_noise_stays_white_and_the_model_carries_the_pixel_blur():
     # Atoms of 0.75 coarse pixels (1 Å atoms at 2 Å/px alias a little: NCC 0.995).
     fine = project_gaussians(coords, rot, shifts, 64, 1.0, sigma=1.5)
     coarse = project_gaussians(coords, rot, shifts / 2, 32, 2.0, sigma=1.5)
-    filt = al._filters(None, 2, 32, 2.0, "cpu", torch.float32, source_box=64)
-    model = al._apply_filter(coarse, filt)
-    crop = al._crop(fine, 32)
+    filt = sz.projection_filters(None, 2, 32, 2.0, "cpu", torch.float32, source_box=64)
+    model = dm.apply_filter(coarse, filt)
+    crop = sz.crop_images(fine, 32)
     assert np.all(al.normalised_cross_correlation(model, crop).numpy() > 0.999)
     assert np.all(al.normalised_cross_correlation(coarse, crop).numpy()
                   < al.normalised_cross_correlation(model, crop).numpy())
@@ -483,11 +526,11 @@ def test_working_size_model_counts_the_information_of_the_cropped_images():
     modes /= np.linalg.norm(modes.reshape(3, -1), axis=1)[:, None, None]
     rot, shifts, q = random_rotations(n, rng), rng.uniform(-2, 2, (n, 2)), rng.normal(0, 5, (n, 3))
     ctf = CTFParams(defocus_u=5000.0, defocus_v=5000.0)
-    fine = al._Model(coords, modes, np.ones(n_atoms), np.ones(n_atoms), 64, 1.0, "cpu")
+    fine = dm.DeformableModel(coords, modes, np.ones(n_atoms), np.ones(n_atoms), 64, 1.0, "cpu")
     p, j = fine.project_with_jacobian(t(rot), t(q), t(shifts))
     c = ctf_image(ctf, 64, 1.0).expand(n, -1, -1)
-    p = al._crop(al._apply_filter(p, c), 32)
-    j = al._crop(al._apply_filter(j.reshape(-1, 64, 64), c.repeat(8, 1, 1)), 32).reshape(n, 8, 32, 32)
+    p = sz.crop_images(dm.apply_filter(p, c), 32)
+    j = sz.crop_images(dm.apply_filter(j.reshape(-1, 64, 64), c.repeat(8, 1, 1)), 32).reshape(n, 8, 32, 32)
 
     def amplitude_std(p, j):
         pf, jf = p.reshape(n, -1), j.reshape(n, 8, -1)
@@ -497,10 +540,10 @@ def test_working_size_model_counts_the_information_of_the_cropped_images():
     truth = amplitude_std(p, j)
     match = {}
     for anti_alias, lo, hi in [(False, 1.02, 1.1), (True, 0.99, 1.015)]:
-        scale = al._Scale(32, 64, 1.0, (coords, modes, np.ones(n_atoms), np.ones(n_atoms)), "cpu", anti_alias)
+        scale = sz.ImageScale(32, 64, 1.0, (coords, modes, np.ones(n_atoms), np.ones(n_atoms)), "cpu", anti_alias)
         pc, jc = scale.model.project_with_jacobian(t(rot), t(q), scale.shifts_here(t(shifts)))
         filt = scale.filters(ctf, n)
-        pc, jc = al._apply_filter(pc, filt), al._apply_filter(jc, filt)
+        pc, jc = dm.apply_filter(pc, filt), dm.apply_filter(jc, filt)
         ratio = float((truth / amplitude_std(pc, jc)).mean())
         assert lo < ratio < hi, (anti_alias, ratio)
         match[anti_alias] = al.normalised_cross_correlation(pc, p).numpy()
@@ -520,19 +563,19 @@ def test_laplace_std_is_the_inverse_fisher_information(box, pixel_size):
     c = rng.normal(scale=5, size=(25, 3))
     modes = rng.normal(size=(2, 25, 3))
     modes /= np.linalg.norm(modes.reshape(2, -1), axis=1)[:, None, None]
-    model = al._Model(c, modes, np.full(25, 1.3), rng.uniform(0.5, 1.5, 25), box, pixel_size, "cpu",
+    model = dm.DeformableModel(c, modes, np.full(25, 1.3), rng.uniform(0.5, 1.5, 25), box, pixel_size, "cpu",
                       torch.float64)
     rot = torch.tensor(random_rotations(3, rng))
     q, s = torch.tensor(rng.normal(size=(3, 2)) * 3), torch.tensor(rng.normal(size=(3, 2)))
     ctf = CTFParams(defocus_u=np.array([8000.0, 12000.0, 9000.0]), defocus_v=np.array([7000.0, 12000.0, 9500.0]),
                     defocus_angle=np.array([30.0, 0.0, 75.0]))
-    filt = al._filters(ctf, 3, box, pixel_size, "cpu", torch.float64)
-    img = al._apply_filter(model.project(rot, q + 0.5, s - 0.2), filt) + torch.tensor(rng.normal(size=(3, box, box))) * 0.02
-    fit = al._system(model, img, filt, rot, q, s)
-    got = al._laplace_std(fit, model.n_params, box)
+    filt = sz.projection_filters(ctf, 3, box, pixel_size, "cpu", torch.float64)
+    img = dm.apply_filter(model.project(rot, q + 0.5, s - 0.2), filt) + torch.tensor(rng.normal(size=(3, box, box))) * 0.02
+    fit = ls.least_squares_state(model, img, filt, rot, q, s)
+    got = un.laplace_std(fit, model.n_params, box)
 
     def mean_image(b, theta):  # theta: 7 parameters away from (rot, q, s), then scale and offset
-        p = al._apply_filter(model.project(al._rodrigues(theta[None, 2:5]) @ rot[b:b + 1], q[b:b + 1] + theta[None, :2],
+        p = dm.apply_filter(model.project(dm.rodrigues(theta[None, 2:5]) @ rot[b:b + 1], q[b:b + 1] + theta[None, :2],
                                            s[b:b + 1] + theta[None, 5:7]), filt[b:b + 1])
         return (theta[7] * p + theta[8]).reshape(-1)
 
@@ -547,6 +590,6 @@ def test_laplace_std_is_the_inverse_fisher_information(box, pixel_size):
         jac = torch.stack([torch.autograd.functional.jvp(lambda th: mean_image(b, th), at, e)[1]
                            for e in torch.eye(9, dtype=torch.float64)], 1)               # (n * n, 9)
         resid = im - mean_image(b, at)
-        var = (resid * resid).sum() / (al._noise_dof(box) - 7 - 2)
+        var = (resid * resid).sum() / (sz.noise_dof(box) - 7 - 2)
         want = torch.sqrt(torch.diagonal(torch.linalg.inv(jac.T @ jac))[:7] * var)
         assert torch.allclose(got[b], want, rtol=1e-6), (b, got[b], want)

@@ -9,7 +9,7 @@ import continuousflex_dl.core as core
 
 CORE = Path(core.__file__).parent
 #: Rank of each top-level part of core: a module may import parts of its own rank or lower.
-RANK = {"device": 0, **{stage: i + 1 for i, stage in enumerate(core.STAGES)}, "chunks": 1.5}
+RANK = {"device": 0, "progress": 0, **{stage: i + 1 for i, stage in enumerate(core.STAGES)}, "chunks": 1.5}
 
 
 def test_core_does_not_import_scipion():
@@ -24,7 +24,7 @@ def test_core_does_not_import_scipion():
 
 
 def _core_imports(path: Path):
-    """The top-level core parts (stage folders, ``device``, ``chunks``) that ``path`` imports."""
+    """The top-level core parts (stage folders, ``device``, ``progress``, ``chunks``) that ``path`` imports."""
     here = path.relative_to(CORE).parts[:-1]  # the package folders below core
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):

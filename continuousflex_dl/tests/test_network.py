@@ -16,6 +16,7 @@ from continuousflex_dl.core.imaging import dataset as ds
 from continuousflex_dl.core.network import training as tr
 from continuousflex_dl.core.imaging.ctf import CTFParams, ctf_image
 from continuousflex_dl.core.imaging.geometry import euler_to_matrix, random_rotations
+from continuousflex_dl.core.imaging.projection import fourier_crop
 from continuousflex_dl.core.network.resnet import build_model, matrix_to_rotation_6d, rotation_6d_to_matrix
 
 torch.set_num_threads(2)
@@ -46,13 +47,13 @@ def test_fourier_crop_keeps_band_limited_content():
     n, w = 32, 16
     x = np.arange(n) - n // 2
     img = 3.0 + np.cos(2 * np.pi * 3 * x / n)[None, :] * np.sin(2 * np.pi * 2 * x / n)[:, None]
-    out = ds.fourier_crop(torch.tensor(img[None]), w)[0].numpy()
+    out = fourier_crop(torch.tensor(img[None]), w, preserve="mean", correct_pixel_blur=False)[0].numpy()
     xs = np.arange(w) - w // 2  # working pixel j sits at original coordinate 2 j
     expected = 3.0 + np.cos(2 * np.pi * 3 * xs / w)[None, :] * np.sin(2 * np.pi * 2 * xs / w)[:, None]
     assert out.shape == (w, w)
     np.testing.assert_allclose(out, expected, atol=1e-10)
     with pytest.raises(ValueError):
-        ds.fourier_crop(torch.zeros(1, 16, 16), 32)
+        fourier_crop(torch.zeros(1, 16, 16), 32, preserve="mean", correct_pixel_blur=False)
 
 
 def test_normalizations():
@@ -213,7 +214,7 @@ def trained(tmp_path_factory):
             yield idx, x
     tr.iterate_batches = recording
     try:
-        rows = tr.train(images, q, pid, out, cfg, seed=0, progress=seen.append)
+        rows = tr.train(images, q, pid, out, cfg, seed=0, progress=lambda done, total, line: seen.append(done))
         train_inputs = {i: v[-1] for i, v in inputs.items()}
         inputs.clear()
         pred = tr.predict(out, images[:8], batch_size=3)
@@ -247,7 +248,7 @@ def test_model_directory_contents(trained):
     assert cfg["working_size"] == 16 and cfg["normalization"] == "zscore" and cfg["version"] == __version__
     with open(out / "metrics.csv") as fh:
         table = list(csv.DictReader(fh))
-    assert [int(r["epoch"]) for r in table] == [1, 2, 3, 4] == [r["epoch"] for r in trained["seen"]]
+    assert [int(r["epoch"]) for r in table] == [1, 2, 3, 4] == trained["seen"]
     assert list(table[0]) == tr.METRICS_COLUMNS
     np.testing.assert_allclose([float(r["val_mae"]) for r in table], [r["val_mae"] for r in rows], rtol=1e-6)
     assert all(float(r["images_per_s"]) > 0 for r in table)
@@ -303,7 +304,8 @@ def test_window_then_fourier_crop_is_saved_and_applied_at_prediction(tmp_path):
     loaded = tr.load_model(tmp_path)
     assert loaded.config.window_px == 20 and loaded.config.input_size == 16
     pred = tr.predict(loaded, images)
-    x = ds.normalize_images(ds.fourier_crop(ds.window_images(torch.tensor(images), 20), 16))[:, None]
+    x = ds.normalize_images(fourier_crop(ds.window_images(torch.tensor(images), 20), 16, preserve="mean",
+                                         correct_pixel_blur=False))[:, None]
     with torch.no_grad():  # by hand: window, then Fourier crop, then normalisation
         manual = loaded.model(x)
     np.testing.assert_allclose(pred, manual.numpy() * loaded.config.target_std + loaded.config.target_mean,
@@ -325,7 +327,7 @@ def test_four_modes_resume_and_reproducibility(tmp_path):
     assert cfg.lr_schedule == "onecycle"  # the default, stepped per batch: resume must restore it exactly
     full = tr.train(images, q, pid, tmp_path / "full", cfg, seed=3)
 
-    def crash(row):
+    def crash(done, total, message):
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         tr.train(images, q, pid, tmp_path / "part", cfg, seed=3, progress=crash)
@@ -427,8 +429,8 @@ SMALL = dict(modes=[7, 8], working_size=16, batch_size=8, val_fraction=0.25, arc
 
 def _stop_after(epoch):
     """A progress callback that interrupts training after ``epoch`` (as a kill would)."""
-    def progress(row):
-        if row["epoch"] == epoch:
+    def progress(done, total, message):
+        if done == epoch:
             raise KeyboardInterrupt
     return progress
 

@@ -153,3 +153,61 @@ def test_profiles_on_their_reach_are_the_box_profiles_there(spread):
     box_g, box_dg = pixel_profiles(pos, 64, sigma, derivative=True)
     np.testing.assert_array_equal(g.numpy(), box_g[..., reach].numpy())
     np.testing.assert_array_equal(dg.numpy(), box_dg[..., reach].numpy())
+
+
+# ---------------------------------------------------------------- the one Fourier crop
+
+def _numpy_crop(images, m):
+    """Independent Fourier crop of (B, n, n) to (B, m, m): the full numpy spectrum of the images
+    centred at ``n // 2``, its frequencies ``|k| < m / 2`` kept (the Nyquist row and column of an
+    even m dropped), back to real space with the centre at ``m // 2``. Keeps the pixel sum."""
+    n = images.shape[-1]
+    spec = np.fft.fft2(np.roll(images, (-(n // 2), -(n // 2)), axis=(-2, -1)))
+    k = np.fft.fftfreq(m, 1.0 / m).round().astype(int)
+    keep = np.abs(k) < m / 2
+    small = np.zeros(images.shape[:-2] + (m, m), dtype=complex)
+    rows, cols = np.ix_(np.flatnonzero(keep), np.flatnonzero(keep))
+    small[..., rows, cols] = spec[..., (k[keep] % n)[:, None], (k[keep] % n)[None, :]]
+    out = np.fft.ifft2(small).real
+    return np.roll(out, (m // 2, m // 2), axis=(-2, -1))
+
+
+@pytest.mark.parametrize("n, m", [(32, 16), (45, 21), (33, 32), (40, 40)])
+def test_fourier_crop_normalisations_against_numpy(n, m):
+    """Both normalisations of the one fourier_crop: 'sum' is the plain crop (pixel sums kept),
+    'mean' the same times (m / n)^2 (pixel values kept); at m == n an even size loses its Nyquist
+    row and column only."""
+    from continuousflex_dl.core.imaging.projection import fourier_crop
+    img = np.random.default_rng(n + m).normal(size=(3, n, n))
+    want = _numpy_crop(img, m)
+    x = torch.tensor(img)
+    got_sum = fourier_crop(x, m, preserve="sum", correct_pixel_blur=False).numpy()
+    got_mean = fourier_crop(x, m, preserve="mean", correct_pixel_blur=False).numpy()
+    np.testing.assert_allclose(got_sum, want, atol=1e-10)
+    np.testing.assert_allclose(got_mean, want * (m / n) ** 2, atol=1e-10)
+    np.testing.assert_allclose(got_sum.sum(axis=(1, 2)), want.sum(axis=(1, 2)), rtol=1e-10)
+    with pytest.raises(TypeError):  # the normalisation is never implicit
+        fourier_crop(x, m)
+
+
+def test_fourier_crop_callers_get_their_numbers():
+    """The callers of the one fourier_crop get what they got from their own copies before: the
+    network's preprocessing (dataset.prepare_images: pixel values kept, the images unchanged at
+    their own size), HEMNMA's image sizes (alignment.sizes.crop_images and ImageScale.images:
+    pixel sums kept, spectrum untouched so white noise stays white, the Nyquist row and column
+    of an even size dropped even at the input size)."""
+    from continuousflex_dl.core.hemnma.alignment.sizes import ImageScale, crop_images
+    from continuousflex_dl.core.imaging.dataset import normalize_images, prepare_images
+    img = np.random.default_rng(3).normal(size=(4, 48, 48)).astype(np.float32)
+    prepared = prepare_images(img, working_size=24)[:, 0].numpy()
+    want = normalize_images(torch.tensor(_numpy_crop(img.astype(np.float64), 24) / 4)).numpy()
+    np.testing.assert_allclose(prepared, want, atol=1e-4)
+    np.testing.assert_array_equal(prepare_images(img, working_size=48)[:, 0].numpy(),
+                                  normalize_images(torch.tensor(img)).numpy())
+    np.testing.assert_allclose(crop_images(torch.tensor(img), 24).numpy(), _numpy_crop(img.astype(np.float64), 24),
+                               atol=1e-5)
+    np.testing.assert_allclose(crop_images(torch.tensor(img), 48).numpy(), _numpy_crop(img.astype(np.float64), 48),
+                               atol=1e-5)
+    coords = np.zeros((1, 3))
+    scale = ImageScale(24, 48, 1.0, (coords, np.zeros((0, 1, 3)), np.ones(1), np.ones(1)), "cpu")
+    np.testing.assert_array_equal(scale.images(torch.tensor(img)).numpy(), crop_images(torch.tensor(img), 24).numpy())

@@ -188,8 +188,8 @@ def trained(ake, tmp_path_factory):
                          val_fraction=0.3)
     snapshot = {}
 
-    def at_the_end_of_the_simulated_phase(row):
-        if row["epoch"] == SIM_EPOCHS:
+    def at_the_end_of_the_simulated_phase(done, total, message):
+        if done == SIM_EPOCHS:
             sim_only = folder / "sim_only"
             sim_only.mkdir()
             for name in ("config.json", "best.pt"):
@@ -244,7 +244,7 @@ def test_simulated_training_resumes_across_the_phase_change(ake, tmp_path):
     full = tr.train(images, part.amplitudes, np.arange(24), tmp_path / "full", cfg, seed=2, ctf=part.ctf,
                     reference=ake)
 
-    def crash(row):
+    def crash(done, total, message):
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         tr.train(images, part.amplitudes, np.arange(24), tmp_path / "part", cfg, seed=2, ctf=part.ctf,

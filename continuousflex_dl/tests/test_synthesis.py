@@ -167,7 +167,7 @@ def test_synthesize_stack_matches_ground_truth(tmp_path, toy, monkeypatch):
     res = synthesize(tmp_path / "a.mrcs", coords, modes, 12, 32, 2.0, max_shift_px=2.0,
                      ctf=CTFSampler(defocus_min=8000.0, defocus_max=15000.0, astigmatism=300.0),
                      seed=11, chunk_size=5,
-                     progress=lambda done, total: calls.append((done, total)))
+                     progress=lambda done, total, message: calls.append((done, total)))
     assert calls == [(5, 12), (10, 12), (12, 12)]
     with mrcfile.mmap(res.stack_path, mode="r") as mrc:
         assert mrc.is_image_stack() and mrc.data.shape == (12, 32, 32) and mrc.data.dtype == np.float32

@@ -16,11 +16,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
 from .alignment import RESULT_ARRAYS, AlignmentResult, align_particles
+from ..modes.reference import Reference
+from ..progress import Progress
 from .. import chunks
 from ..chunks import Chunk, ChunkedJob, chunk_path, fingerprint, load_job_files, save_job_files
 from ..imaging.ctf import CTFParams
@@ -42,8 +44,9 @@ SEED_KEYS = ("amplitudes", "angles", "shifts")
 class AlignmentJob(ChunkedJob):
     """Inputs and settings of a HEMNMA alignment of M particles with K modes.
 
-    coords: (N, 3) Å, the centred reference; modes: (K, N, 3) unit-norm modes;
-    sigma: (N,) Å atom widths; weights: (N,) or None; mode_numbers: the K mode numbers.
+    reference: the centred structure, its K unit-norm modes, its atoms' widths (Å) and weights
+    (:class:`~continuousflex_dl.core.modes.reference.Reference`, validated there);
+    mode_numbers: the K mode numbers.
     ids: (M,) particle ids; stacks: M stack paths; indices: (M,) 0-based indices in the stacks.
     pixel_size: Å/px of the images. ctf: None, or the CTF of every particle (B = M).
     options: keyword arguments of :func:`alignment.align_particles` (JSON-able), with
@@ -59,10 +62,7 @@ class AlignmentJob(ChunkedJob):
     :meth:`ImageModel.to_dict`, written by :meth:`fit_image_model` (derived from the job, so
     outside the fingerprint; the chunks refuse to run without it when a refinement is asked).
     """
-    coords: np.ndarray
-    modes: np.ndarray
-    sigma: np.ndarray
-    weights: Optional[np.ndarray]
+    reference: Reference
     mode_numbers: List[int]
     ids: np.ndarray
     stacks: List[str]
@@ -92,8 +92,9 @@ class AlignmentJob(ChunkedJob):
     def fingerprint(self) -> str:
         """Digest of everything that changes the results (and the package version)."""
         from ... import __version__
-        return fingerprint(__version__, self.coords, self.modes, np.asarray(self.sigma),
-                           self.weights, list(self.mode_numbers), self.ids, list(self.stacks),
+        ref = self.reference
+        return fingerprint(__version__, ref.coords, ref.modes, np.asarray(ref.sigma),
+                           ref.weights, list(self.mode_numbers), self.ids, list(self.stacks),
                            self.indices, float(self.pixel_size), self._ctf_columns(), self.options,
                            bool(self.invert), self.seed_source, *self._model_key())
 
@@ -107,10 +108,11 @@ class AlignmentJob(ChunkedJob):
     # ------------------------------------------------------------------ files
     def save(self, folder: PathLike) -> None:
         """Write ``job.npz`` and ``job.json`` in ``folder`` (each atomically)."""
-        arrays = dict(coords=self.coords, modes=self.modes, sigma=np.asarray(self.sigma),
+        ref = self.reference
+        arrays = dict(coords=ref.coords, modes=ref.modes, sigma=np.asarray(ref.sigma),
                       ids=self.ids, indices=self.indices)
-        if self.weights is not None:
-            arrays["weights"] = self.weights
+        if ref.weights is not None:
+            arrays["weights"] = ref.weights
         arrays.update(self._ctf_columns())
         arrays.update(self._seed_columns())
         if self.atom_types is not None:
@@ -127,8 +129,8 @@ class AlignmentJob(ChunkedJob):
         """The job saved in ``folder`` (ValueError naming the folder if it has none)."""
         arrays, meta = load_job_files(folder, "alignment job")
         seeds = {k[5:]: v for k, v in arrays.items() if k.startswith("seed_")} or None
-        job = cls(coords=arrays["coords"], modes=arrays["modes"], sigma=arrays["sigma"],
-                  weights=arrays.get("weights"), mode_numbers=meta["mode_numbers"], ids=arrays["ids"],
+        job = cls(reference=Reference(arrays["coords"], arrays["modes"], arrays["sigma"], arrays.get("weights")),
+                  mode_numbers=meta["mode_numbers"], ids=arrays["ids"],
                   stacks=meta["stacks"], indices=arrays["indices"], pixel_size=meta["pixel_size"],
                   ctf=CTFParams.from_columns(arrays), options=meta["options"],
                   invert=bool(meta.get("invert", False)), seeds=seeds,
@@ -143,14 +145,15 @@ class AlignmentJob(ChunkedJob):
 
     # ------------------------------------------------------------------ work
     def compute(self, images: np.ndarray, start: int, stop: int, device: str = "cpu",
-                progress: Optional[Callable[[float, str], None]] = None) -> Dict[str, np.ndarray]:
-        """The AlignmentResult arrays (:data:`RESULT_KEYS`) of rows ``[start, stop)``."""
+                progress: Optional[Progress] = None) -> Dict[str, np.ndarray]:
+        """The AlignmentResult arrays (:data:`RESULT_KEYS`) of rows ``[start, stop)``; progress:
+        (images aligned, images of the rows, message)."""
         result = self.align(images, start, stop, device=device, progress=progress)
         logger.info("rows %d-%d: mean score %.3f", start, stop, float(result.score.mean()))
         return result.to_dict()
 
     def align(self, images: np.ndarray, start: int, stop: int, device: str = "cpu",
-              progress: Optional[Callable[[float, str], None]] = None) -> AlignmentResult:
+              progress: Optional[Progress] = None) -> AlignmentResult:
         """Align the images (B, box, box) of rows ``[start, stop)``."""
         rows = np.arange(start, stop)
         ctf = None if self.ctf is None else self.ctf.select(rows)
@@ -159,15 +162,16 @@ class AlignmentJob(ChunkedJob):
             seeds = AlignmentResult(score=np.zeros(len(rows)), **{k: v[rows] for k, v in self.seeds.items()})
         options = self._align_options(images.shape[-1])
         sigma, weights = self._atom_model()
-        return align_particles(images, self.coords, self.modes, self.pixel_size, ctf=ctf, sigma=sigma,
-                               weights=weights, seeds=seeds, device=device, progress=progress, **options)
+        return align_particles(images, self.reference.coords, self.reference.modes, self.pixel_size, ctf=ctf,
+                               sigma=sigma, weights=weights, seeds=seeds, device=device, progress=progress,
+                               **options)
 
     def _align_options(self, box: int) -> dict:
         """Keyword arguments of align_particles for images of ``box`` px: the options, with the
         amplitude range as a (K, 2) array and the working size at most the box."""
         options = dict(self.options)
         r = options.pop("amplitude_range", None)
-        options["amplitude_range"] = np.tile([-float(r), float(r)], (len(self.modes), 1)) if r else None
+        options["amplitude_range"] = np.tile([-float(r), float(r)], (self.reference.n_modes, 1)) if r else None
         options["working_size"] = min(int(options.get("working_size", 64)), box)
         return options
 
@@ -175,14 +179,14 @@ class AlignmentJob(ChunkedJob):
         """Atom widths (N,) Å and weights (N,) or None of the alignment: the reference's, or
         those of the fitted image model; ValueError when a refinement is asked but not done."""
         if not self.model_fit_particles:
-            return self.sigma, self.weights
+            return self.reference.sigma, self.reference.weights
         if self.image_model is None:
             raise ValueError("This alignment refines the image model first, but the job has no fitted "
                              "model yet: Continue the run (the image-model step fits it).")
-        return ImageModel.from_dict(self.image_model).apply(self.atom_types, self.sigma, self.weights)
+        return ImageModel.from_dict(self.image_model).apply(self.atom_types, self.reference.sigma,
+                                                            self.reference.weights)
 
-    def fit_image_model(self, device: str = "cpu", progress: Optional[Callable[[float, str], None]] = None
-                        ) -> ImageModel:
+    def fit_image_model(self, device: str = "cpu", progress: Optional[Progress] = None) -> ImageModel:
         """Fit the image model (:func:`image_model.refine_image_model`) on
         ``model_fit_particles`` particles spread evenly over the set, and keep it in
         :attr:`image_model` (save the job to pass it to the chunks). Returns the model."""
@@ -193,9 +197,10 @@ class AlignmentJob(ChunkedJob):
         rows = np.unique(np.linspace(0, m - 1, min(int(self.model_fit_particles), m)).round().astype(int))
         images = self.read_rows(rows)
         options = self._align_options(images.shape[-1])
-        model, _ = refine_image_model(images, self.coords, self.modes, self.pixel_size, self.atom_types,
+        ref = self.reference
+        model, _ = refine_image_model(images, ref.coords, ref.modes, self.pixel_size, self.atom_types,
                                       self.type_names, ctf=None if self.ctf is None else self.ctf.select(rows),
-                                      sigma=self.sigma, weights=self.weights, device=device, progress=progress,
+                                      sigma=ref.sigma, weights=ref.weights, device=device, progress=progress,
                                       **options)
         self.image_model = model.to_dict()
         return model

@@ -142,25 +142,27 @@ def fit_image_model(images, coords: np.ndarray, modes: np.ndarray, pixel_size: f
     starting model (so noisier images count less) and a Gaussian prior of standard deviation
     :data:`LOG_WEIGHT_PRIOR_SD` on each log weight. L-BFGS with autograd through the projector.
     """
-    from .alignment import ANTI_ALIAS_PX, _apply_filter, _as_images, _crop, _filters
+    from .alignment.model import apply_filter
+    from .alignment.sizes import ANTI_ALIAS_PX, as_images, crop_images, projection_filters
     from ..imaging.projection import project_gaussians
+    from ..modes.nma import displace
     labels = np.asarray(labels, dtype=np.int64)
     start = start or ImageModel.identity(type_names)
     if tuple(start.type_names) != tuple(type_names):
         raise ValueError(f"The starting image model has types {start.type_names}, the structure {type_names}.")
-    imgs = _as_images(images, device)
+    imgs = as_images(images, device)
     m, box = imgs.shape[0], imgs.shape[-1]
     if len(result.amplitudes) != m:
         raise ValueError(f"{m} images but {len(result.amplitudes)} aligned particles were given.")
     n = min(int(size), box)
     ps = pixel_size * box / n
     dev = imgs.device
-    y = _crop(imgs, n)
+    y = crop_images(imgs, n)
     y = y - y.mean(dim=(-2, -1), keepdim=True)
     blur = ANTI_ALIAS_PX * ps if n < box else 0.0          # Å, as the alignment's working size
-    filt = _filters(ctf, m, n, ps, dev, torch.float32, source_box=box, blur=blur)
+    filt = projection_filters(ctf, m, n, ps, dev, torch.float32, source_box=box, blur=blur)
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=dev)  # noqa: E731
-    x = t(coords) + torch.einsum("mk,knd->mnd", t(result.amplitudes), t(modes).reshape(-1, len(coords), 3))
+    x = displace(t(coords), t(modes).reshape(-1, len(coords), 3), t(result.amplitudes))
     from ..imaging.geometry import euler_to_matrix
     rot, shifts = t(euler_to_matrix(np.asarray(result.angles, dtype=np.float64))), t(result.shifts) * (n / box)
     sig0 = t(np.broadcast_to(np.asarray(sigma, dtype=np.float64), labels.shape).copy())
@@ -182,7 +184,7 @@ def fit_image_model(images, coords: np.ndarray, modes: np.ndarray, pixel_size: f
         costs = []
         for c0 in range(0, m, chunk):
             sl = slice(c0, c0 + chunk)
-            p = _apply_filter(project_gaussians(x[sl], rot[sl], shifts[sl], n, ps, sigma=s, weights=w), filt[sl])
+            p = apply_filter(project_gaussians(x[sl], rot[sl], shifts[sl], n, ps, sigma=s, weights=w), filt[sl])
             p = p - p.mean(dim=(-2, -1), keepdim=True)
             pi, pp = (p * y[sl]).sum(dim=(-2, -1)), (p * p).sum(dim=(-2, -1))
             costs.append((y[sl] * y[sl]).sum(dim=(-2, -1)) - pi * pi / (pp + 1e-30))
@@ -233,28 +235,32 @@ def refine_image_model(images, coords: np.ndarray, modes: np.ndarray, pixel_size
     the model has T + 1 numbers); the other arguments as :func:`fit_image_model`, and
     ``align_options`` of :func:`alignment.align_particles` (``amplitude_range``, config fields);
     first: an AlignmentResult of these images under the unrefined model, if one is at hand
-    (skips the first alignment). progress: optional ``callback(fraction_done, message)``. Returns (the model, the AlignmentResult of the subset under it).
+    (skips the first alignment). progress: :data:`~continuousflex_dl.core.progress.Progress`,
+    called with (rounds done, rounds, message) after each round. Returns (the model, the
+    AlignmentResult of the subset under it).
     """
-    from .alignment import Aligner, AlignConfig, _as_images
+    from .alignment import Aligner, AlignConfig
+    from .alignment.sizes import as_images
+    from ..modes.reference import Reference
+    from ..progress import report
     from dataclasses import replace
     if rounds < 1:
         raise ValueError(f"Refining the image model needs at least one round, got {rounds}.")
-    imgs = _as_images(images, device)
+    imgs = as_images(images, device)
     amplitude_range = align_options.pop("amplitude_range", None)
     config = replace(align_options.pop("config", None) or AlignConfig(), **align_options)
     model = ImageModel.identity(type_names)
     result = first
     for r in range(rounds):
         s, w = model.apply(labels, sigma, weights)
-        aligner = Aligner(coords, modes, pixel_size, imgs.shape[-1], config, sigma=s, weights=w,
+        aligner = Aligner(Reference(coords, modes, s, w), pixel_size, imgs.shape[-1], config,
                           amplitude_range=amplitude_range, device=device)
         result = aligner.align(imgs, ctf=ctf) if result is None else aligner.polish(imgs, result, ctf=ctf)
         model = fit_image_model(imgs, coords, modes, pixel_size, result, labels, type_names, ctf=ctf,
                                 sigma=sigma, weights=weights, start=model, size=config.working_size,
                                 device=device)
-        if progress is not None:
-            progress((r + 1) / rounds, f"image model, round {r + 1}/{rounds}: {model.describe()}")
+        report(progress, r + 1, rounds, f"image model, round {r + 1}/{rounds}: {model.describe()}")
     s, w = model.apply(labels, sigma, weights)
-    final = Aligner(coords, modes, pixel_size, imgs.shape[-1], config, sigma=s, weights=w,
+    final = Aligner(Reference(coords, modes, s, w), pixel_size, imgs.shape[-1], config,
                     amplitude_range=amplitude_range, device=device)
     return model, final.polish(imgs, result, ctf=ctf)

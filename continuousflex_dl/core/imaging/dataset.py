@@ -14,7 +14,7 @@ and prediction:
 2. optional real-space window: the central ``window`` x ``window`` pixels
    around the box centre (:func:`window_images`), a box in Å fixed by the model,
 3. optional downsampling to the working size by Fourier cropping
-   (:func:`fourier_crop`),
+   (:func:`projection.fourier_crop`, pixel values kept, spectrum untouched),
 4. image normalisation (:func:`normalize_images`), by default ``"zscore"``:
    each image to zero mean and unit standard deviation over the whole box.
 
@@ -44,7 +44,7 @@ from .geometry import euler_to_matrix, matrix_to_euler
 from .mrc import check_mrc_stack
 
 __all__ = [
-    "NORMALIZATIONS", "normalize_images", "fourier_crop", "window_images", "prepare_images",
+    "NORMALIZATIONS", "normalize_images", "window_images", "prepare_images",
     "rotate_images", "rotate_pose", "ArrayImageSource", "MrcsImageSource", "as_image_source",
     "ctf_batch", "iterate_batches", "find_bad_images", "check_images", "FLAT_TOLERANCE",
 ]
@@ -97,14 +97,6 @@ def normalize_images(images: torch.Tensor, method: str = "zscore") -> torch.Tens
     return NORMALIZATIONS[method](images)
 
 
-def fourier_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Downsample square images (B, N, N) to (B, size, size) by Fourier cropping, keeping
-    pixel values (see :func:`projection.fourier_crop`; box centre ``N // 2`` -> ``size // 2``,
-    pixel size becomes ``pixel_size * N / size``). ``size == N`` returns the input."""
-    if size == images.shape[-1]:
-        return images
-    return projection.fourier_crop(images, size, correct_pixel_blur=False, preserve="mean")
-
 def window_images(images: torch.Tensor, size: int) -> torch.Tensor:
     """The central (B, size, size) pixels of square images (B, N, N): box centre ``N // 2``
     -> ``size // 2``, pixel size unchanged. ``size == N`` returns the input."""
@@ -128,7 +120,7 @@ def prepare_images(images: Union[np.ndarray, torch.Tensor], working_size: Option
     ``torch.fft.rfft2`` layout (``ctf.ctf_image``) for phase flipping at the full box.
     window: side (px) of the central real-space window kept (None keeps N, see
     :func:`window_images`). working_size: output box in px (None keeps the window),
-    reached by :func:`fourier_crop` of the window.
+    reached by :func:`projection.fourier_crop` of the window (pixel values kept).
     Returns a float32 tensor (B, 1, working_size, working_size) on ``device``.
     """
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
@@ -141,13 +133,14 @@ def prepare_images(images: Union[np.ndarray, torch.Tensor], working_size: Option
         x = phase_flip(x, torch.as_tensor(ctf, device=x.device, dtype=torch.float32))
     if window is not None:
         x = window_images(x, int(window))
-    if working_size is not None:
-        x = fourier_crop(x, int(working_size))
+    if working_size is not None and int(working_size) != x.shape[-1]:
+        x = projection.fourier_crop(x, int(working_size), preserve="mean", correct_pixel_blur=False)
     return normalize_images(x, normalization)[:, None]
 
 
 def rotate_images(images: torch.Tensor, angles_deg: torch.Tensor) -> torch.Tensor:
-    """Rotate images in plane about their centre ``(n // 2, n // 2)``.
+    """Rotate images in plane about their centre ``(n // 2, n // 2)``: the one in-plane
+    rotation of the package (training's augmentation, the alignment's reference projections).
 
     images: (B, C, H, W); angles_deg: (B,) degrees. The content at image
     coordinates ``p = (x, y)`` moves to ``R(a) p`` with

@@ -208,16 +208,20 @@ def density_map(coords: ArrayLike, box: int, pixel_size: float, sigma: ArrayLike
     return vol
 
 
-def fourier_crop(images: torch.Tensor, size: int, correct_pixel_blur: bool = True,
-                 preserve: str = "sum") -> torch.Tensor:
-    """Reduce images (B, n, n) to (B, size, size) by Fourier cropping, keeping the box in Å.
+def fourier_crop(images: torch.Tensor, size: int, *, preserve: str, correct_pixel_blur: bool) -> torch.Tensor:
+    """Reduce images (B, n, n) to (B, size, size) by Fourier cropping, keeping the box in Å
+    (the pixel size becomes ``pixel_size * n / size``): the one Fourier crop of the package.
 
-    The box centre ``n // 2`` maps to ``size // 2`` and the pixel sum is kept (pixels
-    hold integrals). The Nyquist row/column of an even ``size`` is dropped. With
-    ``correct_pixel_blur`` the spectrum is multiplied by
-    ``sinc(f * new_px) / sinc(f * old_px)``, so the result matches pixel-integrated
-    projections computed directly at the coarser pixel. ``preserve='mean'`` scales the
-    result so pixel values (not their sum) are kept, as for images that hold densities.
+    The box centre ``n // 2`` maps to ``size // 2``. The Nyquist row/column of an even
+    ``size`` is dropped, also at ``size == n`` (callers that want the images unchanged then
+    skip the call). Both choices are explicit:
+
+    preserve: ``'sum'`` keeps the pixel sum (pixels hold integrals: projections; HEMNMA's
+        alignment), ``'mean'`` keeps the pixel values, the sum times ``(size / n)^2`` (images
+        that hold densities: the network's preprocessing).
+    correct_pixel_blur: True multiplies the spectrum by ``sinc(f * new_px) / sinc(f * old_px)``,
+        so the result matches pixel-integrated projections computed directly at the coarser
+        pixel; False leaves the spectrum as it is, so white noise stays white.
     """
     n = images.shape[-1]
     if images.shape[-2] != n:

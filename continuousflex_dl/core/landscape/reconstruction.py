@@ -44,13 +44,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..imaging.ctf import CTFParams, ctf_image
+from ..progress import Progress, report
 from ..imaging.geometry import euler_to_matrix, particle_offset_px
 
 logger = logging.getLogger(__name__)
@@ -465,7 +466,7 @@ def reconstruct(images, angles_deg: np.ndarray, shifts_px: np.ndarray, pixel_siz
                 pad_factor: float = 2.0, mask_radius_px: Optional[float] = None,
                 mask_edge_px: float = 3.0, wiener_fudge: float = 1.0, chunk_size: Optional[int] = None,
                 device: Union[str, torch.device] = "cpu",
-                progress: Optional[Callable[[int, int], None]] = None) -> ReconstructionResult:
+                progress: Optional[Progress] = None) -> ReconstructionResult:
     """Reconstruct a map and its half maps from ``n`` particle images with known poses.
 
     images: an array (n, box, box), a list of (stack path, 0-based index) pairs, or an image
@@ -474,7 +475,8 @@ def reconstruct(images, angles_deg: np.ndarray, shifts_px: np.ndarray, pixel_siz
     pixel_size Å/px; ctf: CTFParams with n entries (or one shared), or None for images
     without CTF. halves: (n,) 0/1 gold-standard split, default :func:`split_halves` (``seed``).
     Other arguments: :class:`Reconstructor` and :meth:`Reconstructor.finish`.
-    ``progress(done, n)`` after each chunk. Returns a :class:`ReconstructionResult`.
+    ``progress(done, n, message)`` (:data:`~continuousflex_dl.core.progress.Progress`) with the
+    particles inserted after each chunk. Returns a :class:`ReconstructionResult`.
     """
     from ..imaging.dataset import as_image_source
     source = as_image_source(images)
@@ -497,7 +499,6 @@ def reconstruct(images, angles_deg: np.ndarray, shifts_px: np.ndarray, pixel_siz
         idx = np.arange(start, min(n, start + chunk))
         params = None if ctf is None else (ctf if ctf.batch_size == 1 else ctf.select(idx))
         rec.insert(source.read(idx), angles[idx], shifts[idx], halves[idx], params)
-        if progress is not None:
-            progress(int(idx[-1]) + 1, n)
+        report(progress, int(idx[-1]) + 1, n, f"inserted {int(idx[-1]) + 1}/{n} particles")
         logger.info("Inserted %d / %d particles", int(idx[-1]) + 1, n)
     return rec.finish(mask_radius_px=mask_radius_px, mask_edge_px=mask_edge_px, wiener_fudge=wiener_fudge)

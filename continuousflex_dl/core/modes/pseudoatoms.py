@@ -40,13 +40,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
 from ..imaging.projection import pixel_profiles
+from ..progress import Progress, report
 
 logger = logging.getLogger(__name__)
 
@@ -350,7 +351,7 @@ def volume_to_pseudoatoms(volume, pixel_size: float, sigma: Optional[float] = No
                           iterations: int = 10, final_iterations: int = 30,
                           min_weight: float = 1e-3, merge_distance: float = 1.0,
                           device: Union[str, torch.device] = "cpu",
-                          progress: Optional[Callable[[float, str], None]] = None) -> PseudoatomResult:
+                          progress: Optional[Progress] = None) -> PseudoatomResult:
     """Approximate a map by Gaussian pseudoatoms of width ``sigma`` Å.
 
     volume: (n, n, n) ``[z, y, x]`` map (numpy or torch); pixel_size: Å/voxel.
@@ -365,6 +366,8 @@ def volume_to_pseudoatoms(volume, pixel_size: float, sigma: Optional[float] = No
     iterations / final_iterations: refinement steps per round and at the end.
     min_weight: pseudoatoms lighter than this fraction of the heaviest are removed.
     merge_distance: pseudoatoms closer than this many sigmas are merged into one.
+    progress: :data:`~continuousflex_dl.core.progress.Progress`, called after each round with
+    the per cent of the way (log scale) from an error of 1 to the target error, of 100.
     Deterministic (no random choices). Returns a :class:`PseudoatomResult`.
     """
     t0 = time.time()
@@ -392,7 +395,6 @@ def volume_to_pseudoatoms(volume, pixel_size: float, sigma: Optional[float] = No
     target_norm = target_error * norm_v
     lo = torch.zeros(3, dtype=vol.dtype, device=dev)
     hi = torch.full((3,), box - 1.0, dtype=vol.dtype, device=dev)
-    report = progress or (lambda f, msg: None)
 
     pos = torch.zeros(0, 3, dtype=vol.dtype, device=dev)
     w = torch.zeros(0, dtype=vol.dtype, device=dev)
@@ -424,8 +426,8 @@ def volume_to_pseudoatoms(volume, pixel_size: float, sigma: Optional[float] = No
         history.append((int(pos.shape[0]), new_err))
         logger.info("Pseudoatoms: %d, relative error %.4f (target %.4f)", pos.shape[0], new_err,
                     target_error)
-        report(min(1.0, max(0.0, math.log(max(new_err, 1e-12)) / math.log(target_error))),
-               f"{pos.shape[0]} pseudoatoms, error {new_err:.4f}")
+        report(progress, round(100 * min(1.0, max(0.0, math.log(max(new_err, 1e-12)) / math.log(target_error)))),
+               100, f"{pos.shape[0]} pseudoatoms, error {new_err:.4f}")
         stalled = stalled + 1 if new_err > 0.995 * err else 0
         err = new_err
         if err <= target_error or stalled >= 3:

@@ -30,12 +30,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from ..imaging.ctf import CTFParams, apply_ctf, ctf_image
+from ..progress import Progress, report
 from ..imaging.geometry import euler_to_matrix, matrix_to_euler, pose_to_scipion_matrix, random_rotations
 
 logger = logging.getLogger(__name__)
@@ -357,7 +358,7 @@ def synthesize(out_stack: Union[str, os.PathLike], coords, modes, n_images: int,
                snr: Optional[float] = None,
                sigma: Union[float, np.ndarray] = 1.0, weights: Optional[np.ndarray] = None,
                seed: int = 0, chunk_size: int = 256, device: Union[str, torch.device] = "cpu",
-               progress: Optional[Callable[[int, int], None]] = None) -> SynthesisResult:
+               progress: Optional[Progress] = None) -> SynthesisResult:
     """Synthesize ``n_images`` particle images of a flexible structure into one .mrcs stack.
 
     coords: (N, 3) Å, centred on the box centre; modes: (K, N, 3) unit-norm mode vectors
@@ -374,7 +375,8 @@ def synthesize(out_stack: Union[str, os.PathLike], coords, modes, n_images: int,
 
     Images are computed ``chunk_size`` at a time on ``device`` and streamed into the stack
     (float32, voxel size = pixel_size, header statistics set), so memory stays at one chunk.
-    ``progress(done, total)`` is called after each chunk. Same inputs and seed -> identical
+    ``progress(done, total, message)`` (:data:`~continuousflex_dl.core.progress.Progress`) is
+    called with the images written after each chunk. Same inputs and seed -> identical
     stack. Returns the ground truth (:class:`SynthesisResult`).
     """
     coords = np.asarray(coords, dtype=np.float64)
@@ -457,8 +459,7 @@ def synthesize(out_stack: Union[str, os.PathLike], coords, modes, n_images: int,
             block = images.detach().cpu().numpy().astype(file_dtype, copy=False)
             stats.update(block)
             handle.write(block.tobytes())
-            if progress is not None:
-                progress(stop, n)
+            report(progress, stop, n, f"synthesized {stop}/{n} images")
             logger.info("Synthesized %d / %d images", stop, n)
     _finish_stack(out_stack, stats)
     return SynthesisResult(

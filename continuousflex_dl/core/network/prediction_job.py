@@ -18,12 +18,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 
 from ..chunks import ChunkedJob, auto_chunk_size, fingerprint, load_job_files, save_job_files
 from ..imaging.ctf import CTFParams
+from ..progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -123,11 +124,11 @@ class PredictionJob(ChunkedJob):
 
     # ------------------------------------------------------------------ work
     def compute(self, images: np.ndarray, start: int, stop: int, device: str = "cpu",
-                progress: Optional[Callable[[float, str], None]] = None) -> Dict[str, np.ndarray]:
+                progress: Optional[Progress] = None) -> Dict[str, np.ndarray]:
         """Amplitudes (B, K) Å [angles (B, 3) deg, shifts (B, 2) particle px] of rows ``[start, stop)``
         from their images (B, box, box)."""
         import torch
-        from ..imaging.dataset import fourier_crop
+        from ..imaging.projection import fourier_crop
         from .training import load_model, predict
         if model_stamp(self.model_dir) != self.stamp:
             raise ValueError(f"The model in {self.model_dir} changed since this prediction was prepared "
@@ -135,14 +136,13 @@ class PredictionJob(ChunkedJob):
         loaded = load_model(self.model_dir, device)
         size = loaded.config.image_size
         if images.shape[-1] != size:  # the same box in Å at the model's pixel size
-            images = fourier_crop(torch.as_tensor(images), size).numpy()
+            images = fourier_crop(torch.as_tensor(images), size, preserve="mean", correct_pixel_blur=False).numpy()
         rows = np.arange(start, stop)
         ctf = self.ctf.select(rows) if loaded.config.phase_flip else None
         if loaded.config.phase_flip and ctf is None:
             raise ValueError("The model was trained on phase-flipped images: the particles need a CTF.")
-        report = None if progress is None else (lambda done, total: progress(done / total, "predicted"))
         out = predict(loaded, images, batch_size=int(self.options["batch_size"]), ctf=ctf, return_pose=self.pose,
-                      progress=report, bfloat16=bool(self.options["bfloat16"]),
+                      progress=progress, bfloat16=bool(self.options["bfloat16"]),
                       rotations=int(self.options["rotations"]), ids=self.ids[rows])
         if not self.pose:
             return {"amplitudes": out}
@@ -151,7 +151,7 @@ class PredictionJob(ChunkedJob):
         return {"amplitudes": amplitudes, "angles": angles,
                 "shifts": shifts * loaded.config.pixel_size / self.pixel_size}
 
-    def predict_all(self, device: str = "cpu", progress: Optional[Callable[[float, str], None]] = None
+    def predict_all(self, device: str = "cpu", progress: Optional[Progress] = None
                     ) -> Dict[str, np.ndarray]:
         """The results of all M rows, in this process (no chunk files)."""
         return self.compute(self.read_images(0, len(self.ids)), 0, len(self.ids), device, progress)

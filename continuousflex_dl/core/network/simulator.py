@@ -42,6 +42,7 @@ import torch
 from ..imaging.ctf import CTFParams, apply_ctf, ctf_image
 from ..imaging.geometry import euler_to_matrix
 from ..modes.nma import default_amplitude_range, displace
+from ..modes.reference import Reference  # noqa: F401  (re-exported: the simulator's input)
 from ..imaging.projection import project_gaussians
 from ..modes.synthesis import sample_orientations, sample_shifts
 
@@ -56,34 +57,6 @@ VALIDATION_EPOCH = 0
 
 #: Bound on atoms x images x (box + 1) per projector call (its profile tensors), ~16 MiB each.
 _PROJECTION_ELEMENTS = 2 ** 22
-
-
-@dataclass
-class Reference:
-    """The structure the particles are simulated from.
-
-    coords: (N, 3) Å, centred (``structure.centre``); modes: (K, N, 3) unit-norm
-    mode vectors in the order of the amplitude columns; sigma: Å, a number or (N,)
-    Gaussian widths; weights: (N,) or None (ones).
-    """
-    coords: np.ndarray
-    modes: np.ndarray
-    sigma: Union[float, np.ndarray] = 1.0
-    weights: Optional[np.ndarray] = None
-
-    def __post_init__(self):
-        self.coords = np.asarray(self.coords, dtype=np.float64)
-        if self.coords.ndim != 2 or self.coords.shape[1] != 3 or not len(self.coords):
-            raise ValueError(f"Reference coordinates must be (N, 3) Å, got shape {self.coords.shape}.")
-        self.modes = np.asarray(self.modes, dtype=np.float64)
-        if self.modes.ndim != 3 or self.modes.shape[1:] != self.coords.shape:
-            raise ValueError(f"Reference modes must be (K, {len(self.coords)}, 3) to match the "
-                             f"{len(self.coords)} atoms, got shape {self.modes.shape}: compute the modes "
-                             "on this structure.")
-
-    @property
-    def n_modes(self) -> int:
-        return int(self.modes.shape[0])
 
 
 @dataclass

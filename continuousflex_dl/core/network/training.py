@@ -62,6 +62,7 @@ import torch
 from torch import nn
 
 from ..imaging.ctf import CTFParams
+from ..progress import Progress, report
 from ..imaging.dataset import (NORMALIZATIONS, CtfLike, as_image_source, check_images, iterate_batches, prepare_images,
                       rotate_images, rotate_pose)
 from ..imaging.geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler
@@ -949,7 +950,7 @@ def _save_epoch(out: Path, trainer: _Trainer, improved: bool, fingerprint: str, 
 
 def train(images, amplitudes: Optional[np.ndarray], particle_ids: np.ndarray, out_dir: Union[str, os.PathLike],
           config: TrainConfig, device: Union[str, torch.device] = "cpu", seed: int = 0,
-          resume: bool = False, progress: Optional[Callable[[dict], None]] = None,
+          resume: bool = False, progress: Optional[Progress] = None,
           poses: Optional[Tuple[np.ndarray, np.ndarray]] = None, ctf: CtfLike = None,
           world_size: int = 1, rank: int = 0, reference: Optional[Reference] = None,
           particle_ctf: Optional[CTFParams] = None) -> List[dict]:
@@ -974,7 +975,8 @@ def train(images, amplitudes: Optional[np.ndarray], particle_ids: np.ndarray, ou
     resume: continue from ``out_dir/last.pt`` if present (next epoch; a
     damaged last.pt falls back to last.previous.pt). Refused (ValueError
     saying what changed) when the data or a setting other than
-    :data:`RESUMABLE_SETTINGS` differs. progress: called with each epoch's metrics dict.
+    :data:`RESUMABLE_SETTINGS` differs. progress: :data:`~continuousflex_dl.core.progress.Progress`,
+    (epochs done, epochs, the epoch's log line) after each epoch (its metrics: ``metrics.csv``).
     world_size/rank: data-parallel training: each rank takes a disjoint shard of every
     epoch and ``config.batch_size / world_size`` images of each step (the batch size is
     global, so must be a multiple of world_size); only rank 0 writes files. With an
@@ -1035,11 +1037,11 @@ def train(images, amplitudes: Optional[np.ndarray], particle_ids: np.ndarray, ou
             extra = ""
             if config.predict_pose:
                 extra = f" val_angle {row['val_angle_deg']:.2f} deg val_shift {row['val_shift_px']:.2f} px"
-            logger.info("epoch %d/%d (%s) train_loss %.4f val_loss %.4f val_mae %.3f Å%s lr %.2e %.1f images/s",
-                        epoch, total, trainer.phase.source, row["train_loss"], row["val_loss"], row["val_mae"],
-                        extra, row["lr"], row["images_per_s"])
-            if progress is not None:
-                progress(dict(row))
+            line = (f"epoch {epoch}/{total} ({trainer.phase.source}) train_loss {row['train_loss']:.4f} "
+                    f"val_loss {row['val_loss']:.4f} val_mae {row['val_mae']:.3f} Å{extra} lr {row['lr']:.2e} "
+                    f"{row['images_per_s']:.1f} images/s")
+            logger.info("%s", line)
+            report(progress, epoch, total, line)
             if trainer.stopped_early:
                 logger.info("Early stopping after epoch %d: no validation improvement in %d epochs",
                             epoch, config.patience)
@@ -1101,7 +1103,7 @@ def load_model(model_dir: Union[str, os.PathLike], device: Union[str, torch.devi
 @torch.no_grad()
 def predict(model: Union[LoadedModel, str, os.PathLike], images, batch_size: int = 64,
             device: Union[str, torch.device, None] = None, ctf: CtfLike = None,
-            return_pose: bool = False, progress: Optional[Callable[[int, int], None]] = None,
+            return_pose: bool = False, progress: Optional[Progress] = None,
             bfloat16: bool = False, rotations: int = 1, ids: Optional[np.ndarray] = None):
     """Amplitudes (and optionally poses) of new particle images.
 
@@ -1111,7 +1113,8 @@ def predict(model: Union[LoadedModel, str, os.PathLike], images, batch_size: int
     and target statistics are the ones saved with the model.
     Returns amplitudes (M, K) in Å (columns = ``config.modes``), or with
     ``return_pose`` a tuple ``(amplitudes, angles_deg (M, 3), shifts_px (M, 2))``.
-    progress: called with (images done, total) after each batch.
+    progress: :data:`~continuousflex_dl.core.progress.Progress`, (images done, total, message)
+    after each batch.
     bfloat16: run the network in bfloat16 autocast on CPU too (about twice as
     fast on CPUs with AVX512-BF16/AMX; amplitudes then differ by ~1e-2 of their
     spread). On CUDA, mixed precision follows ``config.amp``.
@@ -1166,8 +1169,7 @@ def predict(model: Union[LoadedModel, str, os.PathLike], images, batch_size: int
         if return_pose:
             ang[idx], sh[idx] = dec["angles"], dec["shifts"]
         done += len(idx)
-        if progress is not None:
-            progress(done, m)
+        report(progress, done, m, f"predicted {done}/{m} images")
     if not np.all(np.isfinite(amps)):
         raise ValueError(f"The model gave non-finite amplitudes for {int((~np.isfinite(amps)).any(1).sum())} "
                          "images: its weights are damaged; train it again.")
