@@ -183,3 +183,52 @@ def render(structure: PhysicalStructure, modes: np.ndarray, amplitudes: np.ndarr
         sd = np.sqrt(img.var(axis=(1, 2)) / snr)
         img = img + rng.normal(size=img.shape) * sd[:, None, None]
     return img.astype(np.float32)
+
+
+@dataclass
+class PhysicalSet:
+    """A set of physical-style particles with their truth: clean (M, box, box) images (CTF,
+    MTF, envelope; no noise), amplitudes (M, K) Å, rotations (M, 3, 3), shifts (M, 2) px, the
+    CTF (M), and the reference HEMNMA aligns them with: heavy-atom coords (H, 3) Å centred,
+    modes (K, H, 3), atom sigma (H,) Å and weights (H,)."""
+    clean: np.ndarray
+    amplitudes: np.ndarray
+    rotations: np.ndarray
+    shifts: np.ndarray
+    ctf: object
+    coords: np.ndarray
+    modes: np.ndarray
+    sigma: np.ndarray
+    weights: np.ndarray
+    pixel_size: float
+
+    def noisy(self, snr: float, seed: int) -> np.ndarray:
+        """(M, box, box) float32: the clean images plus white noise of var(clean) / snr per image."""
+        rng = np.random.default_rng(seed)
+        sd = np.sqrt(self.clean.var(axis=(1, 2)) / snr)
+        return (self.clean + rng.normal(size=self.clean.shape) * sd[:, None, None]).astype(np.float32)
+
+
+def adenylate_kinase_set(n: int, box: int = 64, pixel_size: float = 2.0, max_shift: float = 3.0,
+                         seed: int = 1) -> PhysicalSet:
+    """n particles of 4AKE deformed along ANM modes 7-9 of its heavy atoms (cutoff 8 Å) with the
+    DeepHEMNMA paper's amplitudes (q7 = -200 r, q8 = 200 sin(pi r), q9 = 200 cos(pi r) Å),
+    random rotations, shifts within ``max_shift`` px, defocus 0.5-2 um, an 80 Å² envelope and
+    the detector MTF: the physical-style images of issues 26 and 31."""
+    from continuousflex_dl.core.imaging.ctf import CTFParams
+    from continuousflex_dl.core.imaging.geometry import random_rotations
+    from continuousflex_dl.core.modes.nma import compute_modes
+    from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms
+    rng = np.random.default_rng(seed)
+    atoms = load_atoms(example_structure_path("4ake"), "heavy")
+    coords = centre(atoms.coords)
+    modes = compute_modes(coords, n_modes=9, cutoff=8.0).vectors[6:9]
+    r = rng.random(n)
+    q = np.stack([-200 * r, 200 * np.sin(np.pi * r), 200 * np.cos(np.pi * r)], -1)
+    rot = random_rotations(n, rng)
+    shifts = rng.uniform(-max_shift, max_shift, (n, 2))
+    dz = rng.uniform(5000.0, 20000.0, n)
+    ctf = CTFParams(defocus_u=dz, defocus_v=dz)
+    clean = render(load_4ake(), modes, q, rot, shifts, box, pixel_size, ctf=ctf, envelope_b=80.0)
+    return PhysicalSet(clean=clean, amplitudes=q, rotations=rot, shifts=shifts, ctf=ctf, coords=coords, modes=modes,
+                       sigma=np.asarray(atoms.sigma), weights=np.asarray(atoms.weights), pixel_size=pixel_size)
