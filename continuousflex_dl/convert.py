@@ -148,6 +148,9 @@ FLEX_PROG_NAME = "continuousflex_dl"
 #: Particle attribute of the standard deviation (Å) of each amplitude, a list in the order of
 #: zFlex (HEMNMA's Laplace uncertainty), for other tools to read.
 ZFLEX_STD_ATTR = "_flexdl_zFlexStd"
+#: Particle attribute of the pose reliability: the calibrated probability (0-1) that HEMNMA's
+#: pose is within 10° of the truth (core.hemnma.reliability).
+RELIABILITY_ATTR = "_flexdl_poseReliability"
 #: Where zFlex amplitudes came from (FlexInfo attribute ``amplitudeSource``).
 SOURCE_GROUND_TRUTH, SOURCE_HEMNMA, SOURCE_NETWORK = "ground truth", "HEMNMA", "DeepHEMNMA"
 
@@ -159,7 +162,8 @@ class ParticleArrays:
     ids: (M,) Scipion ids; stacks: M stack paths; indices: (M,) 0-based stack indices;
     pixel_size Å/px; box px; amplitudes (M, K) Å or None; mode_numbers of the amplitudes;
     angles (M, 3) deg and shifts (M, 2) px or None; ctf: CTFParams (M) or None;
-    amplitude_std: (M, K) Å, the uncertainty of the amplitudes (:data:`ZFLEX_STD_ATTR`) or None.
+    amplitude_std: (M, K) Å, the uncertainty of the amplitudes (:data:`ZFLEX_STD_ATTR`) or None;
+    reliability: (M,) the pose reliability (:data:`RELIABILITY_ATTR`) or None.
     """
     ids: np.ndarray
     stacks: List[str]
@@ -172,6 +176,7 @@ class ParticleArrays:
     shifts: Optional[np.ndarray] = None
     ctf: Optional[CTFParams] = None
     amplitude_std: Optional[np.ndarray] = None
+    reliability: Optional[np.ndarray] = None
 
 
 def flex_info(mode_numbers: Sequence[int], source: str) -> FlexInfo:
@@ -208,7 +213,7 @@ def read_particles(particles, need_amplitudes: bool = False) -> ParticleArrays:
     acq = particles.getAcquisition()
     has_ctf = particles.hasCTF()
     has_pose = particles.hasAlignmentProj()
-    ids, stacks, indices, zflex, mats, ctf, zstd = [], [], [], [], [], [], []
+    ids, stacks, indices, zflex, mats, ctf, zstd, rel = [], [], [], [], [], [], [], []
     for p in particles.iterItems(orderBy="id"):
         ids.append(p.getObjId())
         index, path = p.getLocation()
@@ -218,6 +223,8 @@ def read_particles(particles, need_amplitudes: bool = False) -> ParticleArrays:
             zflex.append(p.getZFlex())
         if hasattr(p, ZFLEX_STD_ATTR):
             zstd.append([float(v) for v in getattr(p, ZFLEX_STD_ATTR)])
+        if hasattr(p, RELIABILITY_ATTR):
+            rel.append(float(getattr(p, RELIABILITY_ATTR)))
         if has_pose and p.hasTransform():
             mats.append(p.getTransform().getMatrix())
         if has_ctf:
@@ -232,6 +239,8 @@ def read_particles(particles, need_amplitudes: bool = False) -> ParticleArrays:
                          "HEMNMA alignment or of the synthesis protocol of this plugin.")
     if out.amplitudes is not None and len(zstd) == n and all(len(z) == out.amplitudes.shape[1] for z in zstd):
         out.amplitude_std = np.array(zstd, dtype=float)
+    if len(rel) == n:
+        out.reliability = np.array(rel)
     if len(mats) == n:
         out.angles, out.shifts = scipion_matrix_to_pose(np.stack(mats))
     if len(ctf) == n:

@@ -14,6 +14,8 @@ from ..core.hemnma.alignment_job import (ALIGN_CHUNK_SMALLEST, RESULT_KEYS, Alig
                                   finished_chunk, gather)
 from ..core.chunks import chunk_bounds
 from ..core.hemnma.image_model import ImageModel, structure_atom_types
+from ..core.hemnma.pixel_size import check_job_pixel_size
+from ..core.hemnma.reliability import CALIBRATION_PARTICLES, Reliability, calibrate_job
 from ..core.device import cpu_threads_available
 from ..core.imaging.structure import centre
 from ..core.modes.reference import Reference
@@ -96,6 +98,16 @@ class FlexDLProtAlign(FlexDLProtBase):
                            "only so that every worker has one: a chunk process takes about 2 s to start); "
                            "kept on Continue. Continue skips the chunks already done with the same inputs "
                            "and settings.")
+        form.addParam("calibrationParticles", params.IntParam, default=CALIBRATION_PARTICLES,
+                      validators=[params.GE(0)], expertLevel=params.LEVEL_ADVANCED,
+                      label="Particles to calibrate the reliability",
+                      help="After the alignment, this many particles are simulated to look like the set (the "
+                           "reference in random poses, shaped and made noisy as the set's images are, measured "
+                           "on them), and aligned the same way, plus a few noise images. Their known poses "
+                           "calibrate each particle's pose reliability (the probability that its pose is within "
+                           "10°, stored per particle) and an honest amplitude σ (stored per particle), and the "
+                           "summary warns when the set carries too little signal to fix poses. 0: no "
+                           "calibration (the Laplace σ is stored as it is).")
         self._addDeviceParam(form)
         self._addChunkParallelSection(form)
 
@@ -115,7 +127,8 @@ class FlexDLProtAlign(FlexDLProtBase):
         chunk_steps = [self._insertFunctionStep(self.alignChunkStep, start, stop, job_fp,
                                                 prerequisites=[first], needsGPU=self._usesGPU())
                        for start, stop in bounds]
-        self._insertFunctionStep(self.createOutputStep, job_fp, size, prerequisites=chunk_steps, needsGPU=False)
+        self._insertFunctionStep(self.createOutputStep, job_fp, size, self.calibrationParticles.get(),
+                                 prerequisites=chunk_steps, needsGPU=False)
 
     def _chunkSize(self, job_fp: str, n: int) -> int:
         """The form's chunk size, or (0) the one an earlier run of the same job used, or an
@@ -192,6 +205,7 @@ class FlexDLProtAlign(FlexDLProtBase):
         if job.fingerprint() != job_fp:
             raise ValueError("The inputs changed while the run was starting: run it again.")
         job.seeds = self._seeds(job)
+        self._checkPixelSize(job)
         job.save(self._jobFolder())
         with open(self._planFile(), "w") as f:
             json.dump({"fingerprint": job_fp, "chunk_size": int(chunk_size)}, f)
@@ -201,6 +215,16 @@ class FlexDLProtAlign(FlexDLProtBase):
                   f"reference: {n_chunks} chunks of at most {chunk_size} particles, "
                   f"{min(n_chunks, self._parallelChunks())} {where} at a time")
         return [os.path.join(self._jobFolder(), name) for name in ("job.npz", "job.json")] + [self._planFile()]
+
+    def _checkPixelSize(self, job: AlignmentJob):
+        """Refuse a grossly wrong pixel size, warn of a doubtful one (core.hemnma.pixel_size); the
+        verdict goes to the log and the summary."""
+        level, message = check_job_pixel_size(job).verdict()
+        with open(self._getExtraPath("pixel_size_check.json"), "w") as f:
+            json.dump({"level": level, "message": message}, f)
+        if level == "refuse":
+            raise ValueError(message)
+        (self.warning if level in ("warning", "undecided") else self.info)(message)
 
     def fitImageModelStep(self, job_fp):
         """Align a subset, fit the image model to it (core.hemnma.image_model) and save it in the job,
@@ -229,12 +253,19 @@ class FlexDLProtAlign(FlexDLProtBase):
         finished_chunk(self._jobFolder(), start, stop, job_fp)  # a failed job leaves none
         return [str(chunk_path(self._jobFolder(), start, stop))]
 
-    def createOutputStep(self, job_fp, chunk_size):
+    def createOutputStep(self, job_fp, chunk_size, calibration_particles=CALIBRATION_PARTICLES):
+        self._logToRunLog()
         job, result = gather(self._jobFolder(), job_fp, chunk_size)
         ids, numbers = job.ids, job.mode_numbers
+        reliability, extra = None, {}
+        if calibration_particles > 0:
+            reliability = calibrate_job(job, result, n_calibration=calibration_particles)
+            for line in reliability.summary_lines(result.score, numbers):
+                (self.warning if line.startswith("WARNING") else self.info)(line)
+            extra = {convert.RELIABILITY_ATTR: reliability.reliability}
         tmp = self._getExtraPath("alignment.tmp.npz")
         np.savez(tmp, ids=ids, mode_numbers=np.asarray(numbers), image_model=json.dumps(job.image_model),
-                 **result.to_dict())
+                 **result.to_dict(), **(reliability.to_dict() if reliability else {}))
         os.replace(tmp, self._resultFile())
         path = self._getPath("particles_flex.sqlite")
         if os.path.exists(path):  # a continued run that had finished before
@@ -242,7 +273,8 @@ class FlexDLProtAlign(FlexDLProtBase):
         out = SetOfParticlesFlex(filename=path, progName=convert.FLEX_PROG_NAME)
         convert.fill_flex_particles(out, self.inputParticles.get(), ids, result.amplitudes, numbers,
                                     convert.SOURCE_HEMNMA, result.angles, result.shifts,
-                                    extra={SCORE_ATTR: result.score, convert.ZFLEX_STD_ATTR: result.amplitude_std})
+                                    extra={SCORE_ATTR: result.score, **extra, convert.ZFLEX_STD_ATTR:
+                                           result.amplitude_std if reliability is None else reliability.amplitude_std})
         self._defineOutputs(outputParticles=out)
         self._defineSourceRelation(self.inputParticles, out)
         self._defineSourceRelation(self.inputModes, out)
@@ -300,10 +332,19 @@ class FlexDLProtAlign(FlexDLProtBase):
             result = AlignmentResult(**{k: data[k] for k in RESULT_KEYS})
             numbers = data["mode_numbers"].tolist()
             fitted = json.loads(str(data["image_model"])) if "image_model" in data.files else None
+            reliability = Reliability.from_dict(data)
         from ..reports import error_summary_lines
         default = "" if (self.modeList.get() or "").strip() else " (the default: first enabled non-rigid modes)"
         paths = np.bincount(result.path.astype(int), minlength=3)
         lines = [f"{len(result.score)} particles aligned with modes {numbers}{default}."]
+        check = self._getExtraPath("pixel_size_check.json")
+        if os.path.exists(check):
+            with open(check) as f:
+                lines.append(json.load(f)["message"])
+        if reliability is not None:
+            lines += reliability.summary_lines(result.score, numbers) + [
+                f"(per particle: the reliability in {convert.RELIABILITY_ATTR}, the honest σ in "
+                f"{convert.ZFLEX_STD_ATTR})"]
         if self.inputModel.get() is not None:
             lines.append(f"Paths: {paths[PATH_SEEDED]} particles from the network's answer, {paths[PATH_GLOBAL]} "
                          f"by the global search as the reference, {paths[PATH_FALLBACK]} by the global search "
@@ -318,8 +359,8 @@ class FlexDLProtAlign(FlexDLProtBase):
                                               for m, a in zip(numbers, result.amplitudes.T)),
                 "Uncertainty (Laplace standard deviation, median over particles): " + ", ".join(
                     f"mode {m}: {s:.1f} Å" for m, s in zip(numbers, np.median(result.amplitude_std, 0)))
-                + f"; angles {np.median(result.angle_std):.2f}°, shifts {np.median(result.shift_std):.2f} px "
-                  f"(per particle in {convert.ZFLEX_STD_ATTR}, in the order of zFlex)."
+                + f"; angles {np.median(result.angle_std):.2f}°, shifts {np.median(result.shift_std):.2f} px"
+                + ("" if reliability else f" (per particle in {convert.ZFLEX_STD_ATTR}, in the order of zFlex)") + "."
                 ] + error_summary_lines(self.outputParticles, self.inputParticles.get(), self.inputModes.get())
 
     def _methods(self):

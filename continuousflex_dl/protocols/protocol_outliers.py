@@ -38,6 +38,12 @@ class FlexDLProtOutliers(FlexDLProtBase):
                       help="Also remove particles whose amplitudes are uncertain: those with a standard "
                            "deviation above this many Å on any mode (HEMNMA stores them per particle, "
                            f"{convert.ZFLEX_STD_ATTR}). 0: do not use the uncertainty.")
+        form.addParam("minReliability", params.FloatParam, default=0.0, validators=[params.Range(0, 1)],
+                      label="Smallest pose reliability",
+                      help="Also remove particles whose pose is probably wrong: those with a pose reliability "
+                           "(the calibrated probability that HEMNMA's pose is within 10°, stored per particle "
+                           f"as {convert.RELIABILITY_ATTR}) below this value; 0.5 keeps the particles more "
+                           "likely right than wrong. 0: do not use the reliability.")
         form.addParam("robust", params.BooleanParam, default=True, label="Robust estimate?",
                       help="Estimate the centre and covariance from the most central 75% of the particles "
                            "(a cluster of outliers cannot pull them).")
@@ -63,8 +69,22 @@ class FlexDLProtOutliers(FlexDLProtBase):
             keep &= ~uncertain
             self.info(f"{int(uncertain.sum())} particles have an amplitude uncertainty above "
                       f"{self.maxUncertainty.get():g} Å")
+        unreliable = np.zeros(len(keep), dtype=bool)
+        if self.minReliability.get() > 0:
+            if arrays.reliability is None:
+                raise ValueError(f"The particles carry no pose reliability ({convert.RELIABILITY_ATTR}): use the "
+                                 f"output of this plugin's HEMNMA alignment (with its calibration on), or set the "
+                                 f"smallest reliability to 0.")
+            unreliable = arrays.reliability < self.minReliability.get()
+            keep &= ~unreliable
+            self.info(f"{int(unreliable.sum())} particles have a pose reliability below "
+                      f"{self.minReliability.get():g}")
         np.savez(self._getExtraPath("distances.npz"), ids=arrays.ids, distances=distances, keep=keep,
-                 uncertain=uncertain)
+                 uncertain=uncertain, unreliable=unreliable)
+        if unreliable.all():
+            raise ValueError(f"Every particle has a pose reliability below {self.minReliability.get():g} (the "
+                             f"largest is {arrays.reliability.max():.3f}): lower the smallest reliability, or "
+                             f"set it to 0.")
         if not keep.any():
             raise ValueError(f"No particle is within the distance threshold {self.threshold.get():g}: the "
                              f"smallest distance is {distances.min():.2f} (median {np.median(distances):.2f}). "
@@ -101,6 +121,9 @@ class FlexDLProtOutliers(FlexDLProtBase):
         if "uncertain" in d.files and d["uncertain"].any():
             lines.append(f"{int(d['uncertain'].sum())} particles removed for an amplitude uncertainty above "
                          f"{self.maxUncertainty.get():g} Å.")
+        if "unreliable" in d.files and d["unreliable"].any():
+            lines.append(f"{int(d['unreliable'].sum())} particles removed for a pose reliability below "
+                         f"{self.minReliability.get():g}.")
         return lines
 
     def _methods(self):

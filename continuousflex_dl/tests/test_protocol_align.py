@@ -58,10 +58,19 @@ class TestProtAlign(BaseTest):
         stds = np.array([[float(v) for v in getattr(p, convert.ZFLEX_STD_ATTR)] for p in out])
         self.assertEqual(stds.shape, (N_IMAGES, 3))
         self.assertTrue(np.all(np.isfinite(stds) & (stds >= 0)))
+        # ... the honest one (core.hemnma.reliability), at least the Laplace one; and its pose
+        # reliability, near 1 for these clean images of the alignment's own image model.
+        reliability = np.array([getattr(p, convert.RELIABILITY_ATTR).get() for p in out])
         with np.load(self.align._resultFile()) as data:
-            np.testing.assert_allclose(stds, data["amplitude_std"], rtol=1e-6)
+            np.testing.assert_allclose(stds, data["reliability_amplitude_std"], rtol=1e-6)
+            self.assertTrue(np.all(stds >= data["amplitude_std"] * (1 - 1e-6)))
+            np.testing.assert_allclose(reliability, data["reliability_reliability"], rtol=1e-6)
+        self.assertGreater(reliability.mean(), 0.9)
         summary = "\n".join(self.align.summary())
         self.assertIn("Uncertainty (Laplace standard deviation", summary)
+        self.assertIn(f"{int(np.sum(reliability >= 0.5))} of {N_IMAGES} particles reliable", summary)
+        self.assertIn("Pixel size checked: the images fit", summary)
+        self.assertNotIn("WARNING", summary)
         self.assertIn("Amplitude errors against the ground truth (16 particles", summary)
 
     def test_chunks_are_reused_only_when_inputs_match(self):
@@ -121,6 +130,24 @@ class TestProtAlign(BaseTest):
         shown = next(c for c in fig.axes[0].collections if c.get_array() is not None).get_array()
         np.testing.assert_allclose(np.sort(np.asarray(shown)), np.sort(np.linalg.norm(est.amplitude_std, axis=1)),
                                    rtol=1e-6)
+
+    def test_outlier_removal_by_reliability(self):
+        """The clean particles are all reliable (the calibration particles' poses were all right): a
+        smallest reliability of 0.5 keeps them all, one above them all is refused with the fix, and
+        a set without reliabilities (the ground truth) too."""
+        est = convert.read_particles(self.align.outputParticles, need_amplitudes=True)
+        self.assertTrue(np.all(est.reliability > 0.9), est.reliability)
+        prot = self.newProtocol(FlexDLProtOutliers, inputParticles=self.align.outputParticles, fraction=0.0,
+                                minReliability=0.5)
+        self.launchProtocol(prot)
+        self.assertSetSize(prot.outputParticles, N_IMAGES)
+        for particles, limit, message in ((self.align.outputParticles, 0.999, "pose reliability below 0.999"),
+                                          (self.truth, 0.5, "carry no pose reliability")):
+            prot = self.newProtocol(FlexDLProtOutliers, inputParticles=particles, fraction=0.0, minReliability=limit)
+            with self.assertRaises(Exception):
+                self.launchProtocol(prot)
+            log = "".join(open(path).read() for path in prot.getLogPaths()[:2])
+            self.assertIn(message, log)
 
     def test_nan_images_are_refused_with_their_ids(self):
         import mrcfile

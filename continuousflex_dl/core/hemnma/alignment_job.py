@@ -166,6 +166,14 @@ class AlignmentJob(ChunkedJob):
                                sigma=sigma, weights=weights, seeds=seeds, device=device, progress=progress,
                                **options)
 
+    def align_images(self, images: np.ndarray, ctf: Optional[CTFParams], device: str = "cpu") -> AlignmentResult:
+        """Align any images (B, box, box) with CTF ``ctf`` (one or B, or None) as the job aligns its
+        particles (same reference, atom model and options; no seeds): e.g. particles simulated to
+        calibrate the answers (:mod:`reliability`)."""
+        sigma, weights = self._atom_model()
+        return align_particles(images, self.reference.coords, self.reference.modes, self.pixel_size, ctf=ctf,
+                               sigma=sigma, weights=weights, device=device, **self._align_options(images.shape[-1]))
+
     def _align_options(self, box: int) -> dict:
         """Keyword arguments of align_particles for images of ``box`` px: the options, with the
         amplitude range as a (K, 2) array and the working size at most the box."""

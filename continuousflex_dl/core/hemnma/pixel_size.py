@@ -152,9 +152,7 @@ def _spherical_power(coords, sigma, weights, seed):
     s2 = float(np.mean(np.broadcast_to(np.asarray(sigma, dtype=np.float64), (len(coords),)) ** 2))
 
     def power(nu: np.ndarray, b: float) -> np.ndarray:
-        arg = 2 * np.pi * nu[:, None] * r[None, :]
         debye = self_term + (hist[None, :] * np.sinc(2 * nu[:, None] * r[None, :])).sum(1)
-        del arg
         return debye * np.exp(-4 * np.pi ** 2 * s2 * nu ** 2 - 0.5 * b * nu ** 2)
     return power
 
@@ -207,5 +205,5 @@ def check_job_pixel_size(job) -> PixelSizeCheck:
     m = len(job.ids)
     rows = np.unique(np.linspace(0, m - 1, min(CHECK_PARTICLES, m)).round().astype(int))
     ctf = None if job.ctf is None else job.ctf.select(rows)
-    return check_pixel_size(job.read_rows(rows), job.coords, job.pixel_size, ctf=ctf, sigma=job.sigma,
-                            weights=job.weights)
+    return check_pixel_size(job.read_rows(rows), job.reference.coords, job.pixel_size, ctf=ctf,
+                            sigma=job.reference.sigma, weights=job.reference.weights)

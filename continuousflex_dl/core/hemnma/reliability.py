@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ..imaging.ctf import CTFParams, ctf_image
-from ..imaging.geometry import angular_distance_deg, euler_to_matrix, random_rotations
+from ..imaging.geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler, random_rotations
 from ..imaging.projection import project_gaussians
 from .alignment import AlignmentResult
 from .pixel_size import radial_power_spectrum
@@ -217,9 +217,8 @@ def calibration_particles(model: SpectralModel, result: AlignmentResult, coords:
     pick = rng.integers(0, len(result.score), n)
     truth = AlignmentResult(amplitudes=result.amplitudes[pick].copy(), angles=np.zeros((n, 3)),
                             shifts=result.shifts[pick].copy(), score=np.zeros(n))
-    from ..imaging.geometry import matrix_to_euler
     truth.angles = matrix_to_euler(random_rotations(n, rng))
-    sim_ctf = None if ctf is None else (ctf.select(pick) if ctf.batch_size > 1 else ctf)
+    sim_ctf = _rows_ctf(ctf, pick)
     proj = _projections(truth, np.arange(n), coords, modes, box, pixel_size, sim_ctf, sigma, weights)
     return _shape(proj, model, rng, signal=True), truth, sim_ctf
 
@@ -262,15 +261,13 @@ def calibrate(images: np.ndarray, result: AlignmentResult, coords: np.ndarray, m
         raise ValueError("The alignment result has no amplitude uncertainty: align again with this version.")
     coords, modes = np.asarray(coords, dtype=np.float64), np.asarray(modes, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    model = spectral_model(images, result, coords, modes, pixel_size,
-                           None if ctf is None else ctf.expand(len(result.score)).select(rows)
-                           if ctf.batch_size > 1 else ctf, sigma, weights, rows=rows)
+    model = spectral_model(images, result, coords, modes, pixel_size, _rows_ctf(ctf, rows), sigma, weights,
+                           rows=rows)
     sims, truth, sim_ctf = calibration_particles(model, result, coords, modes, pixel_size, ctf, n_calibration, rng,
                                                  sigma, weights)
     fit = align(sims, sim_ctf)
     right = angular_distance_deg(fit.rotations, truth.rotations) < RIGHT_POSE_DEG
-    null_ctf = None if ctf is None else (ctf.select(np.arange(n_null) % ctf.batch_size) if ctf.batch_size > 1 else ctf)
-    null = align(null_images(model, n_null, rng), null_ctf).score
+    null = align(null_images(model, n_null, rng), _rows_ctf(ctf, np.arange(n_null) % len(result.score))).score
     coef = _logistic(fit.score, right)
     reliability = reliability_from_scores(result.score, coef)
     err = fit.amplitudes - truth.amplitudes
@@ -293,6 +290,11 @@ def calibrate(images: np.ndarray, result: AlignmentResult, coords: np.ndarray, m
     return out
 
 
+def _rows_ctf(ctf: Optional[CTFParams], rows: np.ndarray) -> Optional[CTFParams]:
+    """The CTF of ``rows`` of a set whose CTF is ``ctf`` (one for all, M, or None)."""
+    return ctf if ctf is None or ctf.batch_size == 1 else ctf.select(rows)
+
+
 def reliability_from_scores(scores: np.ndarray, coef) -> np.ndarray:
     """(M,) probability of a right pose for scores (M,): ``1 / (1 + exp(-(a + b score)))``
     with ``coef = (a, b)`` (:func:`calibrate`'s logistic fit)."""
@@ -309,8 +311,8 @@ def _logistic(scores: np.ndarray, right: np.ndarray, prior: float = 1.0) -> tupl
     mu, sd = s.mean(), s.std() + 1e-12
     x = np.stack([np.ones_like(s), (s - mu) / sd], 1)
     w = np.zeros(2)
-    # Beta(1/2, 1/2)-like pseudo-counts on the intercept keep it finite when every pose is right.
-    ridge = np.diag([1.0 / len(s), prior / len(s)]) * len(s) * 0.5
+    # Half a pseudo-count's curvature on the intercept keeps it finite when every pose is right.
+    ridge = 0.5 * np.diag([1.0, prior])
     for _ in range(50):
         p = 1.0 / (1.0 + np.exp(-x @ w))
         grad = x.T @ (y - p) - ridge @ w
@@ -338,6 +340,6 @@ def calibrate_job(job, result: AlignmentResult, device: str = "cpu", n_calibrati
     m = len(job.ids)
     rows = np.unique(np.linspace(0, m - 1, min(SPECTRUM_PARTICLES, m)).round().astype(int))
     sigma, weights = job._atom_model()
-    return calibrate(job.read_rows(rows), result, job.coords, job.modes, job.pixel_size,
+    return calibrate(job.read_rows(rows), result, job.reference.coords, job.reference.modes, job.pixel_size,
                      lambda images, ctf: job.align_images(images, ctf, device=device), ctf=job.ctf, sigma=sigma,
                      weights=weights, rows=rows, n_calibration=n_calibration, seed=seed)
