@@ -28,8 +28,8 @@ from continuousflex_dl.core.network.resnet import build_model  # noqa: E402
 
 def prediction_rates(images, working_size, device, batch_size, bfloat16, repeats):
     """images/s of ``repeats`` full predictions (after one warm-up batch)."""
-    config = tr.TrainConfig(modes=[7, 8, 9], image_size=images.shape[-1], working_size=working_size,
-                            n_outputs=3, target_mean=[0.0] * 3, target_std=[1.0] * 3)
+    config = tr.TrainConfig.build(modes=[7, 8, 9], image_size=images.shape[-1], working_size=working_size,
+                                  n_outputs=3, target_mean=[0.0] * 3, target_std=[1.0] * 3)
     torch.manual_seed(0)
     model = tr.LoadedModel(build_model(3).to(device).eval(), config, torch.device(device))
     tr.predict(model, images[:batch_size], batch_size=batch_size, bfloat16=bfloat16)  # warm-up
@@ -66,7 +66,7 @@ def main():
               f"({args.repeats} runs of {len(images)} images)")
     q = rng.normal(size=(args.train_images, 3))
     ids = np.arange(args.train_images)
-    cfg = tr.TrainConfig(modes=[7, 8, 9], epochs=1, batch_size=32, val_fraction=0.1)
+    cfg = tr.TrainConfig.build(modes=[7, 8, 9], epochs=1, batch_size=32, val_fraction=0.1)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         rows = tr.train(images[:args.train_images], q, ids, tmp, cfg, device=args.device)

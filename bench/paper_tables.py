@@ -86,19 +86,19 @@ def train_network(folder, train_entries, amplitudes, ids, args, augment, data="p
     """Train on (stack, index) entries with their amplitudes.
 
     augment: random in-plane rotations of the training images (sets with random in-plane
-    angles). data: TrainConfig.data; simulation: (Reference, the training set's CTFs or None,
+    angles). data: the training-data source (DataConfig.source); simulation: (Reference, the training set's CTFs or None,
     its poses (angles, shifts), in_plane) for the simulated stream. epochs: None for --epochs.
     Returns (model folder, training seconds).
     """
     epochs = epochs or args.epochs
     in_plane = simulation[3] if simulation else True
-    config = TrainConfig(modes=MODES, working_size=args.working_size, window=args.window,
-                         pixel_size=args.pixel_size, epochs=epochs, batch_size=args.batch_size,
-                         learning_rate=args.lr, lr_schedule=args.lr_schedule,
-                         augment_rotation=augment and data == "particles",
-                         patience=max(5, epochs // 3), seed=args.seed, data=data,
-                         sim_images=args.sim_images or len(train_entries), sim_in_plane=in_plane,
-                         finetune_epochs=args.finetune_epochs)
+    config = TrainConfig.build(modes=MODES, working_size=args.working_size, window=args.window,
+                               pixel_size=args.pixel_size, epochs=epochs, batch_size=args.batch_size,
+                               learning_rate=args.lr, lr_schedule=args.lr_schedule,
+                               augment_rotation=augment and data == "particles",
+                               patience=max(5, epochs // 3), seed=args.seed, source=data,
+                               sim_images=args.sim_images or len(train_entries), sim_in_plane=in_plane,
+                               finetune_epochs=args.finetune_epochs)
     out = Path(folder) / f"model_{time.time_ns()}"
     extra = {}
     if simulation:

@@ -218,16 +218,17 @@ def _report(project, stages) -> None:
 
 def _training_line(train, n_kept: int) -> str:
     """What the network learned from, read from the trained model's config."""
-    from .core.network.training import CONFIG_FILE, TrainConfig, best_epoch
+    from .core.network.training import ModelFolder, best_epoch, source_of
     folder = Path(os.path.abspath(train._getExtraPath("model")))
-    config = TrainConfig.load(folder / CONFIG_FILE)
-    if not config.simulates:
+    config = ModelFolder(folder).read_config()
+    phases = source_of(config).phases(config)
+    if not source_of(config).simulates:
         return f"The network learned from the HEMNMA amplitudes of {n_kept} particles."
-    text = (f"The network learned from {config.epochs * config.sim_images:,} particles simulated from the "
-            f"reference (SNR {config.simulation.get('snr') or 0:.2f} estimated from the particles)")
-    if config.data == "simulated+finetune":
+    text = (f"The network learned from {config.optimiser.epochs * config.data.sim_images:,} particles simulated "
+            f"from the reference (SNR {config.fitted.simulation.get('snr') or 0:.2f} estimated from the particles)")
+    if len(phases) > 1:
         best = best_epoch(folder)
-        text += (f", then {config.finetune_epochs} epochs on the HEMNMA amplitudes of {n_kept} particles; "
+        text += (f", then {phases[1].epochs} epochs on the HEMNMA amplitudes of {n_kept} particles; "
                  f"it keeps the weights of epoch {best['epoch']} "
                  + ("(fine-tuned)" if best["source"] == "particles" else
                     "(simulated: fine-tuning did not lower the validation loss)"))

@@ -47,33 +47,20 @@ class FlexDLProtBase(EMProtocol):
                            "RELION, expects white particles on black (HEMNMA refuses inverted particles "
                            "and says so).")
 
-    def _imageSource(self, parts, size: int = 0):
-        """The images of ``parts`` (convert.ParticleArrays) read with the sign of 'Invert
-        contrast', Fourier-cropped to ``size`` px when given and different from their box."""
-        from ..core.imaging.dataset import ArrayImageSource, MrcsImageSource
-        from ..core.imaging.projection import fourier_crop
+    def _imageSource(self, parts):
+        """The images of ``parts`` (convert.ParticleArrays) read with the sign of 'Invert contrast'."""
+        from ..core.imaging.dataset import MrcsImageSource
         invert = bool(getattr(self, "invertContrast", None) and self.invertContrast.get())
-        source = MrcsImageSource(list(zip(parts.stacks, parts.indices.tolist())), invert=invert)
-        if not size or parts.box == size:
-            return source
-        import numpy as np
-        import torch
-        return ArrayImageSource(fourier_crop(torch.as_tensor(source.read(np.arange(len(source)))), size,
-                                             preserve="mean", correct_pixel_blur=False).numpy())
+        return MrcsImageSource(list(zip(parts.stacks, parts.indices.tolist())), invert=invert)
 
     def _networkPrediction(self, parts, model, pose: bool, **options):
         """(amplitudes (M, K) Å, angles (M, 3) deg or None, shifts (M, 2) px of the particles or
         None) of a FlexDLModel on ``parts``; options: of core.network.training.predict."""
-        from ..core.network.training import load_model, predict
+        from ..core.network.training import load_model, predict_particles
         loaded = load_model(model.getModelDir(), self._getDevice())
-        out = predict(loaded, self._imageSource(parts, model.getImageSize()), return_pose=pose,
-                      ctf=parts.ctf if loaded.config.phase_flip else None, ids=parts.ids,
-                      progress=lambda done, total, message: self.info(f"Predicted {done} / {total} particles"),
-                      **options)
-        amplitudes, angles, shifts = out if pose else (out, None, None)
-        if shifts is not None:  # the model's pixels -> the particles' pixels
-            shifts = shifts * model.getPixelSize() / parts.pixel_size
-        return amplitudes, angles, shifts
+        return predict_particles(loaded, self._imageSource(parts), parts.pixel_size, parts.ctf, return_pose=pose,
+                                 ids=parts.ids, progress=lambda done, total, message: self.info(
+                                     f"Predicted {done} / {total} particles"), **options)
 
     def _runChunkJob(self, command: str, folder: str, start: int, stop: int, job_fp: str, chunk_size: int,
                      n_chunks: int) -> None:

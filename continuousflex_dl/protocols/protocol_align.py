@@ -180,9 +180,8 @@ class FlexDLProtAlign(FlexDLProtBase):
         model = self.inputModel.get()
         if model is None:
             return ""
-        from ..core.network.training import BEST_FILE
-        path = os.path.join(model.getModelDir(), BEST_FILE)
-        return f"{os.path.abspath(path)}@{os.path.getmtime(path) if os.path.exists(path) else 0}"
+        from ..core.network.training import ModelFolder
+        return ModelFolder(model.getModelDir()).weights_stamp()
 
     def _seeds(self, job: AlignmentJob):
         """The network's first answer for every particle of the job, or None."""

@@ -7,7 +7,8 @@ from pyworkflow.protocol import STEPS_PARALLEL, params
 
 from .. import convert
 from ..core.chunks import chunk_bounds, chunk_path, finished_chunk
-from ..core.network.prediction_job import PredictionJob, model_stamp, prediction_chunk_size
+from ..core.network.prediction_job import PredictionJob, prediction_chunk_size
+from ..core.network.training import ModelFolder
 from .base import FlexDLProtBase
 
 
@@ -75,7 +76,7 @@ class FlexDLProtPredict(FlexDLProtBase):
     def _buildJob(self) -> PredictionJob:
         model = self.inputModel.get()
         parts = convert.read_particles(self.inputParticles.get())
-        return PredictionJob(model_dir=model.getModelDir(), stamp=model_stamp(model.getModelDir()), ids=parts.ids,
+        return PredictionJob(model_dir=model.getModelDir(), stamp=ModelFolder(model.getModelDir()).stamp(), ids=parts.ids,
                              stacks=parts.stacks, indices=parts.indices, pixel_size=parts.pixel_size,
                              invert=self.invertContrast.get(),
                              ctf=parts.ctf if self._modelPhaseFlips(model) else None, pose=model.predictsPose(),
@@ -144,9 +145,8 @@ class FlexDLProtPredict(FlexDLProtBase):
 
     @staticmethod
     def _modelPhaseFlips(model) -> bool:
-        from ..core.network.training import CONFIG_FILE, TrainConfig
-        path = os.path.join(model.getModelDir() or "", CONFIG_FILE)
-        return os.path.exists(path) and TrainConfig.load(path).phase_flip
+        config = ModelFolder(model.getModelDir() or "").read_config()
+        return config is not None and config.preprocessing.phase_flip
 
     def _summary(self):
         if not hasattr(self, "outputParticles"):

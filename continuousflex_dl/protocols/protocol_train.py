@@ -6,18 +6,26 @@ import sys
 from pyworkflow.protocol import params
 
 from .. import convert
+from ..core.imaging.dataset import Preprocessing
 from ..core.network.distributed import TrainingJob
-from ..core.network.training import METRICS_FILE, TrainConfig, best_epoch
+from ..core.network.training import SOURCES, ModelFolder, TrainConfig, best_epoch, source_of
 from ..objects import FlexDLModel
 from .base import FlexDLProtBase
 
 LOSSES = ["l1", "mse"]
 SCHEDULES = ["onecycle", "plateau", "cosine"]
-#: The "Training data" choices; "auto" resolves to one of the others (see ``_trainingData``).
-TRAINING_DATA = {"auto": None, "particles' amplitudes": "particles", "simulated from the reference": "simulated",
-                 "simulated, then fine-tuned on the particles": "simulated+finetune"}
+#: The "Training data" choices: "auto", resolved to a source (see ``_trainingData``), then the
+#: registered training-data sources by their labels.
+TRAINING_DATA = {"auto": None, **{source.label: name for name, source in SOURCES.items()}}
 #: The "Simulated amplitudes" choices (``TrainConfig.sim_prior``).
 SIM_PRIORS = {"around the particles' amplitudes": "estimates", "uniform over their range": "range"}
+
+
+def _shownFor(setting: str) -> str:
+    """The form condition showing a parameter for "auto" and the sources that read ``setting``."""
+    shown = [i for i, name in enumerate(TRAINING_DATA.values())
+             if name is None or setting in SOURCES[name].settings]
+    return f"trainingData in {shown}"
 
 
 class FlexDLProtTrain(FlexDLProtBase):
@@ -57,10 +65,10 @@ class FlexDLProtTrain(FlexDLProtBase):
                       help="The normal modes the particles' amplitudes refer to (their structure is the "
                            "reference); needed to train on simulated particles.")
         form.addParam("simImages", params.IntParam, default=6000, validators=[params.GT(0)],
-                      condition="trainingData != 1", label="Simulated images per epoch",
+                      condition=_shownFor("sim_images"), label="Simulated images per epoch",
                       help="Every epoch simulates this many new images (none is seen twice).")
         form.addParam("simPrior", params.EnumParam, choices=list(SIM_PRIORS), default=0,
-                      condition="trainingData != 1", expertLevel=params.LEVEL_ADVANCED,
+                      condition=_shownFor("sim_prior"), expertLevel=params.LEVEL_ADVANCED,
                       label="Simulated amplitudes",
                       help="around the particles' amplitudes: each simulated particle takes the amplitudes "
                            "of a random input particle plus Gaussian noise (a kernel density, widths by "
@@ -69,7 +77,7 @@ class FlexDLProtTrain(FlexDLProtBase):
                            "range: independent uniform amplitudes in the range of the particles' (widened "
                            "by 10 %), for sets whose estimates are too few or too noisy to follow.")
         form.addParam("finetuneEpochs", params.IntParam, default=10, validators=[params.GT(0)],
-                      condition="trainingData in [0, 3]", label="Fine-tuning epochs",
+                      condition=_shownFor("finetune_epochs"), label="Fine-tuning epochs",
                       help="Epochs on the particles' amplitudes after the simulated ones, at a tenth of "
                            "the learning rate.")
         form.addParam("workingSize", params.IntParam, default=64, validators=[params.GE(0)],
@@ -146,7 +154,7 @@ class FlexDLProtTrain(FlexDLProtBase):
         return self._getExtraPath("model")
 
     def _trainingData(self) -> str:
-        """The training data (a ``core.network.training.DATA_CHOICES`` value), "auto" resolved: simulated then
+        """The training data (a ``core.network.training.SOURCES`` name), "auto" resolved: simulated then
         fine-tuned for HEMNMA amplitudes when the normal modes are given, else the particles'."""
         chosen = list(TRAINING_DATA.values())[self.trainingData.get()]
         if chosen is not None:
@@ -159,17 +167,18 @@ class FlexDLProtTrain(FlexDLProtBase):
         """The form's training settings, as TrainConfig fields, and which particles and modes."""
         parts, modes = self.inputParticles.get(), self.inputModes.get()
         data = self._trainingData()
-        simulated = dict(sim_images=self.simImages.get(), finetune_epochs=self.finetuneEpochs.get(),
-                         sim_prior=list(SIM_PRIORS.values())[self.simPrior.get()]) if data != "particles" else {}
-        return dict(working_size=self.workingSize.get() or None, window=self.window.get() or None, data=data,
-                    **simulated, predict_pose=self.predictPose.get(),
+        source = SOURCES[data]
+        form = dict(sim_images=self.simImages.get(), finetune_epochs=self.finetuneEpochs.get(),
+                    sim_prior=list(SIM_PRIORS.values())[self.simPrior.get()])
+        return dict(working_size=self.workingSize.get() or None, window=self.window.get() or None, source=data,
+                    **{k: v for k, v in form.items() if k in source.settings}, predict_pose=self.predictPose.get(),
                     epochs=self.epochs.get(), batch_size=self.batchSize.get(),
                     learning_rate=self.learningRate.get(), loss=LOSSES[self.loss.get()],
                     lr_schedule=SCHEDULES[self.lrSchedule.get()], patience=self.patience.get(),
                     val_fraction=self.valFraction.get(), augment_rotation=self.augment.get(),
                     seed=self.seed.get(), phase_flip=self.phaseFlip.get(), invert=self.invertContrast.get(),
                     particles=f"{parts.getObjId()}:{parts.getSize()}" if parts is not None else "",
-                    modes=str(modes.getObjId()) if modes is not None and data != "particles" else "")
+                    modes=str(modes.getObjId()) if modes is not None and source.simulates else "")
 
     def trainStep(self, settings: dict, processes: int = 1):
         """Train here (one process), or as a train-worker process of ``processes`` DDP ranks (a
@@ -182,10 +191,11 @@ class FlexDLProtTrain(FlexDLProtBase):
         settings.pop("invert")   # read by _imageSource
         parts = convert.read_particles(self.inputParticles.get(), need_amplitudes=True)
         modes = parts.mode_numbers or list(range(7, 7 + parts.amplitudes.shape[1]))
-        config = TrainConfig(modes=modes, pixel_size=parts.pixel_size, **settings)
+        config = TrainConfig.build(modes=modes, pixel_size=parts.pixel_size, **settings)
         poses = (parts.angles, parts.shifts) if parts.angles is not None else None
-        job = TrainingJob(self._imageSource(parts), parts.amplitudes, parts.ids, config, config.seed, poses,
-                          parts.ctf, phase_flip, self._reference(modes) if config.simulates else None)
+        job = TrainingJob(self._imageSource(parts), parts.amplitudes, parts.ids, config, config.optimiser.seed,
+                          poses, parts.ctf, phase_flip,
+                          self._reference(modes) if source_of(config).simulates else None)
         if processes == 1 and not self.useQueueForSteps():
             job.train(self._modelDir(), self._getDevice())
             return
@@ -206,18 +216,18 @@ class FlexDLProtTrain(FlexDLProtBase):
         from ..core.network.training import load_model
         config = load_model(self._modelDir(), "cpu").config
         model = FlexDLModel(modelDir=self._modelDir())
-        model.setModes(config.modes)
-        model.setImageSize(config.image_size)
-        model.setPixelSize(config.pixel_size)
-        model.setPredictsPose(config.predict_pose)
+        model.setModes(config.model.modes)
+        model.setImageSize(config.fitted.image_size)
+        model.setPixelSize(config.preprocessing.pixel_size)
+        model.setPredictsPose(config.model.predict_pose)
         self._defineOutputs(outputModel=model)
         self._defineSourceRelation(self.inputParticles, model)
 
     def metrics(self):
         """Rows of metrics.csv (dicts of strings)."""
         import csv
-        path = os.path.join(self._modelDir(), METRICS_FILE)
-        if not os.path.exists(path):
+        path = ModelFolder(self._modelDir()).metrics
+        if not path.exists():
             return []
         with open(path) as f:
             return list(csv.DictReader(f))
@@ -242,14 +252,13 @@ class FlexDLProtTrain(FlexDLProtBase):
         first = parts.getFirstItem() if n else None
         if first is not None and (not hasattr(first, "getZFlex") or not len(first.getZFlex())):
             errors.append("The particles carry no amplitudes: use the HEMNMA alignment or synthesis output.")
-        window = self.window.get()
-        if window and parts.getXDim() and window > parts.getXDim() * parts.getSamplingRate():
-            errors.append(f"The window ({window:g} Å) is larger than the particles' box "
-                          f"({parts.getXDim() * parts.getSamplingRate():g} Å).")
-        elif window and self.workingSize.get() and self.workingSize.get() > round(window / parts.getSamplingRate()):
-            errors.append(f"The working size ({self.workingSize.get()} px) is larger than the window "
-                          f"({round(window / parts.getSamplingRate())} px of {parts.getSamplingRate():g} Å).")
-        if self._trainingData() != "particles":
+        if parts.getXDim():
+            try:  # core's check, as training runs it
+                Preprocessing(pixel_size=parts.getSamplingRate(), working_size=self.workingSize.get() or None,
+                              window=self.window.get() or None).check(parts.getXDim())
+            except ValueError as err:
+                errors.append(str(err))
+        if SOURCES[self._trainingData()].simulates:
             errors += self._modeErrors(parts)
         return errors
 
@@ -271,46 +280,29 @@ class FlexDLProtTrain(FlexDLProtBase):
         config = self._config()
         best = (best_epoch(self._modelDir()) if config is not None else None) or \
             min(rows, key=lambda r: float(r["val_loss"]))
-        stage = ""
-        if config is not None and config.data == "simulated+finetune":
-            stage = " (simulated training)" if best["source"] == "simulated" else " (fine-tuning)"
+        source = source_of(config) if config is not None else None
+        several = source is not None and len(source.phases(config)) > 1
+        stage = f" (on {best['source']} images)" if several else ""
         lines = [f"{len(rows)} epochs; best validation MAE {float(best['val_mae']):.2f} Å at epoch "
                  f"{best['epoch']}{stage}, the weights the model keeps."]
-        if config is not None and config.simulates:
-            sim = config.simulation
-            snr = "none found" if sim.get("snr") is None else f"{sim['snr']:.3g}"
-            lines.append(f"Training data: {config.data} ({config.sim_images} new simulated images per epoch"
-                         + (f", then {config.finetune_epochs} epochs fine-tuned on the particles"
-                            if config.data == "simulated+finetune" else "")
-                         + f"); particles' SNR estimated at {snr}, shifts within "
-                         f"±{sim.get('max_shift_px', 0.0):.1f} px, amplitudes "
-                         + ("around the particles' (kernel widths "
-                            + ", ".join(f"{h:.0f}" for h in sim["amplitude_bandwidth"]) + " Å)."
-                            if "amplitude_bandwidth" in sim else "uniform in "
-                            + ", ".join(f"[{lo:.0f}, {hi:.0f}]" for lo, hi in
-                                        zip(sim["amplitude_low"], sim["amplitude_high"])) + " Å."))
-        elif config is not None:
-            lines.append("Training data: the particles' amplitudes"
-                         + (" (give the normal modes to train on simulated particles first)."
-                            if self.trainingData.get() == 0 and
-                            convert.flex_source(self.inputParticles.get()) == convert.SOURCE_HEMNMA else "."))
+        if source is not None:
+            hint = (" Give the normal modes to train on simulated particles first."
+                    if not source.simulates and self.trainingData.get() == 0 and
+                    convert.flex_source(self.inputParticles.get()) == convert.SOURCE_HEMNMA else "")
+            lines.append(source.summary(config) + hint)
         lines.append(f"Model directory: {self._modelDir()}")
         return lines
 
     def _config(self):
         """The trained model's TrainConfig, or None before training."""
-        from ..core.network.training import CONFIG_FILE
-        path = os.path.join(self._modelDir(), CONFIG_FILE)
-        return TrainConfig.load(path) if os.path.exists(path) else None
+        return ModelFolder(self._modelDir()).read_config()
 
     def _methods(self):
         if not self.metrics():
             return []
         config = self._config()
-        data = (f"on {self.inputParticles.get().getSize()} particles" if config is None or not config.simulates
-                else f"on particles simulated from the normal modes' structure and matched to "
-                     f"{self.inputParticles.get().getSize()} particles (their CTFs, noise and amplitude range)"
-                     + (", then fine-tuned on their amplitudes" if config.data == "simulated+finetune" else ""))
+        n = self.inputParticles.get().getSize()
+        data = f"on {n} particles" if config is None else source_of(config).methods(n)
         return [f"A DeepHEMNMA network (ResNet34 features and a 4-layer perceptron) [Hamitouche2022] was "
                 f"trained for {len(self.metrics())} epochs {data} with L1 loss and a particle-wise "
                 f"validation split."]

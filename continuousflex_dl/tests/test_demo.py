@@ -58,8 +58,8 @@ def test_tiny_demo(demo):
     assert stages["predict"].outputParticles.getSize() == 20
     # The network trains on the simulated stream matched to the set, then on the HEMNMA amplitudes.
     config = json.loads((Path(stages["train"]._getExtraPath("model")) / "config.json").read_text())
-    assert config["data"] == "simulated+finetune" and config["working_size"] == 16
-    assert config["simulation"]["snr"] == pytest.approx(0.1, rel=0.3)
+    assert config["data"]["source"] == "simulated+finetune" and config["preprocessing"]["working_size"] == 16
+    assert config["fitted"]["simulation"]["snr"] == pytest.approx(0.1, rel=0.3)
     assert [r["epoch"] for r in stages["train"].metrics()] == ["1", "2", "3"]
     assert np.isfinite(table["DeepHEMNMA (test set)"])
     # Runs are labelled, so the two synthesis runs can be told apart in the project graph.

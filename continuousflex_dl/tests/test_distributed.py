@@ -85,9 +85,9 @@ def runs(tmp_path_factory):
         for processes in (1, 2):
             folder = tmp_path_factory.mktemp(f"p{processes}")
             job = dd.TrainingJob(RecordingSource(images, folder), q, np.arange(N_IMAGES),
-                                 tr.TrainConfig(**TINY), seed=3)
+                                 tr.TrainConfig.build(**TINY), seed=3)
             dd.train_distributed(job, folder / "model", processes=processes, device="cpu", threads=1)
-            out[processes] = dict(folder=folder, rows=tr._read_metrics(folder / "model" / tr.METRICS_FILE))
+            out[processes] = dict(folder=folder, rows=tr.ModelFolder(folder / "model").read_metrics())
     finally:
         patch.undo()
     return out
@@ -130,7 +130,7 @@ def test_two_processes_match_one_process(runs):
 
 def test_resume_with_another_number_of_processes_is_refused(runs):
     images, q = blobs(N_IMAGES)
-    job = dd.TrainingJob(ArrayImageSource(images), q, np.arange(N_IMAGES), tr.TrainConfig(**dict(TINY, epochs=3)),
+    job = dd.TrainingJob(ArrayImageSource(images), q, np.arange(N_IMAGES), tr.TrainConfig.build(**dict(TINY, epochs=3)),
                          seed=3)
     with pytest.raises(ValueError, match="ran on 2 processes, now 1"):
         dd.train_distributed(job, runs[2]["folder"] / "model", processes=1, device="cpu", threads=1)
@@ -138,18 +138,18 @@ def test_resume_with_another_number_of_processes_is_refused(runs):
 
 def test_a_failing_rank_fails_the_run_with_its_message(tmp_path):
     images, q = blobs(40)
-    job = dd.TrainingJob(ArrayImageSource(images), q[:, :1], np.arange(40), tr.TrainConfig(**TINY), seed=3)
+    job = dd.TrainingJob(ArrayImageSource(images), q[:, :1], np.arange(40), tr.TrainConfig.build(**TINY), seed=3)
     with pytest.raises(ValueError, match=r"Amplitudes must be \(number of images, number of modes\)"):
         dd.train_distributed(job, tmp_path / "model", processes=2, device="cpu", threads=1)
     with pytest.raises(ValueError, match="multiple of 2"):
         dd.train_distributed(dd.TrainingJob(ArrayImageSource(images), q, np.arange(40),
-                                            tr.TrainConfig(**dict(TINY, batch_size=15))),
+                                            tr.TrainConfig.build(**dict(TINY, batch_size=15))),
                              tmp_path / "model", processes=2, device="cpu")
 
 
 def test_training_job_round_trip(tmp_path):
     images, q = blobs(8)
-    job = dd.TrainingJob(ArrayImageSource(images), q, np.arange(8) + 5, tr.TrainConfig(**TINY), seed=4,
+    job = dd.TrainingJob(ArrayImageSource(images), q, np.arange(8) + 5, tr.TrainConfig.build(**TINY), seed=4,
                          poses=(np.zeros((8, 3)), np.ones((8, 2))))
     job.save(tmp_path)
     back = dd.TrainingJob.load(tmp_path)

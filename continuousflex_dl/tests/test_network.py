@@ -4,7 +4,7 @@ Synthetic particles: three Gaussian blobs whose positions move linearly with
 the amplitudes (Å), plus white noise, so a network can learn the amplitudes.
 """
 import csv
-from dataclasses import replace
+import dataclasses
 import json
 
 import numpy as np
@@ -86,12 +86,12 @@ def test_phase_flip_in_preprocessing_matches_numpy():
     src = ds.ArrayImageSource(img)
     # CTF parameters (evaluated at the pixel size) and precomputed CTF images give the same batch
     for given in (params, ctf):
-        (idx, x), = ds.iterate_batches(src, np.arange(3), 8, None, "zscore", given, pixel_size=2.0)
+        (idx, x), = ds.iterate_batches(src, np.arange(3), 8, ds.Preprocessing(pixel_size=2.0), given)
         np.testing.assert_allclose(x.numpy(), expected, atol=1e-5)
-    (idx, x), = ds.iterate_batches(src, np.array([2, 0]), 8, None, "zscore", params, pixel_size=2.0)
+    (idx, x), = ds.iterate_batches(src, np.array([2, 0]), 8, ds.Preprocessing(pixel_size=2.0), params)
     np.testing.assert_allclose(x.numpy(), expected[[2, 0]], atol=1e-5)
     with pytest.raises(ValueError, match="pixel size"):
-        list(ds.iterate_batches(src, np.arange(3), 8, None, "zscore", params))
+        list(ds.iterate_batches(src, np.arange(3), 8, ds.Preprocessing(pixel_size=0.0), params))
 
 
 def test_window_keeps_the_centre_of_the_box():
@@ -201,18 +201,18 @@ def trained(tmp_path_factory):
     """A 2-mode model trained 4 epochs on 320 images (160 particles x 2 noisy copies)."""
     images, q, pid = synthetic(160, 2, 2)
     out = tmp_path_factory.mktemp("model2")
-    cfg = tr.TrainConfig(modes=[7, 8], working_size=16, pixel_size=2.0, epochs=4, batch_size=16,
-                         val_fraction=0.2, learning_rate=3e-4)
+    cfg = tr.TrainConfig.build(modes=[7, 8], working_size=16, pixel_size=2.0, epochs=4, batch_size=16,
+                               val_fraction=0.2, learning_rate=3e-4)
     seen = []
     inputs = {}
-    real_iterate = tr.iterate_batches
+    real_iterate = ds.iterate_batches
 
     def recording(source, indices, *args, **kwargs):  # records the network inputs of train and predict
         for idx, x in real_iterate(source, indices, *args, **kwargs):
             for i, xi in zip(idx, x):
                 inputs.setdefault(int(i), []).append(xi.clone())
             yield idx, x
-    tr.iterate_batches = recording
+    ds.iterate_batches = recording
     try:
         rows = tr.train(images, q, pid, out, cfg, seed=0, progress=lambda done, total, line: seen.append(done))
         train_inputs = {i: v[-1] for i, v in inputs.items()}
@@ -220,7 +220,7 @@ def trained(tmp_path_factory):
         pred = tr.predict(out, images[:8], batch_size=3)
         pred_inputs = {i: v[-1] for i, v in inputs.items()}
     finally:
-        tr.iterate_batches = real_iterate
+        ds.iterate_batches = real_iterate
     return dict(images=images, q=q, pid=pid, out=out, rows=rows, seen=seen, cfg=cfg,
                 train_inputs=train_inputs, pred_inputs=pred_inputs, pred=pred)
 
@@ -242,10 +242,11 @@ def test_model_directory_contents(trained):
     cfg = json.loads((out / "config.json").read_text())
     q, pid = trained["q"], trained["pid"]
     train_idx, _ = tr.split_by_particle(pid, 0.2, seed=0)
-    np.testing.assert_allclose(cfg["target_mean"], q[train_idx].mean(0))
-    np.testing.assert_allclose(cfg["target_std"], q[train_idx].std(0))
-    assert cfg["modes"] == [7, 8] and cfg["n_outputs"] == 2 and cfg["image_size"] == 32
-    assert cfg["working_size"] == 16 and cfg["normalization"] == "zscore" and cfg["version"] == __version__
+    np.testing.assert_allclose(cfg["fitted"]["target_mean"], q[train_idx].mean(0))
+    np.testing.assert_allclose(cfg["fitted"]["target_std"], q[train_idx].std(0))
+    assert cfg["model"]["modes"] == [7, 8] and cfg["fitted"]["n_outputs"] == 2 and cfg["fitted"]["image_size"] == 32
+    assert cfg["preprocessing"]["working_size"] == 16 and cfg["preprocessing"]["normalization"] == "zscore" \
+        and cfg["fitted"]["version"] == __version__
     with open(out / "metrics.csv") as fh:
         table = list(csv.DictReader(fh))
     assert [int(r["epoch"]) for r in table] == [1, 2, 3, 4] == trained["seen"]
@@ -262,7 +263,7 @@ def test_reload_predicts_identically(trained):
     x = ds.prepare_images(images, 16, "zscore")
     with torch.no_grad():
         out = loaded.model(x).numpy()
-    manual = out * np.array(loaded.config.target_std) + np.array(loaded.config.target_mean)
+    manual = out * np.array(loaded.config.fitted.target_std) + np.array(loaded.config.fitted.target_mean)
     np.testing.assert_allclose(trained["pred"], manual, rtol=1e-5, atol=1e-4)
 
 
@@ -272,7 +273,7 @@ def test_rotation_averaging_is_the_mean_over_rotated_copies(trained):
     x = ds.prepare_images(images, 16, "zscore")
     with torch.no_grad():  # by hand: the network on the normalised images rotated by 0, 120, 240 degrees
         outs = [loaded.model(ds.rotate_images(x, torch.full((6,), a))).numpy() for a in (0.0, 120.0, 240.0)]
-    manual = np.mean(outs, axis=0) * np.array(loaded.config.target_std) + np.array(loaded.config.target_mean)
+    manual = np.mean(outs, axis=0) * np.array(loaded.config.fitted.target_std) + np.array(loaded.config.fitted.target_mean)
     averaged = tr.predict(loaded, images, batch_size=4, rotations=3)
     np.testing.assert_allclose(averaged, manual, rtol=1e-4, atol=1e-3)
     assert np.abs(averaged - trained["pred"][:6]).max() > 1e-3  # the rotated copies do count
@@ -297,34 +298,34 @@ def test_window_then_fourier_crop_is_saved_and_applied_at_prediction(tmp_path):
     """A 40 Å window (20 px of 2 Å) of the 32 px images, Fourier-cropped to 16 px: saved in
     config.json, and prediction sees exactly that (pixels outside the window do not count)."""
     images, q, pid = synthetic(8, 1, 2, seed=4)
-    cfg = tr.TrainConfig(**dict(SMALL, working_size=16), pixel_size=2.0, window=40.0, epochs=1)
+    cfg = tr.TrainConfig.build(**dict(SMALL, working_size=16), pixel_size=2.0, window=40.0, epochs=1)
     tr.train(images, q, pid, tmp_path, cfg)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["window"] == 40.0 and saved["working_size"] == 16
+    assert saved["preprocessing"]["window"] == 40.0 and saved["preprocessing"]["working_size"] == 16
     loaded = tr.load_model(tmp_path)
-    assert loaded.config.window_px == 20 and loaded.config.input_size == 16
+    assert loaded.config.preprocessing.window_px == 20 and loaded.config.preprocessing.input_size(32) == 16
     pred = tr.predict(loaded, images)
     x = ds.normalize_images(fourier_crop(ds.window_images(torch.tensor(images), 20), 16, preserve="mean",
                                          correct_pixel_blur=False))[:, None]
     with torch.no_grad():  # by hand: window, then Fourier crop, then normalisation
         manual = loaded.model(x)
-    np.testing.assert_allclose(pred, manual.numpy() * loaded.config.target_std + loaded.config.target_mean,
+    np.testing.assert_allclose(pred, manual.numpy() * loaded.config.fitted.target_std + loaded.config.fitted.target_mean,
                                rtol=1e-4, atol=1e-3)
     changed = images.copy()
     changed[:, :5, :] = 50.0  # rows 0-4 lie outside the window (rows 6-25)
     np.testing.assert_allclose(tr.predict(loaded, changed), pred, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="at most 64 Å"):
-        tr.train(images, q, pid, tmp_path / "big", replace(cfg, window=70.0))
+        tr.train(images, q, pid, tmp_path / "big", cfg.replace(window=70.0))
     with pytest.raises(ValueError, match="exceeds the window"):
-        tr.train(images, q, pid, tmp_path / "small", replace(cfg, window=20.0))
+        tr.train(images, q, pid, tmp_path / "small", cfg.replace(window=20.0))
 
 
 def test_four_modes_resume_and_reproducibility(tmp_path):
     """A run interrupted after epoch 1 and resumed ends exactly like an uninterrupted run."""
     images, q, pid = synthetic(12, 3, 4, seed=7)
-    cfg = tr.TrainConfig(modes=[7, 8, 9, 10], working_size=16, epochs=2, batch_size=12, val_fraction=0.25,
-                         architecture="resnet18", loss="mse")
-    assert cfg.lr_schedule == "onecycle"  # the default, stepped per batch: resume must restore it exactly
+    cfg = tr.TrainConfig.build(modes=[7, 8, 9, 10], working_size=16, epochs=2, batch_size=12, val_fraction=0.25,
+                               architecture="resnet18", loss="mse")
+    assert cfg.optimiser.lr_schedule == "onecycle"  # the default, stepped per batch: resume must restore it exactly
     full = tr.train(images, q, pid, tmp_path / "full", cfg, seed=3)
 
     def crash(done, total, message):
@@ -333,7 +334,7 @@ def test_four_modes_resume_and_reproducibility(tmp_path):
         tr.train(images, q, pid, tmp_path / "part", cfg, seed=3, progress=crash)
     assert torch.load(tmp_path / "part" / "last.pt", weights_only=True)["epoch"] == 1
     with pytest.raises(ValueError, match="one-cycle"):  # its schedule is fixed by the number of epochs
-        tr.train(images, q, pid, tmp_path / "part", replace(cfg, epochs=3), seed=3, resume=True)
+        tr.train(images, q, pid, tmp_path / "part", cfg.replace(epochs=3), seed=3, resume=True)
     resumed = tr.train(images, q, pid, tmp_path / "part", cfg, seed=3, resume=True)
     assert [r["epoch"] for r in resumed] == [1, 2]
     np.testing.assert_allclose([r["val_loss"] for r in resumed], [r["val_loss"] for r in full], rtol=1e-5)
@@ -357,17 +358,17 @@ def test_pose_prediction_with_rotation_augmentation(tmp_path):
     from continuousflex_dl.core.imaging.geometry import matrix_to_euler
     angles = np.repeat(matrix_to_euler(mats), 2, 0)
     shifts = np.repeat(rng.normal(0, 2, (16, 2)), 2, 0)
-    cfg = tr.TrainConfig(modes=[7, 8], working_size=16, pixel_size=2.0, epochs=1, batch_size=16,
-                         val_fraction=0.25, architecture="resnet18", predict_pose=True, augment_rotation=True)
+    cfg = tr.TrainConfig.build(modes=[7, 8], working_size=16, pixel_size=2.0, epochs=1, batch_size=16,
+                               val_fraction=0.25, architecture="resnet18", predict_pose=True, augment_rotation=True)
     ctf = CTFParams(defocus_u=rng.uniform(5000, 15000, 32), defocus_v=rng.uniform(5000, 15000, 32))
     with pytest.raises(ValueError, match="poses"):
         tr.train(images, q, pid, tmp_path / "m", cfg)
     rows = tr.train(images, q, pid, tmp_path / "m", cfg, poses=(angles, shifts), ctf=ctf)
     assert 0 <= rows[0]["val_angle_deg"] <= 180 and rows[0]["val_shift_px"] >= 0
     saved = tr.TrainConfig.load(tmp_path / "m" / "config.json")
-    assert saved.n_outputs == 10
-    np.testing.assert_allclose(saved.shift_scale, np.sqrt(np.mean(shifts[tr.split_by_particle(pid, 0.25)[0]] ** 2)))
-    assert saved.phase_flip
+    assert saved.fitted.n_outputs == 10
+    np.testing.assert_allclose(saved.fitted.shift_scale, np.sqrt(np.mean(shifts[tr.split_by_particle(pid, 0.25)[0]] ** 2)))
+    assert saved.preprocessing.phase_flip
     with pytest.raises(ValueError, match="CTF"):
         tr.predict(tmp_path / "m", images[:4])
     amps, ang, sh = tr.predict(tmp_path / "m", images[:4], return_pose=True, ctf=ctf.select(slice(0, 4)))
@@ -385,16 +386,16 @@ def test_early_stopping_plateau_schedule_and_best_checkpoint(tmp_path, monkeypat
     def rising_validation(*args, **kwargs):
         calls.append(1)
         return {"val_loss": float(len(calls)), "val_mae": float(len(calls))}
-    monkeypatch.setattr(tr, "_validate", rising_validation)
-    cfg = tr.TrainConfig(modes=[7, 8], working_size=16, epochs=10, batch_size=8, val_fraction=0.25,
-                         architecture="resnet18", learning_rate=1e-3, patience=3, lr_patience=1,
-                         lr_schedule="plateau")
+    monkeypatch.setattr(tr.trainer, "validate", rising_validation)
+    cfg = tr.TrainConfig.build(modes=[7, 8], working_size=16, epochs=10, batch_size=8, val_fraction=0.25,
+                               architecture="resnet18", learning_rate=1e-3, patience=3, lr_patience=1,
+                               lr_schedule="plateau")
     rows = tr.train(images, q, pid, tmp_path, cfg)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     np.testing.assert_allclose([r["lr"] for r in rows], [1e-3, 1e-3, 1e-3, 5e-4])
     assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 1
     # one-cycle runs all its epochs (one step each here); the rate peaks at 30 % of the steps
-    rows = tr.train(images, q, pid, tmp_path / "onecycle", replace(cfg, lr_schedule="onecycle", epochs=10))
+    rows = tr.train(images, q, pid, tmp_path / "onecycle", cfg.replace(lr_schedule="onecycle", epochs=10))
     assert [r["epoch"] for r in rows] == list(range(1, 11))
     lrs = [r["lr"] for r in rows]  # the rate after each epoch's step
     assert int(np.argmax(lrs)) == 1 and max(lrs) == pytest.approx(1e-3, rel=0.05) and lrs[-1] < 0.1 * max(lrs)
@@ -403,14 +404,14 @@ def test_early_stopping_plateau_schedule_and_best_checkpoint(tmp_path, monkeypat
 def test_data_parallel_ranks_share_the_training_split(tmp_path, monkeypatch):
     images, q, pid = synthetic(10, 2, 2, seed=5)
     seen = {}
-    real_iterate = tr.iterate_batches
+    real_iterate = ds.iterate_batches
 
     def recording(source, indices, *args, **kwargs):
         seen.setdefault(rank, []).append(np.array(indices))
         return real_iterate(source, indices, *args, **kwargs)
-    monkeypatch.setattr(tr, "iterate_batches", recording)
-    cfg = tr.TrainConfig(modes=[7, 8], working_size=16, epochs=1, batch_size=8, val_fraction=0.2,
-                         architecture="resnet18")
+    monkeypatch.setattr(ds, "iterate_batches", recording)
+    cfg = tr.TrainConfig.build(modes=[7, 8], working_size=16, epochs=1, batch_size=8, val_fraction=0.2,
+                               architecture="resnet18")
     for rank in (0, 1):
         tr.train(images, q, pid, tmp_path / f"rank{rank}", cfg, seed=1, world_size=2, rank=rank)
     train_idx, val_idx = tr.split_by_particle(pid, 0.2, seed=1)
@@ -447,7 +448,7 @@ class _RunsCode:
 
 def test_kill_during_a_checkpoint_save_leaves_the_previous_one(tmp_path, monkeypatch):
     images, q, pid = synthetic(8, 1, 2, seed=4)
-    cfg = tr.TrainConfig(**SMALL, epochs=2)
+    cfg = tr.TrainConfig.build(**SMALL, epochs=2)
     real_save = torch.save
 
     def killed_while_saving(obj, f, *args, **kwargs):
@@ -469,7 +470,7 @@ def test_kill_during_a_checkpoint_save_leaves_the_previous_one(tmp_path, monkeyp
 
 def test_damaged_last_checkpoint_falls_back_to_the_previous_epoch(tmp_path, caplog):
     images, q, pid = synthetic(8, 1, 2, seed=4)
-    cfg = tr.TrainConfig(**SMALL, epochs=3)
+    cfg = tr.TrainConfig.build(**SMALL, epochs=3)
     full = tr.train(images, q, pid, tmp_path / "full", cfg)
     with pytest.raises(KeyboardInterrupt):
         tr.train(images, q, pid, tmp_path / "part", cfg, progress=_stop_after(2))
@@ -486,7 +487,7 @@ def test_damaged_last_checkpoint_falls_back_to_the_previous_epoch(tmp_path, capl
 @pytest.mark.parametrize("keep", [0.0, 0.5])
 def test_damaged_last_checkpoint_without_fallback_says_what_to_do(tmp_path, keep):
     images, q, pid = synthetic(8, 1, 2, seed=4)
-    cfg = tr.TrainConfig(**SMALL, epochs=2)
+    cfg = tr.TrainConfig.build(**SMALL, epochs=2)
     with pytest.raises(KeyboardInterrupt):
         tr.train(images, q, pid, tmp_path, cfg, progress=_stop_after(1))
     last = tmp_path / "last.pt"
@@ -501,7 +502,7 @@ def test_damaged_last_checkpoint_without_fallback_says_what_to_do(tmp_path, keep
 
 def test_crafted_checkpoints_are_refused_unread(tmp_path):
     images, q, pid = synthetic(8, 1, 2, seed=4)
-    cfg = tr.TrainConfig(**SMALL, epochs=2)
+    cfg = tr.TrainConfig.build(**SMALL, epochs=2)
     with pytest.raises(KeyboardInterrupt):
         tr.train(images, q, pid, tmp_path / "m", cfg, progress=_stop_after(1))
     marker = tmp_path / "code_ran"
@@ -520,14 +521,14 @@ def test_crafted_checkpoints_are_refused_unread(tmp_path):
 
 def test_resume_refuses_changed_settings_and_data(tmp_path):
     images, q, pid = synthetic(8, 1, 2, seed=4)
-    cfg = tr.TrainConfig(**SMALL, epochs=2, lr_schedule="plateau")
+    cfg = tr.TrainConfig.build(**SMALL, epochs=2, lr_schedule="plateau")
     with pytest.raises(KeyboardInterrupt):
         tr.train(images, q, pid, tmp_path, cfg, progress=_stop_after(1))
     for changed, what in [(dict(learning_rate=1e-4), "learning_rate: 0.002 -> 0.0001"),
                           (dict(batch_size=4), "batch_size: 8 -> 4"),
                           (dict(modes=[7, 9]), "modes: [7, 8] -> [7, 9]")]:
         with pytest.raises(ValueError, match="Restart") as err:
-            tr.train(images, q, pid, tmp_path, replace(cfg, **changed), resume=True)
+            tr.train(images, q, pid, tmp_path, cfg.replace(**changed), resume=True)
         assert what in str(err.value)
     with pytest.raises(ValueError, match="seed: 0 -> 1"):
         tr.train(images, q, pid, tmp_path, cfg, seed=1, resume=True)
@@ -535,15 +536,15 @@ def test_resume_refuses_changed_settings_and_data(tmp_path):
         tr.train(images, q + 1.0, pid, tmp_path, cfg, resume=True)
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1  # nothing was overwritten
     # more epochs (not a one-cycle schedule) continue the same run
-    rows = tr.train(images, q, pid, tmp_path, replace(cfg, epochs=3), resume=True)
+    rows = tr.train(images, q, pid, tmp_path, cfg.replace(epochs=3), resume=True)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
 
 
 def test_diverged_training_stops_with_advice(tmp_path, monkeypatch):
     images, q, pid = synthetic(8, 1, 2, seed=4)
-    monkeypatch.setattr(tr, "_validate", lambda *a, **k: {"val_loss": float("nan"), "val_mae": float("nan")})
+    monkeypatch.setattr(tr.trainer, "validate", lambda *a, **k: {"val_loss": float("nan"), "val_mae": float("nan")})
     with pytest.raises(ValueError, match="diverged at epoch 1.*Lower the learning rate"):
-        tr.train(images, q, pid, tmp_path, tr.TrainConfig(**SMALL, epochs=1))
+        tr.train(images, q, pid, tmp_path, tr.TrainConfig.build(**SMALL, epochs=1))
     assert not (tmp_path / "best.pt").exists()
 
 
@@ -580,7 +581,7 @@ def test_training_refuses_bad_images_with_their_ids(tmp_path, bad):
     else:
         images[5] = value
     with pytest.raises(ValueError, match=r"ids \[2\] (contain NaN|are constant)"):
-        tr.train(images, q, pid, tmp_path, tr.TrainConfig(**SMALL, epochs=1))
+        tr.train(images, q, pid, tmp_path, tr.TrainConfig.build(**SMALL, epochs=1))
     assert not (tmp_path / "last.pt").exists()
 
 
@@ -595,3 +596,84 @@ def test_prediction_refuses_bad_images_instead_of_returning_nan(trained, bad):
         tr.predict(trained["out"], images, ids=np.arange(10, 16))
     with pytest.raises(ValueError, match=r"indices \[2\]"):
         tr.predict(trained["out"], images)
+
+
+# ------------------------------------------------ layout: config sections, model folder, sources
+
+def test_config_is_saved_in_sections_and_a_flat_0_3_config_still_loads(trained, tmp_path):
+    saved = json.loads((trained["out"] / "config.json").read_text())
+    assert list(saved) == ["model", "preprocessing", "optimiser", "data", "fitted"]
+    assert saved["model"] == {"modes": [7, 8], "architecture": "resnet34", "hidden": [512, 256, 128],
+                              "dropout": 0.0, "predict_pose": False}
+    assert saved["optimiser"]["epochs"] == 4 and saved["data"]["source"] == "particles"
+    # The same model rebuilt from the folder's files alone predicts what training's model predicted.
+    np.testing.assert_allclose(tr.predict(tr.load_model(trained["out"]), trained["images"][:8]), trained["pred"],
+                               rtol=1e-5, atol=1e-5)
+    # A model folder written by 0.2/0.3: one flat object, the data source under "data".
+    flat = {k: v for section in saved.values() for k, v in section.items() if k != "source"}
+    flat.update(data="particles", some_future_field=1)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps(flat))
+    (old / "best.pt").write_bytes((trained["out"] / "best.pt").read_bytes())
+    assert tr.TrainConfig.load(old / "config.json") == tr.TrainConfig.load(trained["out"] / "config.json")
+    np.testing.assert_allclose(tr.predict(old, trained["images"][:8]), trained["pred"], rtol=1e-5, atol=1e-5)
+    (old / "config.json").write_text('{"weights": 1}')
+    with pytest.raises(ValueError, match="not a DeepHEMNMA training config"):
+        tr.load_model(old)
+
+
+def test_setting_names_are_unique_over_the_sections():
+    names = [f.name for section in tr.config.SECTIONS.values() for f in dataclasses.fields(section)]
+    assert len(names) == len(set(names)) == 5 + 5 + 13 + 9 + 7
+    cfg = tr.TrainConfig.build(modes=[7], window=30.0, epochs=2, source="simulated", sim_images=5)
+    assert (cfg.preprocessing.window, cfg.optimiser.epochs, cfg.data.source, cfg.data.sim_images) == \
+        (30.0, 2, "simulated", 5)
+    assert cfg.replace(epochs=3).optimiser.epochs == 3 and cfg.optimiser.epochs == 2
+    assert tr.changed_settings(cfg, cfg.replace(window=40.0, patience=3)) == ["window: 30.0 -> 40.0"]
+    with pytest.raises(ValueError, match="Unknown training settings"):
+        tr.TrainConfig.build(modes=[7], windw=30.0)
+
+
+def test_window_and_working_size_are_checked_once_in_core():
+    """The one rule (training and the protocol's form): the window in px, rounded, within the box,
+    and the working size within the window."""
+    box = 32
+    ds.Preprocessing(pixel_size=2.0, window=65.0).check(box)  # 32.5 px rounds to 32: fits
+    with pytest.raises(ValueError, match="at most 64 Å"):
+        ds.Preprocessing(pixel_size=2.0, window=67.0).check(box)  # 33.5 px -> 34
+    with pytest.raises(ValueError, match="exceeds the window .20 px.: make it at most 20"):
+        ds.Preprocessing(pixel_size=2.0, window=40.0, working_size=24).check(box)
+    with pytest.raises(ValueError, match="exceeds the images .32 px."):
+        ds.Preprocessing(working_size=48).check(box)
+    with pytest.raises(ValueError, match="normalisation"):
+        ds.Preprocessing(normalization="divide-by-255").check(box)
+
+
+def test_sources_are_looked_up_in_the_registry():
+    assert tr.DATA_CHOICES == ("particles", "simulated", "simulated+finetune")
+    for name, source in tr.SOURCES.items():
+        assert source.name == name and source.label
+    cfg = tr.TrainConfig.build(modes=[7], epochs=3, source="simulated+finetune", finetune_epochs=2)
+    phases = tr.source_of(cfg).phases(cfg)
+    assert [(p.stream, p.epochs, p.lr) for p in phases] == [("simulated", 3, 2e-3), ("particles", 2, 2e-4)]
+    with pytest.raises(ValueError, match="Unknown training data 'movies'; choose one of particles, simulated"):
+        tr.source_of(cfg.replace(source="movies"))
+
+
+def test_particles_at_another_pixel_size_are_cropped_to_the_model_box_and_shifts_converted(tmp_path):
+    """predict_particles (both prediction paths): 64 px particles of 1 Å/px for a model of 32 px
+    of 2 Å/px are Fourier-cropped to 32 px, and the shifts come back in the particles' pixels."""
+    images, q, pid = synthetic(8, 2, 2, seed=11)
+    rng = np.random.default_rng(11)
+    angles, shifts = rng.uniform(0, 90, (16, 3)), rng.normal(0, 2, (16, 2))
+    cfg = tr.TrainConfig.build(**SMALL, pixel_size=2.0, epochs=1, predict_pose=True)
+    tr.train(images, q, pid, tmp_path, cfg, poses=(angles, shifts))
+    model = tr.load_model(tmp_path)
+    fine = np.repeat(np.repeat(images, 2, axis=1), 2, axis=2)  # the same 64 Å box at 1 Å/px
+    cropped = fourier_crop(torch.tensor(fine), 32, preserve="mean", correct_pixel_blur=False).numpy()
+    expected = tr.predict(model, cropped, return_pose=True)
+    got = tr.predict_particles(model, fine, 1.0, return_pose=True)
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(got[2], expected[2] * 2.0, rtol=1e-4, atol=1e-3)  # model px (2 Å) -> 1 Å px
+    assert tr.images_for_model(images, model).image_size == 32

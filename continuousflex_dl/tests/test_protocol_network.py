@@ -42,7 +42,7 @@ class TestProtNetwork(BaseTest):
         viewer.setProtocol(train)
         curves = viewer._showCurves()[0]._figure
         self.assertEqual(list(curves.axes[0].lines[0].get_xdata()), [1, 2])  # one point per epoch
-        self.assertEqual(load_model(model.getModelDir()).config.modes, [7, 8, 9])
+        self.assertEqual(load_model(model.getModelDir()).config.model.modes, [7, 8, 9])
 
         predict = self.newProtocol(FlexDLProtPredict, inputModel=model, inputParticles=self.test_set,
                                    rotations=2)
@@ -100,11 +100,12 @@ class TestProtNetwork(BaseTest):
         self.launchProtocol(train)
         self.assertEqual([r["epoch"] for r in train.metrics()], ["1", "2"])
         config = load_model(train.outputModel.getModelDir()).config
-        self.assertEqual((config.data, config.window, config.window_px, config.input_size),
+        pre = config.preprocessing
+        self.assertEqual((config.data.source, pre.window, pre.window_px, pre.input_size(config.fitted.image_size)),
                          ("simulated+finetune", 72.0, 24, 16))
-        self.assertAlmostEqual(config.simulation["snr"], 0.5, delta=0.15)
-        self.assertLessEqual(config.simulation["max_shift_px"], 2.0)
-        self.assertGreater(config.simulation["max_shift_px"], 1.5)  # the particles' shifts, within ±2 px
+        self.assertAlmostEqual(config.fitted.simulation["snr"], 0.5, delta=0.15)
+        self.assertLessEqual(config.fitted.simulation["max_shift_px"], 2.0)
+        self.assertGreater(config.fitted.simulation["max_shift_px"], 1.5)  # the particles' shifts, within ±2 px
         self.assertIn("simulated+finetune", train.summary()[1])
         log = self._log(train)
         self.assertIn("epoch 1/2 (simulated)", log)

@@ -10,7 +10,7 @@ from pyworkflow.tests import BaseTest, setupTestProject
 from continuousflex_dl import convert
 from continuousflex_dl.core.chunks import read_chunk
 from continuousflex_dl.core.network.prediction_job import prediction_chunk_size
-from continuousflex_dl.core.network.training import LAST_FILE, load_checkpoint, load_model, predict
+from continuousflex_dl.core.network.training import ModelFolder, load_checkpoint, load_model, predict
 from continuousflex_dl.protocols import FlexDLProtPredict, FlexDLProtSynthesize, FlexDLProtTrain
 from continuousflex_dl.tests.test_protocol_nma import compute_test_modes
 
@@ -41,8 +41,8 @@ class TestProtScale(BaseTest):
         self.assertIn("train-worker", self._log(self.two))
         self.assertIn("Training on 2 processes (CPU, gloo", self._log(self.two))
         model_dir = self.two.outputModel.getModelDir()
-        self.assertEqual(load_model(model_dir).config.modes, [7, 8, 9])
-        self.assertEqual(load_checkpoint(os.path.join(model_dir, LAST_FILE))["world_size"], 2)
+        self.assertEqual(load_model(model_dir).config.model.modes, [7, 8, 9])
+        self.assertEqual(load_checkpoint(ModelFolder(model_dir).last)["world_size"], 2)
         one, two = self.one.metrics(), self.two.metrics()
         self.assertEqual([r["epoch"] for r in two], ["1", "2"])
         # Same weights at the start and the same 16 images per step (8 per rank), gradients

@@ -5,7 +5,6 @@ moved along ANM mode 7, synthesized by ``synthesis.synthesize`` (an independent
 code path: per-image SNR noise, its own random streams) with CTFs of defocus
 8000-20000 Å, 32 px boxes of 4 Å.
 """
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -182,10 +181,10 @@ def trained(ake, tmp_path_factory):
     part, images = _particles(ake, folder, 300, 11, 1.0)
     test, test_images = _particles(ake, folder, 200, 12, 1.0)
     out = folder / "model"
-    cfg = tr.TrainConfig(modes=[7], working_size=16, pixel_size=PIXEL, epochs=SIM_EPOCHS, batch_size=32,
-                         architecture="resnet18", data="simulated+finetune", sim_images=512,
-                         sim_in_plane=False, sim_max_shift_px=0.0, sim_prior="range", finetune_epochs=2,
-                         val_fraction=0.3)
+    cfg = tr.TrainConfig.build(modes=[7], working_size=16, pixel_size=PIXEL, epochs=SIM_EPOCHS, batch_size=32,
+                               architecture="resnet18", source="simulated+finetune", sim_images=512,
+                               sim_in_plane=False, sim_max_shift_px=0.0, sim_prior="range", finetune_epochs=2,
+                               val_fraction=0.3)
     snapshot = {}
 
     def at_the_end_of_the_simulated_phase(done, total, message):
@@ -208,12 +207,12 @@ def test_network_trained_on_the_simulated_stream_predicts_held_out_particles(tra
     mae = np.abs(pred - test.amplitudes).mean()
     assert mae <= 0.6 * baseline, f"test MAE {mae:.1f} Å vs mean predictor {baseline:.1f} Å"
     saved = tr.TrainConfig.load(trained["out"] / "config.json")
-    assert saved.simulation["snr"] == pytest.approx(1.0, rel=0.2)
-    assert saved.simulation["max_shift_px"] == 0.0
-    lo, hi = saved.simulation["amplitude_low"][0], saved.simulation["amplitude_high"][0]
+    assert saved.fitted.simulation["snr"] == pytest.approx(1.0, rel=0.2)
+    assert saved.fitted.simulation["max_shift_px"] == 0.0
+    lo, hi = saved.fitted.simulation["amplitude_low"][0], saved.fitted.simulation["amplitude_high"][0]
     assert -300.0 < lo < -250.0 and 250.0 < hi < 300.0  # the labels' range (±250 Å) widened by 10 %
-    np.testing.assert_allclose(saved.target_mean, [(lo + hi) / 2])
-    np.testing.assert_allclose(saved.target_std, [(hi - lo) / np.sqrt(12)])
+    np.testing.assert_allclose(saved.fitted.target_mean, [(lo + hi) / 2])
+    np.testing.assert_allclose(saved.fitted.target_std, [(hi - lo) / np.sqrt(12)])
 
 
 def test_finetuning_changes_the_weights_and_lowers_the_validation_error(trained):
@@ -226,7 +225,7 @@ def test_finetuning_changes_the_weights_and_lowers_the_validation_error(trained)
     assert len(changed) > 0.9 * sum(v.is_floating_point() for v in final["model"].values())
     simulated, finetuned = rows[SIM_EPOCHS - 1]["val_mae"], rows[-1]["val_mae"]
     assert finetuned < simulated, f"validation MAE {simulated:.1f} Å after simulation, {finetuned:.1f} Å after"
-    assert rows[SIM_EPOCHS]["lr"] < 0.2 * tr.TrainConfig(modes=[7]).learning_rate  # fine-tuning at lr / 10
+    assert rows[SIM_EPOCHS]["lr"] < 0.2 * tr.TrainConfig.build(modes=[7]).optimiser.learning_rate  # fine-tuning at lr / 10
     best = tr.best_epoch(trained["out"])  # the row of best.pt, and what that epoch trained on
     lowest = min(rows, key=lambda r: r["val_loss"])
     assert best["epoch"] == lowest["epoch"] == torch.load(trained["out"] / "best.pt", weights_only=True)["epoch"]
@@ -238,9 +237,9 @@ def test_simulated_training_resumes_across_the_phase_change(ake, tmp_path):
     """Killed after the last simulated epoch and continued: the same run as an uninterrupted one;
     without amplitudes, validation is on a fixed simulated set."""
     part, images = _particles(ake, tmp_path, 24, 21, 1.0)
-    cfg = tr.TrainConfig(modes=[7], working_size=16, pixel_size=PIXEL, epochs=1, batch_size=16,
-                         architecture="resnet18", data="simulated+finetune", sim_images=48,
-                         finetune_epochs=1, val_fraction=0.25, lr_schedule="plateau")
+    cfg = tr.TrainConfig.build(modes=[7], working_size=16, pixel_size=PIXEL, epochs=1, batch_size=16,
+                               architecture="resnet18", source="simulated+finetune", sim_images=48,
+                               finetune_epochs=1, val_fraction=0.25, lr_schedule="plateau")
     full = tr.train(images, part.amplitudes, np.arange(24), tmp_path / "full", cfg, seed=2, ctf=part.ctf,
                     reference=ake)
 
@@ -267,9 +266,9 @@ def test_simulated_training_resumes_across_the_phase_change(ake, tmp_path):
 def test_simulated_training_without_amplitudes_validates_on_simulated_particles(ake, tmp_path, caplog,
                                                                                  monkeypatch):
     part, images = _particles(ake, tmp_path, 24, 22, 1.0)
-    cfg = tr.TrainConfig(modes=[7], working_size=16, pixel_size=PIXEL, epochs=2, batch_size=16,
-                         architecture="resnet18", data="simulated", sim_images=32, val_fraction=0.5,
-                         sim_noise_ramp=2)
+    cfg = tr.TrainConfig.build(modes=[7], working_size=16, pixel_size=PIXEL, epochs=2, batch_size=16,
+                               architecture="resnet18", source="simulated", sim_images=32, val_fraction=0.5,
+                               sim_noise_ramp=2)
     scales = []
     real_batch = sm.ParticleSimulator.batch
 
@@ -286,10 +285,10 @@ def test_simulated_training_without_amplitudes_validates_on_simulated_particles(
     assert all(np.isfinite(r["val_mae"]) and r["val_mae"] > 0 for r in rows)
     saved = tr.TrainConfig.load(tmp_path / "m" / "config.json")
     half = sm.default_amplitude_range(len(ake.coords))  # no amplitudes: 5 sqrt(N) Å
-    assert saved.simulation["amplitude_low"] == [-half] and saved.simulation["amplitude_high"] == [half]
+    assert saved.fitted.simulation["amplitude_low"] == [-half] and saved.fitted.simulation["amplitude_high"] == [half]
     for data in ("particles", "simulated+finetune"):
         with pytest.raises(ValueError, match="amplitudes"):
-            tr.train(images, None, np.arange(24), tmp_path / data, tr.TrainConfig(modes=[7], data=data),
+            tr.train(images, None, np.arange(24), tmp_path / data, tr.TrainConfig.build(modes=[7], source=data),
                      reference=ake)
     with pytest.raises(ValueError, match="reference structure"):
         tr.train(images, part.amplitudes, np.arange(24), tmp_path / "x", cfg)
@@ -299,17 +298,17 @@ def test_simulated_training_draws_around_the_training_split_estimates(ake, tmp_p
     # With amplitudes, the default prior is the kernel density of the training split's
     # (never the validation particles'), and the targets are standardised by its moments.
     part, images = _particles(ake, tmp_path, 40, 23, 1.0)
-    cfg = tr.TrainConfig(modes=[7], working_size=16, pixel_size=PIXEL, epochs=1, batch_size=16,
-                         architecture="resnet18", data="simulated", sim_images=16, val_fraction=0.25)
+    cfg = tr.TrainConfig.build(modes=[7], working_size=16, pixel_size=PIXEL, epochs=1, batch_size=16,
+                               architecture="resnet18", source="simulated", sim_images=16, val_fraction=0.25)
     tr.train(images, part.amplitudes, np.arange(40), tmp_path / "m", cfg, seed=5, ctf=part.ctf, reference=ake)
     saved = tr.TrainConfig.load(tmp_path / "m" / "config.json")
     train_idx, _ = tr.split_by_particle(np.arange(40), 0.25, 5)
     expected = sm.EstimatesPrior.from_estimates(part.amplitudes[train_idx])
-    np.testing.assert_allclose(saved.simulation["amplitude_bandwidth"], expected.bandwidth)
-    np.testing.assert_allclose(saved.target_mean, expected.mean)
-    np.testing.assert_allclose(saved.target_std, expected.std)
+    np.testing.assert_allclose(saved.fitted.simulation["amplitude_bandwidth"], expected.bandwidth)
+    np.testing.assert_allclose(saved.fitted.target_mean, expected.mean)
+    np.testing.assert_allclose(saved.fitted.target_std, expected.std)
     q = part.amplitudes[train_idx, 0]
     assert expected.std[0] > q.std() and expected.bandwidth[0] < 0.7 * q.std()
     with pytest.raises(ValueError, match="prior"):
-        tr.train(images, part.amplitudes, np.arange(40), tmp_path / "x", replace(cfg, sim_prior="box"),
+        tr.train(images, part.amplitudes, np.arange(40), tmp_path / "x", cfg.replace(sim_prior="box"),
                  reference=ake)

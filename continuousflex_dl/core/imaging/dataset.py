@@ -5,7 +5,7 @@ Images are addressed by a global 0-based index ``i`` in ``[0, M)`` of an
 ``(stack path, 0-based index in the stack)`` pairs read lazily from .mrc/.mrcs
 files through ``mrcfile.mmap(..., permissive=True)``.
 
-Preprocessing (:func:`prepare_images`) is defined once here and used, with the
+Preprocessing (:class:`Preprocessing`, applied by :func:`prepare_images`) is defined once here and used, with the
 parameters saved beside a trained model, identically for training, validation
 and prediction:
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -44,7 +45,7 @@ from .geometry import euler_to_matrix, matrix_to_euler
 from .mrc import check_mrc_stack
 
 __all__ = [
-    "NORMALIZATIONS", "normalize_images", "window_images", "prepare_images",
+    "NORMALIZATIONS", "Preprocessing", "normalize_images", "window_images", "prepare_images",
     "rotate_images", "rotate_pose", "ArrayImageSource", "MrcsImageSource", "as_image_source",
     "ctf_batch", "iterate_batches", "find_bad_images", "check_images", "FLAT_TOLERANCE",
 ]
@@ -136,6 +137,52 @@ def prepare_images(images: Union[np.ndarray, torch.Tensor], working_size: Option
     if working_size is not None and int(working_size) != x.shape[-1]:
         x = projection.fourier_crop(x, int(working_size), preserve="mean", correct_pixel_blur=False)
     return normalize_images(x, normalization)[:, None]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The preprocessing of a model's images, one object passed whole and saved with the model.
+
+    pixel_size: Å/px of the raw images. window: side (Å) of the central real-space window the
+    network sees (None: the whole box). working_size: box (px) after Fourier cropping the
+    window (None: the window's box). normalization: a key of :data:`NORMALIZATIONS`.
+    phase_flip: the images are CTF phase-flipped at their raw box (so they need CTFs).
+    """
+    pixel_size: float = 1.0
+    working_size: Optional[int] = None
+    window: Optional[float] = None
+    normalization: str = "zscore"
+    phase_flip: bool = False
+
+    @property
+    def window_px(self) -> Optional[int]:
+        """Side (px) of the real-space window, or None (the whole box)."""
+        return None if self.window is None else int(round(self.window / self.pixel_size))
+
+    def input_size(self, image_size: int) -> int:
+        """Box (px) the network sees for raw images of ``image_size`` px."""
+        return int(self.working_size or self.window_px or image_size)
+
+    def check(self, image_size: int) -> None:
+        """The one check of the window and working size against raw images of ``image_size`` px
+        (training and its protocol's form); ValueError saying what to change."""
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"Unknown image normalisation {self.normalization!r}; "
+                             f"choose one of {sorted(NORMALIZATIONS)}.")
+        window = self.window_px or image_size
+        if window > image_size:
+            raise ValueError(f"The window ({self.window:g} Å, {window} px) is larger than the images "
+                             f"({image_size} px at {self.pixel_size:g} Å/px): make it at most "
+                             f"{image_size * self.pixel_size:g} Å.")
+        if self.working_size is not None and self.working_size > window:
+            raise ValueError(f"The working size ({self.working_size} px) exceeds the "
+                             f"{'window' if self.window else 'images'} ({window} px): make it at most {window}.")
+
+    def apply(self, images: Union[np.ndarray, torch.Tensor], ctf: Optional[torch.Tensor] = None,
+              device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+        """Raw images (B, N, N) -> network input (B, 1, w, w) float32 on ``device`` (:func:`prepare_images`);
+        ctf: (B, N, N // 2 + 1) rfft2-layout CTFs when ``phase_flip``."""
+        return prepare_images(images, self.working_size, self.normalization, ctf, device, self.window_px)
 
 
 def rotate_images(images: torch.Tensor, angles_deg: torch.Tensor) -> torch.Tensor:
@@ -302,17 +349,14 @@ def ctf_batch(ctf: CtfLike, indices: np.ndarray, box: int, pixel_size: float) ->
     return torch.as_tensor(np.asarray(ctf[np.asarray(indices)], dtype=np.float32))
 
 
-def iterate_batches(source, indices: np.ndarray, batch_size: int, working_size: Optional[int],
-                    normalization: str, ctf: CtfLike = None,
-                    rng: Optional[np.random.Generator] = None,
-                    device: Union[str, torch.device] = "cpu",
-                    pixel_size: float = 0.0,
-                    window: Optional[int] = None) -> Iterator[Tuple[np.ndarray, torch.Tensor]]:
+def iterate_batches(source, indices: np.ndarray, batch_size: int, preprocessing: "Preprocessing",
+                    ctf: CtfLike = None, rng: Optional[np.random.Generator] = None,
+                    device: Union[str, torch.device] = "cpu") -> Iterator[Tuple[np.ndarray, torch.Tensor]]:
     """Yield ``(batch indices (B,), prepared images (B, 1, w, w))`` over ``indices``.
 
+    preprocessing: the model's :class:`Preprocessing` (its pixel size evaluates CTF
+    parameters). ctf: phase flipping (see :func:`ctf_batch`), or None.
     rng: shuffles the order if given (otherwise the order of ``indices``).
-    ctf, pixel_size: phase flipping (see :func:`ctf_batch`), or None.
-    Images go through :func:`prepare_images` (the one preprocessing) with ``window`` (px).
     """
     if batch_size < 1:
         raise ValueError(f"Batch size must be positive, got {batch_size}.")
@@ -322,8 +366,8 @@ def iterate_batches(source, indices: np.ndarray, batch_size: int, working_size: 
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         raw = source.read(idx)
-        yield idx, prepare_images(raw, working_size, normalization,
-                                  ctf_batch(ctf, idx, source.image_size, pixel_size), device, window)
+        yield idx, preprocessing.apply(raw, ctf_batch(ctf, idx, source.image_size, preprocessing.pixel_size),
+                                       device)
 
 
 #: An image is constant (flat) when its pixel range (max - min) is at most this

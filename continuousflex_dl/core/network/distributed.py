@@ -20,8 +20,7 @@ import logging
 import os
 import re
 import socket
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
 import numpy as np
@@ -30,7 +29,7 @@ from ..chunks import load_job_files, save_job_files
 from ..imaging.ctf import CTFParams
 from ..imaging.dataset import ArrayImageSource, MrcsImageSource
 from ..device import cpu_threads_available, resolve_device
-from .simulator import Reference
+from ..modes.reference import Reference
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +70,8 @@ class TrainingJob:
     # ------------------------------------------------------------------ files
     def save(self, folder: PathLike) -> None:
         """Write ``job.npz`` and ``job.json`` in ``folder`` (each atomically)."""
-        from .training import _plain
         arrays = {"particle_ids": np.asarray(self.particle_ids)}
-        meta = {"config": _plain(asdict(self.config)), "seed": int(self.seed), "phase_flip": bool(self.phase_flip)}
+        meta = {"config": self.config.to_dict(), "seed": int(self.seed), "phase_flip": bool(self.phase_flip)}
         if isinstance(self.images, MrcsImageSource):
             stacks = sorted({p for p, _ in self.images.entries})
             position = {p: k for k, p in enumerate(stacks)}
@@ -187,8 +185,9 @@ def train_distributed(job: TrainingJob, out_dir: PathLike, processes: int = 1, d
     processes = int(processes)
     if processes < 1:
         raise ValueError(f"Train on at least 1 process, got {processes}.")
-    if job.config.batch_size % processes:
-        raise ValueError(f"The batch size ({job.config.batch_size}) is the images of one step over all "
+    batch_size = job.config.optimiser.batch_size
+    if batch_size % processes:
+        raise ValueError(f"The batch size ({batch_size}) is the images of one step over all "
                          f"{processes} processes: make it a multiple of {processes}.")
     threads = int(threads) if threads > 0 else max(1, cpu_threads_available() // processes)
     rank_device(device, 0, processes)  # refuse too few GPUs before starting anything
@@ -210,6 +209,7 @@ def train_distributed(job: TrainingJob, out_dir: PathLike, processes: int = 1, d
         raise RuntimeError(f"Training process {exc.error_index} stopped with exit code {exc.exit_code} "
                            f"(killed, or out of memory?); see the log above. Continue resumes from the "
                            f"last finished epoch.") from None
-    from .training import LAST_FILE
-    if not (Path(out_dir) / LAST_FILE).exists():
-        raise RuntimeError(f"The training processes ended without writing {Path(out_dir) / LAST_FILE}.")
+    from .training import ModelFolder
+    last = ModelFolder(out_dir).last
+    if not last.exists():
+        raise RuntimeError(f"The training processes ended without writing {last}.")

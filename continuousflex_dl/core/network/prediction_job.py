@@ -28,23 +28,11 @@ from ..progress import Progress
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PredictionJob", "model_stamp", "run_chunk", "prediction_chunk_size"]
+__all__ = ["PredictionJob", "run_chunk", "prediction_chunk_size"]
 
 PathLike = Union[str, os.PathLike]
 #: Options of :func:`training.predict` a job passes on (and their defaults).
 OPTIONS = {"batch_size": 128, "bfloat16": False, "rotations": 1}
-
-
-def model_stamp(model_dir: PathLike) -> str:
-    """What identifies a trained model's files now: path, size and modification time of its
-    weights and config (a Continue of the training changes it)."""
-    from .training import BEST_FILE, CONFIG_FILE
-    parts = []
-    for name in (CONFIG_FILE, BEST_FILE):
-        path = os.path.abspath(os.path.join(model_dir, name))
-        st = os.stat(path) if os.path.exists(path) else None
-        parts.append(f"{path}:{st.st_size}@{st.st_mtime_ns}" if st else f"{path}:missing")
-    return ";".join(parts)
 
 
 def prediction_chunk_size(n: int, workers: int, smallest: int = 5000, largest: int = 20000) -> int:
@@ -63,7 +51,7 @@ def prediction_chunk_size(n: int, workers: int, smallest: int = 5000, largest: i
 class PredictionJob(ChunkedJob):
     """A trained model's prediction over M particles.
 
-    model_dir: the model directory (``training.load_model``); stamp: :func:`model_stamp`
+    model_dir: the model folder (``training.load_model``); stamp: ``training.ModelFolder.stamp``
     of it when the job was made. ids: (M,) particle ids; stacks: M stack paths; indices:
     (M,) 0-based indices in the stacks; pixel_size: Å/px of the particles (images of
     another box than the model's are Fourier-cropped to it). invert: read the images with
@@ -127,29 +115,20 @@ class PredictionJob(ChunkedJob):
                 progress: Optional[Progress] = None) -> Dict[str, np.ndarray]:
         """Amplitudes (B, K) Å [angles (B, 3) deg, shifts (B, 2) particle px] of rows ``[start, stop)``
         from their images (B, box, box)."""
-        import torch
-        from ..imaging.projection import fourier_crop
-        from .training import load_model, predict
-        if model_stamp(self.model_dir) != self.stamp:
+        from .training import ModelFolder, load_model, predict_particles
+        if ModelFolder(self.model_dir).stamp() != self.stamp:
             raise ValueError(f"The model in {self.model_dir} changed since this prediction was prepared "
                              f"(trained further?): Continue the run to prepare it again.")
         loaded = load_model(self.model_dir, device)
-        size = loaded.config.image_size
-        if images.shape[-1] != size:  # the same box in Å at the model's pixel size
-            images = fourier_crop(torch.as_tensor(images), size, preserve="mean", correct_pixel_blur=False).numpy()
         rows = np.arange(start, stop)
-        ctf = self.ctf.select(rows) if loaded.config.phase_flip else None
-        if loaded.config.phase_flip and ctf is None:
-            raise ValueError("The model was trained on phase-flipped images: the particles need a CTF.")
-        out = predict(loaded, images, batch_size=int(self.options["batch_size"]), ctf=ctf, return_pose=self.pose,
-                      progress=progress, bfloat16=bool(self.options["bfloat16"]),
-                      rotations=int(self.options["rotations"]), ids=self.ids[rows])
+        amplitudes, angles, shifts = predict_particles(
+            loaded, images, self.pixel_size, None if self.ctf is None else self.ctf.select(rows),
+            return_pose=self.pose, ids=self.ids[rows], progress=progress,
+            batch_size=int(self.options["batch_size"]), bfloat16=bool(self.options["bfloat16"]),
+            rotations=int(self.options["rotations"]))
         if not self.pose:
-            return {"amplitudes": out}
-        amplitudes, angles, shifts = out
-        # the model's pixels -> the particles' pixels
-        return {"amplitudes": amplitudes, "angles": angles,
-                "shifts": shifts * loaded.config.pixel_size / self.pixel_size}
+            return {"amplitudes": amplitudes}
+        return {"amplitudes": amplitudes, "angles": angles, "shifts": shifts}
 
     def predict_all(self, device: str = "cpu", progress: Optional[Progress] = None
                     ) -> Dict[str, np.ndarray]:
