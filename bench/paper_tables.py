@@ -51,6 +51,7 @@ from continuousflex_dl.core.modes.nma import compute_modes  # noqa: E402
 from continuousflex_dl.core.network.simulator import Reference  # noqa: E402
 from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms  # noqa: E402
 from continuousflex_dl.core.modes.synthesis import synthesize  # noqa: E402
+from continuousflex_dl.core.imaging.dataset import Preprocessing  # noqa: E402
 from continuousflex_dl.core.network.training import TrainConfig, load_model, predict, train  # noqa: E402
 
 MODES = [7, 8, 9]
@@ -236,9 +237,12 @@ def main():
     args.pixel_size = args.pixel_size or 256.0 / args.box
     args.max_shift = 5.0 * args.box / 256 if args.max_shift is None else args.max_shift
     args.window = args.window or None
-    window_px = round(args.window / args.pixel_size) if args.window else args.box
-    if window_px > args.box:
-        ap.error(f"--window {args.window} Å is larger than the box ({args.box * args.pixel_size:g} Å)")
+    pre = Preprocessing(pixel_size=args.pixel_size, window=args.window)
+    window_px = pre.input_size(args.box)
+    try:
+        pre.check(args.box)
+    except ValueError as err:
+        ap.error(f"--window: {err}")
     args.working_size = min(args.working_size, window_px)
     out = args.out or Path(__file__).parent / "results" / f"paper_table{args.table}.md"
     t0 = time.time()

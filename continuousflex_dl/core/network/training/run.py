@@ -59,7 +59,7 @@ def _check_inputs(images, amplitudes: Optional[np.ndarray], particle_ids: np.nda
     m, k = len(images), config.model.n_modes
     if amplitudes is None:
         if source.needs_amplitudes:
-            without = ", ".join(f"data={s.name!r}" for s in SOURCES.values() if not s.needs_amplitudes)
+            without = ", ".join(f"source={s.name!r}" for s in SOURCES.values() if not s.needs_amplitudes)
             raise ValueError(f"Training on {source.name!r} needs the particles' amplitudes; without them, "
                              f"train on simulated particles only ({without}).")
     else:

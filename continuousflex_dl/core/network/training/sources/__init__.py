@@ -1,26 +1,30 @@
-"""Training-data sources by name (``DataConfig.source``): one module each, one line each below.
+"""Training-data sources by name (``DataConfig.source``): one module each, one registry line each.
 
-To add a source: write a module with a :class:`~.base.DataSource` subclass (its name, label,
-phases and plan; see :mod:`.base`) and add one line to :data:`SOURCES`.
+To add a source: write a module of this package that defines ``SOURCE``, an instance of a
+:class:`~.base.DataSource` subclass (its name, label, phases and plan; see :mod:`.base`),
+and add the module's name to :data:`MODULES`.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Dict
 
 from ..config import TrainConfig
 from .base import DataSource
-from .finetune import FinetuneSource
-from .particles import ParticlesSource
-from .simulated import SimulatedSource
 
-__all__ = ["SOURCES", "DATA_CHOICES", "source_of", "DataSource"]
+__all__ = ["MODULES", "SOURCES", "DATA_CHOICES", "source_of", "DataSource"]
 
-#: The training-data sources, in the order the training protocol lists them.
-SOURCES: Dict[str, DataSource] = {s.name: s for s in (
-    ParticlesSource(),
-    SimulatedSource(),
-    FinetuneSource(),
-)}
+#: The source modules, in the order the training protocol lists their sources.
+MODULES = (
+    "particles",
+    "simulated",
+    "finetune",
+)
+#: The training-data sources by name.
+SOURCES: Dict[str, DataSource] = {}
+for _module in MODULES:
+    _source = importlib.import_module(f"{__name__}.{_module}").SOURCE
+    SOURCES[_source.name] = _source
 #: The names of the sources (``DataConfig.source`` values).
 DATA_CHOICES = tuple(SOURCES)
 

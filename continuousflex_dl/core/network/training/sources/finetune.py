@@ -9,7 +9,7 @@ from ..config import TrainConfig
 from .base import Phase, TrainingData
 from .simulated import SimulatedSource
 
-__all__ = ["FinetuneSource"]
+__all__ = ["FinetuneSource", "SOURCE"]
 
 
 class FinetuneSource(SimulatedSource):
@@ -34,3 +34,6 @@ class FinetuneSource(SimulatedSource):
 
     def methods(self, n_particles: int) -> str:
         return super().methods(n_particles) + ", then fine-tuned on their amplitudes"
+
+
+SOURCE = FinetuneSource()

@@ -9,7 +9,7 @@ import torch
 from ..config import TrainConfig
 from .base import Batch, DataSource, Phase, Plan, Stream, TrainingData, fit_label_statistics, particle_batches
 
-__all__ = ["ParticlesSource", "ParticleStream"]
+__all__ = ["ParticlesSource", "ParticleStream", "SOURCE"]
 
 
 class ParticleStream(Stream):
@@ -50,3 +50,6 @@ class ParticlesSource(DataSource):
 
     def summary(self, config: TrainConfig) -> str:
         return "Training data: the particles' amplitudes."
+
+
+SOURCE = ParticlesSource()

@@ -19,7 +19,7 @@ from .particles import ParticleStream
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SimulatedSource", "SimulatedStream"]
+__all__ = ["SimulatedSource", "SimulatedStream", "SOURCE"]
 
 
 def prepare_simulated(config: TrainConfig, batch: SimulatedBatch, device: torch.device) -> Batch:
@@ -155,3 +155,6 @@ class SimulatedSource(DataSource):
     def methods(self, n_particles: int) -> str:
         return (f"on particles simulated from the normal modes' structure and matched to {n_particles} "
                 "particles (their CTFs, noise and amplitude range)")
+
+
+SOURCE = SimulatedSource()
