@@ -107,6 +107,15 @@ def _modes_of(prots, project):
     return None
 
 
+def lineage_modes(particles, project):
+    """The normal modes (a SetOfNormalModes) the amplitudes of ``particles`` refer to, found
+    through the project: the first ``inputModes`` of the protocols that made them, or of what
+    those read (as ``related_sets`` finds them for the viewers); None when there are none."""
+    if project is None:
+        return None
+    return _modes_of([prot for _, prot in _lineage(particles, project)], project)
+
+
 @dataclass
 class Related:
     """What a landscape is compared with, found through the project's lineage.

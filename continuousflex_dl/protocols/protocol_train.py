@@ -63,7 +63,9 @@ class FlexDLProtTrain(FlexDLProtBase):
         form.addParam("inputModes", params.PointerParam, pointerClass="SetOfNormalModes", allowsNull=True,
                       label="Normal modes (for simulation)",
                       help="The normal modes the particles' amplitudes refer to (their structure is the "
-                           "reference); needed to train on simulated particles.")
+                           "reference); needed to train on simulated particles. Empty for particles from a "
+                           "HEMNMA alignment: the modes that alignment used, found through the project "
+                           "(the run's summary names them).")
         form.addParam("simImages", params.IntParam, default=6000, validators=[params.GT(0)],
                       condition=_shownFor("sim_images"), label="Simulated images per epoch",
                       help="Every epoch simulates this many new images (none is seen twice).")
@@ -161,11 +163,20 @@ class FlexDLProtTrain(FlexDLProtBase):
             return chosen
         parts = self.inputParticles.get()
         hemnma = parts is not None and convert.flex_source(parts) == convert.SOURCE_HEMNMA
-        return "simulated+finetune" if hemnma and self.inputModes.get() is not None else "particles"
+        return "simulated+finetune" if hemnma and self._modes() is not None else "particles"
+
+    def _modes(self):
+        """The normal modes simulated from: the form's, else, for HEMNMA amplitudes, those of the
+        alignment they come from, found through the project (``reports.lineage_modes``)."""
+        modes, parts = self.inputModes.get(), self.inputParticles.get()
+        if modes is not None or parts is None or convert.flex_source(parts) != convert.SOURCE_HEMNMA:
+            return modes
+        from ..reports import lineage_modes
+        return lineage_modes(parts, self.getProject())
 
     def _settings(self) -> dict:
         """The form's training settings, as TrainConfig fields, and which particles and modes."""
-        parts, modes = self.inputParticles.get(), self.inputModes.get()
+        parts, modes = self.inputParticles.get(), self._modes()
         data = self._trainingData()
         source = SOURCES[data]
         form = dict(sim_images=self.simImages.get(), finetune_epochs=self.finetuneEpochs.get(),
@@ -209,7 +220,7 @@ class FlexDLProtTrain(FlexDLProtBase):
         """The structure of the normal modes and the modes of the amplitude columns (core Reference)."""
         from ..core.network.simulator import Reference
         from ..core.imaging.structure import centre
-        atoms, vectors = convert.read_modes(self.inputModes.get(), mode_numbers)
+        atoms, vectors = convert.read_modes(self._modes(), mode_numbers)
         return Reference(centre(atoms.coords), vectors, atoms.sigma, atoms.weights)
 
     def createOutputStep(self):
@@ -263,7 +274,7 @@ class FlexDLProtTrain(FlexDLProtBase):
         return errors
 
     def _modeErrors(self, parts):
-        modes = self.inputModes.get()
+        modes = self._modes()
         if modes is None:
             return ["Training on simulated particles needs the normal modes the amplitudes refer to: choose "
                     "them in 'Normal modes (for simulation)', or train on the particles' amplitudes."]
@@ -273,10 +284,20 @@ class FlexDLProtTrain(FlexDLProtBase):
         return [f"The normal modes lack modes {missing} of the particles' amplitudes: choose the modes the "
                 "amplitudes were computed with."] if missing else []
 
+    def _foundModesLine(self):
+        """Which modes training will use when the form leaves them empty ([] otherwise)."""
+        if self.inputModes.get() is not None or self._modes() is None or \
+                not SOURCES[self._trainingData()].simulates:
+            return []
+        from ..reports import producer, run_label
+        prot = producer(self._modes(), self.getProject())
+        where = f" of '{run_label(prot)}'" if prot is not None else ""
+        return [f"Normal modes: those{where} (the HEMNMA alignment's, found through the project)."]
+
     def _summary(self):
         rows = self.metrics()
         if not rows:
-            return ["Not trained yet."]
+            return ["Not trained yet."] + self._foundModesLine()
         config = self._config()
         best = (best_epoch(self._modelDir()) if config is not None else None) or \
             min(rows, key=lambda r: float(r["val_loss"]))
@@ -290,6 +311,7 @@ class FlexDLProtTrain(FlexDLProtBase):
                     if not source.simulates and self.trainingData.get() == 0 and
                     convert.flex_source(self.inputParticles.get()) == convert.SOURCE_HEMNMA else "")
             lines.append(source.summary(config) + hint)
+        lines += self._foundModesLine()
         lines.append(f"Model directory: {self._modelDir()}")
         return lines
 

@@ -73,6 +73,18 @@ class TestProtAlign(BaseTest):
         self.assertNotIn("WARNING", summary)
         self.assertIn("Amplitude errors against the ground truth (16 particles", summary)
 
+    def test_training_on_hemnma_amplitudes_finds_their_modes_through_the_project(self):
+        """No modes in the training form: those of the alignment the particles come from, so
+        'auto' trains on the simulated stream then fine-tunes, and the form says which modes."""
+        train = self.newProtocol(FlexDLProtTrain, inputParticles=self.align.outputParticles)
+        self.assertEqual(train._modes().getObjId(), self.modes.getObjId())
+        self.assertEqual(train._trainingData(), "simulated+finetune")
+        self.assertFalse([e for e in train.validate() if "normal modes" in e], train.validate())
+        self.assertIn("found through the project", train.summary()[-1])
+        truth = self.newProtocol(FlexDLProtTrain, inputParticles=self.truth)  # ground truth: not looked up
+        self.assertIsNone(truth._modes())
+        self.assertEqual(truth._trainingData(), "particles")
+
     def test_chunks_are_reused_only_when_inputs_match(self):
         folder = self.align._getExtraPath()
         job_fp = AlignmentJob.load(folder).fingerprint()
