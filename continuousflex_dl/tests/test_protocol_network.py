@@ -60,6 +60,15 @@ class TestProtNetwork(BaseTest):
         self.assertLess(np.abs(pred.amplitudes.mean(0) - truth.amplitudes.mean(0)).max(), 100.0)
         self.assertGreater(pred.amplitudes.std(), 1.0)
 
+    def test_form_checks_the_window_with_the_rule_training_uses(self):
+        """32 px of 3 Å: a 97 Å window is 32 px (rounded) and trains, so the form accepts it; a
+        100 Å window (33 px) and a working size above the window are refused with the fix."""
+        def errors(**kwargs):
+            return self.newProtocol(FlexDLProtTrain, inputParticles=self.train_set, **kwargs).validate()
+        self.assertEqual(errors(window=97.0, workingSize=16), [])
+        self.assertTrue(any("at most 96 Å" in e for e in errors(window=100.0, workingSize=16)))
+        self.assertTrue(any("make it at most 20" in e for e in errors(window=60.0, workingSize=24)))
+
     def test_predict_refuses_a_different_box(self):
         from continuousflex_dl.objects import FlexDLModel
         model = FlexDLModel(modelDir="/nonexistent")
