@@ -328,7 +328,7 @@ class FlexDLProtAlign(FlexDLProtBase):
         if not hasattr(self, "outputParticles"):
             return ["Not aligned yet."]
         with np.load(self._resultFile()) as data:
-            result = AlignmentResult(**{k: data[k] for k in RESULT_KEYS})
+            result = AlignmentResult(**{k: data[k] for k in RESULT_KEYS if k in data.files})
             numbers = data["mode_numbers"].tolist()
             fitted = json.loads(str(data["image_model"])) if "image_model" in data.files else None
             reliability = Reliability.from_dict(data)
@@ -354,6 +354,8 @@ class FlexDLProtAlign(FlexDLProtBase):
         return lines + [
                 f"Score (normalised cross-correlation): mean {result.score.mean():.3f}, "
                 f"median {np.median(result.score):.3f}.",
+                f"Particles with an amplitude at a limit of the range (grown where answers reached it): "
+                f"{100 * result.fraction_at_limit:.1f} %.",
                 "Amplitudes (Å): " + ", ".join(f"mode {m}: {a.mean():.1f} ± {a.std():.1f}"
                                               for m, a in zip(numbers, result.amplitudes.T)),
                 "Uncertainty (Laplace standard deviation, median over particles): " + ", ".join(

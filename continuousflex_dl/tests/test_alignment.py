@@ -593,3 +593,26 @@ def test_laplace_std_is_the_inverse_fisher_information(box, pixel_size):
         var = (resid * resid).sum() / (sz.noise_dof(box) - 7 - 2)
         want = torch.sqrt(torch.diagonal(torch.linalg.inv(jac.T @ jac))[:7] * var)
         assert torch.allclose(got[b], want, rtol=1e-6), (b, got[b], want)
+
+
+def test_amplitude_range_grows_where_answers_reach_it(ake):
+    """Particles needing amplitudes up to 1.4 times the range given: a hard clamp (before 0.3.0)
+    piled them up at its limit; the range grows where answers reach it and they land on the
+    truth. (At half the range two of the six take a wrong pose in the global search, whose
+    seeds stay within the range given.)"""
+    coords, modes = ake
+    img, q, rot, shifts, scale = _particles(coords, modes, 6, seed=10)
+    limit = 0.7 * scale
+    assert np.all((np.abs(q) > limit).any(1))  # every particle needs more on some mode
+    res = al.align_particles(img, coords, modes, PIXEL, max_shift_px=2.0,
+                             amplitude_range=np.tile([-limit, limit], (3, 1)), angular_step_deg=20.0)
+    mae, ang, _ = _errors(res, q, rot, shifts)
+    assert np.all(ang < 1.0), ang
+    assert np.all(mae < 1.0), mae              # Å; clamped at the limit the error is ~10-40 Å
+    assert not res.at_limit.any() and res.fraction_at_limit == 0.0
+    assert np.all(res.amplitude_range[:, 1] - res.amplitude_range[:, 0] > 2 * limit)
+    # Answers within the range leave it as it was.
+    inside = al.align_particles(img[:2], coords, modes, PIXEL, max_shift_px=2.0, angular_step_deg=20.0,
+                                amplitude_range=np.tile([-1.25 * scale, 1.25 * scale], (3, 1)))
+    assert np.array_equal(inside.amplitude_range, np.tile([-1.25 * scale, 1.25 * scale], (3, 1)))
+    assert inside.fraction_at_limit == 0.0

@@ -35,7 +35,7 @@ __all__ = ["AlignmentJob", "run_chunk", "finished_chunk", "gather", "chunk_path"
 
 PathLike = Union[str, os.PathLike]
 #: The AlignmentResult arrays a chunk file holds (per particle).
-RESULT_KEYS = RESULT_ARRAYS + ("path",)
+RESULT_KEYS = RESULT_ARRAYS + ("path", "at_limit")
 #: The arrays of a first answer per particle (AlignmentResult fields) that seed the alignment.
 SEED_KEYS = ("amplitudes", "angles", "shifts")
 

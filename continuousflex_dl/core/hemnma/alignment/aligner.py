@@ -25,7 +25,8 @@ from .uncertainty import laplace_std
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["align_particles", "Aligner", "Candidates", "ScaledBatch", "reference_count", "FINAL_RANKED"]
+__all__ = ["align_particles", "Aligner", "Candidates", "ScaledBatch", "reference_count", "FINAL_RANKED",
+           "AT_LIMIT_FRACTION", "RANGE_GROWTH_STEPS"]
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -180,7 +181,49 @@ class Aligner:
         result = _gather(parts, m)
         if seeds is not None:
             result = self._fall_back(imgs, ctf, result, path)
+        result = self.grow_range(imgs, ctf, result)
         result.path = path
+        return result
+
+    def at_limit(self, amplitudes: np.ndarray) -> np.ndarray:
+        """(M, K) bool: the amplitudes (M, K) Å at (within :data:`AT_LIMIT_FRACTION` of its
+        width) the lowest or highest value of the amplitude range as it stands."""
+        lo, hi = self.amplitude_range[:, 0], self.amplitude_range[:, 1]
+        tol = AT_LIMIT_FRACTION * np.maximum(hi - lo, 1e-12)
+        return (amplitudes <= lo + tol) | (amplitudes >= hi - tol)
+
+    def grow_range(self, imgs, ctf, result: AlignmentResult) -> AlignmentResult:
+        """The amplitude range grown where answers reach it: while particles have an amplitude
+        at a limit (:meth:`at_limit`), that side of the mode's range moves out by half the
+        range's width (:data:`RANGE_GROWTH_STEPS` times at most) and those particles are refined
+        again from their answer (:meth:`polish`), keeping the better score. The global search
+        keeps the range it was given (a wider grid of seeds lowers its resolution where the
+        particles are). Sets ``result.at_limit`` and ``result.amplitude_range`` (the range as
+        it ended; the aligner keeps it for its next images)."""
+        for _ in range(RANGE_GROWTH_STEPS if self.k else 0):
+            at = self.at_limit(result.amplitudes)
+            rows = np.flatnonzero(at.any(1))
+            if len(rows) == 0:
+                break
+            lo, hi = self.amplitude_range[:, 0], self.amplitude_range[:, 1]
+            centre = 0.5 * (lo + hi)
+            reached_lo = (at & (result.amplitudes < centre)).any(0)
+            reached_hi = (at & (result.amplitudes >= centre)).any(0)
+            half = 0.5 * (hi - lo)
+            self.amplitude_range = np.stack([lo - reached_lo * half, hi + reached_hi * half], 1)
+            self.q_lo = torch.as_tensor(self.amplitude_range[:, 0], dtype=torch.float32, device=self.device)
+            self.q_hi = torch.as_tensor(self.amplitude_range[:, 1], dtype=torch.float32, device=self.device)
+            logger.info("HEMNMA: %d particles at a limit of the amplitude range; range grown to %s Å and "
+                        "those particles refined again", len(rows),
+                        ", ".join(f"[{a:.0f}, {b:.0f}]" for a, b in self.amplitude_range))
+            start = AlignmentResult(**{n: getattr(result, n)[rows] for n in RESULT_ARRAYS})
+            ctf_rows = None if ctf is None else (ctf if ctf.batch_size == 1 else ctf.select(rows))
+            redo = self.polish(imgs[torch.as_tensor(rows, device=self.device)], start, ctf=ctf_rows)
+            better = redo.score >= result.score[rows]
+            for name in RESULT_ARRAYS:
+                getattr(result, name)[rows[better]] = getattr(redo, name)[better]
+        result.at_limit = self.at_limit(result.amplitudes).any(1)
+        result.amplitude_range = self.amplitude_range.copy()
         return result
 
     def _align_batch(self, imgs, ctf, rows: np.ndarray, seeds: Optional[AlignmentResult]) -> AlignmentResult:
@@ -401,7 +444,8 @@ class Aligner:
         """The final refinement and the uncertainty alone (:meth:`refine_final` with the global
         path's ``finish_chi2``, :meth:`uncertainty`), from a given answer per image (images (M,
         box, box), ``start`` its amplitudes, angles and shifts): re-fits particles whose answer
-        is already close, e.g. after the image model changed. Keeps ``start.path``."""
+        is already close, e.g. after the image model changed. Keeps ``start.path``; sets
+        ``at_limit`` and ``amplitude_range`` (the range as it stands, not grown)."""
         imgs = as_images(images, self.device)
         m = imgs.shape[0]
         if start.amplitudes.shape != (m, self.k):
@@ -420,7 +464,20 @@ class Aligner:
             parts[tuple(rows)] = self._final_stages(batch, ctf_b, given, finish=self.config.finish_chi2)
         result = _gather(parts, m)
         result.path = None if start.path is None else np.array(start.path)
+        result.at_limit = self.at_limit(result.amplitudes).any(1)
+        result.amplitude_range = self.amplitude_range.copy()
         return result
+
+
+#: An amplitude within this fraction of its range's width of a limit is at the limit (the
+#: refinement clamps amplitudes to the range, so a particle that wanted more sits exactly there).
+AT_LIMIT_FRACTION = 1e-3
+
+#: :meth:`Aligner.grow_range` moves a reached side of a mode's range out by half its width at
+#: most this many times: a symmetric range of half-width h reaches 3.5 h on that side (the
+#: default 5 sqrt(N) Å to 17.5 sqrt(N) Å, atoms moved by 17.5 Å RMS along one mode, far beyond
+#: what a linear mode draws as a protein).
+RANGE_GROWTH_STEPS = 2
 
 
 #: The global path ranks this many times ``n_final`` of each image's refined candidates, the

@@ -149,6 +149,9 @@ class AlignmentResult:
     (M,) px of the input images, the RMS length of the shift uncertainty. NaN when unknown.
     path: (M,) how each particle was aligned (:data:`PATH_GLOBAL`, :data:`PATH_SEEDED`, or
     :data:`PATH_FALLBACK` for a seeded particle that then took the global path), or None.
+    at_limit: (M,) bool, the particles with an amplitude at a limit of the amplitude range as
+    it ended (grown where answers reached it, :meth:`~.aligner.Aligner.grow_range`), or None;
+    amplitude_range: (K, 2) Å, that range, or None.
     """
     amplitudes: np.ndarray
     angles: np.ndarray
@@ -158,6 +161,8 @@ class AlignmentResult:
     angle_std: Optional[np.ndarray] = None
     shift_std: Optional[np.ndarray] = None
     path: Optional[np.ndarray] = None
+    at_limit: Optional[np.ndarray] = None
+    amplitude_range: Optional[np.ndarray] = None
 
     @property
     def rotations(self) -> np.ndarray:
@@ -166,8 +171,13 @@ class AlignmentResult:
 
     def to_dict(self) -> dict:
         """Plain numpy arrays by name (for ``np.savez`` or conversion to Scipion objects)."""
-        return {name: getattr(self, name) for name in RESULT_ARRAYS + ("path",)
+        return {name: getattr(self, name) for name in RESULT_ARRAYS + ("path", "at_limit")
                 if getattr(self, name) is not None}
+
+    @property
+    def fraction_at_limit(self) -> float:
+        """The fraction of the particles with an amplitude at a limit of the range (NaN: unknown)."""
+        return float(np.mean(self.at_limit)) if self.at_limit is not None and len(self.at_limit) else float("nan")
 
 
 #: The per-particle arrays of an AlignmentResult that every stage fills (``path`` aside).
