@@ -26,7 +26,7 @@ from .uncertainty import laplace_std
 logger = logging.getLogger(__name__)
 
 __all__ = ["align_particles", "Aligner", "Candidates", "ScaledBatch", "reference_count", "FINAL_RANKED",
-           "AT_LIMIT_FRACTION", "RANGE_GROWTH_STEPS"]
+           "AT_LIMIT_FRACTION", "RANGE_GROWTH_STEPS", "CONFORMATION_GRID_MOST"]
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -304,7 +304,13 @@ class Aligner:
         lo, hi = self.amplitude_range[:, 0], self.amplitude_range[:, 1]
         mid = 0.5 * (lo + hi)
         seeds = [mid]
-        if cfg.amplitude_seeds > 1:
+        if cfg.conformation_seeds == "grid" and k and cfg.amplitude_seeds > 1:
+            n_val = max(2, min(int(cfg.amplitude_seeds), int(CONFORMATION_GRID_MOST ** (1.0 / k) + 1e-9)))
+            frac = (np.arange(n_val) + 0.5) / n_val
+            axes = [lo[i] + frac * (hi[i] - lo[i]) for i in range(k)]
+            grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, k)
+            seeds += [s for s in grid if not np.allclose(s, mid)]
+        elif cfg.amplitude_seeds > 1:
             frac = (np.arange(cfg.amplitude_seeds) + 0.5) / cfg.amplitude_seeds
             for i in range(k):
                 for f in frac:
@@ -468,6 +474,10 @@ class Aligner:
         result.amplitude_range = self.amplitude_range.copy()
         return result
 
+
+#: Most conformations of the global search's references with ``conformation_seeds='grid'``
+#: (the amplitude grid's values per mode are cut to stay within it: 27 for 3 modes, 64 for 6).
+CONFORMATION_GRID_MOST = 64
 
 #: An amplitude within this fraction of its range's width of a limit is at the limit (the
 #: refinement clamps amplitudes to the range, so a particle that wanted more sits exactly there).
