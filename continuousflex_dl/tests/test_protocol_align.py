@@ -72,6 +72,9 @@ class TestProtAlign(BaseTest):
         self.assertIn("Pixel size checked: the images fit", summary)
         self.assertNotIn("WARNING", summary)
         self.assertIn("Amplitude errors against the ground truth (16 particles", summary)
+        # Amplitudes well inside the default range: none at its limit, and the summary says so.
+        self.assertIn("Particles with an amplitude at a limit of the range (grown where answers "
+                      "reached it): 0.0 %.", summary)
 
     def test_training_on_hemnma_amplitudes_finds_their_modes_through_the_project(self):
         """No modes in the training form: those of the alignment the particles come from, so
