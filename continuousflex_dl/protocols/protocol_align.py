@@ -59,7 +59,9 @@ class FlexDLProtAlign(FlexDLProtBase):
         form.addParam("amplitudeRange", params.FloatParam, default=0.0, validators=[params.GE(0)],
                       label="Amplitude range (Å)",
                       help="Amplitudes are searched in [-R, R]. 0: R = 5 sqrt(N) Å, which moves the N atoms "
-                           "by 5 Å RMS along one mode (about 200 Å for adenylate kinase).")
+                           "by 5 Å RMS along one mode (about 200 Å for adenylate kinase). "
+                           "Where answers reach R, the range grows there (to 3.5 R at most) and those "
+                           "particles are refined again; the summary gives the fraction left at the limit.")
         form.addSection(label="Search")
         form.addParam("angularStep", params.FloatParam, default=15.0, validators=[params.Range(3, 45)],
                       label="Angular step (deg)", help="Spacing of the global orientation search.")
