@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -11,6 +12,7 @@ from pwem.objects import (CTFModel, FlexInfo, NormalMode, ParticleFlex, SetOfNor
                           Transform)
 
 from .core.imaging.ctf import CTFParams
+from .core.imaging.stacks import check_stack, stack_format
 from .core.imaging.geometry import pose_to_scipion_matrix, scipion_matrix_to_pose
 from .core.modes.nma import NormalModes, read_mode_files
 from .core.imaging.structure import Atoms, load_atoms, read_atoms_plain
@@ -246,6 +248,127 @@ def read_particles(particles, need_amplitudes: bool = False) -> ParticleArrays:
     if len(ctf) == n:
         out.ctf = read_ctf(acq, ctf)
     return out
+
+
+# ----------------------------- image files ----------------------------------------
+def _pwem_reader(path: str):
+    """pwem's image reader for ``path`` (by extension; pwem falls back to Xmipp's)."""
+    from pwem.emlib.image.image_readers import ImageReadersRegistry
+    return ImageReadersRegistry.getReader(path)
+
+
+def _unreadable(path: str, exc: BaseException) -> ValueError:
+    ext = os.path.splitext(path)[1] or "(no extension)"
+    reason = f"{type(exc).__name__}: {str(exc).rstrip('.')}" if str(exc) else type(exc).__name__
+    return ValueError(f"{path}: Scipion's image library cannot read {ext} files here ({reason}). This plugin "
+                      f"reads MRC and SPIDER stacks directly and converts TIFF, EM, DM3/DM4 and the other "
+                      f"formats pwem reads without Xmipp; convert the particles to an MRC stack (e.g. with "
+                      f"Scipion's 'xmipp3 - crop/resize particles' or EMAN's e2proc2d.py) and import that.")
+
+
+def stack_error(path: str) -> Optional[str]:
+    """Why the particle file ``path`` cannot be read, or None: for MRC and SPIDER stacks the
+    checks of core.imaging.stacks.check_stack (missing, damaged header, truncated), for other
+    formats whether pwem's image reader of the format can read its dimensions here."""
+    if stack_format(path):
+        try:
+            check_stack(path)
+        except ValueError as exc:
+            return str(exc)
+        return None
+    if not os.path.exists(path):
+        return f"Particle stack not found: {path}"
+    try:
+        close = _image_reader(path)[2]
+    except Exception as exc:  # any reader failure is the reason the user needs
+        return str(_unreadable(path, exc))
+    close()
+    return None
+
+
+def _is_tiff(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in (".tif", ".tiff")
+
+
+def _read_whole(reader, path: str) -> np.ndarray:
+    """All images of a file (M, ny, nx) through a pwem reader that cannot read one image at a time."""
+    data = np.asarray(reader.open(path))
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3:
+        raise ValueError(f"{path}: expected 2D images, the file holds an array of shape {data.shape}.")
+    return data
+
+
+def _image_reader(path: str):
+    """``(read, (images, ny, nx), close)`` of a non-native file: ``read(i)`` gives image ``i``
+    (0-based) as (ny, nx). TIFF page by page (tifffile, what pwem's TIFF reader uses; pwem's
+    reads only the first page of a stack), formats whose pwem reader opens one image at a
+    time image by image, the others one file at a time."""
+    if _is_tiff(path):
+        import tifffile
+        tif = tifffile.TiffFile(path)
+        shape = tif.pages[0].shape
+        return (lambda i: tif.pages[i].asarray()), (len(tif.pages), int(shape[0]), int(shape[1])), tif.close
+    reader = _pwem_reader(path)
+    if reader.canOpenSlices():
+        first = np.asarray(reader.openSlice(path, 1))
+        n = int(reader.getDimensions(path)[3])
+        return (lambda i: reader.openSlice(path, i + 1)), (n, first.shape[0], first.shape[1]), lambda: None
+    data = _read_whole(reader, path)
+    return (lambda i: data[i]), data.shape, lambda: None
+
+
+def native_stacks(parts: "ParticleArrays", folder: str, log=logger.info) -> List[str]:
+    """Make every image of ``parts`` readable by core: images in a format other than MRC or
+    SPIDER are copied, once, into MRC stacks in ``folder`` (only the images the set uses, one
+    image in memory at a time; a stack written before for the same file and images is reused),
+    and ``parts.stacks`` / ``parts.indices`` point to the copies. Returns one line per file
+    converted (also sent to ``log``). ValueError with the reason (from pwem's reader) and the
+    fix for a file Scipion's image library cannot read here."""
+    import hashlib
+    import mrcfile
+    done: List[str] = []
+    paths = np.array(parts.stacks, dtype=object)
+    for path in sorted({p for p in parts.stacks if not stack_format(p)}):
+        rows = np.flatnonzero(paths == path)
+        used = np.unique(parts.indices[rows])
+        stat = os.stat(path) if os.path.exists(path) else None
+        if stat is None:
+            raise ValueError(f"Particle stack not found: {path}")
+        key = hashlib.sha1(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{used.tolist()}"
+                           .encode()).hexdigest()[:10]
+        target = os.path.join(folder, f"{os.path.splitext(os.path.basename(path))[0]}_{key}.mrcs")
+        if not os.path.exists(target):
+            try:
+                read, (n, ny, nx), close = _image_reader(path)
+            except Exception as exc:
+                raise _unreadable(path, exc) from None
+            try:
+                if used[-1] >= n:
+                    raise ValueError(f"{path} holds {n} images but the set uses image {used[-1] + 1}: import "
+                                     f"the particles again.")
+                os.makedirs(folder, exist_ok=True)
+                tmp = target + ".part"
+                with mrcfile.new_mmap(tmp, shape=(len(used), ny, nx), mrc_mode=2, overwrite=True) as mrc:
+                    for k, i in enumerate(used):
+                        mrc.data[k] = np.asarray(read(int(i)), dtype=np.float32)
+                    mrc.voxel_size = parts.pixel_size
+                    mrc.header.ispg = 0
+                os.replace(tmp, target)
+            finally:
+                close()
+            line = (f"Converted {len(used)} images of {path} ({os.path.splitext(path)[1]}) into the MRC "
+                    f"stack {target}.")
+        else:
+            line = f"Reused {target}: the MRC copy of {len(used)} images of {path}."
+        log(line)
+        done.append(line)
+        new_index = {int(i): k for k, i in enumerate(used)}
+        for r in rows:
+            parts.stacks[r] = target
+            parts.indices[r] = new_index[int(parts.indices[r])]
+    return done
 
 
 # One CTF end to end: Scipion's CTFModel (per particle) + Acquisition (per set) <-> CTFParams.

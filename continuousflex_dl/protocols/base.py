@@ -10,7 +10,6 @@ from pyworkflow.protocol import params
 
 from .. import convert
 from ..core.device import DEVICE_CHOICES, resolve_device
-from ..core.imaging.mrc import check_mrc_stack
 from ..core.modes.nma import N_RIGID
 from ..core.imaging.structure import diameter, read_coordinates
 
@@ -89,15 +88,23 @@ class FlexDLProtBase(EMProtocol):
         form.addParam("inputModes", params.PointerParam, pointerClass="SetOfNormalModes",
                       label="Normal modes", important=True, help=modes_help)
 
+    def _readParticles(self, particles, need_amplitudes: bool = False):
+        """convert.ParticleArrays of a set whose images core can read: files in formats other
+        than MRC and SPIDER are converted once into MRC stacks in the run's extra folder
+        (convert.native_stacks), and the run log says so."""
+        parts = convert.read_particles(particles, need_amplitudes=need_amplitudes)
+        convert.native_stacks(parts, self._getExtraPath("images"), log=self.info)
+        return parts
+
     def _stackErrors(self, particles, most: int = 3) -> List[str]:
         """Validation errors for the image files of a set of particles: missing, damaged
-        header, truncated (core.imaging.dataset.check_mrc_stack); at most ``most`` of them."""
+        header, truncated, or a format Scipion's image library cannot read here
+        (convert.stack_error); at most ``most`` of them."""
         errors = []
         for path in sorted(set(particles.getUniqueValues("_filename"))):
-            try:
-                check_mrc_stack(path)
-            except ValueError as exc:
-                errors.append(str(exc))
+            error = convert.stack_error(path)
+            if error:
+                errors.append(error)
         more = [f"... and {len(errors) - most} more damaged stacks."] if len(errors) > most else []
         return errors[:most] + more
 

@@ -50,7 +50,7 @@ class GroupMapsMixin:
         """Reconstruct each group with at least 2 particles; write maps and fits (JSON)."""
         self._logToRunLog()
         numbers, names, member, points, ids = self._mapGroups()
-        particles = convert.read_particles(self.inputParticles.get())
+        particles = self._readParticles(self.inputParticles.get())
         if particles.angles is None:
             raise ValueError("The particles have no 3-D poses: set 'Reconstruct a map' to No or align them.")
         row = {int(i): k for k, i in enumerate(particles.ids)}

@@ -165,7 +165,7 @@ class FlexDLProtAlign(FlexDLProtBase):
     def _buildJob(self) -> AlignmentJob:
         numbers = self._modeNumbers()
         atoms, modes = convert.read_modes(self.inputModes.get(), numbers)
-        parts = convert.read_particles(self.inputParticles.get())
+        parts = self._readParticles(self.inputParticles.get())
         types, type_names = None, []
         if self.refineImageModel.get():
             group = atoms.group
@@ -193,7 +193,7 @@ class FlexDLProtAlign(FlexDLProtBase):
         if list(model.getModes()) != list(job.mode_numbers):
             raise ValueError(f"The network predicts modes {model.getModes()} but the alignment uses modes "
                              f"{job.mode_numbers}: choose the network's modes, or another network.")
-        parts = convert.read_particles(self.inputParticles.get())
+        parts = self._readParticles(self.inputParticles.get())
         amplitudes, angles, shifts = self._networkPrediction(parts, model, pose=True)
         return {"amplitudes": amplitudes, "angles": angles, "shifts": shifts}
 

@@ -75,7 +75,7 @@ class FlexDLProtPredict(FlexDLProtBase):
 
     def _buildJob(self) -> PredictionJob:
         model = self.inputModel.get()
-        parts = convert.read_particles(self.inputParticles.get())
+        parts = self._readParticles(self.inputParticles.get())
         return PredictionJob(model_dir=model.getModelDir(), stamp=ModelFolder(model.getModelDir()).stamp(), ids=parts.ids,
                              stacks=parts.stacks, indices=parts.indices, pixel_size=parts.pixel_size,
                              invert=self.invertContrast.get(),

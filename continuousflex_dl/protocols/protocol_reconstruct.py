@@ -60,7 +60,7 @@ class FlexDLProtReconstruct(FlexDLProtBase):
 
     def reconstructStep(self):
         self._logToRunLog()
-        particles = convert.read_particles(self.inputParticles.get())
+        particles = self._readParticles(self.inputParticles.get())
         if particles.angles is None:
             raise ValueError("The particles have no 3-D poses: align them first.")
         if self.correctCTF and particles.ctf is None:

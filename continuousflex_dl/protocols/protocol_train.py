@@ -200,7 +200,7 @@ class FlexDLProtTrain(FlexDLProtBase):
         settings.pop("modes")
         phase_flip = settings.pop("phase_flip")
         settings.pop("invert")   # read by _imageSource
-        parts = convert.read_particles(self.inputParticles.get(), need_amplitudes=True)
+        parts = self._readParticles(self.inputParticles.get(), need_amplitudes=True)
         modes = parts.mode_numbers or list(range(7, 7 + parts.amplitudes.shape[1]))
         config = TrainConfig.build(modes=modes, pixel_size=parts.pixel_size, **settings)
         poses = (parts.angles, parts.shifts) if parts.angles is not None else None

@@ -2,8 +2,8 @@
 
 Images are addressed by a global 0-based index ``i`` in ``[0, M)`` of an
 *image source*: either an in-memory array (M, N, N) or a list of
-``(stack path, 0-based index in the stack)`` pairs read lazily from .mrc/.mrcs
-files through ``mrcfile.mmap(..., permissive=True)``.
+``(stack path, 0-based index in the stack)`` pairs read lazily from memory-mapped
+MRC or SPIDER stacks (:mod:`continuousflex_dl.core.imaging.stacks`).
 
 Preprocessing (:class:`Preprocessing`, applied by :func:`prepare_images`) is defined once here and used, with the
 parameters saved beside a trained model, identically for training, validation
@@ -42,7 +42,7 @@ import torch
 from .ctf import CTFParams, ctf_image, phase_flip
 from . import projection
 from .geometry import euler_to_matrix, matrix_to_euler
-from .mrc import check_mrc_stack
+from .stacks import open_stack
 
 __all__ = [
     "NORMALIZATIONS", "Preprocessing", "normalize_images", "window_images", "prepare_images",
@@ -250,11 +250,10 @@ class ArrayImageSource:
 
 
 class MrcsImageSource:
-    """Images read lazily from MRC stacks, addressed by ``(path, 0-based index)`` pairs.
+    """Images read lazily from MRC or SPIDER stacks, addressed by ``(path, 0-based index)`` pairs.
 
-    Files are memory-mapped on first use (``mrcfile.mmap``, ``permissive=True``)
-    and kept open; the open handles are not pickled (data-loader workers
-    reopen them). ``invert``: read every image with the opposite sign (particles exported
+    Files are memory-mapped on first use (:func:`stacks.open_stack`) and kept open; the open
+    handles are not pickled (data-loader workers reopen them). ``invert``: read every image with the opposite sign (particles exported
     dark on a bright background; this plugin expects white on black, as RELION).
     """
 
@@ -282,13 +281,8 @@ class MrcsImageSource:
 
     def _data(self, path: str) -> np.ndarray:
         if path not in self._handles:
-            import mrcfile
-            check_mrc_stack(path)
-            self._handles[path] = mrcfile.mmap(path, mode="r", permissive=True)
-        data = self._handles[path].data
-        if data is None:
-            raise ValueError(f"{path}: could not read image data.")
-        return data if data.ndim == 3 else data[None]
+            self._handles[path] = open_stack(path)
+        return self._handles[path][0]
 
     def read(self, indices: Sequence[int]) -> np.ndarray:
         """Images ``indices`` as a float32 array (B, N, N)."""
@@ -304,8 +298,9 @@ class MrcsImageSource:
         return -out if self.invert else out
 
     def close(self) -> None:
-        for h in self._handles.values():
-            h.close()
+        for _, handle in self._handles.values():
+            if handle is not None:
+                handle.close()
         self._handles = {}
 
 
