@@ -387,7 +387,9 @@ def read_ctf(acquisition, rows: Sequence[Tuple[float, float, float, float]]) -> 
     d = np.array(rows, dtype=float).reshape(-1, 4)
     values = (acquisition.getVoltage(), acquisition.getSphericalAberration(),
               acquisition.getAmplitudeContrast())
-    voltage, cs, q = (float(v) if v else DEFAULT_ACQUISITION[k] for v, k in zip(values, DEFAULT_ACQUISITION))
+    # Unset values are None (a voltage of 0 too); a Cs of 0 mm is a Cs-corrected microscope.
+    voltage, cs, q = (float(v) if v is not None and (v or k != "voltage") else DEFAULT_ACQUISITION[k]
+                      for v, k in zip(values, DEFAULT_ACQUISITION))
     return CTFParams(defocus_u=d[:, 0], defocus_v=d[:, 1], defocus_angle=d[:, 2], voltage=voltage, cs=cs,
                      amplitude_contrast=q, phase_shift=d[:, 3])
 

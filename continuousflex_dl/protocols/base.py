@@ -46,11 +46,26 @@ class FlexDLProtBase(EMProtocol):
                            "RELION, expects white particles on black (HEMNMA refuses inverted particles "
                            "and says so).")
 
-    def _imageSource(self, parts):
-        """The images of ``parts`` (convert.ParticleArrays) read with the sign of 'Invert contrast'."""
-        from ..core.imaging.dataset import MrcsImageSource
+    def _imageSource(self, parts, size: int = 0):
+        """The images of ``parts`` (convert.ParticleArrays) read with the sign of 'Invert
+        contrast', Fourier-cropped to ``size`` px as they are read when given and different
+        from their box."""
+        from ..core.imaging.dataset import FourierCroppedSource, MrcsImageSource
         invert = bool(getattr(self, "invertContrast", None) and self.invertContrast.get())
-        return MrcsImageSource(list(zip(parts.stacks, parts.indices.tolist())), invert=invert)
+        source = MrcsImageSource(list(zip(parts.stacks, parts.indices.tolist())), invert=invert)
+        if not size or parts.box == size:
+            return source
+        return FourierCroppedSource(source, size)
+
+    @staticmethod
+    def _croppingLine(box: int, pixel_size: float, size: int, why: str) -> str:
+        """What a run does to particles of ``box`` px at ``pixel_size`` Å/px worked on at
+        ``size`` px (for its log and summary): '' when nothing, else the Fourier cropping and
+        the pixel size it gives; ``why`` names the setting or model that chose ``size``."""
+        if not size or size >= box:
+            return ""
+        return (f"Particles of {box} px at {pixel_size:g} Å/px were Fourier-cropped to {size} px "
+                f"({pixel_size * box / size:.4g} Å/px, {why}).")
 
     def _networkPrediction(self, parts, model, pose: bool, **options):
         """(amplitudes (M, K) Å, angles (M, 3) deg or None, shifts (M, 2) px of the particles or

@@ -215,6 +215,8 @@ class FlexDLProtAlign(FlexDLProtBase):
         self.info(f"{len(job.ids)} particles, modes {job.mode_numbers}, {job.reference.n_atoms} atoms in the "
                   f"reference: {n_chunks} chunks of at most {chunk_size} particles, "
                   f"{min(n_chunks, self._parallelChunks())} {where} at a time")
+        for line in self._cropping():
+            self.info(line)
         return [os.path.join(self._jobFolder(), name) for name in ("job.npz", "job.json")] + [self._planFile()]
 
     def _checkPixelSize(self, job: AlignmentJob):
@@ -226,6 +228,13 @@ class FlexDLProtAlign(FlexDLProtBase):
         if level == "refuse":
             raise ValueError(message)
         (self.warning if level in ("warning", "undecided") else self.info)(message)
+
+    def _cropping(self) -> list:
+        """[the line saying how the particles are downsampled to the working size] or []."""
+        parts = self.inputParticles.get()
+        line = self._croppingLine(parts.getXDim(), parts.getSamplingRate(), self.workingSize.get(),
+                                  "'Working image size'")
+        return [line] if line else []
 
     def fitImageModelStep(self, job_fp):
         """Align a subset, fit the image model to it (core.hemnma.image_model) and save it in the job,
@@ -337,7 +346,7 @@ class FlexDLProtAlign(FlexDLProtBase):
         from ..reports import error_summary_lines
         default = "" if (self.modeList.get() or "").strip() else " (the default: first enabled non-rigid modes)"
         paths = np.bincount(result.path.astype(int), minlength=3)
-        lines = [f"{len(result.score)} particles aligned with modes {numbers}{default}."]
+        lines = [f"{len(result.score)} particles aligned with modes {numbers}{default}."] + self._cropping()
         check = self._getExtraPath("pixel_size_check.json")
         if os.path.exists(check):
             with open(check) as f:

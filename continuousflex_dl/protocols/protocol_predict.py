@@ -96,6 +96,8 @@ class FlexDLProtPredict(FlexDLProtBase):
         where = "cluster jobs" if self.useQueueForSteps() else "processes"
         self.info(f"{len(job.ids)} particles: {n_chunks} chunks of at most {chunk_size} particles, "
                   f"{min(n_chunks, self._parallelChunks())} {where} at a time")
+        for line in self._cropping():
+            self.info(line)
         return [os.path.join(self._jobFolder(), name) for name in ("job.npz", "job.json")]
 
     def predictChunkStep(self, start, stop, job_fp):
@@ -143,6 +145,13 @@ class FlexDLProtPredict(FlexDLProtBase):
                     f"Use particles at {model.getPixelSize():g} Å/px or finer."]
         return []
 
+    def _cropping(self) -> list:
+        """[the line saying how the particles are downsampled to the model's box] or []."""
+        parts, model = self.inputParticles.get(), self.inputModel.get()
+        line = self._croppingLine(parts.getXDim(), parts.getSamplingRate(), model.getImageSize(),
+                                  "the model's box")
+        return [line] if line else []
+
     @staticmethod
     def _modelPhaseFlips(model) -> bool:
         config = ModelFolder(model.getModelDir() or "").read_config()
@@ -158,7 +167,7 @@ class FlexDLProtPredict(FlexDLProtBase):
         return [f"Amplitudes of {len(data['ids'])} particles predicted for modes {modes}{averaged}.",
                 "Mean ± std (Å): " + ", ".join(f"mode {m}: {a.mean():.1f} ± {a.std():.1f}"
                                                for m, a in zip(modes, data["amplitudes"].T))
-                ] + error_summary_lines(self.outputParticles, self.inputParticles.get())
+                ] + self._cropping() + error_summary_lines(self.outputParticles, self.inputParticles.get())
 
     def _methods(self):
         return ["Normal-mode amplitudes were predicted with a trained DeepHEMNMA network [Hamitouche2022]."]

@@ -7,6 +7,8 @@ from ..core.landscape.reconstruction import FSC_THRESHOLD, centred_origin, read_
 from .base import FlexDLProtBase
 
 MAP_PREFIX = "map"
+#: Boxes larger than this (px) are Fourier-cropped to it unless the form says otherwise.
+DEFAULT_WORKING_BOX = 128
 
 
 class FlexDLProtReconstruct(FlexDLProtBase):
@@ -38,6 +40,12 @@ class FlexDLProtReconstruct(FlexDLProtBase):
                       help="Diameter of the soft spherical mask applied to the map and to the half maps "
                            "before their FSC; a little larger than the particle. -1: the box minus "
                            "twice the edge and 1 px.")
+        form.addParam("workingBox", params.IntParam, default=DEFAULT_WORKING_BOX, validators=[params.GE(0)],
+                      label="Largest box (px)",
+                      help="Particles in a larger box are Fourier-cropped to this box as they are read, so the "
+                           "map has this box and a pixel size larger by box / this (the summary says which). "
+                           "Memory and time grow with the cube of the box (a 256 px box with padding 2 needs "
+                           "several GB). 0: the particles' own box.")
         form.addParam("maskEdge", params.FloatParam, default=3.0, validators=[params.GE(0)],
                       label="Mask soft edge (px)", expertLevel=params.LEVEL_ADVANCED,
                       help="Width of the raised-cosine edge of the mask, outside its diameter.")
@@ -58,21 +66,34 @@ class FlexDLProtReconstruct(FlexDLProtBase):
         self._insertFunctionStep(self.reconstructStep, needsGPU=self._usesGPU())
         self._insertFunctionStep(self.createOutputStep, needsGPU=False)
 
+    def _workingBox(self):
+        """(box px, pixel size Å/px) of the map: the particles' box, or 'Largest box' when
+        smaller (the particles are then Fourier-cropped, the pixel size grows with them)."""
+        particles = self.inputParticles.get()
+        box, pixel = int(particles.getXDim()), float(particles.getSamplingRate())
+        largest = self.workingBox.get()
+        if not largest or box <= largest:
+            return box, pixel
+        return largest, pixel * box / largest
+
     def reconstructStep(self):
         self._logToRunLog()
         particles = self._readParticles(self.inputParticles.get())
+        box, pixel = self._workingBox()
+        images = self._imageSource(particles, box)
+        if box != particles.box:
+            self.info(self._croppingLine(particles.box, particles.pixel_size, box, "'Largest box'"))
         if particles.angles is None:
             raise ValueError("The particles have no 3-D poses: align them first.")
         if self.correctCTF and particles.ctf is None:
             raise ValueError("The particles have no CTF: set 'Correct the CTF?' to No or assign CTFs.")
         diameter = self.maskDiameter.get()
-        radius = None if diameter <= 0 else diameter / 2.0 / particles.pixel_size
+        radius = None if diameter <= 0 else diameter / 2.0 / pixel
 
         def progress(done, total, message):
             self.info("Inserted %d / %d particles" % (done, total))
 
-        result = reconstruct(list(zip(particles.stacks, particles.indices)), particles.angles,
-                             particles.shifts, particles.pixel_size,
+        result = reconstruct(images, particles.angles, particles.shifts * box / particles.box, pixel,
                              particles.ctf if self.correctCTF else None, seed=self.seed.get(),
                              pad_factor=self.padFactor.get(), mask_radius_px=radius,
                              mask_edge_px=self.maskEdge.get(), wiener_fudge=self.wienerFudge.get(),
@@ -89,12 +110,11 @@ class FlexDLProtReconstruct(FlexDLProtBase):
         return self._getExtraPath(f"{MAP_PREFIX}_fsc.csv")
 
     def createOutputStep(self):
-        particles = self.inputParticles.get()
-        pixel = particles.getSamplingRate()
+        box, pixel = self._workingBox()
         volume = Volume(location=self._mapFile())
         volume.setSamplingRate(pixel)
         origin = Transform()
-        origin.setShifts(*centred_origin(particles.getXDim(), pixel))
+        origin.setShifts(*centred_origin(box, pixel))
         volume.setOrigin(origin)
         volume.setHalfMaps([self._mapFile("_half1"), self._mapFile("_half2")])
         self._defineOutputs(outputVolume=volume)
@@ -132,10 +152,12 @@ class FlexDLProtReconstruct(FlexDLProtBase):
             res = self.resolution()
         except ValueError as exc:
             return [str(exc)]
-        volume = self.outputVolume
-        return [f"Map of {self.inputParticles.get().getSize()} particles, box {volume.getXDim()} px at "
+        volume, particles = self.outputVolume, self.inputParticles.get()
+        cropped = self._croppingLine(particles.getXDim(), particles.getSamplingRate(), volume.getXDim(),
+                                     "'Largest box'")
+        return [f"Map of {particles.getSize()} particles, box {volume.getXDim()} px at "
                 f"{volume.getSamplingRate():g} Å/px" + ("" if self.correctCTF else ", without CTF correction")
-                + ".",
+                + "."] + ([cropped] if cropped else []) + [
                 f"Resolution at FSC {FSC_THRESHOLD} between the half maps (masked): {res:.2f} Å "
                 f"(Nyquist {2 * volume.getSamplingRate():g} Å).",
                 "Half maps: " + ", ".join(volume.getHalfMaps().split(",")),

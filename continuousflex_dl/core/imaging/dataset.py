@@ -46,7 +46,8 @@ from .stacks import open_stack
 
 __all__ = [
     "NORMALIZATIONS", "Preprocessing", "normalize_images", "window_images", "prepare_images",
-    "rotate_images", "rotate_pose", "ArrayImageSource", "MrcsImageSource", "as_image_source",
+    "rotate_images", "rotate_pose", "ArrayImageSource", "FourierCroppedSource",
+    "MrcsImageSource", "as_image_source",
     "ctf_batch", "iterate_batches", "find_bad_images", "check_images", "FLAT_TOLERANCE",
 ]
 
@@ -247,6 +248,28 @@ class ArrayImageSource:
     def read(self, indices: Sequence[int]) -> np.ndarray:
         """Images ``indices`` as a float32 array (B, N, N)."""
         return np.asarray(self.images[np.asarray(indices, dtype=int)], dtype=np.float32)
+
+
+class FourierCroppedSource:
+    """The images of another source Fourier-cropped to ``size`` px as they are read (batch by
+    batch, never the whole set in memory): box centre ``N // 2`` -> ``size // 2``, pixel size
+    ``pixel_size * N / size`` (:func:`projection.fourier_crop`, pixel values kept, as
+    :func:`prepare_images` crops)."""
+
+    def __init__(self, source, size: int):
+        if not 1 <= int(size) <= source.image_size:
+            raise ValueError(f"Cannot downsample images of {source.image_size} px to {size} px: give a size "
+                             f"between 1 and {source.image_size} px.")
+        self.source = source
+        self.image_size = int(size)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def read(self, indices: Sequence[int]) -> np.ndarray:
+        """Images ``indices`` as a float32 array (B, size, size)."""
+        return projection.fourier_crop(torch.as_tensor(self.source.read(indices)), self.image_size,
+                                       preserve="mean", correct_pixel_blur=False).numpy()
 
 
 class MrcsImageSource:
