@@ -110,3 +110,12 @@ def test_unreadable_format_is_refused_with_the_reason(tmp_path, images):
     write_spider_stack(stk, images)
     assert convert.stack_error(str(stk)) is None
     assert "Particle stack not found" in convert.stack_error(str(tmp_path / "missing.tif"))
+
+
+def test_cs_of_zero_is_kept_and_unset_values_take_the_defaults():
+    from pwem.objects import Acquisition
+    corrected = convert.read_ctf(Acquisition(voltage=200.0, sphericalAberration=0.0, amplitudeContrast=0.07),
+                                 [(15000.0, 14000.0, 30.0, 0.0)])
+    assert (corrected.column("cs")[0], corrected.column("voltage")[0]) == (0.0, 200.0)  # a Cs corrector
+    unset = convert.read_ctf(Acquisition(), [(15000.0, 14000.0, 30.0, 0.0)])
+    assert [unset.column(k)[0] for k in convert.DEFAULT_ACQUISITION] == list(convert.DEFAULT_ACQUISITION.values())
