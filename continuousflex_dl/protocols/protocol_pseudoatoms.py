@@ -121,7 +121,7 @@ class FlexDLProtPseudoatoms(FlexDLProtBase):
         shape = _map_shape(path)
         if shape is None or len(shape) != 3 or len(set(shape)) != 1:
             return [f"The map {path} must be a cubic 3-D MRC map (its shape is {shape})."]
-        errors = []
+        errors = _voxel_size_errors(path, float(volume.getSamplingRate()))
         if self.maskMode.get() == MASK_VOLUME:
             mask = self.inputMask.get()
             if mask is None:
@@ -162,3 +162,28 @@ def _map_shape(path):
             return (int(h.nz), int(h.ny), int(h.nx))
     except Exception:  # any unreadable file is reported by _validate
         return None
+
+
+#: Relative difference between a map's header voxel size and its Scipion sampling rate above
+#: which the map is refused: a scale error in Å would follow into every pseudoatom, mode and
+#: alignment, silently.
+VOXEL_TOLERANCE = 0.005
+
+
+def _voxel_size_errors(path, sampling_rate: float):
+    """A validation error when the MRC header of the map gives a voxel size other than the
+    Scipion sampling rate (Å/px) that places the pseudoatoms in Å. Headers that give no
+    voxel size (0) or MRC's default of 1 Å are not trusted to disagree."""
+    import mrcfile
+    try:
+        with mrcfile.open(path, header_only=True, permissive=True) as mrc:
+            voxel = float(mrc.voxel_size.x)
+    except Exception:  # an unreadable file is reported by the shape check
+        return []
+    if voxel <= 0 or voxel == 1.0 or abs(voxel - sampling_rate) <= VOXEL_TOLERANCE * voxel:
+        return []
+    return [f"The map's file says {voxel:g} Å/px but Scipion gives it {sampling_rate:g} Å/px: the pseudoatoms "
+            f"would be {sampling_rate / voxel:.3f} times too {'large' if sampling_rate > voxel else 'small'}. "
+            f"Import the map again with the sampling rate of the file ({voxel:g} Å/px), or, if Scipion's value "
+            f"is right, correct the file's header (e.g. ChimeraX 'volume #1 voxelSize {sampling_rate:g}' then "
+            f"save) and import it again. The particles may have any pixel size: each is used in Å."]
