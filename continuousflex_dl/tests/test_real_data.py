@@ -8,12 +8,14 @@ acquisition read from the star as the form's wand does (``loadAcquisitionInfo``)
 scipion-em-cryosparc2's .cs importer needs the pyem conda environment (it runs a script there),
 so the .cs is read here with numpy as a second truth for the same particles. Every value is
 asserted against the star/.cs (read with emtable, the library of scipion-em-relion), in the
-Scipion set and in what this plugin's runs use.
+Scipion set and in what this plugin's runs use. The images also go through a TIFF stack
+imported as files, which the alignment converts once into an MRC stack in its folder.
 """
 import os
 
 import mrcfile
 import numpy as np
+import tifffile
 from emtable import Table
 from pwem.protocols import ProtImportParticles
 from pyworkflow.tests import BaseTest, setupTestProject
@@ -135,6 +137,25 @@ class TestRealData(BaseTest):
         said = "Particles of 256 px at 2.806 Å/px were Fourier-cropped to 64 px (11.22 Å/px, 'Working image size')."
         self.assertIn(said, "\n".join(align.summary()))
         self.assertIn(said, _log(align))
+
+        # The same images as a TIFF stack (tifffile, one page per image) imported as files: the
+        # run copies them once into an MRC stack in its folder and aligns exactly those images.
+        tiff = self.proj.getTmpPath("relion31.tif")
+        with mrcfile.open(os.path.join(DATA, "relion31.mrcs"), permissive=True) as mrc:
+            images = np.array(mrc.data)
+        tifffile.imwrite(tiff, images)
+        imp = self.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_FILES,
+                               filesPath=os.path.dirname(os.path.abspath(tiff)), filesPattern="relion31.tif",
+                               samplingRate=2.806)
+        self.launchProtocol(imp)
+        self.assertSetSize(imp.outputParticles, 5)
+        align_tiff = self.newProtocol(FlexDLProtAlign, inputParticles=imp.outputParticles, inputModes=modes,
+                                      modeList="7-8", effort=0, workingSize=32, maxShift=3.0)
+        self.launchProtocol(align_tiff)
+        job = AlignmentJob.load(align_tiff._getExtraPath())
+        self.assertTrue(all(p.endswith(".mrcs") and "images" in p for p in job.stacks), job.stacks)
+        np.testing.assert_array_equal(MrcsImageSource(list(zip(job.stacks, job.indices))).read(range(5)), images)
+        self.assertIn("Converted 5 images of ", _log(align_tiff))
 
         recon = self.newProtocol(FlexDLProtReconstruct, inputParticles=self.relion31, seed=1)
         self.launchProtocol(recon)
