@@ -269,7 +269,8 @@ def _unreadable(path: str, exc: BaseException) -> ValueError:
 def stack_error(path: str) -> Optional[str]:
     """Why the particle file ``path`` cannot be read, or None: for MRC and SPIDER stacks the
     checks of core.imaging.stacks.check_stack (missing, damaged header, truncated), for other
-    formats whether pwem's image reader of the format can read its dimensions here."""
+    formats whether the file opens through the reader :func:`native_stacks` uses (a pwem reader
+    that cannot read one image at a time reads the whole file)."""
     if stack_format(path):
         try:
             check_stack(path)
