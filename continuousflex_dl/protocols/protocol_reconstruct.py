@@ -19,7 +19,7 @@ class FlexDLProtReconstruct(FlexDLProtBase):
     mask follow. The map's resolution is where the gold-standard FSC between the half maps
     falls below 0.143. Poses and CTFs may come from this plugin or from RELION, cryoSPARC
     or Xmipp through Scipion."""
-    _label = "reconstruct"
+    _label = "reconstruct maps"
     _possibleOutputs = {"outputVolume": Volume}
 
     def _defineParams(self, form):
@@ -34,10 +34,10 @@ class FlexDLProtReconstruct(FlexDLProtBase):
                            "images are inserted as they are, right only for images without CTF "
                            "(e.g. synthetic particles made without it).")
         form.addSection(label="Reconstruction")
-        form.addParam("maskDiameter", params.FloatParam, default=-1.0, label="Mask diameter (Å)",
-                      help="Diameter of the soft spherical mask applied to the map and to the half maps "
-                           "before their FSC; a little larger than the particle. -1: the box minus "
-                           "twice the edge and 1 px.")
+        form.addParam("maskDiameter", params.FloatParam, default=-1.0, label="Mask diameter (Å, -1 = automatic)",
+                      help="Diameter in Å of the soft spherical mask applied to the map and to the half maps "
+                           "before their FSC; a little larger than the particle. -1 (the default) means "
+                           "automatic: the box minus twice the soft edge and 1 px.")
         form.addParam("maskEdge", params.FloatParam, default=3.0, validators=[params.GE(0)],
                       label="Mask soft edge (px)", expertLevel=params.LEVEL_ADVANCED,
                       help="Width of the raised-cosine edge of the mask, outside its diameter.")
