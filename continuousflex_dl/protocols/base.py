@@ -27,10 +27,12 @@ class FlexDLProtBase(EMProtocol):
                        help="Yes: compute on the GPUs listed in 'GPU IDs' when this machine has a CUDA GPU, "
                             "on the CPU when it has none. No: always compute on the CPU.")
         form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU IDs",
-                       help="The GPUs to use, by number as nvidia-smi lists them (0 is the first), separated "
-                            "by spaces, e.g. '0' or '0 1'. Scipion gives each step running at the same time "
-                            "GPUs of its own from this list; list a GPU twice ('0 0') to let two steps share "
-                            "it. A cluster job uses the GPUs its queue gives it.")
+                       help="Yes: compute on these GPUs when this machine has a CUDA GPU (on the CPU when "
+                            "it has none). No: always compute on the CPU. The GPUs are given by number as "
+                            "nvidia-smi lists them (0 is the first), separated by spaces, e.g. '0' or '0 1'. "
+                            "Scipion gives each step running at the same time GPUs of its own from this "
+                            "list; list a GPU twice ('0 0') to let two steps share it. A cluster job uses "
+                            "the GPUs its queue gives it.")
 
     def _addChunkParallelSection(self, form, parallel: int = 2):
         """The parallel section of a protocol whose chunks are parallel steps: Scipion keeps

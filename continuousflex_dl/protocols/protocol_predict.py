@@ -20,7 +20,7 @@ class FlexDLProtPredict(FlexDLProtBase):
     one chunk. Continue reuses a chunk only when it was computed from the
     same model, particles and settings. Particles with NaN, infinite or constant images
     are refused by id."""
-    _label = "DeepHEMNMA prediction"
+    _label = "predict DeepHEMNMA"
     _possibleOutputs = {"outputParticles": SetOfParticlesFlex}
     stepsExecutionMode = STEPS_PARALLEL
 

@@ -41,7 +41,7 @@ class FlexDLProtTrain(FlexDLProtBase):
     settings (more epochs allowed, except with the one-cycle schedule);
     other changes are refused with what changed: use Restart for them.
     Particles with NaN, infinite or constant images are refused by id."""
-    _label = "DeepHEMNMA training"
+    _label = "train DeepHEMNMA"
     _possibleOutputs = {"outputModel": FlexDLModel}
 
     def _defineParams(self, form):
