@@ -165,7 +165,8 @@ class FlexDLProtPredict(FlexDLProtBase):
 
     def _trainingParticles(self):
         """The particles the input model was trained on (None when its training run is not known)."""
-        train = self.inputModel.getObjValue()
+        from ..reports import producer
+        train = producer(self.inputModel.get(), self.getProject())
         pointer = getattr(train, "inputParticles", None)
         return pointer.get() if pointer is not None else None
 
