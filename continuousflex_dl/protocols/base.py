@@ -82,7 +82,8 @@ class FlexDLProtBase(EMProtocol):
             1, cpu_threads_available() // min(n_chunks, self._parallelChunks()))
         self.runJob(shlex.quote(sys.executable),
                     ["-m", "continuousflex_dl", command, os.path.abspath(folder), "--rows", start, stop,
-                     "--fingerprint", job_fp, "--device", self._deviceChoice(), "--slot", self._gpuSlot(start // chunk_size),
+                     "--fingerprint", job_fp, "--device", self._deviceChoice(),
+                     "--slot", self._gpuSlot(start // chunk_size),
                      "--threads", threads])
 
     def _parallelChunks(self) -> int:
