@@ -352,3 +352,157 @@ def error_summary_lines(particles, truth, modes_set=None, require_truth: bool = 
             text += f", shift error {pose.shift_mean:.2f} px (median {pose.shift_median:.2f} px)"
         lines.append(text + ".")
     return lines
+
+
+# ----------------------------------------------------------------------------- text for Scipion
+
+#: What the per-particle attributes of this plugin's protocols mean, with units (colour-bar labels).
+ATTRIBUTE_LABELS = {"_cfdlScore": "HEMNMA score (normalised cross-correlation)",
+                    "_cfdlMahalanobis": "Outlier distance (Mahalanobis, σ)"}
+
+
+def literal(name: str) -> str:
+    """``name`` (e.g. an attribute such as '_flexdl_zFlexStd') as fixed-width text that Scipion's
+    summary markup shows as written (its ``_x_`` italic and ``*x*`` bold leave ``'''x'''`` alone)."""
+    return f"'''{name}'''"
+
+
+# ----------------------------------------------------------------------------- training
+
+#: The network is "much worse" than HEMNMA when its error is more than this many times HEMNMA's.
+MUCH_WORSE = 3.0
+
+#: How the phases of a training run read for users (TrainConfig.data -> {phase: name}).
+PHASE_NAMES = {"particles": {"particles": "particles"},
+               "simulated": {"simulated": "simulated"},
+               "simulated+finetune": {"simulated": "simulated", "particles": "fine-tuning"}}
+
+#: Columns of the metrics table: (metrics.csv column, header with unit, format).
+METRICS_TABLE_COLUMNS = (("epoch", "Epoch", "{:.0f}"), ("phase", "Phase", "{}"),
+                         ("train_loss", "Training loss", "{:.4g}"), ("val_loss", "Validation loss", "{:.4g}"),
+                         ("val_mae", "Validation MAE (Å)", "{:.2f}"), ("val_angle_deg", "Validation angle (°)",
+                                                                        "{:.2f}"),
+                         ("val_shift_px", "Validation shift (px)", "{:.2f}"), ("lr", "Learning rate", "{:.2e}"),
+                         ("images_per_s", "Images/s", "{:.0f}"), ("seconds", "Time (s)", "{:.1f}"))
+
+
+def _number(row, key) -> float:
+    try:
+        return float(row[key])
+    except (KeyError, TypeError, ValueError):
+        return float("nan")
+
+
+def training_phases(rows: Sequence[dict], data: str, epochs: int) -> List[str]:
+    """The phase of every metrics row, as users read it ('simulated', 'fine-tuning' or
+    'particles'): the row's ``phase`` column, else (a metrics.csv of 0.2) epochs up to
+    ``epochs`` in the first phase. data: the run's ``TrainConfig.data``."""
+    names = PHASE_NAMES.get(data, {})
+    first = "particles" if data == "particles" else "simulated"
+    out = []
+    for r in rows:
+        source = r.get("phase") or (first if int(_number(r, "epoch")) <= epochs else "particles")
+        out.append(names.get(source, source))
+    return out
+
+
+def metrics_table(rows: Sequence[dict], phases: Sequence[str]) -> tuple:
+    """``(header, rows)`` of the metrics for a table: the columns of :data:`METRICS_TABLE_COLUMNS`
+    that the rows have, with units and a sensible precision, the phase of each row."""
+    present = [c for c in METRICS_TABLE_COLUMNS if c[0] == "phase" or any(c[0] in r for r in rows)]
+    table = []
+    for r, phase in zip(rows, phases):
+        cells = []
+        for key, _, fmt in present:
+            if key == "phase":
+                cells.append(phase)
+            else:
+                v = _number(r, key)
+                cells.append("–" if v != v else fmt.format(v))
+        table.append(cells)
+    return [c[1] for c in present], table
+
+
+def training_summary_lines(rows: Sequence[dict], phases: Sequence[str], kept_epoch: int) -> List[str]:
+    """Plain-words lines on a training run: the epochs of each phase, the epoch whose weights
+    the model keeps (lowest validation loss, ``kept_epoch``) and its validation MAE (Å), and
+    whether fine-tuning improved the validation error. rows: metrics rows (strings or numbers)."""
+    if not rows:
+        return ["Not trained yet."]
+    by_epoch = {int(_number(r, "epoch")): (r, p) for r, p in zip(rows, phases)}
+    kept, kept_phase = by_epoch[int(kept_epoch)]
+    spans = OrderedDict()
+    for r, p in zip(rows, phases):
+        spans.setdefault(p, []).append(int(_number(r, "epoch")))
+    described = {"simulated": "simulated training", "fine-tuning": "fine-tuning on the particles' amplitudes",
+                 "particles": "training on the particles' amplitudes"}
+    lines = [f"{len(rows)} epochs: " + ", then ".join(
+        f"{described.get(p, p)} (epoch{f's {min(e)}-{max(e)}' if len(e) > 1 else f' {e[0]}'})"
+        for p, e in spans.items()) + "."]
+    where = {"simulated": "of the simulated training", "fine-tuning": "of the fine-tuning"}.get(kept_phase, "")
+    kept_text = f"epoch {int(kept_epoch)}" + (f" {where}" if len(spans) > 1 else "")
+    lines.append(f"The model keeps the weights of {kept_text} (lowest validation loss): validation MAE "
+                 f"{_number(kept, 'val_mae'):.1f} Å (mean absolute amplitude error on the validation images).")
+    if "simulated" in spans and "fine-tuning" in spans:
+        def best_of(phase):
+            return min((r for r, p in zip(rows, phases) if p == phase), key=lambda r: _number(r, "val_loss"))
+        before, after = best_of("simulated"), best_of("fine-tuning")
+        if kept_phase == "simulated":
+            lines.append(f"Fine-tuning on the particles' amplitudes did not improve the validation error "
+                         f"({_number(before, 'val_mae'):.1f} -> {_number(after, 'val_mae'):.1f} Å at best); "
+                         f"the weights kept are those of {kept_text}.")
+        else:
+            lines.append(f"Fine-tuning on the particles' amplitudes lowered the validation error "
+                         f"({_number(before, 'val_mae'):.1f} -> {_number(after, 'val_mae'):.1f} Å); the weights "
+                         f"kept are those of {kept_text}.")
+    return lines
+
+
+def hemnma_error(particles, project) -> Optional[float]:
+    """Mean absolute amplitude error (Å, over particles and modes) of the HEMNMA amplitudes
+    ``particles`` against the ground truth found upstream of them in ``project``; None when
+    they are not HEMNMA's or no truth is found."""
+    if particles is None or project is None or flex_source(particles) != convert.SOURCE_HEMNMA:
+        return None
+    truth = related_sets(particles, project).truth
+    if truth is None:
+        return None
+    try:
+        (amp, _), = error_reports(truth, [particles]).values()
+    except ValueError:
+        return None
+    return float(amp.abs_errors.mean())
+
+
+def network_warning(network_error: Optional[float], hemnma: Optional[float], what: str) -> List[str]:
+    """A summary line warning that the network is much worse than HEMNMA (its error ``network_error``
+    Å, described by ``what``, above :data:`MUCH_WORSE` times HEMNMA's error ``hemnma`` Å against the
+    ground truth); [] when either is unknown or the network is not much worse."""
+    if network_error is None or hemnma is None or not network_error > MUCH_WORSE * hemnma:
+        return []
+    ratio = f"{network_error / hemnma:.0f}x" if hemnma > 0 else "far above"
+    return [f"*Warning*: {what} ({network_error:.1f} Å) is {ratio} HEMNMA's error against the ground truth "
+            f"({hemnma:.1f} Å): on these particles the network is much less accurate than HEMNMA. Prefer "
+            f"HEMNMA's amplitudes, or use the network only as a first answer for the HEMNMA alignment "
+            f"('Network for a first answer')."]
+
+
+def prediction_warning(predicted, project, training_particles=None) -> List[str]:
+    """:func:`network_warning` for a set of amplitudes predicted by the network: its error
+    against the ground truth found in ``project``, beside HEMNMA's (a HEMNMA set of the same
+    particles in the project, else the network's HEMNMA ``training_particles``); [] when
+    either is unknown."""
+    if project is None:
+        return []
+    related = related_sets(predicted, project)
+    if related.truth is None:
+        return []
+    try:
+        (amp, _), = error_reports(related.truth, [predicted]).values()
+    except ValueError:
+        return []
+    hemnma = next((s for s, _, _ in related.overlays if flex_source(s) == convert.SOURCE_HEMNMA), None)
+    error = hemnma_error(hemnma, project) if hemnma is not None else None
+    if error is None:
+        error = hemnma_error(training_particles, project)
+    return network_warning(float(amp.abs_errors.mean()), error, "DeepHEMNMA's error against the ground truth")

@@ -9,7 +9,7 @@ from pwem.protocols import EMProtocol
 from pyworkflow.protocol import params
 
 from .. import convert
-from ..core.device import DEVICE_CHOICES, resolve_device
+from ..core.device import resolve_device
 from ..core.modes.nma import N_RIGID
 from ..core.imaging.structure import diameter, read_coordinates
 
@@ -20,11 +20,18 @@ class FlexDLProtBase(EMProtocol):
     _devStatus = "BETA"
 
     def _addDeviceParam(self, form):
-        form.addParam("device", params.EnumParam, choices=list(DEVICE_CHOICES), default=0,
-                      display=params.EnumParam.DISPLAY_HLIST, label="Compute device",
-                      expertLevel=params.LEVEL_ADVANCED,
-                      help="auto: the first CUDA GPU when one is visible, else the CPU. "
-                           "cuda: refuse to run without a GPU. cpu: never use a GPU.")
+        """Scipion's GPU row of the Run section ('GPU IDs': Yes/No and a list of ids), as other
+        plugins have it; :meth:`_deviceChoice` and :meth:`_gpuSlot` map it to the core's device."""
+        form.addHidden(params.USE_GPU, params.BooleanParam, default=True, label="Use GPU?",
+                       help="Yes: compute on the GPUs listed in 'GPU IDs' when this machine has a CUDA GPU, "
+                            "on the CPU when it has none. No: always compute on the CPU.")
+        form.addHidden(params.GPU_LIST, params.StringParam, default="0", label="GPU IDs",
+                       help="Yes: compute on these GPUs when this machine has a CUDA GPU (on the CPU when "
+                            "it has none). No: always compute on the CPU. The GPUs are given by number as "
+                            "nvidia-smi lists them (0 is the first), separated by spaces, e.g. '0' or '0 1'. "
+                            "Scipion gives each step running at the same time GPUs of its own from this "
+                            "list; list a GPU twice ('0 0') to let two steps share it. A cluster job uses "
+                            "the GPUs its queue gives it.")
 
     def _addChunkParallelSection(self, form, parallel: int = 2):
         """The parallel section of a protocol whose chunks are parallel steps: Scipion keeps
@@ -36,8 +43,9 @@ class FlexDLProtBase(EMProtocol):
         param.help.set(f"Scipion keeps one thread to schedule the steps, so N threads run N-1 chunks at "
                        f"the same time: 1 or 2 run one chunk after another, {parallel + 1} (the default) "
                        f"runs {parallel} chunks at once. The CPU cores are shared among the chunks "
-                       f"running together (a GPU is shared too). With 'Use queue for steps', N-1 chunks "
-                       f"are queued as cluster jobs at the same time.")
+                       f"running together; Scipion gives each running chunk GPUs of its own from 'GPU IDs'. "
+                       f"When 'Use a queue engine?' sends every step to the queue, N-1 chunks are queued "
+                       f"as cluster jobs at the same time.")
 
     def _addContrastParam(self, form):
         form.addParam("invertContrast", params.BooleanParam, default=False, label="Invert contrast?",
@@ -88,7 +96,8 @@ class FlexDLProtBase(EMProtocol):
             1, cpu_threads_available() // min(n_chunks, self._parallelChunks()))
         self.runJob(shlex.quote(sys.executable),
                     ["-m", "continuousflex_dl", command, os.path.abspath(folder), "--rows", start, stop,
-                     "--fingerprint", job_fp, "--device", self._deviceChoice(), "--slot", start // chunk_size,
+                     "--fingerprint", job_fp, "--device", self._deviceChoice(),
+                     "--slot", self._gpuSlot(start // chunk_size),
                      "--threads", threads])
 
     def _parallelChunks(self) -> int:
@@ -157,18 +166,58 @@ class FlexDLProtBase(EMProtocol):
                 f"or a larger pixel size."]
 
     def _deviceChoice(self) -> str:
-        """The device parameter as a string ('auto' for protocols without one)."""
-        return DEVICE_CHOICES[self.device.get()] if hasattr(self, "device") else "auto"
+        """The core's device choice (``core.device.DEVICE_CHOICES``) for the form's GPU row: 'cpu'
+        when 'Use GPU?' is No, else 'auto' (a GPU when one is visible, else the CPU); 'auto' for
+        protocols without the row."""
+        return "cpu" if self.allowsGpu() and not self.useGpu.get() else "auto"
+
+    def _stepGpus(self) -> List[int]:
+        """The GPU ids that Scipion gave the running step (from 'GPU IDs'), else the form's list."""
+        try:
+            gpus = self._stepsExecutor.getGpuList()
+        except AttributeError:  # no executor (called outside a run), or a step outside a step thread
+            gpus = None
+        return [int(g) for g in (gpus or self.getGpuList())]
+
+    def _gpuSlot(self, index: int = 0) -> int:
+        """The core's GPU slot (``resolve_device(choice, slot)``: GPU ``slot mod count``) of the
+        ``index``-th job of a step: the step's GPU ids taken in turn, else ``index`` itself."""
+        gpus = self._stepGpus() if self.allowsGpu() else []
+        return gpus[index % len(gpus)] if gpus else index
+
+    def _gpuEnv(self):
+        """The environment of a local process that uses several GPUs (DDP training): this one's, with
+        CUDA_VISIBLE_DEVICES set to the step's GPU ids, so that it sees those GPUs first; None
+        (unchanged) on the CPU, for a cluster job (its queue gives the GPUs) or when
+        CUDA_VISIBLE_DEVICES is set already (its ids are what the form's ids refer to)."""
+        if self._deviceChoice() == "cpu" or not self.allowsGpu() or self.useQueue() \
+                or os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+            return None
+        gpus = list(dict.fromkeys(self._stepGpus()))  # '0 0' shares GPU 0: one id for one process
+        return dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, gpus))) if gpus else None
 
     def _usesGPU(self) -> bool:
-        """For steps' needsGPU: everything but an explicit 'cpu' may use a GPU."""
-        return self._deviceChoice() != "cpu"
+        """For steps' needsGPU: 'Use GPU?' is Yes and this machine has a CUDA GPU (so that Scipion
+        does not hold CPU steps back waiting for a free GPU of 'GPU IDs')."""
+        if self._deviceChoice() == "cpu":
+            return False
+        import torch
+        return torch.cuda.is_available()
 
     def _getDevice(self) -> str:
+        """'cpu' or 'cuda:<id>' for work done in this process: the first GPU of the step's ids."""
         try:
-            return resolve_device(self._deviceChoice())
+            return resolve_device(self._deviceChoice(), self._gpuSlot(0))
         except ValueError as exc:
             raise RuntimeError(str(exc)) from None
+
+    def getBinThreads(self) -> int:
+        """The CPU threads of one chunk (pyworkflow logs it as 'binary Threads' at the start of a
+        run; our protocols have no 'binThreads' parameter: the chunks share this machine's cores)."""
+        if self.modeSerial():
+            return super().getBinThreads()
+        from ..core.device import cpu_threads_available
+        return max(1, cpu_threads_available() // self._parallelChunks())
 
     def _logToRunLog(self):
         """Send the core's progress lines (logging) to this run's log."""

@@ -38,9 +38,9 @@ class GroupMapsMixin:
                       help="Yes: weight each image by its CTF (the particles must carry CTFs). No: only for "
                            "images without CTF.")
         form.addParam("mapsMaskDiameter", params.FloatParam, default=-1.0, condition="reconstructMaps",
-                      label="Mask diameter (Å)",
-                      help="Soft spherical mask of the maps and of their half maps' FSC; -1: the box "
-                           "minus 8 px.")
+                      label="Mask diameter (Å, -1 = automatic)",
+                      help="Soft spherical mask of the maps and of their half maps' FSC, in Å. -1 (the "
+                           "default) means automatic: the box minus 8 px.")
         self._addDeviceParam(form)
 
     def _groupMapsFile(self) -> str:

@@ -57,24 +57,32 @@ class FlexDLProtAlign(FlexDLProtBase):
                            "says how many particles took each path.")
         self._addContrastParam(form)
         form.addParam("amplitudeRange", params.FloatParam, default=0.0, validators=[params.GE(0)],
-                      label="Amplitude range (Å)",
-                      help="Amplitudes are searched in [-R, R]. 0: R = 5 sqrt(N) Å, which moves the N atoms "
-                           "by 5 Å RMS along one mode (about 200 Å for adenylate kinase). "
-                           "Where answers reach R, the range grows there (to 3.5 R at most) and those "
-                           "particles are refined again; the summary gives the fraction left at the limit.")
+                      label="Amplitude range (Å, 0 = automatic)",
+                      help="Amplitudes are searched in [-R, R] Å. 0 (the default) means automatic: R = "
+                           "5 sqrt(N) Å for a structure of N atoms, which moves its atoms by 5 Å RMS along "
+                           "one mode (about 200 Å for adenylate kinase, 3,341 heavy atoms). Where answers "
+                           "reach R, the range grows there (to 3.5 R at most) and those particles are "
+                           "refined again; the summary gives the fraction left at the limit.")
         form.addSection(label="Search")
         form.addParam("angularStep", params.FloatParam, default=15.0, validators=[params.Range(3, 45)],
-                      label="Angular step (deg)", help="Spacing of the global orientation search.")
+                      label="Angular step (°)",
+                      help="Spacing of the orientations tried by the global search, in degrees: smaller is "
+                           "slower (the number of orientations grows as 1/step³) and finds the pose of "
+                           "noisier particles more often.")
         form.addParam("maxShift", params.FloatParam, default=5.0, validators=[params.GE(0)],
                       label="Maximum shift (px)", help="Largest shift searched, in pixels of the input images.")
         form.addParam("workingSize", params.IntParam, default=64, validators=[params.GE(16)],
                       label="Working image size (px)",
-                      help="Images are reduced to this size by Fourier cropping for the final refinement "
-                           "(the paper aligned 128 px versions of 256 px images).")
+                      help="Images are reduced to this size (Fourier cropping, which keeps the low "
+                           "resolutions) for the final refinement: larger is slower and uses finer detail. "
+                           "Particles smaller than this are used at their own size. Hamitouche & Jonic "
+                           "(2022) aligned 128 px versions of 256 px images.")
         form.addParam("effort", params.EnumParam, choices=list(PRESETS), default=1,
                       display=params.EnumParam.DISPLAY_HLIST, label="Refinement effort",
-                      help="How many candidate poses are refined, and for how long (core.hemnma.alignment.PRESETS; "
-                           "normal: the settings of the benchmark in the README).")
+                      help="How many candidate poses of each particle the search keeps and how long it refines "
+                           "them: fast refines 4 candidates briefly (about half the time of normal); normal "
+                           "refines 8; thorough refines 12, the best 2 of them at the working size, for longer "
+                           "(about twice the time of normal), for noisy particles whose pose is often missed.")
         form.addParam("refineImageModel", params.BooleanParam, default=False,
                       label="Refine the image model on the data?",
                       help="HEMNMA draws every atom as a Gaussian of 1 Å with unit weight; real images are "
@@ -92,10 +100,11 @@ class FlexDLProtAlign(FlexDLProtBase):
                            "(the model has a few numbers: a weight per element and a B-factor; 50 to 200 "
                            "particles suffice). They are aligned once more for the fit.")
         form.addParam("chunkSize", params.IntParam, default=0, validators=[params.GE(0)],
-                      expertLevel=params.LEVEL_ADVANCED, label="Particles per chunk",
-                      help="Each chunk is one step, a process of its own (python -m continuousflex_dl "
-                           "align-chunk), or a cluster job with 'Use queue for steps'. Threads N "
-                           "(Parallelization) run N-1 chunks at the same time. 0: automatic, about 4 "
+                      expertLevel=params.LEVEL_ADVANCED, label="Particles per chunk (0 = automatic)",
+                      help="The particles are aligned in chunks, each a step of the run (a process of its "
+                           "own, or a cluster job when 'Use a queue engine?' sends every step to the queue). "
+                           "'Threads (chunks at a time + 1)' = N runs N-1 chunks at the same time. 0 means "
+                           "automatic: about 4 "
                            f"chunks per parallel worker, of {ALIGN_CHUNK_SMALLEST} to 500 particles (fewer "
                            "only so that every worker has one: a chunk process takes about 2 s to start); "
                            "kept on Continue. Continue skips the chunks already done with the same inputs "
@@ -259,7 +268,7 @@ class FlexDLProtAlign(FlexDLProtBase):
         self.runJob(shlex.quote(sys.executable),
                     ["-m", "continuousflex_dl", "align-chunk", os.path.abspath(self._jobFolder()),
                      "--rows", start, stop, "--fingerprint", job_fp, "--device", self._deviceChoice(),
-                     "--slot", start // size, "--threads", threads])
+                     "--slot", self._gpuSlot(start // size), "--threads", threads])
         finished_chunk(self._jobFolder(), start, stop, job_fp)  # a failed job leaves none
         return [str(chunk_path(self._jobFolder(), start, stop))]
 
@@ -343,7 +352,7 @@ class FlexDLProtAlign(FlexDLProtBase):
             numbers = data["mode_numbers"].tolist()
             fitted = json.loads(str(data["image_model"])) if "image_model" in data.files else None
             reliability = Reliability.from_dict(data)
-        from ..reports import error_summary_lines
+        from ..reports import error_summary_lines, literal
         default = "" if (self.modeList.get() or "").strip() else " (the default: first enabled non-rigid modes)"
         paths = np.bincount(result.path.astype(int), minlength=3)
         lines = [f"{len(result.score)} particles aligned with modes {numbers}{default}."] + self._cropping()
@@ -353,8 +362,8 @@ class FlexDLProtAlign(FlexDLProtBase):
                 lines.append(json.load(f)["message"])
         if reliability is not None:
             lines += reliability.summary_lines(result.score, numbers) + [
-                f"(per particle: the reliability in {convert.RELIABILITY_ATTR}, the honest σ in "
-                f"{convert.ZFLEX_STD_ATTR})"]
+                f"(per particle: the reliability in {literal(convert.RELIABILITY_ATTR)}, the honest σ in "
+                f"{literal(convert.ZFLEX_STD_ATTR)})"]
         if self.inputModel.get() is not None:
             lines.append(f"Paths: {paths[PATH_SEEDED]} particles from the network's answer, {paths[PATH_GLOBAL]} "
                          f"by the global search as the reference, {paths[PATH_FALLBACK]} by the global search "
@@ -372,7 +381,8 @@ class FlexDLProtAlign(FlexDLProtBase):
                 "Uncertainty (Laplace standard deviation, median over particles): " + ", ".join(
                     f"mode {m}: {s:.1f} Å" for m, s in zip(numbers, np.median(result.amplitude_std, 0)))
                 + f"; angles {np.median(result.angle_std):.2f}°, shifts {np.median(result.shift_std):.2f} px"
-                + ("" if reliability else f" (per particle in {convert.ZFLEX_STD_ATTR}, in the order of zFlex)") + "."
+                + ("" if reliability else f" (per particle in {literal(convert.ZFLEX_STD_ATTR)}, in the order of "
+                                          f"zFlex)") + "."
                 ] + error_summary_lines(self.outputParticles, self.inputParticles.get(), self.inputModes.get())
 
     def _methods(self):

@@ -26,7 +26,7 @@ class FlexDLProtNMA(FlexDLProtBase):
     Low-frequency modes 7, 8, 9... describe the collective motions used by
     HEMNMA and DeepHEMNMA. Modes whose collectivity is below a threshold are
     disabled (kept, but not proposed to later protocols)."""
-    _label = "normal mode analysis"
+    _label = "normal modes (NMA)"
     _possibleOutputs = {"outputStructure": AtomStruct, "outputModes": SetOfNormalModes}
 
     def _defineParams(self, form):
@@ -65,7 +65,8 @@ class FlexDLProtNMA(FlexDLProtBase):
                            "enough; lower values can leave atoms with too few springs.")
         form.addParam("springConstant", params.FloatParam, default=1.0, label="Spring constant",
                       expertLevel=params.LEVEL_ADVANCED, validators=[params.Positive],
-                      help="Scales the eigenvalues only; the modes do not depend on it.")
+                      help="The stiffness of every spring of the network. It scales the eigenvalues only (they are "
+                           "in its units); the modes do not depend on it.")
         form.addParam("collectivityThreshold", params.FloatParam, default=0.15,
                       label="Collectivity threshold", validators=[params.Range(0, 1)],
                       help="Non-rigid modes whose collectivity (Brüschweiler 1995, 0-1) is below this "

@@ -13,9 +13,9 @@ DISTANCE_ATTR = "_cfdlMahalanobis"
 class FlexDLProtOutliers(FlexDLProtBase):
     """Keep the particles whose amplitudes are not outliers (Mahalanobis distance).
 
-    The DeepHEMNMA paper removed about 10% of the HEMNMA results before
-    training. Each kept particle stores its distance."""
-    _label = "amplitude outlier removal"
+    DeepHEMNMA (Hamitouche & Jonic 2022) removed about 10% of the HEMNMA results before
+    training. Each kept particle stores its distance (in standard deviations, σ)."""
+    _label = "remove outliers"
     _possibleOutputs = {"outputParticles": SetOfParticlesFlex}
 
     def _defineParams(self, form):
@@ -29,17 +29,20 @@ class FlexDLProtOutliers(FlexDLProtBase):
                            "threshold: remove particles farther than a distance.")
         form.addParam("fraction", params.FloatParam, default=0.1, condition="criterion == 0",
                       validators=[params.Range(0, 0.9)], label="Fraction to remove",
-                      help="0.1 removes the 10% most distant particles, as in the paper.")
+                      help="0.1 removes the 10% of the particles farthest from the centre of the amplitude "
+                           "distribution (Mahalanobis distance), as in DeepHEMNMA (Hamitouche & Jonic 2022).")
         form.addParam("threshold", params.FloatParam, default=3.0, condition="criterion == 1",
-                      validators=[params.Positive], label="Distance threshold",
-                      help="Mahalanobis distance (in standard deviations) above which a particle is removed.")
+                      validators=[params.Positive], label="Distance threshold (σ)",
+                      help="Mahalanobis distance above which a particle is removed, in standard deviations (σ) "
+                           "of the amplitude distribution, its correlations between modes taken into account: "
+                           "3 keeps about 97% of Gaussian amplitudes of 3 modes.")
         form.addParam("maxUncertainty", params.FloatParam, default=0.0, validators=[params.GE(0)],
-                      label="Largest amplitude uncertainty (Å)",
+                      label="Largest amplitude uncertainty (Å, 0 = off)",
                       help="Also remove particles whose amplitudes are uncertain: those with a standard "
-                           "deviation above this many Å on any mode (HEMNMA stores them per particle, "
-                           f"{convert.ZFLEX_STD_ATTR}). 0: do not use the uncertainty.")
+                           "deviation above this many Å on any mode (HEMNMA's alignment of this plugin gives "
+                           "one per particle and mode). 0 (the default): do not use the uncertainty.")
         form.addParam("minReliability", params.FloatParam, default=0.0, validators=[params.Range(0, 1)],
-                      label="Smallest pose reliability",
+                      label="Smallest pose reliability (0-1, 0 = off)",
                       help="Also remove particles whose pose is probably wrong: those with a pose reliability "
                            "(the calibrated probability that HEMNMA's pose is within 10°, stored per particle "
                            f"as {convert.RELIABILITY_ATTR}) below this value; 0.5 keeps the particles more "
@@ -113,11 +116,13 @@ class FlexDLProtOutliers(FlexDLProtBase):
         return []
 
     def _summary(self):
+        from ..reports import literal
         if not hasattr(self, "outputParticles"):
             return []
         d = np.load(self._getExtraPath("distances.npz"))
         lines = [f"Kept {int(d['keep'].sum())} of {len(d['keep'])} particles "
-                 f"(largest kept distance {d['distances'][d['keep']].max():.2f})."]
+                 f"(largest kept Mahalanobis distance {d['distances'][d['keep']].max():.2f} σ, in standard "
+                 f"deviations of the amplitude distribution; per particle in {literal(DISTANCE_ATTR)})."]
         if "uncertain" in d.files and d["uncertain"].any():
             lines.append(f"{int(d['uncertain'].sum())} particles removed for an amplitude uncertainty above "
                          f"{self.maxUncertainty.get():g} Å.")

@@ -15,12 +15,12 @@ from .base import FlexDLProtBase
 class FlexDLProtPredict(FlexDLProtBase):
     """Predict normal-mode amplitudes of particles with a trained DeepHEMNMA model.
 
-    A large set is predicted in chunks, each a process of its own (python -m
-    continuousflex_dl predict-chunk) or, with 'Use queue for steps', a cluster job; a
-    small set is one chunk. Continue reuses a chunk only when it was computed from the
+    A large set is predicted in chunks, each a step of the run (a process of its own, or a
+    cluster job when 'Use a queue engine?' sends every step to the queue); a small set is
+    one chunk. Continue reuses a chunk only when it was computed from the
     same model, particles and settings. Particles with NaN, infinite or constant images
     are refused by id."""
-    _label = "DeepHEMNMA prediction"
+    _label = "predict DeepHEMNMA"
     _possibleOutputs = {"outputParticles": SetOfParticlesFlex}
     stepsExecutionMode = STEPS_PARALLEL
 
@@ -39,7 +39,8 @@ class FlexDLProtPredict(FlexDLProtBase):
                            "in-plane rotation augmentation; costs N times the time. 1: no averaging.")
         form.addParam("batchSize", params.IntParam, default=128, validators=[params.GT(0)],
                       expertLevel=params.LEVEL_ADVANCED, label="Batch size",
-                      help="Images predicted at once; lower it if the GPU runs out of memory.")
+                      help="Images predicted at once; lower it if the GPU runs out of memory (the results do not "
+                           "depend on it).")
         form.addParam("bfloat16", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
                       label="bfloat16 on the CPU?",
                       help="Run the network in bfloat16 on the CPU: several times faster on CPUs with "
@@ -47,9 +48,10 @@ class FlexDLProtPredict(FlexDLProtBase):
                            "(up to 8 Å for single particles, measured on the demo). GPUs always use "
                            "mixed precision.")
         form.addParam("chunkSize", params.IntParam, default=0, validators=[params.GE(0)],
-                      expertLevel=params.LEVEL_ADVANCED, label="Particles per chunk",
-                      help="Each chunk is one step, a process of its own (python -m continuousflex_dl "
-                           "predict-chunk), or a cluster job with 'Use queue for steps'. 0: automatic: one "
+                      expertLevel=params.LEVEL_ADVANCED, label="Particles per chunk (0 = automatic)",
+                      help="The particles are predicted in chunks, each a step of the run (a process of its "
+                           "own, or a cluster job when 'Use a queue engine?' sends every step to the queue). "
+                           "0 means automatic: one "
                            "chunk below 5000 particles per parallel chunk (a process start and a model load "
                            "cost a few seconds), else about 2 chunks per parallel chunk, of at most 20000 "
                            "particles (their images are held in memory). Continue skips the chunks already "
@@ -162,12 +164,20 @@ class FlexDLProtPredict(FlexDLProtBase):
             return []
         data = np.load(self._getExtraPath("predicted.npz"))
         modes = self.inputModel.get().getModes()
-        from ..reports import error_summary_lines
+        from ..reports import error_summary_lines, prediction_warning
         averaged = f", averaged over {self.rotations.get()} in-plane rotations" if self.rotations.get() > 1 else ""
         return [f"Amplitudes of {len(data['ids'])} particles predicted for modes {modes}{averaged}.",
                 "Mean ± std (Å): " + ", ".join(f"mode {m}: {a.mean():.1f} ± {a.std():.1f}"
                                                for m, a in zip(modes, data["amplitudes"].T))
-                ] + self._cropping() + error_summary_lines(self.outputParticles, self.inputParticles.get())
+                ] + self._cropping() + error_summary_lines(self.outputParticles, self.inputParticles.get()) \
+            + prediction_warning(self.outputParticles, self.getProject(), self._trainingParticles())
+
+    def _trainingParticles(self):
+        """The particles the input model was trained on (None when its training run is not known)."""
+        from ..reports import producer
+        train = producer(self.inputModel.get(), self.getProject())
+        pointer = getattr(train, "inputParticles", None)
+        return pointer.get() if pointer is not None else None
 
     def _methods(self):
         return ["Normal-mode amplitudes were predicted with a trained DeepHEMNMA network [Hamitouche2022]."]

@@ -26,7 +26,7 @@ class FlexDLProtPseudoatoms(FlexDLProtBase):
     an atomic structure (flagged as pseudoatoms) whose normal modes the NMA
     protocol computes, and which synthesis and alignment project with the
     pseudoatoms' widths and weights."""
-    _label = "convert map to pseudoatoms"
+    _label = "map to pseudoatoms"
     _possibleOutputs = {"outputPdb": AtomStruct}
 
     def _defineParams(self, form):

@@ -21,7 +21,7 @@ class FlexDLProtReconstruct(FlexDLProtBase):
     mask follow. The map's resolution is where the gold-standard FSC between the half maps
     falls below 0.143. Poses and CTFs may come from this plugin or from RELION, cryoSPARC
     or Xmipp through Scipion."""
-    _label = "reconstruct"
+    _label = "reconstruct maps"
     _possibleOutputs = {"outputVolume": Volume}
 
     def _defineParams(self, form):
@@ -36,12 +36,12 @@ class FlexDLProtReconstruct(FlexDLProtBase):
                            "images are inserted as they are, right only for images without CTF "
                            "(e.g. synthetic particles made without it).")
         form.addSection(label="Reconstruction")
-        form.addParam("maskDiameter", params.FloatParam, default=-1.0, label="Mask diameter (Å)",
-                      help="Diameter of the soft spherical mask applied to the map and to the half maps "
-                           "before their FSC; a little larger than the particle. -1: the box minus "
-                           "twice the edge and 1 px.")
+        form.addParam("maskDiameter", params.FloatParam, default=-1.0, label="Mask diameter (Å, -1 = automatic)",
+                      help="Diameter in Å of the soft spherical mask applied to the map and to the half maps "
+                           "before their FSC; a little larger than the particle. -1 (the default) means "
+                           "automatic: the box minus twice the soft edge and 1 px.")
         form.addParam("workingBox", params.IntParam, default=DEFAULT_WORKING_BOX, validators=[params.GE(0)],
-                      label="Largest box (px)",
+                      label="Largest box (px, 0 = the particles' box)",
                       help="Particles in a larger box are Fourier-cropped to this box as they are read, so the "
                            "map has this box and a pixel size larger by box / this (the summary says which). "
                            "Memory and time grow with the cube of the box (a 256 px box with padding 2 needs "

@@ -33,17 +33,17 @@ class FlexDLProtSynthesize(FlexDLProtBase):
                       condition="inputType == 1", label="Atomic structure",
                       help="All heavy atoms of the structure (or all pseudoatoms) are projected.")
         form.addParam("modeList", params.StringParam, default="7-9", condition="inputType == 0",
-                      label="Modes", help="Mode numbers, e.g. '7-9' or '7, 8, 12'. The paper's relation "
+                      label="Modes", help="Mode numbers, e.g. '7-9' or '7, 8, 12'. The relation 'paper' "
                                           "uses the first three.")
         form.addParam("amplitudeRelation", params.EnumParam, choices=list(AMPLITUDE_RELATIONS),
                       default=0, condition="inputType == 0", label="Amplitude relation",
                       help="paper: r ~ U[0,1], q1 = -A r, q2 = A sin(pi r), q3 = A cos(pi r) on the first "
-                           "three modes (DeepHEMNMA's synthetic data). uniform: U[-A, A] per mode. "
+                           "three modes (the synthetic data of Hamitouche & Jonic 2022). uniform: U[-A, A] per mode. "
                            "gaussian: N(0, (A/4)^2). linear: a segment from -A to +A. clusters: three "
                            "clusters in [-A, A]. grid: 5 points per mode over [-A, A]. table: rows of a file.")
         form.addParam("amplitudeScale", params.FloatParam, default=200.0, condition="inputType == 0",
                       label="Amplitude scale A (Å)",
-                      help="Largest amplitude; 200 Å in the paper for adenylate kinase.")
+                      help="Largest amplitude, in Å; Hamitouche & Jonic (2022) used 200 Å for adenylate kinase.")
         form.addParam("amplitudeTable", params.PathParam, condition="inputType == 0 and amplitudeRelation == 6",
                       label="Amplitude table", help="Text/CSV file: one row per image, one column per mode.")
         form.addSection(label="Images")
@@ -62,7 +62,7 @@ class FlexDLProtSynthesize(FlexDLProtBase):
         form.addParam("applyCTF", params.BooleanParam, default=True, label="Apply CTF?",
                       help="Modulate the projections by a CTF (RELION's formula); each particle stores its CTF.")
         form.addParam("defocusMin", params.FloatParam, default=5000.0, condition="applyCTF",
-                      label="Minimum defocus (Å)", help="Underfocus; the paper used 0.5 µm = 5000 Å.")
+                      label="Minimum defocus (Å)", help="Underfocus, in Å; Hamitouche & Jonic (2022) used 0.5 µm = 5000 Å.")
         form.addParam("defocusMax", params.FloatParam, default=5000.0, condition="applyCTF",
                       label="Maximum defocus (Å)", help="Equal to the minimum for a fixed defocus.")
         form.addParam("voltage", params.FloatParam, default=300.0, condition="applyCTF", label="Voltage (kV)",
@@ -75,7 +75,7 @@ class FlexDLProtSynthesize(FlexDLProtBase):
                       help="Add white Gaussian noise at the SNR below (after the CTF).")
         form.addParam("snr", params.FloatParam, default=0.1, condition="addNoise", validators=[params.Positive],
                       label="SNR", help="var(clean CTF-modulated projection) / var(noise), per image, "
-                                        "over the whole box. 0.1 in the paper.")
+                                        "over the whole box (0.1 in Hamitouche & Jonic 2022); lower is noisier.")
         form.addParam("seed", params.IntParam, default=0, label="Random seed",
                       help="Same inputs and seed give identical images.")
         self._addDeviceParam(form)

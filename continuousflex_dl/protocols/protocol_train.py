@@ -41,7 +41,7 @@ class FlexDLProtTrain(FlexDLProtBase):
     settings (more epochs allowed, except with the one-cycle schedule);
     other changes are refused with what changed: use Restart for them.
     Particles with NaN, infinite or constant images are refused by id."""
-    _label = "DeepHEMNMA training"
+    _label = "train DeepHEMNMA"
     _possibleOutputs = {"outputModel": FlexDLModel}
 
     def _defineParams(self, form):
@@ -52,7 +52,8 @@ class FlexDLProtTrain(FlexDLProtBase):
                            "particles with ground-truth amplitudes.")
         form.addParam("trainingData", params.EnumParam, choices=list(TRAINING_DATA), default=0,
                       label="Training data",
-                      help="particles' amplitudes: the images and their amplitudes, as in the paper. "
+                      help="particles' amplitudes: the images and their amplitudes, as in DeepHEMNMA "
+                           "(Hamitouche & Jonic 2022). "
                            "simulated from the reference: new particles every epoch, projected from the "
                            "normal modes' structure with the particles' CTFs, noise level and spectrum "
                            "(estimated from the images), amplitude and shift ranges, in random "
@@ -83,11 +84,11 @@ class FlexDLProtTrain(FlexDLProtBase):
                       help="Epochs on the particles' amplitudes after the simulated ones, at a tenth of "
                            "the learning rate.")
         form.addParam("workingSize", params.IntParam, default=64, validators=[params.GE(0)],
-                      label="Working size (px)",
+                      label="Working size (px, 0 = full size)",
                       help="The network sees images Fourier-cropped to this size (0: full size). "
                            "64 px trains fast on a CPU; 128 px on a GPU.")
         form.addParam("window", params.FloatParam, default=0.0, validators=[params.GE(0)],
-                      label="Window (Å)",
+                      label="Window (Å, 0 = whole box)",
                       help="The network sees a square window of this side around the box centre, then "
                            "Fourier-cropped to the working size (0: the whole box). A window a little "
                            "larger than the particle keeps its detail at a small working size.")
@@ -103,7 +104,7 @@ class FlexDLProtTrain(FlexDLProtBase):
                            "simulated particles (with the plateau or cosine schedule, early stopping may "
                            "end sooner).")
         form.addParam("batchSize", params.IntParam, default=32, validators=[params.GT(0)], label="Batch size",
-                      help="Images per optimisation step (32 as in the paper), over all training processes: "
+                      help="Images per optimisation step (32 in Hamitouche & Jonic 2022), over all training processes: "
                            "each of N processes takes batch size / N of them, so the result does not depend "
                            "on N (a multiple of N). Lower it if memory runs out.")
         form.addParam("learningRate", params.FloatParam, default=2e-3, validators=[params.Positive],
@@ -124,26 +125,26 @@ class FlexDLProtTrain(FlexDLProtBase):
                       help="Stop after this many epochs without validation improvement.")
         form.addParam("loss", params.EnumParam, choices=LOSSES, default=0, expertLevel=params.LEVEL_ADVANCED,
                       display=params.EnumParam.DISPLAY_HLIST, label="Loss",
-                      help="l1 (mean absolute error, as in the paper) or mse, on standardised amplitudes.")
+                      help="l1 (mean absolute error, as in Hamitouche & Jonic 2022) or mse (mean squared error, which "
+                           "weighs large errors more), on the amplitudes standardised to zero mean and unit "
+                           "variance per mode.")
         form.addParam("augment", params.BooleanParam, default=False, label="In-plane rotation augmentation?",
                       help="Rotate training images by random in-plane angles (amplitudes unchanged, pose "
                            "labels rotated accordingly). Useful when the particles have random in-plane "
                            "angles, as real particles do; predict such a model with in-plane rotation "
-                           "averaging (8 rotations lowered the error by 10-22 % in the benchmark).")
+                           "averaging ('In-plane rotations to average' 8 lowered the error by 10-22 % on synthetic "
+                           "adenylate kinase particles).")
         form.addParam("seed", params.IntParam, default=0, label="Random seed",
                       help="Split, initialisation, shuffling and augmentation; same seed, same model.")
         self._addContrastParam(form)
         self._addDeviceParam(form)
         form.addParam("processes", params.IntParam, default=1, validators=[params.GE(1)],
                       label="Training processes (GPUs)", expertLevel=params.LEVEL_ADVANCED,
-                      help="Data-parallel training (PyTorch DDP) on this many processes of one machine: on "
-                           "CUDA one GPU each (the first N visible GPUs; NCCL), on the CPU N processes "
-                           "sharing the cores (gloo). Each process trains on its share of every batch and "
-                           "the gradients are averaged, so N processes give the result of one, N times "
-                           "faster on N GPUs. With more than one, or with 'Use queue for steps', the "
-                           "training runs as a process of its own (python -m continuousflex_dl "
-                           "train-worker), or a cluster job. A stopped training continues only with the "
-                           "same number.")
+                      help="Train on this many processes of one machine at once: with 'Use GPU?' Yes, one GPU "
+                           "each, the first N of 'GPU IDs' (list at least N); otherwise N processes share "
+                           "the CPU cores. Each process trains on its share of every batch and the results "
+                           "are combined, so N processes give the result of one, about N times faster on N "
+                           "GPUs. A stopped training continues only with the same number.")
 
     def _insertAllSteps(self):
         # The settings are the step's argument: Continue after a change reruns the training step,
@@ -214,7 +215,8 @@ class FlexDLProtTrain(FlexDLProtBase):
         job.save(folder)
         self.runJob(shlex.quote(sys.executable),
                     ["-m", "continuousflex_dl", "train-worker", os.path.abspath(folder),
-                     os.path.abspath(self._modelDir()), "--processes", processes, "--device", self._deviceChoice()])
+                     os.path.abspath(self._modelDir()), "--processes", processes, "--device", self._deviceChoice()],
+                    env=self._gpuEnv())
 
     def _reference(self, mode_numbers):
         """The structure of the normal modes and the modes of the amplitude columns (core Reference)."""
@@ -295,6 +297,7 @@ class FlexDLProtTrain(FlexDLProtBase):
         return [f"Normal modes: those{where} (the HEMNMA alignment's, found through the project)."]
 
     def _summary(self):
+        from .. import reports
         rows = self.metrics()
         if not rows:
             return ["Not trained yet."] + self._foundModesLine()
@@ -302,18 +305,27 @@ class FlexDLProtTrain(FlexDLProtBase):
         best = (best_epoch(self._modelDir()) if config is not None else None) or \
             min(rows, key=lambda r: float(r["val_loss"]))
         source = source_of(config) if config is not None else None
-        several = source is not None and len(source.phases(config)) > 1
-        stage = f" (on {best['source']} images)" if several else ""
-        lines = [f"{len(rows)} epochs; best validation MAE {float(best['val_mae']):.2f} Å at epoch "
-                 f"{best['epoch']}{stage}, the weights the model keeps."]
+        lines = reports.training_summary_lines(rows, self.phases(rows), int(best["epoch"]))
         if source is not None:
             hint = (" Give the normal modes to train on simulated particles first."
                     if not source.simulates and self.trainingData.get() == 0 and
                     convert.flex_source(self.inputParticles.get()) == convert.SOURCE_HEMNMA else "")
             lines.append(source.summary(config) + hint)
         lines += self._foundModesLine()
+        lines += reports.network_warning(
+            float(best["val_mae"]), reports.hemnma_error(self.inputParticles.get(), self.getProject()),
+            "The network's distance to HEMNMA's amplitudes on held-out particles")
         lines.append(f"Model directory: {self._modelDir()}")
         return lines
+
+    def phases(self, rows) -> list:
+        """The phase of every metrics row as users read it ('simulated', 'fine-tuning', 'particles')."""
+        from ..reports import training_phases
+        config = self._config()
+        if config is None:
+            return training_phases(rows, "particles", len(rows))
+        source = source_of(config)
+        return training_phases(rows, source.name, source.phases(config)[0].epochs)
 
     def _config(self):
         """The trained model's TrainConfig, or None before training."""

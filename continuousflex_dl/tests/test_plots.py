@@ -150,9 +150,63 @@ def test_mode_profile_and_eigenvalues(tmp_path):
     np.testing.assert_allclose([p.get_height() for p in top.containers[0]], [1, 2, 3, 4])
     np.testing.assert_allclose([p.get_x() + p.get_width() / 2 for p in top.containers[0]], [7, 8, 9, 10])
     np.testing.assert_allclose([p.get_height() for p in bottom.containers[1]], col[:6])
-    assert _legend(top) == ["enabled", "disabled"]
-    assert bottom.get_ylabel() == "Collectivity"
+    assert _legend(top) == ["used", "not used"]
+    assert top.get_ylabel() == "Eigenvalue (× spring constant)" and bottom.get_ylabel() == "Collectivity (0-1)"
     _save(fig, tmp_path, "eigen")
+
+
+def _renderer(fig):
+    """The Agg renderer of ``fig``, drawn (layout done), for the artists' window extents."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def _inside(fig, *artists):
+    """Whether every artist's drawn box lies within the figure (a label cut at the edge does not)."""
+    renderer = _renderer(fig)
+    box = fig.bbox
+    for a in artists:
+        b = a.get_window_extent(renderer)
+        if not (b.x0 >= box.x0 - 0.5 and b.y0 >= box.y0 - 0.5 and b.x1 <= box.x1 + 0.5 and b.y1 <= box.y1 + 0.5):
+            return False
+    return True
+
+
+def test_profile_label_is_not_clipped():
+    """The NMA viewer's two-line y-label fits the figure (one line of this length did not)."""
+    from continuousflex_dl.viewers.viewer_nma import PROFILE_YLABEL
+    d = np.random.default_rng(1).random(214)
+    for label, fits in ((PROFILE_YLABEL, True),
+                        ("Largest atom displacement (Å per Å of amplitude)", False)):
+        fig = plots.plot_mode_profile(d, np.arange(1, 215), mode_number=7, ylabel=label)
+        ax = fig.axes[0]
+        assert _inside(fig, ax.yaxis.label, ax.xaxis.label, ax.title) == fits, label
+
+
+@pytest.mark.parametrize("dims", [(0, 1, 2), "pca", (0, 1)])
+def test_colour_bar_leaves_the_axis_labels_visible_and_clips_outliers(tmp_path, dims):
+    rng = np.random.default_rng(2)
+    amplitudes = rng.normal(0, 50, (400, 3))
+    error = np.abs(rng.normal(2.0, 1.0, 400))
+    error[:4] = 160.0  # a few far outliers would leave every other point the same colour
+    fig = plots.plot_point_cloud({"HEMNMA": amplitudes}, [7, 8, 9], dims=dims, color_by=error,
+                                 colorbar_label="Amplitude error (Å)")
+    ax, cbar = fig.axes
+    labels = [ax.xaxis.label, ax.yaxis.label] + ([ax.zaxis.label] if dims != (0, 1) else [])
+    assert _inside(fig, *labels, cbar.yaxis.label)
+    renderer = _renderer(fig)
+    bar = cbar.get_window_extent(renderer)
+    for label in labels:  # the colour bar covers no axis label (the third one sits close to it)
+        assert not label.get_window_extent(renderer).overlaps(bar), label.get_text()
+    norm = ax.collections[0].norm
+    assert norm.vmax == pytest.approx(np.percentile(error, 99)) and norm.vmax < 10
+    assert "clipped to percentiles 1-99" in cbar.get_ylabel()
+    _save(fig, tmp_path, f"clipped_{dims}")
+    # without the outliers the scale is the full range
+    lo, hi, clipped = plots.robust_range(error[4:])
+    assert not clipped and (lo, hi) == (error[4:].min(), error[4:].max())
 
 
 def test_training_curves_from_csv_like_rows(tmp_path):
@@ -169,6 +223,24 @@ def test_training_curves_from_csv_like_rows(tmp_path):
     _save(fig, tmp_path, "training")
     with pytest.raises(ValueError):
         plots.plot_training_curves([])
+
+
+def test_training_curves_mark_the_phases_and_the_kept_epoch(tmp_path):
+    rows = [dict(epoch=e, train_loss=1.0 / e, val_loss=0.3 + abs(e - 4) / 10, val_mae=30 + abs(e - 4), lr=1e-3)
+            for e in range(1, 9)]
+    phases = ["simulated"] * 6 + ["fine-tuning"] * 2
+    fig = plots.plot_training_curves(rows, phases, kept_epoch=4)
+    ax_loss, ax_mae, _ = fig.axes
+    for ax in (ax_loss, ax_mae):
+        dividers = [l for l in ax.lines if l.get_linestyle() == ":"]
+        assert [l.get_xdata()[0] for l in dividers] == [6.5]  # between epochs 6 and 7
+        assert [t.get_text() for t in ax.texts] == ["simulated", "fine-tuning"]
+    ring = [l for l in ax_mae.lines if l.get_label().startswith("weights kept")]
+    assert ring[0].get_label() == "weights kept (epoch 4)" and list(ring[0].get_ydata()) == [30.0]
+    assert _inside(fig, *ax_loss.texts, *ax_mae.texts, ax_loss.yaxis.label)
+    _save(fig, tmp_path, "training_phases")
+    with pytest.raises(ValueError, match="one per row"):
+        plots.plot_training_curves(rows, phases[:3])
 
 
 def test_image_gallery(tmp_path):

@@ -55,7 +55,7 @@ class TestAlignOnSlurm(BaseTest):
     def _align(self, queue: bool):
         prot = self.newProtocol(FlexDLProtAlign, inputParticles=self.particles, inputModes=self.modes,
                                 modeList="7-9", workingSize=32, chunkSize=CHUNK, effort=0, maxShift=3.0,
-                                numberOfThreads=3, device=1)
+                                numberOfThreads=3, useGpu=False)
         if queue:  # "Use queue for steps": the protocol runs here, each runJob is an sbatch job
             prot._useQueue.set(True)
             prot.setQueueParams([PARTITION, {"CPUS_PER_JOB": "1", QUEUE_FOR_JOBS: "Y"}])

@@ -115,7 +115,10 @@ class TestProtNetwork(BaseTest):
         self.assertAlmostEqual(config.fitted.simulation["snr"], 0.5, delta=0.15)
         self.assertLessEqual(config.fitted.simulation["max_shift_px"], 2.0)
         self.assertGreater(config.fitted.simulation["max_shift_px"], 1.5)  # the particles' shifts, within ±2 px
-        self.assertIn("simulated+finetune", train.summary()[1])
+        summary = train.summary()
+        self.assertEqual(summary[0], "2 epochs: simulated training (epoch 1), then fine-tuning on the "
+                                     "particles' amplitudes (epoch 2).")
+        self.assertTrue(summary[3].startswith("Training data: simulated, then fine-tuned on the particles ("))
         log = self._log(train)
         self.assertIn("epoch 1/2 (simulated)", log)
         self.assertIn("epoch 2/2 (particles)", log)

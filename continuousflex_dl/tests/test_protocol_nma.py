@@ -80,7 +80,10 @@ class TestProtNMA(BaseTest):
         viewer.setProtocol(prot)
         table = viewer._showTable()[0]
         self.assertEqual(len(table.rows), 10)
-        self.assertEqual([r[4] for r in table.rows[:6]], ["yes"] * 6)
+        # Modes 1-6 are rigid-body motions, not "used": the table counts as the summary does.
+        self.assertEqual([r[1:6:4] for r in table.rows[:6]], [("rigid body", "–")] * 6)
+        used = sum(r[5] == "yes" for r in table.rows)
+        self.assertIn(f"{used} of 4 non-rigid modes enabled", "\n".join(prot.summary()))
         viewer.modeNumber.set(8)
         profile = viewer._showProfile()[0]
         ax = profile._figure.axes[0]

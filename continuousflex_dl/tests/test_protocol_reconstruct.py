@@ -38,7 +38,7 @@ class TestProtReconstruct(BaseTest):
 
     def test_map_of_synthetic_particles_matches_the_atoms(self):
         particles = self._synthesize(300)
-        prot = self.newProtocol(FlexDLProtReconstruct, inputParticles=particles, device=1)
+        prot = self.newProtocol(FlexDLProtReconstruct, inputParticles=particles, useGpu=False)
         self.launchProtocol(prot)
         volume = prot.outputVolume
         self.assertAlmostEqual(volume.getSamplingRate(), PIXEL, places=5)
@@ -142,7 +142,7 @@ class TestGroupMaps(BaseTest):
 
     def test_cluster_maps_show_their_conformation(self):
         prot = self.newProtocol(FlexDLProtCluster, inputParticles=self.particles, inputModes=self.modes,
-                                numberOfClusters=2, reconstructMaps=True, device=1)
+                                numberOfClusters=2, reconstructMaps=True, useGpu=False)
         self.launchProtocol(prot)
         centres = np.load(prot._getExtraPath("clusters.npz"))["centres"]
         self._check_maps(prot, {c + 1: int(np.sign(centres[c, 0])) for c in range(2)})
@@ -150,7 +150,7 @@ class TestGroupMaps(BaseTest):
     def test_trajectory_maps_show_their_conformation(self):
         # Two frames at the ends of the first principal component: the two states.
         prot = self.newProtocol(FlexDLProtTrajectory, inputParticles=self.particles, inputModes=self.modes,
-                                extent=1, numberOfFrames=2, reconstructMaps=True, device=1)
+                                extent=1, numberOfFrames=2, reconstructMaps=True, useGpu=False)
         self.launchProtocol(prot)
         path = np.loadtxt(prot._getExtraPath("path_points.txt")).reshape(-1, 2)
         self.assertEqual(len(path), 2)

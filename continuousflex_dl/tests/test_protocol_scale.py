@@ -14,7 +14,7 @@ from continuousflex_dl.core.network.training import ModelFolder, load_checkpoint
 from continuousflex_dl.protocols import FlexDLProtPredict, FlexDLProtSynthesize, FlexDLProtTrain
 from continuousflex_dl.tests.test_protocol_nma import compute_test_modes
 
-CPU = 1  # the 'Compute device' choice
+CPU = False  # 'Use GPU?' No
 
 
 class TestProtScale(BaseTest):
@@ -29,7 +29,7 @@ class TestProtScale(BaseTest):
         cls.test_set = cls.launchProtocol(cls.newProtocol(
             FlexDLProtSynthesize, numberOfImages=50, seed=2, **common)).outputParticles
         settings = dict(inputParticles=cls.train_set, workingSize=16, epochs=2, batchSize=16, valFraction=0.25,
-                        seed=0, device=CPU, lrSchedule=1, learningRate=1e-3)
+                        seed=0, useGpu=CPU, lrSchedule=1, learningRate=1e-3)
         cls.one = cls.launchProtocol(cls.newProtocol(FlexDLProtTrain, **settings))
         cls.two = cls.newProtocol(FlexDLProtTrain, processes=2, **settings)
         cls.launchProtocol(cls.two)
@@ -70,7 +70,7 @@ class TestProtScale(BaseTest):
         self.assertGreater(np.abs(expected[2] - expected[1]).max(), 1e-3)  # the setting changes results
 
         prot = self.newProtocol(FlexDLProtPredict, inputModel=model, inputParticles=self.test_set, chunkSize=20,
-                                device=CPU, numberOfThreads=3)
+                                useGpu=CPU, numberOfThreads=3)
         self.launchProtocol(prot)
         folder = prot._jobFolder()
         files = sorted(glob.glob(os.path.join(folder, "chunks", "rows_*.npz")))

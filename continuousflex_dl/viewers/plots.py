@@ -73,7 +73,8 @@ def plot_point_cloud(sets: Mapping[str, np.ndarray], mode_numbers: Sequence[int]
     One shown dimension -> overlaid histograms, two -> scatter, three -> 3-D scatter.
     color_by: per-point values (M,) for a single set, or ``{label: (M,)}``;
     points are then coloured on one scale with a colorbar named
-    ``colorbar_label`` (ignored for histograms).
+    ``colorbar_label`` (ignored for histograms); a scale that a few extreme values would
+    swamp is clipped to percentiles (:func:`robust_range`) and the colorbar says so.
     path: optional (F, K) amplitudes (Å), e.g. a trajectory or cluster centres,
     drawn as an orange line with markers over the clouds (projected like them;
     vertical lines at its values for histograms), named ``path_label`` in the legend.
@@ -129,7 +130,12 @@ def plot_point_cloud(sets: Mapping[str, np.ndarray], mode_numbers: Sequence[int]
                 raise ValueError(f"color_by for '{label}' must have one value per point of that set.")
             colours[label] = values
         allv = np.concatenate(list(colours.values()))
-        vmin, vmax = float(allv.min()), float(allv.max())
+        vmin, vmax, clipped = robust_range(allv)
+        extend = ("both" if allv.min() < vmin else "max") if allv.max() > vmax else \
+            ("min" if allv.min() < vmin else "neither")
+        if clipped:
+            colorbar_label = f"{colorbar_label}\n(scale clipped to percentiles {ROBUST_PERCENTILES[0]:g}-" \
+                             f"{ROBUST_PERCENTILES[1]:g})".lstrip()
 
     fig = Figure(figsize=figsize)
     ndim = len(labels)
@@ -170,10 +176,32 @@ def plot_point_cloud(sets: Mapping[str, np.ndarray], mode_numbers: Sequence[int]
     if len(data) > 1 or path is not None:
         ax.legend()
     if mappable is not None:
-        fig.colorbar(mappable, ax=ax, label=colorbar_label, shrink=0.8)
+        # 3-D axes draw their z label beyond the axes box: leave it room before the colour bar
+        fig.colorbar(mappable, ax=ax, label=colorbar_label, shrink=0.7, extend=extend,
+                     pad=0.12 if ndim == 3 else 0.03)
     if title:
         ax.set_title(title)
     return fig
+
+
+#: Percentiles of a robust colour scale (:func:`robust_range`).
+ROBUST_PERCENTILES = (1.0, 99.0)
+
+
+def robust_range(values: np.ndarray) -> tuple:
+    """``(vmin, vmax, clipped)`` of a colour scale for ``values``: their full range, unless a few
+    extreme values (e.g. a handful of 160 Å errors among 2 Å ones) would swamp it, i.e. the full
+    range is more than twice the range between :data:`ROBUST_PERCENTILES`; then those
+    percentiles, and ``clipped`` True (say so on the colour bar)."""
+    v = np.asarray(values, dtype=float).ravel()
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return 0.0, 1.0, False
+    lo, hi = (float(x) for x in np.percentile(v, ROBUST_PERCENTILES))
+    full_lo, full_hi = float(v.min()), float(v.max())
+    if hi > lo and full_hi - full_lo > 2.0 * (hi - lo):
+        return lo, hi, True
+    return full_lo, full_hi, False
 
 
 def plot_error_histograms(errors: Union[AmplitudeErrorReport, np.ndarray],
@@ -230,7 +258,7 @@ def plot_mode_profile(displacement: np.ndarray, index: Optional[Sequence[float]]
     index = np.asarray(index, dtype=float)
     if index.shape != d.shape:
         raise ValueError(f"Expected {len(d)} residue numbers / atom indices; got {len(index)}.")
-    fig = Figure(figsize=(7.0, 3.2), layout="constrained")
+    fig = Figure(figsize=(7.0, 3.6), layout="constrained")
     ax = fig.add_subplot()
     ax.plot(index, d, color="tab:blue", lw=1)
     ax.set_xlabel(xlabel)
@@ -245,8 +273,9 @@ def plot_eigenvalues(eigenvalues: np.ndarray, collectivity: np.ndarray,
                      mode_numbers: Optional[Sequence[int]] = None) -> Figure:
     """Two panels of bars over mode numbers: eigenvalues and collectivity.
 
-    eigenvalues, collectivity: (K,); enabled: (K,) bool (default all true),
-    disabled modes drawn grey; mode_numbers default 1..K.
+    eigenvalues (K,) in units of the spring constant, collectivity (K,) 0-1; enabled: (K,)
+    bool, the modes used (default all), the others (rigid-body or disabled) drawn grey;
+    mode_numbers default 1..K.
     """
     ev = np.asarray(eigenvalues, dtype=float).ravel()
     col = np.asarray(collectivity, dtype=float).ravel()
@@ -256,9 +285,9 @@ def plot_eigenvalues(eigenvalues: np.ndarray, collectivity: np.ndarray,
     if not (len(col) == len(enabled) == len(numbers) == k):
         raise ValueError("eigenvalues, collectivity, enabled and mode_numbers must have the same length.")
     fig = Figure(figsize=(7.0, 5.0), layout="constrained")
-    for row, (values, name) in enumerate(((ev, "Eigenvalue"), (col, "Collectivity"))):
+    for row, (values, name) in enumerate(((ev, "Eigenvalue (× spring constant)"), (col, "Collectivity (0-1)"))):
         ax = fig.add_subplot(2, 1, row + 1)
-        for mask, colour, label in ((enabled, "tab:blue", "enabled"), (~enabled, "0.7", "disabled")):
+        for mask, colour, label in ((enabled, "tab:blue", "used"), (~enabled, "0.7", "not used")):
             if mask.any():
                 ax.bar(numbers[mask], values[mask], color=colour, label=label)
         ax.set_xlabel("Mode number")
@@ -280,20 +309,26 @@ def _column(rows, key) -> np.ndarray:
     return np.asarray(out)
 
 
-def plot_training_curves(rows: Sequence[Mapping[str, object]]) -> Figure:
+def plot_training_curves(rows: Sequence[Mapping[str, object]], phases: Optional[Sequence[str]] = None,
+                         kept_epoch: Optional[int] = None) -> Figure:
     """Training curves from metrics rows (e.g. ``csv.DictReader`` of metrics.csv).
 
     rows: dicts with ``epoch`` and any of ``train_loss``, ``val_loss``,
     ``val_mae`` (Å), ``lr``; values may be numbers or strings, missing or
     empty -> not drawn. Left panel: losses (log scale when positive); right
     panel: validation MAE, with the learning rate on a second axis.
+    phases: one name per row (e.g. 'simulated', 'fine-tuning'): each phase change is
+    marked by a dotted line in both panels and the phases are named at the top.
+    kept_epoch: the epoch whose weights the model keeps, ringed on the validation MAE.
     """
     if not rows:
         raise ValueError("No training metrics to plot.")
     epoch = _column(rows, "epoch")
     if np.isnan(epoch).any():
         raise ValueError("Every metrics row needs an epoch number.")
-    fig = Figure(figsize=(10.0, 4.0), layout="constrained")
+    if phases is not None and len(phases) != len(rows):
+        raise ValueError(f"Got {len(phases)} phase names for {len(rows)} metrics rows: give one per row.")
+    fig = Figure(figsize=(10.0, 4.2), layout="constrained")
     ax_loss = fig.add_subplot(1, 2, 1)
     drawn = []
     for key, label, colour in (("train_loss", "training loss", "tab:blue"),
@@ -307,7 +342,7 @@ def plot_training_curves(rows: Sequence[Mapping[str, object]]) -> Figure:
         ax_loss.set_yscale("log")
     ax_loss.set_xlabel("Epoch")
     ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_loss.set_ylabel("Loss")
+    ax_loss.set_ylabel("Loss (standardised amplitudes)")
     if drawn:
         ax_loss.legend()
     ax_mae = fig.add_subplot(1, 2, 2)
@@ -316,6 +351,10 @@ def plot_training_curves(rows: Sequence[Mapping[str, object]]) -> Figure:
     handles = []
     if ok.any():
         handles += ax_mae.plot(epoch[ok], mae[ok], "o-", ms=3, color="tab:green", label="validation MAE")
+    if kept_epoch is not None and (epoch == kept_epoch).any():
+        i = int(np.flatnonzero(epoch == kept_epoch)[0])
+        handles += ax_mae.plot([epoch[i]], [mae[i]], "o", ms=11, mfc="none", mec="black", mew=1.5,
+                               label=f"weights kept (epoch {int(kept_epoch)})", zorder=5)
     ax_mae.set_xlabel("Epoch")
     ax_mae.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_mae.set_ylabel("Validation MAE (Å)")
@@ -327,9 +366,25 @@ def plot_training_curves(rows: Sequence[Mapping[str, object]]) -> Figure:
         ax_lr.set_ylabel("Learning rate")
         if (lr[okl] > 0).all():
             ax_lr.set_yscale("log")
+    if phases is not None:
+        _mark_phases((ax_loss, ax_mae), epoch, list(phases))
     if handles:
         ax_mae.legend(handles=handles, labels=[h.get_label() for h in handles])
     return fig
+
+
+def _mark_phases(axes, epoch: np.ndarray, phases: list) -> None:
+    """Dotted lines between phases and each phase's name at the top of ``axes``."""
+    starts = [0] + [i for i in range(1, len(phases)) if phases[i] != phases[i - 1]]
+    bounds = starts + [len(phases)]
+    for ax in axes:
+        for j, i in enumerate(starts):
+            if i > 0:
+                ax.axvline((epoch[i - 1] + epoch[i]) / 2, color="0.3", ls=":", lw=1.2)
+            if len(starts) > 1:
+                centre = (epoch[i] + epoch[bounds[j + 1] - 1]) / 2
+                ax.text(centre, 1.01, phases[i], transform=ax.get_xaxis_transform(), ha="center",
+                        va="bottom", fontsize=9, color="0.2")
 
 
 def plot_images(images: np.ndarray, titles: Optional[Sequence[str]] = None,

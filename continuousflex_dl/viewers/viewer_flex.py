@@ -19,7 +19,7 @@ from .. import convert
 from ..core.landscape import analysis
 from ..protocols import (FlexDLProtAlign, FlexDLProtCluster, FlexDLProtOutliers, FlexDLProtPredict,
                          FlexDLProtSynthesize, FlexDLProtTrajectory)
-from ..reports import (ERROR_TABLE_NOTE, error_reports, error_summary_lines, error_table,  # noqa: F401
+from ..reports import (ATTRIBUTE_LABELS, ERROR_TABLE_NOTE, error_reports, error_summary_lines, error_table,  # noqa: F401
                        find_ground_truth, flex_arrays, flex_source, matched_amplitudes, output_name,
                        producer, read_attribute, related_sets, set_label, write_error_reports_csv)
 from . import gallery, plots
@@ -75,7 +75,8 @@ def cloud_figure(sets: Sequence, shown: str = "", pca: bool = False, color_by: i
     main = next(iter(data))
     colours, cbar = None, ""
     if color_by == COLOR_ATTRIBUTE:
-        colours, cbar = {main: read_attribute(sets[0], color_attribute)}, color_attribute
+        colours = {main: read_attribute(sets[0], color_attribute)}
+        cbar = ATTRIBUTE_LABELS.get(color_attribute, color_attribute)
     elif color_by == COLOR_MODE:
         if color_mode not in numbers:
             raise ValueError(f"Mode {color_mode} is not among the particles' modes {numbers}.")

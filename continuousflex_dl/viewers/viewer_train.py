@@ -16,23 +16,30 @@ class FlexDLTrainingViewer(ErrorDialogs, ProtocolViewer):
     def _defineParams(self, form):
         form.addSection(label="Visualization")
         form.addParam("displayCurves", params.LabelParam, label="Training curves",
-                      help="Training and validation loss, validation MAE (Å) and learning rate per epoch.")
+                      help="Training and validation loss, validation MAE (mean absolute amplitude error, Å) "
+                           "and learning rate per epoch; the phases (simulated training, fine-tuning) are "
+                           "marked and the epoch whose weights the model keeps is ringed.")
         form.addParam("displayTable", params.LabelParam, label="Metrics table",
-                      help="The rows of metrics.csv.")
+                      help="Every epoch: its phase, losses, validation MAE (Å), learning rate, speed "
+                           "(images/s) and duration (s).")
 
     def _getVisualizeDict(self):
         return {"displayCurves": self._showCurves, "displayTable": self._showTable}
 
-    def _showCurves(self, param=None):
+    def _rows(self):
         rows = self.protocol.metrics()
         if not rows:
-            raise ValueError("No epoch finished yet.")
-        return [FigureView(plots.plot_training_curves(rows), "Training curves", self._tkRoot)]
+            raise ValueError("No epoch finished yet: the curves appear after the first epoch.")
+        return rows, self.protocol.phases(rows)
+
+    def _showCurves(self, param=None):
+        from ..core.network.training import best_epoch
+        rows, phases = self._rows()
+        kept = best_epoch(self.protocol._modelDir())
+        figure = plots.plot_training_curves(rows, phases, int(kept["epoch"]) if kept else None)
+        return [FigureView(figure, "Training curves", self._tkRoot)]
 
     def _showTable(self, param=None):
-        rows = self.protocol.metrics()
-        if not rows:
-            raise ValueError("No epoch finished yet.")
-        header = list(rows[0])
-        return [TableRowsView(header, [[r[h] for h in header] for r in rows], "Training metrics",
-                              tkParent=self._tkRoot)]
+        from ..reports import metrics_table
+        header, table = metrics_table(*self._rows())
+        return [TableRowsView(header, table, "Training metrics", tkParent=self._tkRoot)]

@@ -47,7 +47,7 @@ class NormalModes:
     """Normal modes 1..K of a structure of N atoms.
 
     vectors: (K, N, 3) unit-norm (as 3N vectors), mutually orthogonal.
-    eigenvalues: (K,) in units of the spring constant / Å² (modes 1-6 ~ 0).
+    eigenvalues: (K,) in units of the spring constant ``gamma`` (modes 1-6 ~ 0).
     collectivity: (K,) Brüschweiler's collectivity in [1/N, 1].
     cutoff: the interaction cutoff used (Å).
     """

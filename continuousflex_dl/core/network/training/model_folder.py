@@ -38,7 +38,8 @@ __all__ = ["ModelFolder", "LoadedModel", "CheckpointError", "load_model", "best_
            "load_checkpoint", "replace_file", "METRICS_COLUMNS", "POSE_METRICS_COLUMNS"]
 
 PathLike = Union[str, os.PathLike]
-METRICS_COLUMNS = ["epoch", "train_loss", "val_loss", "val_mae", "lr", "images_per_s", "seconds"]
+#: metrics.csv: one row per epoch; "phase": the stream it trained on (a phase's ``stream``).
+METRICS_COLUMNS = ["epoch", "phase", "train_loss", "val_loss", "val_mae", "lr", "images_per_s", "seconds"]
 POSE_METRICS_COLUMNS = ["val_angle_deg", "val_shift_px"]
 
 
@@ -165,13 +166,13 @@ class ModelFolder:
         replace_file(self.config, json.dumps(config.to_dict(), indent=2).encode())
 
     def read_metrics(self) -> List[dict]:
-        """The metrics rows (epoch an int, the rest floats); [] before the first epoch."""
+        """The metrics rows (epoch an int, phase a string, the rest floats); [] before the first epoch."""
         if not self.metrics.exists():
             return []
         with open(self.metrics, newline="") as fh:
             rows = list(csv.DictReader(fh))
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items() if v not in (None, "")}
-                for r in rows]
+        return [{k: (int(v) if k == "epoch" else v if k == "phase" else float(v)) for k, v in r.items()
+                 if v not in (None, "")} for r in rows]
 
     def write_metrics(self, rows: List[dict], pose: bool) -> None:
         """metrics.csv of ``rows`` (with the pose columns when the model predicts poses)."""
@@ -270,7 +271,10 @@ def best_epoch(model_dir: PathLike) -> Optional[dict]:
     if not rows:
         return None
     best = dict(min(rows, key=lambda r: r["val_loss"]))
-    config = TrainConfig.load(folder.config)
+    if "phase" in best:
+        best["source"] = best["phase"]
+        return best
+    config = TrainConfig.load(folder.config)  # a metrics.csv of 0.2, without the phase column
     end = 0
     for phase in source_of(config).phases(config):
         end += phase.epochs

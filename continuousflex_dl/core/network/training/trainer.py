@@ -231,7 +231,7 @@ class Trainer:
         if distributed(self.world_size):
             total, count = _sum_over_ranks([total, count], self.device)
         seconds = time.perf_counter() - t0
-        return {"epoch": epoch, "train_loss": total / max(count, 1),
+        return {"epoch": epoch, "phase": self.phase.stream, "train_loss": total / max(count, 1),
                 "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": count / max(seconds, 1e-9)}
 
     def evaluate(self) -> dict:

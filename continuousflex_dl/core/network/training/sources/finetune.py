@@ -30,7 +30,8 @@ class FinetuneSource(SimulatedSource):
                                                d.finetune_lr or o.learning_rate / 10)]
 
     def _then(self, config: TrainConfig) -> str:
-        return f", then {config.data.finetune_epochs} epochs fine-tuned on the particles"
+        n = config.data.finetune_epochs
+        return f", then {n} epoch{'s' * (n != 1)} fine-tuned on the particles"
 
     def methods(self, n_particles: int) -> str:
         return super().methods(n_particles) + ", then fine-tuned on their amplitudes"

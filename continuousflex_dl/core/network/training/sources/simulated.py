@@ -148,7 +148,7 @@ class SimulatedSource(DataSource):
                       if "amplitude_bandwidth" in sim else "uniform in "
                       + ", ".join(f"[{lo:.0f}, {hi:.0f}]" for lo, hi in
                                   zip(sim["amplitude_low"], sim["amplitude_high"])) + " Å.")
-        return (f"Training data: {self.name} ({config.data.sim_images} new simulated images per epoch"
+        return (f"Training data: {self.label} ({config.data.sim_images} new simulated images per epoch"
                 f"{self._then(config)}); particles' SNR estimated at {snr}, shifts within "
                 f"±{sim.get('max_shift_px', 0.0):.1f} px, amplitudes {amplitudes}")
 
