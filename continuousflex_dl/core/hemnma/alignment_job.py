@@ -166,13 +166,16 @@ class AlignmentJob(ChunkedJob):
                                sigma=sigma, weights=weights, seeds=seeds, device=device, progress=progress,
                                **options)
 
-    def align_images(self, images: np.ndarray, ctf: Optional[CTFParams], device: str = "cpu") -> AlignmentResult:
+    def align_images(self, images: np.ndarray, ctf: Optional[CTFParams], device: str = "cpu",
+                     **settings) -> AlignmentResult:
         """Align any images (B, box, box) with CTF ``ctf`` (one or B, or None) as the job aligns its
-        particles (same reference, atom model and options; no seeds): e.g. particles simulated to
-        calibrate the answers (:mod:`reliability`)."""
+        particles (same reference, atom model and options; no seeds), with ``settings`` (fields
+        of AlignConfig) changed: e.g. particles simulated to calibrate the answers
+        (:mod:`reliability`)."""
         sigma, weights = self._atom_model()
+        options = {**self._align_options(images.shape[-1]), **settings}
         return align_particles(images, self.reference.coords, self.reference.modes, self.pixel_size, ctf=ctf,
-                               sigma=sigma, weights=weights, device=device, **self._align_options(images.shape[-1]))
+                               sigma=sigma, weights=weights, device=device, **options)
 
     def _align_options(self, box: int) -> dict:
         """Keyword arguments of align_particles for images of ``box`` px: the options, with the

@@ -273,13 +273,15 @@ class Aligner:
         """The ``n_candidates`` best distinct rotations of each image (at the search size)
         against every reference projection, with the best grid amplitudes and shift of each
         (more candidates where an image's ranking is flat, :func:`~.search.distinct_candidates`).
-        Refuses contrast-inverted images (:func:`~.search.check_contrast`)."""
+        Refuses contrast-inverted images (:func:`~.search.check_contrast`) unless
+        ``refuse_inverted`` is off."""
         cfg, refs = self.config, self._reference_projections()
         img_s, filt_s = at_search
         max_shift = self.search.max_shift(cfg.max_shift_px)
         scores, best_shift, anti = score_references(refs["spectra"], img_s, filt_s, max_shift)
         scores_np = scores.cpu().numpy()
-        check_contrast(scores_np.max(1), anti.cpu().numpy())
+        if cfg.refuse_inverted:
+            check_contrast(scores_np.max(1), anti.cpu().numpy())
         mb = at_search.count
         picks = [distinct_candidates(scores_np[i], refs["rotation_index"], refs["rotations"],
                                      cfg.n_candidates, cfg.angular_step_deg, adaptive=True)

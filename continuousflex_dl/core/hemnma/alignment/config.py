@@ -83,6 +83,11 @@ class AlignConfig:
         working-size evaluations per particle for 1 % more amplitude MAE (3.238 against 3.207
         Å, 256 network-like seeds at 128 px, SNR 0.1, CTF), within the seeded path's allowance
         of 1.1x the global path's MAE.
+    refuse_inverted: the global search refuses a batch whose images match the reference better
+        with the opposite sign (:func:`~.search.check_contrast`); False only for images whose
+        contrast is right by construction, such as the particles simulated to calibrate a set
+        that already passed the check (:mod:`~continuousflex_dl.core.hemnma.reliability`), where a
+        reference that does not match the set leaves images of noise alone.
     """
     max_shift_px: float = 5.0
     working_size: int = 64
@@ -106,6 +111,7 @@ class AlignConfig:
     seed_reference: int = 8
     finish_chi2: float = 0.5
     seed_finish_chi2: float = 2.0
+    refuse_inverted: bool = True
 
     @classmethod
     def preset(cls, name: str, **changes) -> "AlignConfig":
