@@ -16,6 +16,10 @@ from ..core.imaging.structure import diameter, read_coordinates
 
 
 
+class ChunkFailed(RuntimeError):
+    """A chunk process refused or failed; the message is its reason, for the protocol's error text."""
+
+
 class FlexDLProtBase(EMProtocol):
     """Base class: protocols stay thin and call continuousflex_dl.core."""
     _devStatus = "BETA"
@@ -62,20 +66,51 @@ class FlexDLProtBase(EMProtocol):
                                  ids=parts.ids, progress=lambda done, total, message: self.info(
                                      f"Predicted {done} / {total} particles"), **options)
 
-    def _runChunkJob(self, command: str, folder: str, start: int, stop: int, job_fp: str, chunk_size: int,
-                     n_chunks: int) -> None:
-        """Rows ``[start, stop)`` of the job folder as a process of the package's command line
-        (``python -m continuousflex_dl <command>``; a cluster job with 'Use queue for steps'),
-        which writes its chunk file atomically. Local chunks share this machine's cores; a
-        cluster job uses what the queue gives it."""
+    def _runChunkStep(self, command: str, folder: str, start: int, stop: int, job_fp: str, done: str) -> List[str]:
+        """The body of a chunk step: rows ``[start, stop)`` of the job folder as a process of the
+        package's command line (``python -m continuousflex_dl <command>``; a cluster job with 'Use
+        queue for steps'), which writes its chunk file atomically. A refusal or failure of that
+        process becomes this step's error (the protocol's error text) whole: the process leaves
+        its reason in a file beside the chunk file, read here (files, not pipes, so that it
+        arrives from a cluster job too). Local chunks share this machine's cores; a cluster job
+        uses what the queue gives it. ``self._plan`` is (chunk size, number of chunks).
+        done: what finished rows are ("aligned"), for messages. Returns the chunk file (in a list)."""
         import shlex
+        from ..core.chunks import chunk_error_path, chunk_path, finished_chunk, read_chunk_error
         from ..core.device import cpu_threads_available
+        size, n_chunks = self._plan
+        chunk_error_path(folder, start, stop).unlink(missing_ok=True)
         threads = 0 if self.useQueueForSteps() else max(
             1, cpu_threads_available() // min(n_chunks, self._parallelChunks()))
-        self.runJob(shlex.quote(sys.executable),
-                    ["-m", "continuousflex_dl", command, os.path.abspath(folder), "--rows", start, stop,
-                     "--fingerprint", job_fp, "--device", self._deviceChoice(), "--slot", start // chunk_size,
-                     "--threads", threads])
+        failure = None
+        try:
+            self.runJob(shlex.quote(sys.executable),
+                        ["-m", "continuousflex_dl", command, os.path.abspath(folder), "--rows", start, stop,
+                         "--fingerprint", job_fp, "--device", self._deviceChoice(), "--slot", start // size,
+                         "--threads", threads])
+        except Exception as exc:  # the command's exit status; its reason is in the file
+            failure = exc
+        reason = read_chunk_error(folder, start, stop)
+        if reason:
+            raise ChunkFailed(reason)
+        if failure is not None:
+            raise failure
+        finished_chunk(folder, start, stop, job_fp, done)  # a cluster job that died leaves none
+        return [str(chunk_path(folder, start, stop))]
+
+    def _resetDamagedChunks(self, folder: str, bounds: Sequence, job_fp: str) -> None:
+        """Remove the chunk files of ``bounds`` ([(start, stop), ...]) that exist but are damaged
+        (truncated, unreadable) or not a result of the job ``job_fp``, so that their steps, whatever state Scipion recorded for them,
+        run again on Continue (a finished step whose result file is missing is run again).
+        Called from ``_insertAllSteps``, before Scipion compares the steps with the last run's."""
+        from ..core.chunks import chunk_path, chunk_problem
+        for start, stop in bounds:
+            problem = chunk_problem(folder, start, stop, job_fp)
+            if problem and problem != "missing":
+                path = chunk_path(folder, start, stop)
+                os.remove(path)
+                self.info(f"The chunk file {path} is {problem}: removed; its step computes rows "
+                          f"{start}-{stop} again.")
 
     def _parallelChunks(self) -> int:
         """How many chunk steps Scipion runs at the same time (numberOfThreads - 1, at least 1)."""
