@@ -7,8 +7,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyworkflow.object as pwobj
-from pwem.objects import (CTFModel, FlexInfo, NormalMode, ParticleFlex, SetOfNormalModes,
-                          Transform)
+from pwem.objects import (AtomStruct, CTFModel, FlexInfo, NormalMode, ParticleFlex, SetOfAtomStructs,
+                          SetOfNormalModes, Transform)
 
 from .core.imaging.ctf import CTFParams
 from .core.imaging.geometry import pose_to_scipion_matrix, scipion_matrix_to_pose
@@ -196,6 +196,15 @@ def flex_mode_numbers(particles) -> Optional[List[int]]:
     return [int(m) for m in str(value).split(",") if m.strip()]
 
 
+def particles_mode_numbers(particles) -> List[int]:
+    """Mode numbers of a SetOfParticlesFlex of this plugin (ValueError if it names none)."""
+    numbers = flex_mode_numbers(particles)
+    if not numbers:
+        raise ValueError("The particles do not name their normal modes (FlexInfo 'modes'): use "
+                         "the output of a protocol of this plugin.")
+    return numbers
+
+
 def flex_source(particles) -> str:
     """Where a set's amplitudes came from (FlexInfo ``amplitudeSource``), or ''."""
     info = particles.getFlexInfo() if hasattr(particles, "getFlexInfo") else None
@@ -315,6 +324,15 @@ def fill_synthetic_particles(out, result, source: str = SOURCE_GROUND_TRUTH) -> 
         out.append(p)
 
 
+def fill_atom_structs(out: SetOfAtomStructs, files: Sequence[str], ids: Optional[Sequence[int]] = None) -> None:
+    """Append one AtomStruct per PDB file, with ids ``ids`` (default 1..F, in order)."""
+    ids = range(1, len(files) + 1) if ids is None else ids
+    for i, path in zip(ids, files):
+        item = AtomStruct(filename=str(path))
+        item.setObjId(int(i))
+        out.append(item)
+
+
 def fill_flex_particles(out, particles, ids: np.ndarray, amplitudes: np.ndarray,
                         mode_numbers: Sequence[int], source: str, angles: Optional[np.ndarray] = None,
                         shifts: Optional[np.ndarray] = None, extra: Optional[dict] = None) -> None:
@@ -323,6 +341,9 @@ def fill_flex_particles(out, particles, ids: np.ndarray, amplitudes: np.ndarray,
     per-particle extra attributes ``{name: (M,) values}`` (Float: scores, distances) or
     ``{name: (M, K) values}`` (a list of K floats: e.g. :data:`ZFLEX_STD_ATTR`)."""
     out.copyInfo(particles)
+    # pwem's SetOfParticlesFlex.copyInfo skips SetOfParticles.copyInfo, which copies the CTF flag:
+    # without this line a flex copy of particles with CTFs says it has none.
+    out.setHasCTF(particles.hasCTF())
     out.setFlexInfo(flex_info(mode_numbers, source))
     if angles is not None:
         out.setAlignmentProj()

@@ -124,6 +124,27 @@ class FlexDLProtBase(EMProtocol):
         form.addParam("inputModes", params.PointerParam, pointerClass="SetOfNormalModes",
                       label="Normal modes", important=True, help=modes_help)
 
+    def _flexInputErrors(self) -> List[str]:
+        """Validation errors for the ``inputParticles`` / ``inputModes`` pair of
+        :meth:`_addFlexInputParams`: empty list when usable."""
+        particles, modes_set = self.inputParticles.get(), self.inputModes.get()
+        if particles is None:
+            return ["Choose the particles (a SetOfParticlesFlex of this plugin)."]
+        if modes_set is None:
+            return ["Choose the normal modes used for the particles' amplitudes."]
+        if not particles.getSize():
+            return ["The input set of particles is empty: choose a set with particles (the output of "
+                    "the HEMNMA, DeepHEMNMA or synthesis protocol)."]
+        try:
+            numbers = convert.particles_mode_numbers(particles)
+        except ValueError as exc:
+            return [str(exc)]
+        available = {r["number"] for r in convert.modes_table(modes_set)}
+        missing = sorted(set(numbers) - available)
+        if missing:
+            return [f"The particles use modes {missing} that are not in the chosen normal modes."]
+        return []
+
     def _stackErrors(self, particles, most: int = 3) -> List[str]:
         """Validation errors for the image files of a set of particles: missing, damaged
         header, truncated (core.imaging.dataset.check_mrc_stack); at most ``most`` of them."""
@@ -168,6 +189,21 @@ class FlexDLProtBase(EMProtocol):
                 f"({span:.0f} Å between its two farthest atoms): the particle would be cut off in most "
                 f"images. Use a box of at least {math.ceil(span / pixel_size)} px at {pixel_size:g} Å/px, "
                 f"or a larger pixel size."]
+
+    @staticmethod
+    def _modelBoxErrors(model, particles) -> List[str]:
+        """A validation error when ``particles`` (a SetOfParticles) do not cover the box in Å of
+        the images a FlexDLModel was trained on, within 1 % of the model's box: the images are
+        Fourier-cropped to the model's size, so their pixel size then differs from the model's
+        by (particles' box - model's box) / model's box, the quantity bounded here."""
+        model_extent = model.getImageSize() * model.getPixelSize()
+        extent = (particles.getXDim() or 0) * particles.getSamplingRate()
+        if abs(extent - model_extent) <= 0.01 * model_extent:
+            return []
+        return [f"The particles cover {extent:.1f} Å ({particles.getXDim()} px at {particles.getSamplingRate():g} "
+                f"Å/px) but the network was trained on {model_extent:.1f} Å boxes ({model.getImageSize()} px at "
+                f"{model.getPixelSize():g} Å/px). Re-extract or window the particles to the same box in Å, or use "
+                f"a network trained on boxes of the particles' size in Å."]
 
     def _deviceChoice(self) -> str:
         """The device parameter as a string ('auto' for protocols without one)."""

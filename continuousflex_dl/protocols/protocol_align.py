@@ -295,11 +295,7 @@ class FlexDLProtAlign(FlexDLProtBase):
             if list(model.getModes()) != list(numbers):
                 errors.append(f"The network predicts modes {model.getModes()}, the alignment uses {numbers}: "
                               f"align with the network's modes.")
-            extent = (parts.getXDim() or 0) * parts.getSamplingRate()
-            if abs(extent - model.getImageSize() * model.getPixelSize()) > 0.01 * extent:
-                errors.append(f"The network was trained on {model.getImageSize() * model.getPixelSize():.1f} Å "
-                              f"boxes, the particles cover {extent:.1f} Å: use a network trained on boxes of "
-                              f"the particles' size in Å.")
+            errors += self._modelBoxErrors(model, parts)
         if not numbers:
             errors.append("No enabled modes from 7 on: give a mode list, e.g. '7-9'.")
         if not parts.getSize():

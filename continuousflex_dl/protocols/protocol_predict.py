@@ -127,12 +127,9 @@ class FlexDLProtPredict(FlexDLProtBase):
             return ["Choose a trained model and particles."]
         if parts.getSize() == 0:
             return ["The input set of particles is empty."]
-        extent_model = model.getImageSize() * model.getPixelSize()
-        extent = parts.getXDim() * parts.getSamplingRate()
-        if abs(extent - extent_model) > 0.01 * extent_model:
-            return [f"The particles cover {extent:.1f} Å ({parts.getXDim()} px at {parts.getSamplingRate():g} Å/px) "
-                    f"but the model was trained on {extent_model:.1f} Å boxes ({model.getImageSize()} px at "
-                    f"{model.getPixelSize():g} Å/px). Re-extract or window the particles to the same box in Å."]
+        box_errors = self._modelBoxErrors(model, parts)
+        if box_errors:
+            return box_errors
         if self._modelPhaseFlips(model) and not parts.hasCTF():
             return ["The model was trained on phase-flipped images: the particles need a CTF."]
         if parts.getXDim() < model.getImageSize():

@@ -116,6 +116,34 @@ class TestProtAlign(FlexDLTestBase):
         self.assertIn("up to date", kept.stdout)
         self.assertEqual(os.path.getmtime(chunk1), mtime1)
 
+    def test_one_box_rule_for_a_network_relative_to_its_own_box(self):
+        """Alignment seeded by a network and prediction refuse particles whose box in Å differs
+        from the network's by more than 1 % of the network's box (the scale error of the
+        Fourier-cropped images the network sees): 95.045 Å against the particles' 96 Å is a
+        1.005 % error, refused by both (alignment divided by the particles' box before: 0.995 %)."""
+        from continuousflex_dl.objects import FlexDLModel
+        from continuousflex_dl.protocols import FlexDLProtPredict
+
+        def box_errors(model_pixel_size):
+            model = FlexDLModel(modelDir="")
+            model.setImageSize(32)
+            model.setPixelSize(model_pixel_size)  # the particles: 48 px at 2 Å/px = 96 Å
+            align = self.newProtocol(FlexDLProtAlign, inputParticles=self.truth, inputModes=self.modes,
+                                     modeList="7-9")
+            predict = self.newProtocol(FlexDLProtPredict, inputParticles=self.truth)
+            align.inputModel.set(model)
+            predict.inputModel.set(model)
+            return [[e for e in prot.validate() if "boxes" in e] for prot in (align, predict)]
+
+        refused = box_errors(95.045 / 32)
+        self.assertEqual(refused[0], refused[1])
+        self.assertEqual(refused[0], ["The particles cover 96.0 Å (48 px at 2 Å/px) but the network was trained on "
+                                      "95.0 Å boxes (32 px at 2.97016 Å/px). Re-extract or window the particles to "
+                                      "the same box in Å, or use a network trained on boxes of the particles' size "
+                                      "in Å."])
+        self.assertEqual(box_errors(95.05 / 32), [[], []])  # 0.9995 %
+        self.assertEqual(box_errors(3.0), [[], []])
+
     def test_a_cluster_jobs_refusal_reaches_the_step(self):
         """With 'Use queue for steps', runJob returns when the job ends, whatever its exit status:
         the chunk step reads the reason the job left beside its chunk file."""

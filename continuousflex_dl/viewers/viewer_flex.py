@@ -17,6 +17,7 @@ from pyworkflow.viewer import DESKTOP_TKINTER, ProtocolViewer
 
 from .. import convert
 from ..core.landscape import analysis
+from ..core.modes.nma import first_flexible_modes
 from ..protocols import (FlexDLProtAlign, FlexDLProtCluster, FlexDLProtOutliers, FlexDLProtPredict,
                          FlexDLProtSynthesize, FlexDLProtTrajectory)
 from ..reports import (ERROR_TABLE_NOTE, error_reports, error_summary_lines, error_table,  # noqa: F401
@@ -70,7 +71,7 @@ def cloud_figure(sets: Sequence, shown: str = "", pca: bool = False, color_by: i
     arrays = flex_arrays(sets, labels)
     sources = {label: flex_source(s) for label, s in zip(arrays, sets)}
     first = next(iter(arrays.values()))
-    numbers = first.mode_numbers or list(range(7, 7 + first.amplitudes.shape[1]))
+    numbers = first.mode_numbers or first_flexible_modes(first.amplitudes.shape[1])
     data = matched_amplitudes(arrays)
     main = next(iter(data))
     colours, cbar = None, ""
