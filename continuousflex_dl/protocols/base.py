@@ -93,8 +93,10 @@ class FlexDLProtBase(EMProtocol):
         reason = read_chunk_error(folder, start, stop)
         if reason:
             raise ChunkFailed(reason)
-        if failure is not None:
-            raise failure
+        if failure is not None:  # killed (out of memory, a signal) before it could say why
+            raise ChunkFailed(f"{command} rows {start}-{stop} stopped without giving a reason ({failure}); it may "
+                              f"have been killed (out of memory?): see the end of the run's log, then Continue "
+                              f"the run.") from None
         finished_chunk(folder, start, stop, job_fp, done)  # a cluster job that died leaves none
         return [str(chunk_path(folder, start, stop))]
 

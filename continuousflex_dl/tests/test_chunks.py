@@ -1,6 +1,5 @@
 """Chunk plans, fingerprints and chunk files (core/chunks.py), and the chunk commands' failures (cli.py)."""
 import errno
-import json
 
 import numpy as np
 import pytest

@@ -169,6 +169,19 @@ class TestProtAlign(FlexDLTestBase):
         self.assertRegex(str(caught.exception), r"^align-chunk rows 8-16: The alignment job in .* was prepared for "
                                                 r"other inputs or settings")
         self.assertEqual(os.path.getmtime(chunk1), mtime1)
+        # A local chunk killed before it could say why (out of memory: SIGKILL) is said to be so.
+
+        def killed(program, arguments, **kwargs):
+            raise subprocess.CalledProcessError(-9, program)
+
+        self.align.runJob = killed
+        try:
+            with self.assertRaisesRegex(ChunkFailed, r"^align-chunk rows 8-16 stopped without giving a reason "
+                                                     r"\(.*died with <Signals.SIGKILL: 9>\.\); it may have been "
+                                                     r"killed \(out of memory\?\)"):
+                self.align._runChunkStep("align-chunk", folder, 8, 16, "0" * 64, "aligned")
+        finally:
+            del self.align.runJob
 
     def test_outlier_removal_keeps_the_central_particles(self):
         prot = self.newProtocol(FlexDLProtOutliers, inputParticles=self.truth, fraction=0.25, robust=False)
