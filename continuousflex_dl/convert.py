@@ -12,7 +12,7 @@ from pwem.objects import (AtomStruct, CTFModel, FlexInfo, NormalMode, ParticleFl
 
 from .core.imaging.ctf import CTFParams
 from .core.imaging.geometry import pose_to_scipion_matrix, scipion_matrix_to_pose
-from .core.modes.nma import NormalModes, read_mode_files
+from .core.modes.nma import NormalModes, first_flexible_modes, read_mode_files
 from .core.imaging.structure import Atoms, load_atoms, read_atoms_plain
 
 logger = logging.getLogger(__name__)
@@ -151,6 +151,8 @@ ZFLEX_STD_ATTR = "_flexdl_zFlexStd"
 #: Particle attribute of the pose reliability: the calibrated probability (0-1) that HEMNMA's
 #: pose is within 10° of the truth (core.hemnma.reliability).
 RELIABILITY_ATTR = "_flexdl_poseReliability"
+#: Particle attribute of HEMNMA's score (normalised cross-correlation of the fitted model).
+SCORE_ATTR = "_cfdlScore"
 #: Where zFlex amplitudes came from (FlexInfo attribute ``amplitudeSource``).
 SOURCE_GROUND_TRUTH, SOURCE_HEMNMA, SOURCE_NETWORK = "ground truth", "HEMNMA", "DeepHEMNMA"
 
@@ -177,6 +179,13 @@ class ParticleArrays:
     ctf: Optional[CTFParams] = None
     amplitude_std: Optional[np.ndarray] = None
     reliability: Optional[np.ndarray] = None
+
+    def amplitude_modes(self) -> List[int]:
+        """The mode numbers of the K amplitude columns: the set's (FlexInfo), else the first
+        K non-rigid modes (core.modes.nma.first_flexible_modes: 7, 8, ...)."""
+        if self.amplitudes is None:
+            raise ValueError("The particles carry no normal-mode amplitudes.")
+        return self.mode_numbers or first_flexible_modes(self.amplitudes.shape[1])
 
 
 def flex_info(mode_numbers: Sequence[int], source: str) -> FlexInfo:

@@ -17,8 +17,6 @@ from ..core.imaging.structure import centre
 from ..core.modes.reference import Reference
 from .base import FlexDLProtBase
 
-SCORE_ATTR = "_cfdlScore"
-
 
 class FlexDLProtAlign(FlexDLProtBase):
     """HEMNMA: for each particle, the normal-mode amplitudes, orientation and shift at once.
@@ -262,7 +260,7 @@ class FlexDLProtAlign(FlexDLProtBase):
         out = SetOfParticlesFlex(filename=path, progName=convert.FLEX_PROG_NAME)
         convert.fill_flex_particles(out, self.inputParticles.get(), ids, result.amplitudes, numbers,
                                     convert.SOURCE_HEMNMA, result.angles, result.shifts,
-                                    extra={SCORE_ATTR: result.score, **extra, convert.ZFLEX_STD_ATTR:
+                                    extra={convert.SCORE_ATTR: result.score, **extra, convert.ZFLEX_STD_ATTR:
                                            result.amplitude_std if reliability is None else reliability.amplitude_std})
         self._defineOutputs(outputParticles=out)
         self._defineSourceRelation(self.inputParticles, out)

@@ -7,7 +7,6 @@ from pyworkflow.protocol import params
 
 from .. import convert
 from ..core.imaging.dataset import Preprocessing
-from ..core.modes.nma import first_flexible_modes
 from ..core.network.distributed import TrainingJob
 from ..core.network.training import SOURCES, ModelFolder, TrainConfig, best_epoch, source_of
 from ..objects import FlexDLModel
@@ -202,7 +201,7 @@ class FlexDLProtTrain(FlexDLProtBase):
         phase_flip = settings.pop("phase_flip")
         settings.pop("invert")   # read by _imageSource
         parts = convert.read_particles(self.inputParticles.get(), need_amplitudes=True)
-        modes = parts.mode_numbers or first_flexible_modes(parts.amplitudes.shape[1])
+        modes = parts.amplitude_modes()
         config = TrainConfig.build(modes=modes, pixel_size=parts.pixel_size, **settings)
         poses = (parts.angles, parts.shifts) if parts.angles is not None else None
         job = TrainingJob(self._imageSource(parts), parts.amplitudes, parts.ids, config, config.optimiser.seed,

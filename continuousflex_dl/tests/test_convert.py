@@ -141,6 +141,12 @@ def test_a_set_without_mode_names_is_refused_where_modes_are_needed(tmp_path):
     assert convert.flex_mode_numbers(out) is None
     with pytest.raises(ValueError, match="do not name their normal modes"):
         convert.particles_mode_numbers(out)
+    # Amplitude columns that do not name their modes are the first non-rigid modes.
+    arrays = convert.ParticleArrays(ids=np.arange(2), stacks=["s", "s"], indices=np.arange(2), pixel_size=1.0,
+                                    box=8, amplitudes=np.zeros((2, 3)))
+    assert arrays.amplitude_modes() == [7, 8, 9]
+    arrays.mode_numbers = [7, 9, 12]
+    assert arrays.amplitude_modes() == [7, 9, 12]
 
 
 def test_mode_lists():
