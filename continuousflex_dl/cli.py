@@ -40,7 +40,9 @@ def nma_main(argv=None) -> int:
 
 def _chunk_main(argv, command: str, what: str, run_chunk) -> int:
     """A chunk command over a job folder: parse rows, fingerprint, device, slot and threads,
-    then ``run_chunk(folder, start, stop, fingerprint, device=..., progress=...)``."""
+    then ``run_chunk(folder, start, stop, fingerprint, device=..., progress=...)``. A failure
+    exits with 1 and leaves its reason, one message without traceback, on stderr and in
+    ``core.chunks.chunk_error_path`` (where the protocol's step reads it)."""
     parser = argparse.ArgumentParser(
         prog=f"continuousflex_dl {command}",
         description=f"{what} of rows [START, STOP) of a job folder -> chunks/rows_START_STOP.npz. "
@@ -57,20 +59,33 @@ def _chunk_main(argv, command: str, what: str, run_chunk) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads of torch; 0: the queue's allocation or the process's cores")
     args = _parse(parser, argv)
-    import torch
-    from .core.device import cpu_threads_available, resolve_device
+    start, stop = args.rows
+    from .core.chunks import DiskFullError, chunk_error_path, write_chunk_error
     try:
+        chunk_error_path(args.folder, start, stop).unlink(missing_ok=True)  # a reason left by an earlier try
+        import torch
+        from .core.device import cpu_threads_available, resolve_device
         torch.set_num_threads(args.threads if args.threads > 0 else cpu_threads_available())
         device = resolve_device(args.device, args.slot)
-        start, stop = args.rows
         path, computed = run_chunk(args.folder, start, stop, args.fingerprint, device=device,
                                    progress=lambda done, total, m: logging.info("rows %d-%d: %d/%d %s", start,
                                                                                 stop, done, total, m))
-    except ValueError as exc:
-        print(f"{command}: {exc}", file=sys.stderr)
-        return 1
-    print(f"{'computed' if computed else 'up to date'}: {path} ({device}, {torch.get_num_threads()} threads)")
-    return 0
+    except (ValueError, DiskFullError) as exc:  # a refusal or a full disk: the message says what to do
+        message = f"{command} rows {start}-{stop}: {exc}"
+    except Exception as exc:  # anything else: the reason for the user, the traceback for the log
+        import traceback
+        traceback.print_exc()
+        message = (f"{command} rows {start}-{stop} failed: {type(exc).__name__}: {exc} (the traceback is in "
+                   f"the log of the step or of its cluster job)")
+    else:
+        print(f"{'computed' if computed else 'up to date'}: {path} ({device}, {torch.get_num_threads()} threads)")
+        return 0
+    print(message, file=sys.stderr)
+    try:  # beside the chunk file, where the protocol (or a cluster job's step) reads it
+        write_chunk_error(args.folder, start, stop, message)
+    except OSError:
+        pass
+    return 1
 
 
 def align_chunk_main(argv=None) -> int:

@@ -8,13 +8,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyworkflow.object as pwobj
-from pwem.objects import (CTFModel, FlexInfo, NormalMode, ParticleFlex, SetOfNormalModes,
-                          Transform)
+from pwem.objects import (AtomStruct, CTFModel, FlexInfo, NormalMode, ParticleFlex, SetOfAtomStructs,
+                          SetOfNormalModes, Transform)
 
 from .core.imaging.ctf import CTFParams
 from .core.imaging.stacks import check_stack, stack_format
 from .core.imaging.geometry import pose_to_scipion_matrix, scipion_matrix_to_pose
-from .core.modes.nma import NormalModes, read_mode_files
+from .core.modes.nma import NormalModes, first_flexible_modes, read_mode_files
 from .core.imaging.structure import Atoms, load_atoms, read_atoms_plain
 
 logger = logging.getLogger(__name__)
@@ -153,6 +153,8 @@ ZFLEX_STD_ATTR = "_flexdl_zFlexStd"
 #: Particle attribute of the pose reliability: the calibrated probability (0-1) that HEMNMA's
 #: pose is within 10° of the truth (core.hemnma.reliability).
 RELIABILITY_ATTR = "_flexdl_poseReliability"
+#: Particle attribute of HEMNMA's score (normalised cross-correlation of the fitted model).
+SCORE_ATTR = "_cfdlScore"
 #: Where zFlex amplitudes came from (FlexInfo attribute ``amplitudeSource``).
 SOURCE_GROUND_TRUTH, SOURCE_HEMNMA, SOURCE_NETWORK = "ground truth", "HEMNMA", "DeepHEMNMA"
 
@@ -180,6 +182,13 @@ class ParticleArrays:
     amplitude_std: Optional[np.ndarray] = None
     reliability: Optional[np.ndarray] = None
 
+    def amplitude_modes(self) -> List[int]:
+        """The mode numbers of the K amplitude columns: the set's (FlexInfo), else the first
+        K non-rigid modes (core.modes.nma.first_flexible_modes: 7, 8, ...)."""
+        if self.amplitudes is None:
+            raise ValueError("The particles carry no normal-mode amplitudes.")
+        return self.mode_numbers or first_flexible_modes(self.amplitudes.shape[1])
+
 
 def flex_info(mode_numbers: Sequence[int], source: str) -> FlexInfo:
     """FlexInfo naming the modes of zFlex and where the amplitudes came from."""
@@ -196,6 +205,15 @@ def flex_mode_numbers(particles) -> Optional[List[int]]:
         return None
     value = info.getAttr("modes")  # a CsvList stores "7,8,9"
     return [int(m) for m in str(value).split(",") if m.strip()]
+
+
+def particles_mode_numbers(particles) -> List[int]:
+    """Mode numbers of a SetOfParticlesFlex of this plugin (ValueError if it names none)."""
+    numbers = flex_mode_numbers(particles)
+    if not numbers:
+        raise ValueError("The particles do not name their normal modes (FlexInfo 'modes'): use "
+                         "the output of a protocol of this plugin.")
+    return numbers
 
 
 def flex_source(particles) -> str:
@@ -441,6 +459,15 @@ def fill_synthetic_particles(out, result, source: str = SOURCE_GROUND_TRUTH) -> 
         out.append(p)
 
 
+def fill_atom_structs(out: SetOfAtomStructs, files: Sequence[str], ids: Optional[Sequence[int]] = None) -> None:
+    """Append one AtomStruct per PDB file, with ids ``ids`` (default 1..F, in order)."""
+    ids = range(1, len(files) + 1) if ids is None else ids
+    for i, path in zip(ids, files):
+        item = AtomStruct(filename=str(path))
+        item.setObjId(int(i))
+        out.append(item)
+
+
 def fill_flex_particles(out, particles, ids: np.ndarray, amplitudes: np.ndarray,
                         mode_numbers: Sequence[int], source: str, angles: Optional[np.ndarray] = None,
                         shifts: Optional[np.ndarray] = None, extra: Optional[dict] = None) -> None:
@@ -449,6 +476,9 @@ def fill_flex_particles(out, particles, ids: np.ndarray, amplitudes: np.ndarray,
     per-particle extra attributes ``{name: (M,) values}`` (Float: scores, distances) or
     ``{name: (M, K) values}`` (a list of K floats: e.g. :data:`ZFLEX_STD_ATTR`)."""
     out.copyInfo(particles)
+    # pwem's SetOfParticlesFlex.copyInfo skips SetOfParticles.copyInfo, which copies the CTF flag:
+    # without this line a flex copy of particles with CTFs says it has none.
+    out.setHasCTF(particles.hasCTF())
     out.setFlexInfo(flex_info(mode_numbers, source))
     if angles is not None:
         out.setAlignmentProj()

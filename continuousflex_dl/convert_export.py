@@ -40,7 +40,7 @@ def export_particles(particles, folder: str, xmipp: bool = True, relion: bool = 
     :data:`LATENT_FILE` (cryoDRGN's z) with :data:`IDS_FILE` (the Scipion id of each row).
     Returns ``{file name: what it holds}``. Raises ValueError for a set without amplitudes."""
     parts = convert.read_particles(particles, need_amplitudes=True)
-    numbers = parts.mode_numbers or list(range(7, 7 + parts.amplitudes.shape[1]))
+    numbers = parts.amplitude_modes()
     written = {}
     if xmipp:
         write_xmipp_images(os.path.join(folder, XMIPP_FILE), xmipp_image_names(parts.stacks, parts.indices),

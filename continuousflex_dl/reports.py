@@ -203,7 +203,7 @@ def flex_arrays(sets: Sequence, labels: Optional[Sequence[str]] = None
     numbers = None
     for i, s in enumerate(sets):
         arrays = convert.read_particles(s, need_amplitudes=True)
-        modes = arrays.mode_numbers or list(range(7, 7 + arrays.amplitudes.shape[1]))
+        modes = arrays.amplitude_modes()
         base = labels[i] if labels is not None else set_label(s, f"set {i + 1}")
         if numbers is None:
             numbers = modes
@@ -254,7 +254,7 @@ def error_reports(truth, others: Sequence, modes_set=None, labels: Optional[Sequ
     if not others:
         raise ValueError("No set to compare with the ground truth.")
     t = convert.read_particles(truth, need_amplitudes=True)
-    numbers = t.mode_numbers or list(range(7, 7 + t.amplitudes.shape[1]))
+    numbers = t.amplitude_modes()
     modes = convert.read_mode_vectors(modes_set, numbers) if modes_set is not None else None
     out = OrderedDict()
     for label, a in flex_arrays(others, labels).items():

@@ -10,14 +10,16 @@ particles or settings.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -26,7 +28,8 @@ from .progress import Progress
 logger = logging.getLogger(__name__)
 
 __all__ = ["fingerprint", "chunk_bounds", "auto_chunk_size", "Chunk", "write_chunk", "read_chunk",
-           "gather_by_id", "save_job_files", "load_job_files", "chunk_path", "finished_chunk", "ChunkedJob"]
+           "gather_by_id", "save_job_files", "load_job_files", "chunk_path", "chunk_error_path", "write_chunk_error",
+           "read_chunk_error", "chunk_problem", "finished_chunk", "ChunkedJob", "DiskFullError"]
 
 PathLike = Union[str, os.PathLike]
 _PROVENANCE_KEY = "__provenance__"
@@ -103,9 +106,58 @@ def auto_chunk_size(n_items: int, workers: int, per_worker: int = 4, smallest: i
     return max(1, max(min(smallest, even), min(largest, math.ceil(even / per_worker))))
 
 
+class DiskFullError(OSError):
+    """A file could not be written for want of space (ENOSPC, EDQUOT); ``str()`` is a message
+    for the user naming the folder and the space needed."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def _size(n_bytes: float) -> str:
+    """A byte count for people: '13 kB', '4.2 MB', '1.5 GB'."""
+    if n_bytes < 1e6:
+        return f"{max(1, round(n_bytes / 1e3))} kB"
+    return f"{n_bytes / 1e6:.1f} MB" if n_bytes < 1e9 else f"{n_bytes / 1e9:.1f} GB"
+
+
+def _disk_full_message(folder: Path, needed: int) -> str:
+    try:
+        free = f"{_size(shutil.disk_usage(folder).free)} free"
+    except OSError:
+        free = "free space unknown"
+    return (f"No space left on the disk of {folder}: writing a file of about {_size(needed)} failed ({free}). "
+            f"Free some space there, then Continue the run.")
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None], needed: int) -> None:
+    """Write ``path`` through ``write(temporary path)`` in the same folder, then ``os.replace``:
+    the file exists only when complete. On any failure the temporary file is removed; a full disk
+    (ENOSPC, EDQUOT) raises :class:`DiskFullError` naming the folder and the ``needed`` bytes."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(exc.errno, _disk_full_message(path.parent, needed)) from None
+        raise
+
+
+def _savez(path: Path, arrays: Dict[str, np.ndarray]) -> None:
+    """``np.savez`` of ``arrays`` to ``path`` atomically (see :func:`_atomic_write`)."""
+    needed = sum(np.asarray(a).nbytes for a in arrays.values()) + 1000 * len(arrays)
+    _atomic_write(Path(path), lambda tmp: np.savez(tmp, **arrays), needed)
+
+
 def write_chunk(path: PathLike, provenance: dict, ids: np.ndarray, arrays: Dict[str, np.ndarray]) -> None:
     """Save one chunk's results atomically (a temporary file in the same folder, then
-    ``os.replace``): the file exists only when complete.
+    ``os.replace``): the file exists only when complete, and a failed write leaves no
+    temporary file (a full disk raises :class:`DiskFullError`, naming the folder and the space).
 
     provenance: JSON-able dict of what the chunk was computed from. ids: (B,) particle ids.
     arrays: per-particle results, each with B rows (any trailing shape).
@@ -116,11 +168,7 @@ def write_chunk(path: PathLike, provenance: dict, ids: np.ndarray, arrays: Dict[
             raise ValueError(f"Chunk result '{key}' has {len(value)} rows for {len(ids)} particles.")
     if "ids" in arrays or _PROVENANCE_KEY in arrays:
         raise ValueError("Chunk result names 'ids' and '__provenance__' are reserved.")
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, ids=ids, **{_PROVENANCE_KEY: np.array(json.dumps(provenance, sort_keys=True))},
-             **arrays)
-    os.replace(tmp, path)
+    _savez(Path(path), {"ids": ids, _PROVENANCE_KEY: np.array(json.dumps(provenance, sort_keys=True)), **arrays})
 
 
 class Chunk(NamedTuple):
@@ -142,10 +190,10 @@ def read_chunk(path: PathLike, expected: Optional[dict] = None) -> Optional[Chun
             ids = data["ids"]
             arrays = {k: data[k] for k in data.files if k not in ("ids", _PROVENANCE_KEY)}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
-        logger.warning("Ignoring the damaged chunk file %s (%s); it is computed again.", path, exc)
+        logger.warning("The chunk file %s is damaged (%s).", path, exc)
         return None
     if expected is not None and provenance != json.loads(json.dumps(expected, sort_keys=True)):
-        logger.info("Chunk file %s was computed from other inputs or settings; it is computed again.", path)
+        logger.info("The chunk file %s was computed from other inputs or settings.", path)
         return None
     return Chunk(provenance, ids, arrays)
 
@@ -184,15 +232,13 @@ def gather_by_id(ids: np.ndarray, pieces: Sequence[Tuple[np.ndarray, Dict[str, n
 
 def save_job_files(folder: PathLike, arrays: Dict[str, np.ndarray], meta: dict) -> None:
     """Write a job folder's ``job.npz`` (``arrays``) and ``job.json`` (``meta``, JSON-able),
-    each atomically (temporary name, then ``os.replace``); ``chunks/`` is created too."""
+    each atomically (temporary name, then ``os.replace``; a full disk raises
+    :class:`DiskFullError`); ``chunks/`` is created too."""
     folder = Path(folder)
     (folder / "chunks").mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"job.npz.tmp{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, folder / "job.npz")
-    tmp = folder / f"job.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, folder / "job.json")
+    _savez(folder / "job.npz", arrays)
+    text = json.dumps(meta)
+    _atomic_write(folder / "job.json", lambda tmp: tmp.write_text(text), len(text))
 
 
 def load_job_files(folder: PathLike, what: str) -> Tuple[Dict[str, np.ndarray], dict]:
@@ -216,6 +262,45 @@ def chunk_path(folder: PathLike, start: int, stop: int) -> Path:
     return Path(folder) / "chunks" / ("rows_%07d_%07d.npz" % (start, stop))
 
 
+def chunk_error_path(folder: PathLike, start: int, stop: int) -> Path:
+    """The file in which a chunk process of rows ``[start, stop)`` leaves the reason it failed
+    (beside its chunk file, so that it reaches the protocol from a cluster job too)."""
+    return Path(folder) / "chunks" / ("rows_%07d_%07d.error.txt" % (start, stop))
+
+
+def write_chunk_error(folder: PathLike, start: int, stop: int, message: str) -> None:
+    """Leave ``message`` (why rows ``[start, stop)`` failed) in :func:`chunk_error_path`, atomically."""
+    path = chunk_error_path(folder, start, stop)
+    path.parent.mkdir(exist_ok=True)
+    _atomic_write(path, lambda tmp: tmp.write_text(message), len(message.encode()))
+
+
+def read_chunk_error(folder: PathLike, start: int, stop: int) -> Optional[str]:
+    """The message a failed chunk process of rows ``[start, stop)`` left, or None."""
+    try:
+        return chunk_error_path(folder, start, stop).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def chunk_problem(folder: PathLike, start: int, stop: int, job_fingerprint: str) -> Optional[str]:
+    """Why the chunk file of rows ``[start, stop)`` is not a result of the job ``job_fingerprint``
+    ("missing", "damaged (...)", "computed for other inputs or settings"), or None when it is."""
+    path = chunk_path(folder, start, stop)
+    if not path.exists():
+        return "missing"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            p = json.loads(str(data[_PROVENANCE_KEY]))
+            for key in data.files:
+                data[key]  # reads (and CRC-checks) every array
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        return f"damaged ({exc})"
+    if p.get("job") != job_fingerprint or (p.get("start"), p.get("stop")) != (start, stop):
+        return "computed for other inputs or settings"
+    return None
+
+
 def finished_chunk(folder: PathLike, start: int, stop: int, job_fingerprint: str,
                    done: str = "computed") -> Chunk:
     """The chunk file of rows ``[start, stop)`` computed for the job ``job_fingerprint``
@@ -225,7 +310,7 @@ def finished_chunk(folder: PathLike, start: int, stop: int, job_fingerprint: str
     chunk = read_chunk(path)
     if chunk is None:
         raise ValueError(f"Rows {start}-{stop} are not {done} ({path} missing or damaged; see the log of "
-                         f"the step or of its cluster job): Continue the run.")
+                         f"the step or of its cluster job): Continue the run, which computes them again.")
     p = chunk.provenance
     if p.get("job") != job_fingerprint or (p.get("start"), p.get("stop")) != (start, stop):
         raise ValueError(f"{path} was computed for other inputs or settings: Continue the run to compute "
@@ -315,6 +400,9 @@ class ChunkedJob:
         if read_chunk(out, provenance) is not None:
             logger.info("rows %d-%d: up to date in %s", start, stop, out.name)
             return out, False
+        if out.exists():
+            logger.info("rows %d-%d: %s is not a result of these inputs; computing them again", start, stop,
+                        out.name)
         write_chunk(out, provenance, self.ids[start:stop],
                     self.compute(images, start, stop, device=device, progress=progress))
         logger.info("rows %d-%d: %d particles %s", start, stop, stop - start, self.DONE)

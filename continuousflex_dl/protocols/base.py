@@ -15,6 +15,10 @@ from ..core.imaging.structure import diameter, read_coordinates
 
 
 
+class ChunkFailed(RuntimeError):
+    """A chunk process refused or failed; the message is its reason, for the protocol's error text."""
+
+
 class FlexDLProtBase(EMProtocol):
     """Base class: protocols stay thin and call continuousflex_dl.core."""
     _devStatus = "BETA"
@@ -84,21 +88,53 @@ class FlexDLProtBase(EMProtocol):
                                  ids=parts.ids, progress=lambda done, total, message: self.info(
                                      f"Predicted {done} / {total} particles"), **options)
 
-    def _runChunkJob(self, command: str, folder: str, start: int, stop: int, job_fp: str, chunk_size: int,
-                     n_chunks: int) -> None:
-        """Rows ``[start, stop)`` of the job folder as a process of the package's command line
-        (``python -m continuousflex_dl <command>``; a cluster job with 'Use queue for steps'),
-        which writes its chunk file atomically. Local chunks share this machine's cores; a
-        cluster job uses what the queue gives it."""
+    def _runChunkStep(self, command: str, folder: str, start: int, stop: int, job_fp: str, done: str) -> List[str]:
+        """The body of a chunk step: rows ``[start, stop)`` of the job folder as a process of the
+        package's command line (``python -m continuousflex_dl <command>``; a cluster job with 'Use
+        queue for steps'), which writes its chunk file atomically. A refusal or failure of that
+        process becomes this step's error (the protocol's error text) whole: the process leaves
+        its reason in a file beside the chunk file, read here (files, not pipes, so that it
+        arrives from a cluster job too). Local chunks share this machine's cores; a cluster job
+        uses what the queue gives it. ``self._plan`` is (chunk size, number of chunks).
+        done: what finished rows are ("aligned"), for messages. Returns the chunk file (in a list)."""
         import shlex
+        from ..core.chunks import chunk_error_path, chunk_path, finished_chunk, read_chunk_error
         from ..core.device import cpu_threads_available
+        size, n_chunks = self._plan
+        chunk_error_path(folder, start, stop).unlink(missing_ok=True)
         threads = 0 if self.useQueueForSteps() else max(
             1, cpu_threads_available() // min(n_chunks, self._parallelChunks()))
-        self.runJob(shlex.quote(sys.executable),
-                    ["-m", "continuousflex_dl", command, os.path.abspath(folder), "--rows", start, stop,
-                     "--fingerprint", job_fp, "--device", self._deviceChoice(),
-                     "--slot", self._gpuSlot(start // chunk_size),
-                     "--threads", threads])
+        failure = None
+        try:
+            self.runJob(shlex.quote(sys.executable),
+                        ["-m", "continuousflex_dl", command, os.path.abspath(folder), "--rows", start, stop,
+                         "--fingerprint", job_fp, "--device", self._deviceChoice(), "--slot", self._gpuSlot(start // size),
+                         "--threads", threads])
+        except Exception as exc:  # the command's exit status; its reason is in the file
+            failure = exc
+        reason = read_chunk_error(folder, start, stop)
+        if reason:
+            raise ChunkFailed(reason)
+        if failure is not None:  # killed (out of memory, a signal) before it could say why
+            raise ChunkFailed(f"{command} rows {start}-{stop} stopped without giving a reason ({failure}); it may "
+                              f"have been killed (out of memory?): see the end of the run's log, then Continue "
+                              f"the run.") from None
+        finished_chunk(folder, start, stop, job_fp, done)  # a cluster job that died leaves none
+        return [str(chunk_path(folder, start, stop))]
+
+    def _resetDamagedChunks(self, folder: str, bounds: Sequence, job_fp: str) -> None:
+        """Remove the chunk files of ``bounds`` ([(start, stop), ...]) that exist but are damaged
+        (truncated, unreadable) or not a result of the job ``job_fp``, so that their steps, whatever state Scipion recorded for them,
+        run again on Continue (a finished step whose result file is missing is run again).
+        Called from ``_insertAllSteps``, before Scipion compares the steps with the last run's."""
+        from ..core.chunks import chunk_path, chunk_problem
+        for start, stop in bounds:
+            problem = chunk_problem(folder, start, stop, job_fp)
+            if problem and problem != "missing":
+                path = chunk_path(folder, start, stop)
+                os.remove(path)
+                self.info(f"The chunk file {path} is {problem}: removed; its step computes rows "
+                          f"{start}-{stop} again.")
 
     def _parallelChunks(self) -> int:
         """How many chunk steps Scipion runs at the same time (numberOfThreads - 1, at least 1)."""
@@ -119,6 +155,27 @@ class FlexDLProtBase(EMProtocol):
         parts = convert.read_particles(particles, need_amplitudes=need_amplitudes)
         convert.native_stacks(parts, self._getExtraPath("images"), log=self.info)
         return parts
+
+    def _flexInputErrors(self) -> List[str]:
+        """Validation errors for the ``inputParticles`` / ``inputModes`` pair of
+        :meth:`_addFlexInputParams`: empty list when usable."""
+        particles, modes_set = self.inputParticles.get(), self.inputModes.get()
+        if particles is None:
+            return ["Choose the particles (a SetOfParticlesFlex of this plugin)."]
+        if modes_set is None:
+            return ["Choose the normal modes used for the particles' amplitudes."]
+        if not particles.getSize():
+            return ["The input set of particles is empty: choose a set with particles (the output of "
+                    "the HEMNMA, DeepHEMNMA or synthesis protocol)."]
+        try:
+            numbers = convert.particles_mode_numbers(particles)
+        except ValueError as exc:
+            return [str(exc)]
+        available = {r["number"] for r in convert.modes_table(modes_set)}
+        missing = sorted(set(numbers) - available)
+        if missing:
+            return [f"The particles use modes {missing} that are not in the chosen normal modes."]
+        return []
 
     def _stackErrors(self, particles, most: int = 3) -> List[str]:
         """Validation errors for the image files of a set of particles: missing, damaged
@@ -164,6 +221,21 @@ class FlexDLProtBase(EMProtocol):
                 f"({span:.0f} Å between its two farthest atoms): the particle would be cut off in most "
                 f"images. Use a box of at least {math.ceil(span / pixel_size)} px at {pixel_size:g} Å/px, "
                 f"or a larger pixel size."]
+
+    @staticmethod
+    def _modelBoxErrors(model, particles) -> List[str]:
+        """A validation error when ``particles`` (a SetOfParticles) do not cover the box in Å of
+        the images a FlexDLModel was trained on, within 1 % of the model's box: the images are
+        Fourier-cropped to the model's size, so their pixel size then differs from the model's
+        by (particles' box - model's box) / model's box, the quantity bounded here."""
+        model_extent = model.getImageSize() * model.getPixelSize()
+        extent = (particles.getXDim() or 0) * particles.getSamplingRate()
+        if abs(extent - model_extent) <= 0.01 * model_extent:
+            return []
+        return [f"The particles cover {extent:.1f} Å ({particles.getXDim()} px at {particles.getSamplingRate():g} "
+                f"Å/px) but the network was trained on {model_extent:.1f} Å boxes ({model.getImageSize()} px at "
+                f"{model.getPixelSize():g} Å/px). Re-extract or window the particles to the same box in Å, or use "
+                f"a network trained on boxes of the particles' size in Å."]
 
     def _deviceChoice(self) -> str:
         """The core's device choice (``core.device.DEVICE_CHOICES``) for the form's GPU row: 'cpu'

@@ -1,8 +1,6 @@
 """HEMNMA: elastic (normal-mode amplitudes) and rigid (pose) alignment of particles, in chunks."""
 import json
 import os
-import shlex
-import sys
 
 import numpy as np
 from pwem.objects import SetOfParticlesFlex
@@ -10,18 +8,14 @@ from pyworkflow.protocol import STEPS_PARALLEL, params
 
 from .. import convert
 from ..core.hemnma.alignment import PATH_FALLBACK, PATH_GLOBAL, PATH_SEEDED, PRESETS, AlignmentResult, preset_changes
-from ..core.hemnma.alignment_job import (ALIGN_CHUNK_SMALLEST, RESULT_KEYS, AlignmentJob, alignment_chunk_size, chunk_path,
-                                  finished_chunk, gather)
+from ..core.hemnma.alignment_job import ALIGN_CHUNK_SMALLEST, RESULT_KEYS, AlignmentJob, alignment_chunk_size, gather
 from ..core.chunks import chunk_bounds
 from ..core.hemnma.image_model import ImageModel, structure_atom_types
 from ..core.hemnma.pixel_size import check_job_pixel_size
 from ..core.hemnma.reliability import CALIBRATION_PARTICLES, Reliability, calibrate_job
-from ..core.device import cpu_threads_available
 from ..core.imaging.structure import centre
 from ..core.modes.reference import Reference
 from .base import FlexDLProtBase
-
-SCORE_ATTR = "_cfdlScore"
 
 
 class FlexDLProtAlign(FlexDLProtBase):
@@ -131,6 +125,7 @@ class FlexDLProtAlign(FlexDLProtBase):
         size = self._chunkSize(job_fp, len(self._job.ids))
         bounds = chunk_bounds(len(self._job.ids), size)
         self._plan = (size, len(bounds))  # read by the steps, which run in this process
+        self._resetDamagedChunks(self._jobFolder(), bounds, job_fp)
         first = self._insertFunctionStep(self.convertInputStep, job_fp, size, needsGPU=False)
         if self._job.model_fit_particles:
             first = self._insertFunctionStep(self.fitImageModelStep, job_fp, prerequisites=[first],
@@ -261,16 +256,7 @@ class FlexDLProtAlign(FlexDLProtBase):
     def alignChunkStep(self, start, stop, job_fp):
         """One chunk as a process of the package's command line (a cluster job with 'Use queue
         for steps'); it reads the job folder and writes its chunk file atomically."""
-        size, n_chunks = self._plan
-        # Local chunks share this machine's cores; a cluster job uses what the queue gives it (0).
-        threads = 0 if self.useQueueForSteps() else max(
-            1, cpu_threads_available() // min(n_chunks, self._parallelChunks()))
-        self.runJob(shlex.quote(sys.executable),
-                    ["-m", "continuousflex_dl", "align-chunk", os.path.abspath(self._jobFolder()),
-                     "--rows", start, stop, "--fingerprint", job_fp, "--device", self._deviceChoice(),
-                     "--slot", self._gpuSlot(start // size), "--threads", threads])
-        finished_chunk(self._jobFolder(), start, stop, job_fp)  # a failed job leaves none
-        return [str(chunk_path(self._jobFolder(), start, stop))]
+        return self._runChunkStep("align-chunk", self._jobFolder(), start, stop, job_fp, AlignmentJob.DONE)
 
     def createOutputStep(self, job_fp, chunk_size, calibration_particles=CALIBRATION_PARTICLES):
         self._logToRunLog()
@@ -292,7 +278,7 @@ class FlexDLProtAlign(FlexDLProtBase):
         out = SetOfParticlesFlex(filename=path, progName=convert.FLEX_PROG_NAME)
         convert.fill_flex_particles(out, self.inputParticles.get(), ids, result.amplitudes, numbers,
                                     convert.SOURCE_HEMNMA, result.angles, result.shifts,
-                                    extra={SCORE_ATTR: result.score, **extra, convert.ZFLEX_STD_ATTR:
+                                    extra={convert.SCORE_ATTR: result.score, **extra, convert.ZFLEX_STD_ATTR:
                                            result.amplitude_std if reliability is None else reliability.amplitude_std})
         self._defineOutputs(outputParticles=out)
         self._defineSourceRelation(self.inputParticles, out)
@@ -325,11 +311,7 @@ class FlexDLProtAlign(FlexDLProtBase):
             if list(model.getModes()) != list(numbers):
                 errors.append(f"The network predicts modes {model.getModes()}, the alignment uses {numbers}: "
                               f"align with the network's modes.")
-            extent = (parts.getXDim() or 0) * parts.getSamplingRate()
-            if abs(extent - model.getImageSize() * model.getPixelSize()) > 0.01 * extent:
-                errors.append(f"The network was trained on {model.getImageSize() * model.getPixelSize():.1f} Å "
-                              f"boxes, the particles cover {extent:.1f} Å: use a network trained on boxes of "
-                              f"the particles' size in Å.")
+            errors += self._modelBoxErrors(model, parts)
         if not numbers:
             errors.append("No enabled modes from 7 on: give a mode list, e.g. '7-9'.")
         if not parts.getSize():

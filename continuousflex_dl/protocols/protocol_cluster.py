@@ -7,11 +7,9 @@ from pyworkflow.protocol import params
 
 from .. import convert
 from ..core.imaging.structure import write_multimodel_pdb
-from ..core.landscape.trajectory import kmeans, select_by_ranges, trajectory_frames
+from ..core.landscape.trajectory import kmeans, select_by_ranges, trajectory_frames, write_points
 from .base import FlexDLProtBase
 from .group_maps import GroupMapsMixin
-from .protocol_trajectory import (check_modes_input, fill_atom_structs, particles_mode_numbers,
-                                  write_points)
 
 METHOD_KMEANS, METHOD_RANGES = 0, 1
 OPEN_BOUNDS = ("*", "none", "")
@@ -110,7 +108,7 @@ class FlexDLProtCluster(GroupMapsMixin, FlexDLProtBase):
     def clusterStep(self):
         self._logToRunLog()
         particles = convert.read_particles(self.inputParticles.get(), need_amplitudes=True)
-        numbers = particles_mode_numbers(self.inputParticles.get())
+        numbers = convert.particles_mode_numbers(self.inputParticles.get())
         member = self._memberships(particles.amplitudes, numbers)
         sizes = member.sum(axis=1)
         centres = np.stack([particles.amplitudes[m].mean(axis=0) if m.any()
@@ -153,8 +151,8 @@ class FlexDLProtCluster(GroupMapsMixin, FlexDLProtBase):
             self._defineOutputs(**{self._clusterName(c + 1): out})
             self._defineSourceRelation(self.inputParticles, out)
         structures = SetOfAtomStructs(filename=self._getPath("centre_structures.sqlite"))
-        fill_atom_structs(structures, [self._centreFile(c + 1) for c in groups],
-                          [c + 1 for c in groups])  # id = group number
+        convert.fill_atom_structs(structures, [self._centreFile(c + 1) for c in groups],
+                                  [c + 1 for c in groups])  # id = group number
         self._defineOutputs(outputStructures=structures)
         self._defineSourceRelation(self.inputModes, structures)
         self._createGroupMapsOutput()
@@ -173,7 +171,7 @@ class FlexDLProtCluster(GroupMapsMixin, FlexDLProtBase):
 
     # --------------------------- INFO ------------------------------------------
     def _validate(self):
-        errors = check_modes_input(self.inputParticles.get(), self.inputModes.get())
+        errors = self._flexInputErrors()
         if errors:
             return errors
         errors = self._validateGroupMaps()
@@ -183,7 +181,7 @@ class FlexDLProtCluster(GroupMapsMixin, FlexDLProtBase):
                               f"{self.inputParticles.get().getSize()} particles.")
         else:
             try:
-                parse_ranges(self.ranges.get(), particles_mode_numbers(self.inputParticles.get()))
+                parse_ranges(self.ranges.get(), convert.particles_mode_numbers(self.inputParticles.get()))
             except ValueError as exc:
                 errors.append(str(exc))
         return errors

@@ -7,7 +7,6 @@ from pyworkflow.protocol import params
 
 from .. import convert, convert_export, reports
 from .base import FlexDLProtBase
-from .protocol_align import SCORE_ATTR
 
 #: What the run wrote, for its summary (extra/).
 MANIFEST = "exported.json"
@@ -64,7 +63,7 @@ class FlexDLProtExport(FlexDLProtBase):
     def _cost(self, particles):
         """HEMNMA's cost (1 - score, :mod:`..core.hemnma.alignment`) of each particle, or None."""
         try:
-            return 1.0 - reports.read_attribute(particles, SCORE_ATTR)
+            return 1.0 - reports.read_attribute(particles, convert.SCORE_ATTR)
         except ValueError:
             return None
 

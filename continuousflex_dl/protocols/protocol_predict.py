@@ -6,7 +6,7 @@ from pwem.objects import SetOfParticlesFlex
 from pyworkflow.protocol import STEPS_PARALLEL, params
 
 from .. import convert
-from ..core.chunks import chunk_bounds, chunk_path, finished_chunk
+from ..core.chunks import chunk_bounds
 from ..core.network.prediction_job import PredictionJob, prediction_chunk_size
 from ..core.network.training import ModelFolder
 from .base import FlexDLProtBase
@@ -69,6 +69,7 @@ class FlexDLProtPredict(FlexDLProtBase):
         size = self.chunkSize.get() or prediction_chunk_size(len(job.ids), self._parallelChunks())
         bounds = chunk_bounds(len(job.ids), size)
         self._plan = (size, len(bounds))  # read by the steps, which run in this process
+        self._resetDamagedChunks(self._jobFolder(), bounds, job_fp)
         convert_step = self._insertFunctionStep(self.convertInputStep, job_fp, size, needsGPU=False)
         chunk_steps = [self._insertFunctionStep(self.predictChunkStep, start, stop, job_fp,
                                                 prerequisites=[convert_step], needsGPU=self._usesGPU())
@@ -105,10 +106,7 @@ class FlexDLProtPredict(FlexDLProtBase):
     def predictChunkStep(self, start, stop, job_fp):
         """One chunk as a process of the package's command line; it reads the job folder and
         writes its chunk file atomically."""
-        size, n_chunks = self._plan
-        self._runChunkJob("predict-chunk", self._jobFolder(), start, stop, job_fp, size, n_chunks)
-        finished_chunk(self._jobFolder(), start, stop, job_fp, PredictionJob.DONE)  # a failed job leaves none
-        return [str(chunk_path(self._jobFolder(), start, stop))]
+        return self._runChunkStep("predict-chunk", self._jobFolder(), start, stop, job_fp, PredictionJob.DONE)
 
     def createOutputStep(self, job_fp, chunk_size):
         job = PredictionJob.load_checked(self._jobFolder(), job_fp)
@@ -133,12 +131,9 @@ class FlexDLProtPredict(FlexDLProtBase):
             return ["Choose a trained model and particles."]
         if parts.getSize() == 0:
             return ["The input set of particles is empty."]
-        extent_model = model.getImageSize() * model.getPixelSize()
-        extent = parts.getXDim() * parts.getSamplingRate()
-        if abs(extent - extent_model) > 0.01 * extent_model:
-            return [f"The particles cover {extent:.1f} Å ({parts.getXDim()} px at {parts.getSamplingRate():g} Å/px) "
-                    f"but the model was trained on {extent_model:.1f} Å boxes ({model.getImageSize()} px at "
-                    f"{model.getPixelSize():g} Å/px). Re-extract or window the particles to the same box in Å."]
+        box_errors = self._modelBoxErrors(model, parts)
+        if box_errors:
+            return box_errors
         if self._modelPhaseFlips(model) and not parts.hasCTF():
             return ["The model was trained on phase-flipped images: the particles need a CTF."]
         if parts.getXDim() < model.getImageSize():

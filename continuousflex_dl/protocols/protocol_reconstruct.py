@@ -2,7 +2,6 @@
 from pwem.objects import Transform, Volume
 from pyworkflow.protocol import params
 
-from .. import convert
 from ..core.landscape.reconstruction import FSC_THRESHOLD, centred_origin, read_fsc_csv, reconstruct, resolution_at
 from .base import FlexDLProtBase
 

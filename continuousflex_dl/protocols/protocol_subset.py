@@ -74,7 +74,7 @@ class FlexDLProtSubset(FlexDLProtBase):
 
     # ------------------------------------------------------------------ the selection
     def _view(self, arrays) -> LinearView:
-        numbers = arrays.mode_numbers or list(range(7, 7 + arrays.amplitudes.shape[1]))
+        numbers = arrays.amplitude_modes()
         if self.viewAxes.get() == AXES_PCA:
             text = (self.pcaView.get() or "").strip()
             return LinearView.from_text(text) if text else pca_view(arrays.amplitudes)

@@ -202,7 +202,7 @@ class FlexDLProtTrain(FlexDLProtBase):
         phase_flip = settings.pop("phase_flip")
         settings.pop("invert")   # read by _imageSource
         parts = self._readParticles(self.inputParticles.get(), need_amplitudes=True)
-        modes = parts.mode_numbers or list(range(7, 7 + parts.amplitudes.shape[1]))
+        modes = parts.amplitude_modes()
         config = TrainConfig.build(modes=modes, pixel_size=parts.pixel_size, **settings)
         poses = (parts.angles, parts.shifts) if parts.angles is not None else None
         job = TrainingJob(self._imageSource(parts), parts.amplitudes, parts.ids, config, config.optimiser.seed,

@@ -2,12 +2,13 @@
 import re
 
 import numpy as np
-from pwem.objects import AtomStruct, SetOfAtomStructs, SetOfVolumes
+from pwem.objects import SetOfAtomStructs, SetOfVolumes
 from pyworkflow.protocol import params
 
 from .. import convert
 from ..core.imaging.structure import write_multimodel_pdb
-from ..core.landscape.trajectory import nearest_points, path_through_points, principal_path, trajectory_frames
+from ..core.landscape.trajectory import (nearest_points, path_through_points, principal_path, trajectory_frames,
+                                         write_points)
 from .base import FlexDLProtBase
 from .group_maps import GroupMapsMixin
 
@@ -38,50 +39,6 @@ def parse_points(text: str, n_modes: int) -> np.ndarray:
     if not rows:
         raise ValueError("No points given: write one point per line, one amplitude (Å) per mode.")
     return np.asarray(rows, dtype=float)
-
-
-def write_points(path, points: np.ndarray, mode_numbers) -> None:
-    """Save points (P, K) Å as text with a header naming the modes (readable by np.loadtxt)."""
-    header = "amplitudes (A) of modes " + " ".join(str(int(m)) for m in mode_numbers)
-    np.savetxt(path, np.atleast_2d(points), fmt="%.6f", header=header)
-
-
-def particles_mode_numbers(particles) -> list:
-    """Mode numbers of a SetOfParticlesFlex of this plugin (ValueError if it names none)."""
-    numbers = convert.flex_mode_numbers(particles)
-    if not numbers:
-        raise ValueError("The particles do not name their normal modes (FlexInfo 'modes'): use "
-                         "the output of a protocol of this plugin.")
-    return numbers
-
-
-def check_modes_input(particles, modes_set) -> list:
-    """Validation errors for a (particles, normal modes) pair: empty list when usable."""
-    if particles is None:
-        return ["Choose the particles (a SetOfParticlesFlex of this plugin)."]
-    if modes_set is None:
-        return ["Choose the normal modes used for the particles' amplitudes."]
-    if not particles.getSize():
-        return ["The input set of particles is empty: choose a set with particles (the output of "
-                "the HEMNMA, DeepHEMNMA or synthesis protocol)."]
-    try:
-        numbers = particles_mode_numbers(particles)
-    except ValueError as exc:
-        return [str(exc)]
-    available = {r["number"] for r in convert.modes_table(modes_set)}
-    missing = sorted(set(numbers) - available)
-    if missing:
-        return [f"The particles use modes {missing} that are not in the chosen normal modes."]
-    return []
-
-
-def fill_atom_structs(out: SetOfAtomStructs, files, ids=None) -> None:
-    """Append one AtomStruct per PDB file, with ids ``ids`` (default 1..F, in order)."""
-    ids = range(1, len(files) + 1) if ids is None else ids
-    for i, path in zip(ids, files):
-        item = AtomStruct(filename=str(path))
-        item.setObjId(int(i))
-        out.append(item)
 
 
 class FlexDLProtTrajectory(GroupMapsMixin, FlexDLProtBase):
@@ -152,7 +109,7 @@ class FlexDLProtTrajectory(GroupMapsMixin, FlexDLProtBase):
     def computeTrajectoryStep(self):
         self._logToRunLog()
         particles = convert.read_particles(self.inputParticles.get(), need_amplitudes=True)
-        numbers = particles_mode_numbers(self.inputParticles.get())
+        numbers = convert.particles_mode_numbers(self.inputParticles.get())
         path = self._pathPoints(particles.amplitudes)
         atoms, modes = convert.read_modes(self.inputModes.get(), numbers)
         frames = trajectory_frames(atoms.coords, modes, path)
@@ -177,7 +134,7 @@ class FlexDLProtTrajectory(GroupMapsMixin, FlexDLProtBase):
     def createOutputStep(self):
         path = np.atleast_2d(np.loadtxt(self._getExtraPath("path_points.txt")))
         out = SetOfAtomStructs(filename=self._getPath("structures.sqlite"))
-        fill_atom_structs(out, [self._frameFile(f + 1) for f in range(len(path))])
+        convert.fill_atom_structs(out, [self._frameFile(f + 1) for f in range(len(path))])
         self._defineOutputs(outputStructures=out)
         self._defineSourceRelation(self.inputParticles, out)
         self._defineSourceRelation(self.inputModes, out)
@@ -185,7 +142,7 @@ class FlexDLProtTrajectory(GroupMapsMixin, FlexDLProtBase):
 
     # --------------------------- INFO ------------------------------------------
     def _validate(self):
-        errors = check_modes_input(self.inputParticles.get(), self.inputModes.get())
+        errors = self._flexInputErrors()
         if errors:
             return errors
         errors = self._validateGroupMaps()
@@ -193,7 +150,7 @@ class FlexDLProtTrajectory(GroupMapsMixin, FlexDLProtBase):
             if self.extent.get() == 0 and not self.lowPercentile.get() < self.highPercentile.get():
                 errors.append("The low percentile must be smaller than the high one.")
         else:
-            k = len(particles_mode_numbers(self.inputParticles.get()))
+            k = len(convert.particles_mode_numbers(self.inputParticles.get()))
             try:
                 points = parse_points(self.points.get(), k)
             except ValueError as exc:

@@ -1,9 +1,21 @@
-"""Chunk plans, fingerprints and chunk files (core/chunks.py)."""
+"""Chunk plans, fingerprints and chunk files (core/chunks.py), and the chunk commands' failures (cli.py)."""
+import errno
+
 import numpy as np
 import pytest
 
-from continuousflex_dl.core.chunks import (auto_chunk_size, chunk_bounds, fingerprint, gather_by_id, read_chunk,
-                                           write_chunk)
+from continuousflex_dl import cli
+from continuousflex_dl.core import chunks
+from continuousflex_dl.core.chunks import (DiskFullError, auto_chunk_size, chunk_bounds, chunk_error_path, chunk_path,
+                                           chunk_problem, fingerprint, gather_by_id, read_chunk, read_chunk_error,
+                                           save_job_files, write_chunk)
+
+
+def _fill_then_fail(*file, **arrays):
+    """np.savez on a full disk: part of the file is written, then ENOSPC."""
+    with open(file[0], "wb") as f:
+        f.write(b"PK\x03\x04" + b"\0" * 100)
+    raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def test_fingerprint_sees_every_difference_and_ignores_dict_order():
@@ -94,3 +106,88 @@ def test_alignment_chunks_are_large_enough_to_pay_for_their_process():
             assert chunks >= min(n, workers), (n, workers, size)
             # smaller than ALIGN_CHUNK_SMALLEST only when that is one share per worker
             assert size <= 500 and (size >= ALIGN_CHUNK_SMALLEST or size == max(1, n // workers)), (n, workers, size)
+
+
+def test_a_full_disk_names_the_folder_and_the_space_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(chunks.np, "savez", _fill_then_fail)
+    amps = np.zeros((250_000, 4))  # 8 MB, ids 2 MB
+    with pytest.raises(DiskFullError) as caught:
+        write_chunk(tmp_path / "c.npz", {"job": "abc"}, np.arange(250_000), {"amplitudes": amps})
+    message = str(caught.value)
+    assert caught.value.errno == errno.ENOSPC
+    assert message.startswith(f"No space left on the disk of {tmp_path}: writing a file of about 10.0 MB failed (")
+    assert " free). Free some space there, then Continue the run." in message and "Errno" not in message
+    assert list(tmp_path.iterdir()) == []  # no rows_....npz.tmp<pid>.npz left
+    with pytest.raises(DiskFullError, match="No space left on the disk of"):
+        save_job_files(tmp_path / "job", {"x": np.zeros(3)}, {"a": 1})
+    assert sorted(p.name for p in (tmp_path / "job").iterdir()) == ["chunks"]
+    # Other failures are not disguised as a full disk, and leave no temporary file either.
+    monkeypatch.setattr(chunks.np, "savez", lambda *file, **a: (open(file[0], "wb").write(b"x"), 1 / 0))
+    with pytest.raises(ZeroDivisionError):
+        write_chunk(tmp_path / "c.npz", {"job": "abc"}, np.arange(2), {"q": np.zeros(2)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job"]
+
+
+def test_chunk_problem_says_why_a_chunk_file_is_not_a_result(tmp_path):
+    (tmp_path / "chunks").mkdir()
+    assert chunk_problem(tmp_path, 0, 3, "abc") == "missing"
+    path = chunk_path(tmp_path, 0, 3)
+    write_chunk(path, {"job": "abc", "start": 0, "stop": 3}, np.arange(3), {"q": np.arange(3.0)})
+    assert chunk_problem(tmp_path, 0, 3, "abc") is None
+    assert chunk_problem(tmp_path, 0, 3, "xyz") == "computed for other inputs or settings"
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    assert chunk_problem(tmp_path, 0, 3, "abc").startswith("damaged (")
+    # A flipped byte inside an array (zip CRC) is damage too, not a result.
+    write_chunk(path, {"job": "abc", "start": 0, "stop": 3}, np.arange(3), {"q": np.full(3, 7.0)})
+    data = bytearray(path.read_bytes())
+    at = bytes(data).index(np.full(3, 7.0).tobytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert chunk_problem(tmp_path, 0, 3, "abc").startswith("damaged (")
+
+
+def _chunk_command(tmp_path, run_chunk, capsys):
+    """Run the chunk command line in this process on rows 0-3 of ``tmp_path``: (exit status, stderr)."""
+    (tmp_path / "chunks").mkdir(exist_ok=True)
+    status = cli._chunk_main([str(tmp_path), "--rows", "0", "3", "--threads", "1"], "align-chunk", "Test",
+                             run_chunk)
+    return status, capsys.readouterr().err
+
+
+def test_a_chunk_command_leaves_its_reason_in_a_file(tmp_path, capsys, monkeypatch):
+    def refuse(folder, start, stop, fp, device, progress):
+        raise ValueError("Particles with ids [2] contain NaN or infinite pixels: remove them.")
+
+    status, err = _chunk_command(tmp_path, refuse, capsys)
+    assert status == 1
+    expected = "align-chunk rows 0-3: Particles with ids [2] contain NaN or infinite pixels: remove them."
+    assert read_chunk_error(tmp_path, 0, 3) == expected
+    assert expected in err and "Traceback" not in err
+
+    def full_disk(folder, start, stop, fp, device, progress):
+        write_chunk(chunk_path(folder, start, stop), {"job": "abc"}, np.arange(3), {"q": np.zeros(3)})
+
+    monkeypatch.setattr(chunks.np, "savez", _fill_then_fail)
+    status, err = _chunk_command(tmp_path, full_disk, capsys)
+    assert status == 1
+    assert read_chunk_error(tmp_path, 0, 3).startswith(f"align-chunk rows 0-3: No space left on the disk of "
+                                                      f"{tmp_path / 'chunks'}: writing ")
+    assert "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == [chunk_error_path(tmp_path, 0, 3).name]
+
+    def bug(folder, start, stop, fp, device, progress):
+        return {}["missing"]
+
+    status, err = _chunk_command(tmp_path, bug, capsys)
+    assert status == 1
+    assert read_chunk_error(tmp_path, 0, 3) == ("align-chunk rows 0-3 failed: KeyError: 'missing' (the traceback "
+                                                "is in the log of the step or of its cluster job)")
+    assert "Traceback" in err  # for whoever debugs it
+
+    def fine(folder, start, stop, fp, device, progress):
+        return chunk_path(folder, start, stop), True
+
+    status, err = _chunk_command(tmp_path, fine, capsys)
+    assert status == 0
+    assert read_chunk_error(tmp_path, 0, 3) is None  # the earlier reason is gone with a success

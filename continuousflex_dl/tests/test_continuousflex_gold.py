@@ -15,7 +15,6 @@ from pwem.convert.transformations import euler_matrix
 from pwem.protocols import ProtImportParticles, ProtImportPdb
 from pyworkflow.tests import BaseTest, setupTestProject
 
-from continuousflex_dl import convert
 from continuousflex_dl.core.imaging.geometry import scipion_matrix_to_pose
 from continuousflex_dl.protocols import FlexDLProtAlign, FlexDLProtNMA
 

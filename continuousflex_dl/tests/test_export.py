@@ -22,11 +22,12 @@ import pytest
 from pwem.constants import ALIGN_PROJ
 from pwem.protocols import ProtImportParticles
 from pwem.objects import CTFModel, ParticleFlex, SetOfParticles, SetOfParticlesFlex, Transform
-from pyworkflow.tests import BaseTest, setupTestProject
+from pyworkflow.tests import setupTestProject
 
 from continuousflex_dl import convert, convert_export
 from continuousflex_dl.core.imaging.geometry import pose_to_scipion_matrix
 from continuousflex_dl.core.landscape.export import write_latent, write_relion31_star, write_xmipp_images
+from continuousflex_dl.tests.base import FlexDLTestBase
 
 relion_convert = pytest.importorskip("relion.convert.convert31",
                                      reason="scipion-em-relion (the test extra) is not installed")
@@ -339,15 +340,14 @@ def test_cryodrgn_latent_without_uncertainty_has_one_pickle(tmp_path):
 
 # ------------------------------------------------------------------ the protocol
 
-class TestProtExport(BaseTest):
+class TestProtExport(FlexDLTestBase):
     @classmethod
     def setUpClass(cls):
         setupTestProject(cls)
 
     def test_synthesized_set(self):
         from continuousflex_dl.protocols import FlexDLProtExport, FlexDLProtSynthesize
-        from continuousflex_dl.tests.test_protocol_nma import compute_test_modes
-        synth = self.newProtocol(FlexDLProtSynthesize, inputModes=compute_test_modes(self),
+        synth = self.newProtocol(FlexDLProtSynthesize, inputModes=self.computeTestModes(),
                                  modeList="7-9", numberOfImages=5, boxSize=32, samplingRate=3.0, maxShift=2.0,
                                  defocusMin=5000, defocusMax=15000, seed=2)
         self.launchProtocol(synth)

@@ -65,3 +65,27 @@ def test_the_rule_sees_an_upward_import(tmp_path):
         assert list(_core_imports(fake)) == ["hemnma"]
     finally:
         fake.unlink()
+
+
+def _protocol_imports(source: str):
+    """The ``protocol_*`` modules of continuousflex_dl.protocols that ``source`` imports."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level == 1 or module.startswith("continuousflex_dl.protocols"):
+                parts = module.split(".")[-1:] if module else []
+                for name in parts + [a.name for a in node.names]:
+                    if name.startswith("protocol_"):
+                        yield name
+
+
+def test_no_protocol_imports_another_protocol():
+    """Shared protocol code lives in protocols/base.py, convert.py or core, never in another protocol."""
+    protocols = CORE.parent / "protocols"
+    offences = [f"{path.name} imports {name}" for path in sorted(protocols.glob("protocol_*.py"))
+                for name in _protocol_imports(path.read_text())]
+    assert not offences, offences
+    # The check can fail: the import protocol_cluster had (issue 30) is caught.
+    assert list(_protocol_imports("from .protocol_trajectory import fill_atom_structs\n")) == ["protocol_trajectory"]
+    assert list(_protocol_imports("from continuousflex_dl.protocols.protocol_align import SCORE_ATTR\n")) == [
+        "protocol_align"]

@@ -2,32 +2,33 @@
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 
 import numpy as np
-from pyworkflow.tests import BaseTest, setupTestProject
+from pyworkflow.tests import setupTestProject
 
 from continuousflex_dl import convert
 from continuousflex_dl.core.hemnma.alignment_job import AlignmentJob, chunk_path, run_chunk
 from continuousflex_dl.core.landscape.analysis import amplitude_errors, pose_errors
-from continuousflex_dl.core.chunks import read_chunk
+from continuousflex_dl.core.chunks import chunk_error_path, read_chunk
 from continuousflex_dl.core.hemnma.image_model import ImageModel
 from continuousflex_dl.core.hemnma.alignment import AlignConfig, reference_count
 from continuousflex_dl.protocols import (FlexDLProtAlign, FlexDLProtOutliers,
                                          FlexDLProtSynthesize, FlexDLProtTrain)
 from continuousflex_dl.protocols.protocol_outliers import DISTANCE_ATTR
-from continuousflex_dl.tests.test_protocol_nma import compute_test_modes
+from continuousflex_dl.tests.base import FlexDLTestBase
 
 N_IMAGES = 16
 
 
-class TestProtAlign(BaseTest):
+class TestProtAlign(FlexDLTestBase):
     @classmethod
     def setUpClass(cls):
         setupTestProject(cls)
-        cls.modes = compute_test_modes(cls)
+        cls.modes = cls.computeTestModes()
         synth = cls.newProtocol(FlexDLProtSynthesize, inputModes=cls.modes, modeList="7-9",
                                 numberOfImages=N_IMAGES, boxSize=48, samplingRate=2.0, maxShift=2.0,
                                 applyCTF=False, addNoise=False, seed=11)
@@ -115,6 +116,73 @@ class TestProtAlign(BaseTest):
         self.assertIn("up to date", kept.stdout)
         self.assertEqual(os.path.getmtime(chunk1), mtime1)
 
+    def test_one_box_rule_for_a_network_relative_to_its_own_box(self):
+        """Alignment seeded by a network and prediction refuse particles whose box in Å differs
+        from the network's by more than 1 % of the network's box (the scale error of the
+        Fourier-cropped images the network sees): 95.045 Å against the particles' 96 Å is a
+        1.005 % error, refused by both (alignment divided by the particles' box before: 0.995 %)."""
+        from continuousflex_dl.objects import FlexDLModel
+        from continuousflex_dl.protocols import FlexDLProtPredict
+
+        def box_errors(model_pixel_size):
+            model = FlexDLModel(modelDir="")
+            model.setImageSize(32)
+            model.setPixelSize(model_pixel_size)  # the particles: 48 px at 2 Å/px = 96 Å
+            align = self.newProtocol(FlexDLProtAlign, inputParticles=self.truth, inputModes=self.modes,
+                                     modeList="7-9")
+            predict = self.newProtocol(FlexDLProtPredict, inputParticles=self.truth)
+            align.inputModel.set(model)
+            predict.inputModel.set(model)
+            return [[e for e in prot.validate() if "boxes" in e] for prot in (align, predict)]
+
+        refused = box_errors(95.045 / 32)
+        self.assertEqual(refused[0], refused[1])
+        self.assertEqual(refused[0], ["The particles cover 96.0 Å (48 px at 2 Å/px) but the network was trained on "
+                                      "95.0 Å boxes (32 px at 2.97016 Å/px). Re-extract or window the particles to "
+                                      "the same box in Å, or use a network trained on boxes of the particles' size "
+                                      "in Å."])
+        self.assertEqual(box_errors(95.05 / 32), [[], []])  # 0.9995 %
+        self.assertEqual(box_errors(3.0), [[], []])
+
+    def test_a_cluster_jobs_refusal_reaches_the_step(self):
+        """With 'Use queue for steps', runJob returns when the job ends, whatever its exit status:
+        the chunk step reads the reason the job left beside its chunk file."""
+        from continuousflex_dl.protocols.base import ChunkFailed
+        folder = self.align._getExtraPath()
+        chunk1 = chunk_path(folder, 8, 16)
+        mtime1 = os.path.getmtime(chunk1)
+        ran = []
+
+        def queued_job(program, arguments, **kwargs):  # as a queue's runJob: no exception on failure
+            ran.append(subprocess.run(" ".join([program] + [str(a) for a in arguments]), shell=True).returncode)
+
+        self.align.useQueueForSteps = lambda: True
+        self.align.runJob = queued_job
+        self.align._plan = (8, 2)
+        try:
+            with self.assertRaises(ChunkFailed) as caught:
+                self.align._runChunkStep("align-chunk", folder, 8, 16, "0" * 64, "aligned")
+        finally:
+            del self.align.useQueueForSteps, self.align.runJob
+            os.remove(chunk_error_path(folder, 8, 16))
+        self.assertEqual(ran, [1])
+        self.assertRegex(str(caught.exception), r"^align-chunk rows 8-16: The alignment job in .* was prepared for "
+                                                r"other inputs or settings")
+        self.assertEqual(os.path.getmtime(chunk1), mtime1)
+        # A local chunk killed before it could say why (out of memory: SIGKILL) is said to be so.
+
+        def killed(program, arguments, **kwargs):
+            raise subprocess.CalledProcessError(-9, program)
+
+        self.align.runJob = killed
+        try:
+            with self.assertRaisesRegex(ChunkFailed, r"^align-chunk rows 8-16 stopped without giving a reason "
+                                                     r"\(.*died with <Signals.SIGKILL: 9>\.\); it may have been "
+                                                     r"killed \(out of memory\?\)"):
+                self.align._runChunkStep("align-chunk", folder, 8, 16, "0" * 64, "aligned")
+        finally:
+            del self.align.runJob
+
     def test_outlier_removal_keeps_the_central_particles(self):
         prot = self.newProtocol(FlexDLProtOutliers, inputParticles=self.truth, fraction=0.25, robust=False)
         self.launchProtocol(prot)
@@ -176,8 +244,13 @@ class TestProtAlign(BaseTest):
                                  modeList="7-9", workingSize=32)
         with self.assertRaises(Exception):
             self.launchProtocol(align)
-        log = "".join(open(align.getLogPaths()[1]).readlines()) + "".join(open(align.getLogPaths()[0]).readlines())
-        self.assertIn("ids [3] contain NaN", log)
+        self.assertIn("ids [3] contain NaN", self.runLog(align))
+        # The reason is the protocol's error text, whole (from a chunk process it was only the exit
+        # status; the pixel-size check in the conversion step may now be the one that refuses).
+        self.assertRegex(align.getErrorMessage(), r"(align-chunk rows \d-4: )?Particles with ids \[3\] contain NaN or "
+                                                  r"infinite pixels \(1 of \d images\)\. They carry no usable "
+                                                  r"signal: remove them \(make a subset without them\) before "
+                                                  r"aligning\.")
 
     def test_invert_contrast_reads_the_opposite_sign(self):
         """White-on-black particles read with 'Invert contrast' look inverted: HEMNMA refuses them
@@ -187,9 +260,10 @@ class TestProtAlign(BaseTest):
                                  invertContrast=True)
         with self.assertRaises(Exception):
             self.launchProtocol(align)
-        log = "".join(open(path).read() for path in align.getLogPaths()[:2])
+        log = self.runLog(align)
         self.assertIn("contrast-inverted", log)
         self.assertIn("Invert contrast", log)
+        self.assertIn("contrast-inverted", align.getErrorMessage())
 
     def test_network_first_answer(self):
         """A (poorly trained) pose network seeds the alignment: its poor answers go through the
@@ -311,13 +385,13 @@ class TestProtAlign(BaseTest):
                 f.write(sound)
 
 
-class TestProtAlignContinue(BaseTest):
+class TestProtAlignContinue(FlexDLTestBase):
     """Stop a run, change the chunk size and the mode list, Continue: the output must be what
     an uninterrupted run with the new settings gives (issue 13, part 2)."""
     @classmethod
     def setUpClass(cls):
         setupTestProject(cls)
-        cls.modes = compute_test_modes(cls)
+        cls.modes = cls.computeTestModes()
         # Clean particles displaced along modes 7 and 8 only: an alignment with modes 7-8 finds them.
         synth = cls.newProtocol(FlexDLProtSynthesize, inputModes=cls.modes, modeList="7-8", amplitudeRelation=1,
                                 amplitudeScale=100.0, numberOfImages=12, boxSize=32, samplingRate=3.0,
@@ -351,3 +425,68 @@ class TestProtAlignContinue(BaseTest):
         # Every particle carries its own amplitudes (a row of another particle is ~100 Å off).
         self.assertLess(errors.max(), 5.0)
         self.assertIn("12 particles aligned with modes [7, 8]", "\n".join(align.summary()))
+
+    def _align(self, **settings):
+        return self.newProtocol(FlexDLProtAlign, inputParticles=self.truth, inputModes=self.modes, modeList="7-8",
+                                workingSize=32, chunkSize=6, effort=0, maxShift=3.0, **settings)
+
+    def test_a_damaged_chunk_of_a_finished_run_is_computed_again_on_continue(self):
+        """Issue 31: a truncated chunk file of a finished step made every Continue fail; now
+        Continue computes it again, and the log says so."""
+        align = self._align()
+        self.launchProtocol(align)
+        folder = align._getExtraPath()
+        with np.load(align._resultFile()) as data:
+            before = {k: data[k] for k in data.files}
+        original = read_chunk(chunk_path(folder, 0, 6)).arrays
+        damaged = chunk_path(folder, 0, 6)
+        damaged.write_bytes(damaged.read_bytes()[:300])
+        self.assertIsNone(read_chunk(damaged))
+        self.launchProtocol(align)  # Continue
+        log = self.runLog(align)
+        self.assertRegex(log, rf"The chunk file {re.escape(str(damaged))} is damaged \(.*\): removed; its step computes rows 0-6 "
+                              rf"again\.")
+        self.assertRegex(log, r"rows 0-6: 6 particles aligned")  # ... and it did
+        recomputed = read_chunk(damaged).arrays
+        for key, value in original.items():  # float32 on another thread count: equal to round-off
+            np.testing.assert_allclose(recomputed[key], value, atol=1e-2, err_msg=key)
+        with np.load(align._resultFile()) as data:
+            for key, value in before.items():
+                np.testing.assert_array_equal(data[key], value, err_msg=key)
+        self.assertSetSize(align.outputParticles, 12)
+
+    def test_a_full_disk_is_said_clearly_and_continue_completes(self):
+        """Issue 31: a chunk process on a full disk gave a raw OSError traceback and left its
+        temporary file. Here each align-chunk process's np.savez writes part of the file, then
+        fails with ENOSPC (a sitecustomize on PYTHONPATH for this run only)."""
+        patch = os.path.join(self.getOutputPath(), "full_disk")
+        os.makedirs(patch, exist_ok=True)
+        with open(os.path.join(patch, "sitecustomize.py"), "w") as f:
+            f.write("import sys\n"
+                    "if 'align-chunk' in sys.argv:\n"
+                    "    import errno, numpy\n"
+                    "    def savez(*file, **arrays):\n"
+                    "        open(file[0], 'wb').write(b'PK' + bytes(1000))\n"
+                    "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+                    "    numpy.savez = savez\n")
+        align = self._align()
+        saved = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join([patch] + ([saved] if saved else []))
+        try:
+            with self.assertRaises(Exception):
+                self.launchProtocol(align)
+        finally:
+            if saved is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = saved
+        chunks = os.path.abspath(os.path.join(align._getExtraPath(), "chunks"))
+        error = align.getErrorMessage()
+        self.assertRegex(error, rf"align-chunk rows (0-6|6-12): No space left on the disk of {re.escape(chunks)}: writing a "
+                                rf"file of about \d+ kB failed \(.* free\)\. Free some space there, then Continue "
+                                rf"the run\.")
+        self.assertNotIn("[Errno 28]", self.runLog(align))  # the chunk's reason, not a raw OSError traceback
+        self.assertEqual([f for f in os.listdir(chunks) if ".tmp" in f], [])
+        self.launchProtocol(align)  # Continue, once space is free
+        self.assertSetSize(align.outputParticles, 12)
+        self.assertEqual([f for f in os.listdir(chunks) if not f.endswith(".npz")], [])  # reasons gone

@@ -9,17 +9,16 @@ import tempfile
 import numpy as np
 from pyworkflow.constants import QUEUE_FOR_JOBS
 from pyworkflow.project import Manager
-from pyworkflow.tests import BaseTest
 
 from continuousflex_dl import convert
 from continuousflex_dl.protocols import FlexDLProtAlign, FlexDLProtSynthesize
+from continuousflex_dl.tests.base import FlexDLTestBase
 from continuousflex_dl.tests.slurm_cluster import PARTITION, LocalSlurm
-from continuousflex_dl.tests.test_protocol_nma import compute_test_modes
 
 N_IMAGES, CHUNK = 12, 3
 
 
-class TestAlignOnSlurm(BaseTest):
+class TestAlignOnSlurm(FlexDLTestBase):
     @classmethod
     def setUpClass(cls):
         cls.slurm = LocalSlurm.start_or_skip(tempfile.mkdtemp(prefix="slurm-"))
@@ -37,7 +36,7 @@ class TestAlignOnSlurm(BaseTest):
         cls.proj = Manager().createProject(cls.__name__, hostsConf=str(hosts))
         cls.outputPath = cls.proj.path
         os.chdir(cls.proj.path)
-        cls.modes = compute_test_modes(cls)
+        cls.modes = cls.computeTestModes()
         synth = cls.newProtocol(FlexDLProtSynthesize, inputModes=cls.modes, modeList="7-9",
                                 numberOfImages=N_IMAGES, boxSize=32, samplingRate=3.0, maxShift=2.0,
                                 applyCTF=False, addNoise=False, seed=2)

@@ -8,7 +8,7 @@ import prody
 from matplotlib.image import imread
 from pwem.objects import SetOfParticlesFlex
 from pyworkflow.object import Pointer
-from pyworkflow.tests import BaseTest, setupTestProject
+from pyworkflow.tests import setupTestProject
 from scipy.cluster.hierarchy import fcluster, linkage
 
 from continuousflex_dl import convert
@@ -16,7 +16,7 @@ from continuousflex_dl.core.modes.nma import displace
 from continuousflex_dl.protocols import FlexDLProtNMA, FlexDLProtSynthesize
 from continuousflex_dl.protocols.protocol_cluster import FlexDLProtCluster, parse_ranges
 from continuousflex_dl.protocols.protocol_trajectory import FlexDLProtTrajectory, parse_points
-from continuousflex_dl.tests.test_protocol_nma import import_structure
+from continuousflex_dl.tests.base import FlexDLTestBase
 from continuousflex_dl.reports import error_summary_lines
 from continuousflex_dl.viewers.viewer_flex import FlexDLFlexViewer
 
@@ -30,11 +30,11 @@ def pdb_frames(path):
     return np.asarray(prody.parsePDB(str(path)).getCoordsets(), dtype=float)
 
 
-class TestLandscape(BaseTest):
+class TestLandscape(FlexDLTestBase):
     @classmethod
     def setUpClass(cls):
         setupTestProject(cls)
-        structure = import_structure(cls)
+        structure = cls.importStructure()
         nma = cls.newProtocol(FlexDLProtNMA, inputStructure=structure, atomSelection=1, numberOfModes=10)
         cls.launchProtocol(nma)
         cls.modes = nma.outputModes

@@ -1,19 +1,22 @@
 """DeepHEMNMA training and prediction protocols in a Scipion project."""
+import os
+import re
+
 import numpy as np
-from pyworkflow.tests import BaseTest, setupTestProject
+from pyworkflow.tests import setupTestProject
 
 from continuousflex_dl import convert
 from continuousflex_dl.core.network.training import load_model
 from continuousflex_dl.protocols import (FlexDLProtPredict, FlexDLProtSynthesize,
                                          FlexDLProtTrain)
-from continuousflex_dl.tests.test_protocol_nma import compute_test_modes
+from continuousflex_dl.tests.base import FlexDLTestBase
 
 
-class TestProtNetwork(BaseTest):
+class TestProtNetwork(FlexDLTestBase):
     @classmethod
     def setUpClass(cls):
         setupTestProject(cls)
-        cls.modes = compute_test_modes(cls)
+        cls.modes = cls.computeTestModes()
         common = dict(inputModes=cls.modes, modeList="7-9", boxSize=32, samplingRate=3.0,
                       inPlaneRotation=False, maxShift=0.0, applyCTF=False, addNoise=False)
         cls.train_set = cls.launchProtocol(cls.newProtocol(
@@ -22,12 +25,11 @@ class TestProtNetwork(BaseTest):
             FlexDLProtSynthesize, numberOfImages=40, seed=2, **common)).outputParticles
         cls.bad_set = cls.launchProtocol(cls.newProtocol(
             FlexDLProtSynthesize, numberOfImages=5, seed=3, **common)).outputParticles
+        cls.trunc_set = cls.launchProtocol(cls.newProtocol(
+            FlexDLProtSynthesize, numberOfImages=3, seed=5, **common)).outputParticles
         cls.train = cls.newProtocol(FlexDLProtTrain, inputParticles=cls.train_set, workingSize=0, epochs=2,
                                     batchSize=16, valFraction=0.2, seed=0)
         cls.launchProtocol(cls.train)
-
-    def _log(self, prot):
-        return "".join(open(path).read() for path in prot.getLogPaths()[:2])
 
     def test_train_then_predict(self):
         train = self.train
@@ -88,10 +90,24 @@ class TestProtNetwork(BaseTest):
         predict = self.newProtocol(FlexDLProtPredict, inputModel=self.train.outputModel, inputParticles=self.bad_set)
         with self.assertRaises(Exception):
             self.launchProtocol(predict)
-        log = self._log(predict)
+        log = self.runLog(predict)
         self.assertIn("Particles with ids [2] contain NaN or infinite pixels", log)
         self.assertIn("Particles with ids [4] are constant images", log)
         self.assertFalse(hasattr(predict, "outputParticles"))
+        # The chunk process's reason is the protocol's error text, whole.
+        self.assertIn("predict-chunk rows 0-5: Particles with ids [2] contain NaN or infinite pixels (1 of 5 "
+                      "images); Particles with ids [4] are constant images", predict.getErrorMessage())
+
+    def test_predict_says_which_stack_is_truncated(self):
+        stack = convert.read_particles(self.trunc_set).stacks[0]
+        with open(stack, "r+b") as f:
+            f.truncate(os.path.getsize(stack) - 100)  # the last image loses 100 bytes
+        predict = self.newProtocol(FlexDLProtPredict, inputModel=self.train.outputModel,
+                                   inputParticles=self.trunc_set)
+        with self.assertRaises(Exception):
+            self.launchProtocol(predict)
+        self.assertRegex(predict.getErrorMessage(), rf"predict-chunk rows 0-3: .*{re.escape(os.path.basename(stack))}"
+                                                    rf".* is truncated")
 
     def test_train_on_simulated_particles_then_fine_tune(self):
         """Noisy particles with CTFs: a simulated epoch matched to them, then a fine-tuning epoch,
@@ -119,7 +135,7 @@ class TestProtNetwork(BaseTest):
         self.assertEqual(summary[0], "2 epochs: simulated training (epoch 1), then fine-tuning on the "
                                      "particles' amplitudes (epoch 2).")
         self.assertTrue(summary[3].startswith("Training data: simulated, then fine-tuned on the particles ("))
-        log = self._log(train)
+        log = self.runLog(train)
         self.assertIn("epoch 1/2 (simulated)", log)
         self.assertIn("epoch 2/2 (particles)", log)
 
@@ -133,7 +149,7 @@ class TestProtNetwork(BaseTest):
         train.learningRate.set(1e-4)
         with self.assertRaises(Exception):
             self.launchProtocol(train)
-        log = self._log(train)
+        log = self.runLog(train)
         self.assertIn("learning_rate: 0.002 -> 0.0001", log)
         self.assertIn("Restart", log)
         self.assertEqual(train.metrics(), first)  # nothing was overwritten
@@ -151,5 +167,5 @@ class TestProtNetwork(BaseTest):
         np.testing.assert_array_equal(train._imageSource(parts).read([0, 1]), -plain)
         with self.assertRaises(Exception):
             self.launchProtocol(train)
-        self.assertIn("particles", self._log(train))
+        self.assertIn("particles", self.runLog(train))
         self.assertEqual(train.metrics(), rows)

@@ -2,35 +2,20 @@
 import os
 
 import numpy as np
-from pwem.protocols import ProtImportPdb
-from pyworkflow.tests import BaseTest, setupTestProject
+from pyworkflow.tests import setupTestProject
 
 from continuousflex_dl import convert
 from continuousflex_dl.core.modes.nma import compute_modes, subspace_overlap
 from continuousflex_dl.core.imaging.structure import example_structure_path, load_atoms
 from continuousflex_dl.protocols import FlexDLProtAlign, FlexDLProtNMA
+from continuousflex_dl.tests.base import FlexDLTestBase
 
 
-def import_structure(test, name="4ake"):
-    prot = test.newProtocol(ProtImportPdb, inputPdbData=1,
-                            pdbFile=str(example_structure_path(name)))
-    test.launchProtocol(prot)
-    return prot.outputPdb
-
-
-def compute_test_modes(test, n_modes=10, **kwargs):
-    """Import adenylate kinase and compute its normal modes in the test's project."""
-    nma = test.newProtocol(FlexDLProtNMA, inputStructure=import_structure(test), numberOfModes=n_modes,
-                           **kwargs)
-    test.launchProtocol(nma)
-    return nma.outputModes
-
-
-class TestProtNMA(BaseTest):
+class TestProtNMA(FlexDLTestBase):
     @classmethod
     def setUpClass(cls):
         setupTestProject(cls)
-        cls.structure = import_structure(cls)
+        cls.structure = cls.importStructure()
 
     def test_modes_output(self):
         prot = self.newProtocol(FlexDLProtNMA, inputStructure=self.structure, numberOfModes=12,

@@ -5,23 +5,23 @@ import json
 import os
 
 import numpy as np
-from pyworkflow.tests import BaseTest, setupTestProject
+from pyworkflow.tests import setupTestProject
 
 from continuousflex_dl import convert
 from continuousflex_dl.core.chunks import read_chunk
 from continuousflex_dl.core.network.prediction_job import prediction_chunk_size
 from continuousflex_dl.core.network.training import ModelFolder, load_checkpoint, load_model, predict
 from continuousflex_dl.protocols import FlexDLProtPredict, FlexDLProtSynthesize, FlexDLProtTrain
-from continuousflex_dl.tests.test_protocol_nma import compute_test_modes
+from continuousflex_dl.tests.base import FlexDLTestBase
 
 CPU = False  # 'Use GPU?' No
 
 
-class TestProtScale(BaseTest):
+class TestProtScale(FlexDLTestBase):
     @classmethod
     def setUpClass(cls):
         setupTestProject(cls)
-        modes = compute_test_modes(cls)
+        modes = cls.computeTestModes()
         common = dict(inputModes=modes, modeList="7-9", boxSize=32, samplingRate=3.0, inPlaneRotation=False,
                       maxShift=0.0, applyCTF=False, addNoise=True, snr=2.0)
         cls.train_set = cls.launchProtocol(cls.newProtocol(

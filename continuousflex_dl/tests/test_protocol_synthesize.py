@@ -3,7 +3,7 @@
 import mrcfile
 import numpy as np
 import torch
-from pyworkflow.tests import BaseTest, setupTestProject
+from pyworkflow.tests import setupTestProject
 
 from continuousflex_dl import convert
 from continuousflex_dl.core.imaging.ctf import apply_ctf, ctf_image
@@ -13,14 +13,14 @@ from continuousflex_dl.core.imaging.projection import project_gaussians
 from continuousflex_dl.core.imaging.star import read_particles_star
 from continuousflex_dl.core.imaging.structure import centre
 from continuousflex_dl.protocols import FlexDLProtSynthesize
-from continuousflex_dl.tests.test_protocol_nma import compute_test_modes
+from continuousflex_dl.tests.base import FlexDLTestBase
 
 
-class TestProtSynthesize(BaseTest):
+class TestProtSynthesize(FlexDLTestBase):
     @classmethod
     def setUpClass(cls):
         setupTestProject(cls)
-        cls.modes = compute_test_modes(cls)
+        cls.modes = cls.computeTestModes()
 
     def _synthesize(self, **kwargs):
         args = dict(inputModes=self.modes, modeList="7-9", numberOfImages=12, boxSize=49,

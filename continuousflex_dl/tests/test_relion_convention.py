@@ -31,7 +31,7 @@ from continuousflex_dl.core.imaging.projection import project_gaussians  # noqa:
 from continuousflex_dl.core.modes.nma import displace  # noqa: E402
 from continuousflex_dl.core.imaging.structure import centre  # noqa: E402
 from continuousflex_dl.protocols import FlexDLProtAlign, FlexDLProtSynthesize  # noqa: E402
-from continuousflex_dl.tests.test_protocol_nma import compute_test_modes  # noqa: E402
+from continuousflex_dl.tests.base import FlexDLTestBase  # noqa: E402
 
 BOX, PIXEL, SNR, N = 64, 2.0, 0.1, 24
 #: Correlation of a clean image with itself plus noise at SNR (noise over the whole box).
@@ -128,11 +128,11 @@ def correlations(star_path, coords_of_row, root=None):
     return out
 
 
-class TestRelionReadsOurPoses(BaseTest):
+class TestRelionReadsOurPoses(FlexDLTestBase):
     @classmethod
     def setUpClass(cls):
         setupTestProject(cls)
-        cls.modes = compute_test_modes(cls)
+        cls.modes = cls.computeTestModes()
         cls.synth = cls.newProtocol(FlexDLProtSynthesize, inputModes=cls.modes, modeList="7-9",
                                     numberOfImages=N, boxSize=BOX, samplingRate=PIXEL, maxShift=5.0,
                                     defocusMin=5000, defocusMax=15000, addNoise=True, snr=SNR, seed=21)

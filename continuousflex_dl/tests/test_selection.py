@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 from matplotlib.path import Path as MplPath
-from pyworkflow.tests import BaseTest, setupTestProject
+from pyworkflow.tests import setupTestProject
 
 from continuousflex_dl import convert
 from continuousflex_dl.core.hemnma.model_images import fitted_model_images
@@ -17,7 +17,7 @@ from continuousflex_dl.core.modes.synthesis import synthesize
 import mrcfile
 from continuousflex_dl.protocols import FlexDLProtNMA, FlexDLProtSubset, FlexDLProtSynthesize
 from continuousflex_dl.protocols.protocol_subset import AXES_PCA, SELECT_IDS
-from continuousflex_dl.tests.test_protocol_nma import import_structure
+from continuousflex_dl.tests.base import FlexDLTestBase
 from continuousflex_dl.viewers import gallery
 from continuousflex_dl.viewers.viewer_flex import DIMS_PCA, FlexDLFlexViewer
 
@@ -104,11 +104,11 @@ def test_plain_reader_matches_prody(tmp_path):
 N_IMAGES = 40
 
 
-class TestSelection(BaseTest):
+class TestSelection(FlexDLTestBase):
     @classmethod
     def setUpClass(cls):
         setupTestProject(cls)
-        nma = cls.newProtocol(FlexDLProtNMA, inputStructure=import_structure(cls), atomSelection=1,
+        nma = cls.newProtocol(FlexDLProtNMA, inputStructure=cls.importStructure(), atomSelection=1,
                               numberOfModes=10)
         cls.launchProtocol(nma)
         cls.modes = nma.outputModes

@@ -6,8 +6,6 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
-import pytest
 import torch
 from pyworkflow.utils import parseHyperText
 

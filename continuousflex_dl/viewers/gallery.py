@@ -28,7 +28,6 @@ SORT_KEYS = ["alignment score", "reliability", "amplitude norm (Å)", "error to 
              "relative residual"]
 #: Particle attributes read as a reliability (the first one the particles carry).
 RELIABILITY_ATTRS = ("_flexdl_reliability", "_cfdlReliability")
-SCORE_ATTR = "_cfdlScore"
 _FIELDS = ("particles", "models", "residuals", "scale", "offset", "relative_residual")
 #: Particles whose model images are computed at once (memory: this many boxes times the atoms).
 BATCH = 32
@@ -62,10 +61,10 @@ def sort_values(particles, arrays, key: int, truth=None) -> Optional[np.ndarray]
     convert.ParticleArrays, id order), or None for SORT_RESIDUAL (computed with the images).
     Raises ValueError with the fix when the particles lack what the key needs."""
     if key == SORT_SCORE:
-        if getattr(particles.getFirstItem(), SCORE_ATTR, None) is None:
+        if getattr(particles.getFirstItem(), convert.SCORE_ATTR, None) is None:
             raise ValueError("The particles carry no alignment score: sort them by amplitude, or show "
                              "the output of this plugin's HEMNMA alignment.")
-        return read_attribute(particles, SCORE_ATTR)
+        return read_attribute(particles, convert.SCORE_ATTR)
     if key == SORT_RELIABILITY:
         return _reliability(particles)
     if key == SORT_AMPLITUDE:
@@ -114,7 +113,7 @@ def particle_gallery(particles, modes_set, n: int = 8, sort_by: int = SORT_SCORE
     if arrays.angles is None:
         raise ValueError("The particles carry no poses (ALIGN_PROJ): align them first, or predict their "
                          "amplitudes on particles with poses.")
-    numbers = arrays.mode_numbers or list(range(7, 7 + arrays.amplitudes.shape[1]))
+    numbers = arrays.amplitude_modes()
     atoms, modes = convert.read_modes_plain(modes_set, numbers)
     values = sort_values(particles, arrays, sort_by, truth)
     everything = None

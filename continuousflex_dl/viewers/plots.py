@@ -16,6 +16,7 @@ from mpl_toolkits.mplot3d import Axes3D  # noqa: F401  (registers the '3d' proje
 
 from ..core.landscape.analysis import AmplitudeErrorReport
 from ..core.landscape.trajectory import principal_components
+from ..core.modes.nma import first_flexible_modes
 
 __all__ = [
     "mode_label", "plot_point_cloud", "plot_error_histograms", "plot_mode_profile",
@@ -221,7 +222,7 @@ def plot_error_histograms(errors: Union[AmplitudeErrorReport, np.ndarray],
         err = np.abs(_points("errors", errors))
     k = err.shape[1]
     if mode_numbers is None:
-        mode_numbers = list(range(7, 7 + k))
+        mode_numbers = first_flexible_modes(k)
     if len(mode_numbers) != k:
         raise ValueError(f"Expected {k} mode numbers; got {list(mode_numbers)}.")
     ncols = min(k, 3)

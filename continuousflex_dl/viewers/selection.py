@@ -45,7 +45,7 @@ class LandscapeSelection:
     def __init__(self, particles, view: LinearView, title: str = "", shown_modes: Optional[Sequence[int]] = None):
         self.particles = particles
         self.arrays = convert.read_particles(particles, need_amplitudes=True)
-        self.mode_numbers = self.arrays.mode_numbers or list(range(7, 7 + self.arrays.amplitudes.shape[1]))
+        self.mode_numbers = self.arrays.amplitude_modes()
         self.view = view
         self.points = view.project(self.arrays.amplitudes)          # (M, 2) Å
         self.selected = np.zeros(len(self.points), dtype=bool)
@@ -62,7 +62,7 @@ class LandscapeSelection:
         the first two modes), or the first two principal components of the amplitudes of
         ``particles`` and the ``others`` (arrays (M_i, K) Å) together, as the point cloud has them."""
         arrays = convert.read_particles(particles, need_amplitudes=True)
-        numbers = arrays.mode_numbers or list(range(7, 7 + arrays.amplitudes.shape[1]))
+        numbers = arrays.amplitude_modes()
         if pca:
             view = pca_view(np.concatenate([arrays.amplitudes] + [np.asarray(o) for o in others]))
             view = LinearView.from_text(view.to_text(), view.labels)  # the numbers the subset run reads

@@ -70,7 +70,7 @@ def cloud_figure(sets: Sequence, shown: str = "", pca: bool = False, color_by: i
     arrays = flex_arrays(sets, labels)
     sources = {label: flex_source(s) for label, s in zip(arrays, sets)}
     first = next(iter(arrays.values()))
-    numbers = first.mode_numbers or list(range(7, 7 + first.amplitudes.shape[1]))
+    numbers = first.amplitude_modes()
     data = matched_amplitudes(arrays)
     main = next(iter(data))
     colours, cbar = None, ""
@@ -214,7 +214,7 @@ class FlexDLFlexViewer(ErrorDialogs, ProtocolViewer):
             self.groundTruth.copy(self._pointerTo(related.truth))
         if self.errorModes.get() is None and related.modes is not None:
             self.errorModes.copy(self._pointerTo(related.modes))
-        if getattr(main.getFirstItem(), gallery.SCORE_ATTR, None) is None:
+        if getattr(main.getFirstItem(), convert.SCORE_ATTR, None) is None:
             self.gallerySort.set(gallery.SORT_AMPLITUDE)  # no alignment score (a prediction, a synthesis)
 
     def _targetIsRun(self) -> bool:

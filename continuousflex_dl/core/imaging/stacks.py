@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from typing import Tuple, Union
 
-import numpy as np
 
 from .mrc import check_mrc_stack
 from .spider import SPIDER_EXTENSIONS, open_spider, read_spider_header

@@ -146,7 +146,7 @@ def write_particles_star(path: PathLike, stack_name: str, angles: np.ndarray, sh
     """Write the ground truth of images ``0..n-1`` of ``stack_name`` (or of ``indices``,
     0-based) as ``data_particles``. angles (n, 3) deg; shifts (n, 2) px; pixel_size Å/px;
     ctf: CTFParams (B = 1 or n; None: no CTF columns); amplitudes (n, K) Å
-    with their 1-based ``mode_numbers`` (default 7..6+K)."""
+    with their 1-based ``mode_numbers`` (required with amplitudes)."""
     angles = np.asarray(angles, dtype=float)
     shifts = np.asarray(shifts, dtype=float)
     if angles.ndim != 2 or angles.shape[1] != 3:
@@ -176,7 +176,10 @@ def write_particles_star(path: PathLike, stack_name: str, angles: np.ndarray, sh
         if amplitudes.ndim != 2 or amplitudes.shape[0] != n:
             raise ValueError(f"Amplitudes must have shape ({n}, K) Å, got {amplitudes.shape}.")
         k = amplitudes.shape[1]
-        numbers = list(range(7, 7 + k)) if mode_numbers is None else [int(m) for m in mode_numbers]
+        if mode_numbers is None:
+            raise ValueError("Give the mode numbers (from 7 on) of the amplitude columns: they name the "
+                             "star file's amplitude columns.")
+        numbers = [int(m) for m in mode_numbers]
         if len(numbers) != k:
             raise ValueError(f"{len(numbers)} mode numbers given for {k} amplitude columns.")
         for j, m in enumerate(numbers):

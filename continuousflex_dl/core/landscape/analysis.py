@@ -24,7 +24,7 @@ from typing import List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..imaging.geometry import angular_distance_deg, euler_to_matrix
-from ..modes.nma import displace
+from ..modes.nma import displace, first_flexible_modes
 
 __all__ = [
     "AmplitudeErrorReport", "PoseErrorReport", "amplitude_errors", "pose_errors",
@@ -144,7 +144,7 @@ def amplitude_errors(pred: np.ndarray, truth: np.ndarray,
     if m == 0:
         raise ValueError("No particles to compare.")
     if mode_numbers is None:
-        mode_numbers = np.arange(7, 7 + k)
+        mode_numbers = first_flexible_modes(k)
     mode_numbers = np.asarray(mode_numbers, dtype=int)
     if mode_numbers.shape != (k,):
         raise ValueError(f"Expected {k} mode numbers; got {list(mode_numbers)}.")

@@ -9,7 +9,7 @@ displaced structures (``x + sum_k q_k v_k``, see :mod:`.nma`) that
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Tuple, Union
+from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from ..modes.nma import displace
 
 __all__ = [
     "principal_components", "principal_path", "path_through_points", "kmeans",
-    "select_by_ranges", "nearest_particles", "nearest_points", "trajectory_frames",
+    "select_by_ranges", "nearest_particles", "nearest_points", "trajectory_frames", "write_points",
 ]
 
 
@@ -102,6 +102,12 @@ def path_through_points(points: np.ndarray, n_frames: int) -> np.ndarray:
     s = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(p, axis=0), axis=1))])
     targets = np.linspace(0.0, s[-1], n_frames)
     return np.stack([np.interp(targets, s, p[:, j]) for j in range(p.shape[1])], axis=1)
+
+
+def write_points(path, points: np.ndarray, mode_numbers: Sequence[int]) -> None:
+    """Save points (P, K) Å as text with a header naming the modes (readable by np.loadtxt)."""
+    header = "amplitudes (A) of modes " + " ".join(str(int(m)) for m in mode_numbers)
+    np.savetxt(path, np.atleast_2d(points), fmt="%.6f", header=header)
 
 
 def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:

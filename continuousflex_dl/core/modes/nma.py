@@ -21,7 +21,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,11 +35,19 @@ __all__ = [
     "NormalModes", "compute_modes", "anm_hessian", "contact_pairs", "relative_cutoff",
     "rigid_body_modes", "collectivity", "fix_signs", "displace", "animation_frames",
     "subspace_overlap", "write_mode_files", "read_mode_files", "mode_file_name", "residue_profiles",
-    "default_amplitude_range",
+    "default_amplitude_range", "N_RIGID", "first_flexible_modes",
 ]
 
 N_RIGID = 6
 EXACT_MAX_ATOMS = 12000
+
+
+def first_flexible_modes(k: int) -> List[int]:
+    """The mode numbers of K amplitude columns that do not name their modes: the first K
+    non-rigid modes, ``N_RIGID + 1 ... N_RIGID + K`` (7, 8, ...; modes are numbered from 1)."""
+    if k < 0:
+        raise ValueError(f"The number of modes must not be negative, got {k}.")
+    return list(range(N_RIGID + 1, N_RIGID + 1 + int(k)))
 
 
 @dataclass
@@ -89,7 +97,7 @@ def relative_cutoff(coords: np.ndarray, percentile: float, n_nearest: int = 5) -
 
 
 def anm_hessian(coords: np.ndarray, cutoff: float, gamma: float = 1.0,
-                pairs: Optional[np.ndarray] = None) -> sp.csr_matrix:
+                pairs: Optional[np.ndarray] = None) -> "scipy.sparse.csr_matrix":
     """Sparse ANM Hessian (3N, 3N): springs of constant ``gamma`` between atoms closer than ``cutoff`` Å."""
     import scipy.sparse as sp
     coords = np.asarray(coords, dtype=np.float64)

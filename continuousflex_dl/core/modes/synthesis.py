@@ -38,6 +38,7 @@ import torch
 from ..imaging.ctf import CTFParams, apply_ctf, ctf_image
 from ..progress import Progress, report
 from ..imaging.geometry import euler_to_matrix, matrix_to_euler, pose_to_scipion_matrix, random_rotations
+from .nma import first_flexible_modes
 
 logger = logging.getLogger(__name__)
 
@@ -403,7 +404,7 @@ def synthesize(out_stack: Union[str, os.PathLike], coords, modes, n_images: int,
     if not 0 <= max_shift_px < box / 2:
         raise ValueError(f"The maximum shift must be in [0, box/2) px, got {max_shift_px}.")
     if mode_numbers is None:
-        mode_numbers = list(range(7, 7 + k))
+        mode_numbers = first_flexible_modes(k)
     mode_numbers = [int(m) for m in mode_numbers]
     if len(mode_numbers) != k:
         raise ValueError(f"{len(mode_numbers)} mode numbers given for {k} modes.")
