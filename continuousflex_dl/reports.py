@@ -194,6 +194,18 @@ def read_attribute(particles, name: str) -> np.ndarray:
     return np.asarray(values)
 
 
+def errors_to_truth(arrays: "convert.ParticleArrays", truth) -> np.ndarray:
+    """Amplitude error (M,) Å of each particle of ``arrays`` (Euclidean norm over the modes)
+    against the ground-truth set ``truth`` (a SetOfParticlesFlex), matched by id. Raises
+    ValueError when the truth lacks some of the particles."""
+    t = convert.read_particles(truth, need_amplitudes=True)
+    ids, pred, true = analysis.match_by_id(arrays.ids, arrays.amplitudes, t.ids, t.amplitudes)
+    if len(ids) != len(arrays.ids):
+        raise ValueError(f"The ground truth lacks {len(arrays.ids) - len(ids)} of these {len(arrays.ids)} "
+                         f"particles: choose the ground truth of this set.")
+    return np.linalg.norm(pred - true, axis=1)
+
+
 def flex_arrays(sets: Sequence, labels: Optional[Sequence[str]] = None
                 ) -> "OrderedDict[str, convert.ParticleArrays]":
     """Read several SetOfParticlesFlex of the same modes: ``{unique label: ParticleArrays}``

@@ -17,8 +17,7 @@ from .. import convert
 from ..core.hemnma.model_images import ModelImages, fitted_model_images
 from ..core.imaging.dataset import MrcsImageSource
 from ..core.imaging.structure import centre
-from ..core.landscape import analysis
-from ..reports import read_attribute
+from ..reports import errors_to_truth, read_attribute
 
 __all__ = ["SORT_KEYS", "RELIABILITY_ATTRS", "Gallery", "sort_values", "particle_gallery", "gallery_figure"]
 
@@ -72,11 +71,7 @@ def sort_values(particles, arrays, key: int, truth=None) -> Optional[np.ndarray]
     if key == SORT_ERROR:
         if truth is None:
             raise ValueError("Sorting by error needs the ground truth: choose it in 'Ground truth'.")
-        t = convert.read_particles(truth, need_amplitudes=True)
-        ids, pred, true = analysis.match_by_id(arrays.ids, arrays.amplitudes, t.ids, t.amplitudes)
-        if len(ids) != len(arrays.ids):
-            raise ValueError("The ground truth lacks some of these particles: choose the truth of this set.")
-        return np.linalg.norm(pred - true, axis=1)
+        return errors_to_truth(arrays, truth)
     if key == SORT_RESIDUAL:
         return None
     raise ValueError(f"Unknown sort key {key}; choose one of {SORT_KEYS}.")

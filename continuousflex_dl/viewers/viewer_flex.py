@@ -16,11 +16,10 @@ from pyworkflow.protocol import params
 from pyworkflow.viewer import DESKTOP_TKINTER, ProtocolViewer
 
 from .. import convert
-from ..core.landscape import analysis
 from ..protocols import (FlexDLProtAlign, FlexDLProtCluster, FlexDLProtOutliers, FlexDLProtPredict,
                          FlexDLProtSynthesize, FlexDLProtTrajectory)
 from ..reports import (ATTRIBUTE_LABELS, ERROR_TABLE_NOTE, error_reports, error_summary_lines, error_table,  # noqa: F401
-                       find_ground_truth, flex_arrays, flex_source, matched_amplitudes, output_name,
+                       errors_to_truth, find_ground_truth, flex_arrays, flex_source, matched_amplitudes, output_name,
                        producer, read_attribute, related_sets, set_label, write_error_reports_csv)
 from . import gallery, plots
 from .selection import LandscapeSelection, SelectionView, writable_folder
@@ -85,11 +84,7 @@ def cloud_figure(sets: Sequence, shown: str = "", pca: bool = False, color_by: i
     elif color_by == COLOR_ERROR:
         if truth is None:
             raise ValueError("Colouring by error needs a ground-truth set.")
-        t = convert.read_particles(truth, need_amplitudes=True)
-        ids, pred, true = analysis.match_by_id(first.ids, first.amplitudes, t.ids, t.amplitudes)
-        if len(ids) != len(first.ids):
-            raise ValueError("The ground truth lacks some particles of the main set.")
-        colours, cbar = {main: np.linalg.norm(pred - true, axis=1)}, "Amplitude error (Å)"
+        colours, cbar = {main: errors_to_truth(first, truth)}, "Amplitude error (Å)"
     elif color_by == COLOR_UNCERTAINTY:
         if first.amplitude_std is None:
             raise ValueError(f"The particles carry no amplitude uncertainty ({convert.ZFLEX_STD_ATTR}): it "
