@@ -18,7 +18,7 @@ import numpy as np
 import tifffile
 from emtable import Table
 from pwem.protocols import ProtImportParticles
-from pyworkflow.tests import BaseTest, setupTestProject
+from pyworkflow.tests import setupTestProject
 
 from continuousflex_dl import convert
 from continuousflex_dl.core.hemnma.alignment_job import AlignmentJob
@@ -27,7 +27,7 @@ from continuousflex_dl.core.imaging.geometry import euler_to_matrix
 from continuousflex_dl.core.network.prediction_job import PredictionJob
 from continuousflex_dl.protocols import (FlexDLProtAlign, FlexDLProtPredict, FlexDLProtReconstruct,
                                          FlexDLProtSynthesize, FlexDLProtTrain)
-from continuousflex_dl.tests.test_protocol_nma import compute_test_modes
+from continuousflex_dl.tests.base import FlexDLTestBase
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "cryodrgn")
 RELION31, EMPIAR_STAR, EMPIAR_CS = (os.path.join(DATA, n) for n in
@@ -62,7 +62,7 @@ def assert_same_angle_mod_180(test, a, b):
     np.testing.assert_allclose(d, 0.0, atol=1e-6)
 
 
-class TestRealData(BaseTest):
+class TestRealData(FlexDLTestBase):
     @classmethod
     def setUpClass(cls):
         setupTestProject(cls)
@@ -130,7 +130,7 @@ class TestRealData(BaseTest):
         self.assertIsNone(arrays.angles)  # CTF only: no poses are made up
 
     def test_alignment_reconstruction_and_prediction_on_real_boxes(self):
-        modes = compute_test_modes(self)
+        modes = self.computeTestModes()
         align = self.newProtocol(FlexDLProtAlign, inputParticles=self.relion31, inputModes=modes, modeList="7-8",
                                  effort=0, workingSize=64, chunkSize=5, maxShift=3.0)
         self.launchProtocol(align)
@@ -145,7 +145,7 @@ class TestRealData(BaseTest):
             np.testing.assert_array_equal(job.ctf.column(name), truth.ctf.column(name))
         said = "Particles of 256 px at 2.806 Å/px were Fourier-cropped to 64 px (11.22 Å/px, 'Working image size')."
         self.assertIn(said, "\n".join(align.summary()))
-        self.assertIn(said, _log(align))
+        self.assertIn(said, self.runLog(align))
 
         # The same images as a TIFF stack (tifffile, one page per image) imported as files: the
         # run copies them once into an MRC stack in its folder and aligns exactly those images.
@@ -164,7 +164,7 @@ class TestRealData(BaseTest):
         job = AlignmentJob.load(align_tiff._getExtraPath())
         self.assertTrue(all(p.endswith(".mrcs") and "images" in p for p in job.stacks), job.stacks)
         np.testing.assert_array_equal(MrcsImageSource(list(zip(job.stacks, job.indices))).read(range(5)), images)
-        self.assertIn("Converted 5 images of ", _log(align_tiff))
+        self.assertIn("Converted 5 images of ", self.runLog(align_tiff))
 
         recon = self.newProtocol(FlexDLProtReconstruct, inputParticles=self.relion31, seed=1)
         self.launchProtocol(recon)
@@ -176,7 +176,7 @@ class TestRealData(BaseTest):
             self.assertAlmostEqual(float(mrc.voxel_size.x), 5.612, places=3)
         said = "Particles of 256 px at 2.806 Å/px were Fourier-cropped to 128 px (5.612 Å/px, 'Largest box')."
         self.assertIn(said, "\n".join(recon.summary()))
-        self.assertIn(said, _log(recon))
+        self.assertIn(said, self.runLog(recon))
 
         # A small network trained on boxes of the same extent in Å (320 px x 1.31 Å/px = 32 px x 13.1 Å/px).
         synth = self.newProtocol(FlexDLProtSynthesize, inputModes=modes, modeList="7-9", numberOfImages=32,
@@ -194,11 +194,7 @@ class TestRealData(BaseTest):
         said = (f"Particles of 320 px at {self.empiar_pixel:g} Å/px were Fourier-cropped to 32 px "
                 f"({self.empiar_pixel * 10:.4g} Å/px, the model's box).")
         self.assertIn(said, "\n".join(predict.summary()))
-        self.assertIn(said, _log(predict))
-
-
-def _log(prot) -> str:
-    return "".join(open(path).read() for path in prot.getLogPaths()[:2] if os.path.exists(path))
+        self.assertIn(said, self.runLog(predict))
 
 
 def _lines_file(test, text: str) -> str:
