@@ -369,7 +369,8 @@ def error_summary_lines(particles, truth, modes_set=None, require_truth: bool = 
 # ----------------------------------------------------------------------------- text for Scipion
 
 #: What the per-particle attributes of this plugin's protocols mean, with units (colour-bar labels).
-ATTRIBUTE_LABELS = {"_cfdlScore": "HEMNMA score (normalised cross-correlation)",
+ATTRIBUTE_LABELS = {convert.SCORE_ATTR: "HEMNMA score (normalised cross-correlation)",
+                    convert.RELIABILITY_ATTR: "Pose reliability (probability of a pose within 10°)",
                     "_cfdlMahalanobis": "Outlier distance (Mahalanobis, σ)"}
 
 

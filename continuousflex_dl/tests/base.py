@@ -6,6 +6,11 @@ from pyworkflow.tests import BaseTest
 from continuousflex_dl.core.imaging.structure import example_structure_path
 from continuousflex_dl.protocols import FlexDLProtNMA
 
+#: The protocols this plugin registers with Scipion (class names).
+EXPECTED_PROTOCOLS = {"FlexDLProtNMA", "FlexDLProtSynthesize", "FlexDLProtAlign", "FlexDLProtOutliers",
+                      "FlexDLProtTrain", "FlexDLProtPredict", "FlexDLProtTrajectory", "FlexDLProtCluster",
+                      "FlexDLProtPseudoatoms", "FlexDLProtReconstruct", "FlexDLProtExport", "FlexDLProtSubset"}
+
 
 class FlexDLTestBase(BaseTest):
     """Base of this plugin's protocol tests (call ``setupTestProject(cls)`` in ``setUpClass`` first)."""

@@ -4,11 +4,7 @@ from pwem import Domain
 
 import continuousflex_dl.bibtex as bibtex
 from continuousflex_dl import protocols
-
-EXPECTED = {"FlexDLProtNMA", "FlexDLProtSynthesize", "FlexDLProtAlign", "FlexDLProtOutliers",
-            "FlexDLProtTrain", "FlexDLProtPredict", "FlexDLProtTrajectory", "FlexDLProtCluster",
-            "FlexDLProtPseudoatoms", "FlexDLProtReconstruct",
-            "FlexDLProtExport", "FlexDLProtSubset"}
+from continuousflex_dl.tests.base import EXPECTED_PROTOCOLS
 
 
 def _ours(mapping):
@@ -16,7 +12,7 @@ def _ours(mapping):
 
 
 def test_scipion_finds_protocols_objects_and_viewers():
-    assert _ours(Domain.getProtocols()) == EXPECTED
+    assert _ours(Domain.getProtocols()) == EXPECTED_PROTOCOLS
     assert _ours(Domain.getObjects()) == {"FlexDLModel"}
     assert _ours(Domain.getViewers()) == {"FlexDLNMAViewer", "FlexDLTrainingViewer", "FlexDLFlexViewer",
                                           "FlexDLReconstructViewer"}
@@ -24,7 +20,7 @@ def test_scipion_finds_protocols_objects_and_viewers():
 
 def test_citations_resolve_and_every_parameter_has_help():
     keys = set(pwutils.parseBibTex(bibtex.__doc__))
-    for name in EXPECTED:
+    for name in EXPECTED_PROTOCOLS:
         cls = getattr(protocols, name)
         prot = cls()
         assert set(prot._citations()) <= keys, (name, set(prot._citations()) - keys)

@@ -10,9 +10,9 @@ import torch
 from pyworkflow.utils import parseHyperText
 
 import continuousflex_dl
-from continuousflex_dl import protocols, reports
+from continuousflex_dl import convert, protocols, reports
 from continuousflex_dl.core.network.training import ModelFolder, TrainConfig, best_epoch
-from continuousflex_dl.tests.test_plugin import EXPECTED
+from continuousflex_dl.tests.base import EXPECTED_PROTOCOLS
 from continuousflex_dl.viewers.viewer_nma import mode_table
 
 #: What a help text must not say: code names, commands, documents and options the form lacks.
@@ -34,7 +34,7 @@ def test_protocol_tree_has_the_plugin_as_group_and_short_labels():
     (group,) = section["children"]
     assert group["text"] == "continuousflex_dl"
     entries = {c["value"]: c["text"] for c in group["children"]}
-    assert set(entries) == EXPECTED
+    assert set(entries) == EXPECTED_PROTOCOLS
     for name, text in entries.items():
         assert text == getattr(protocols, name)._label, (name, text)  # one home: the class's _label
         assert len(text) <= 22, text
@@ -42,7 +42,7 @@ def test_protocol_tree_has_the_plugin_as_group_and_short_labels():
 
 
 def test_help_speaks_to_users():
-    for name in EXPECTED:
+    for name in EXPECTED_PROTOCOLS:
         prot = getattr(protocols, name)()
         texts = {f"{name} (class help)": prot.__doc__ or ""}
         for pname, param in prot._definition.iterParams():
@@ -107,7 +107,7 @@ def test_attribute_names_survive_scipions_markup():
 
 
 def test_attribute_labels_name_the_protocols_attributes():
-    assert set(reports.ATTRIBUTE_LABELS) == {protocols.protocol_align.SCORE_ATTR,
+    assert set(reports.ATTRIBUTE_LABELS) == {convert.SCORE_ATTR, convert.RELIABILITY_ATTR,
                                             protocols.protocol_outliers.DISTANCE_ATTR}
     assert "σ" in reports.ATTRIBUTE_LABELS[protocols.protocol_outliers.DISTANCE_ATTR]
 

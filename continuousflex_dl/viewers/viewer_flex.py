@@ -51,7 +51,7 @@ def _dims(mode_numbers: Sequence[int], shown: str):
 
 
 def cloud_figure(sets: Sequence, shown: str = "", pca: bool = False, color_by: int = COLOR_SET,
-                 color_attribute: str = "_cfdlScore", color_mode: Optional[int] = None,
+                 color_attribute: str = convert.SCORE_ATTR, color_mode: Optional[int] = None,
                  truth=None, path: Optional[np.ndarray] = None, path_label: str = "trajectory",
                  title: str = "", labels: Optional[Sequence[str]] = None):
     """Point cloud Figure of SetOfParticlesFlex ``sets`` (the first is the main set; the
@@ -128,13 +128,17 @@ class FlexDLFlexViewer(ErrorDialogs, ProtocolViewer):
         form.addParam("colorBy", params.EnumParam, choices=COLOR_LABELS, default=COLOR_SET,
                       label="Colour by",
                       help="set: one colour per set. particle attribute: a number stored on each "
-                           "particle ('_cfdlScore': HEMNMA score, '_cfdlMahalanobis': outlier "
+                           "particle ('_cfdlScore': HEMNMA score, '_flexdl_poseReliability': "
+                           "probability that HEMNMA's pose is within 10°, '_cfdlMahalanobis': outlier "
                            "distance). amplitude of a mode. error to ground truth: Euclidean "
                            "distance (Å) of the main set's amplitudes to the truth. amplitude "
                            "uncertainty: HEMNMA's standard deviations of the amplitudes (root sum of "
                            "squares over the modes, Å).")
-        form.addParam("colorAttribute", params.StringParam, default="_cfdlScore",
-                      condition="colorBy == 1", label="Attribute")
+        form.addParam("colorAttribute", params.StringParam, default=convert.SCORE_ATTR,
+                      condition="colorBy == 1", label="Attribute",
+                      help=f"The particle attribute that colours the points: {convert.SCORE_ATTR} (HEMNMA "
+                           f"score), {convert.RELIABILITY_ATTR} (pose reliability, 0-1) or _cfdlMahalanobis "
+                           f"(outlier distance, σ).")
         form.addParam("colorMode", params.IntParam, default=7, condition="colorBy == 2",
                       label="Mode")
         form.addParam("displayCloud", params.LabelParam, label="Show the point cloud")
