@@ -342,6 +342,14 @@ class ChunkedJob:
     def load(cls, folder: PathLike) -> "ChunkedJob":
         raise NotImplementedError
 
+    def verified(self, folder: PathLike, recorded: str) -> "ChunkedJob":
+        """This job, loaded from ``folder``, when its fingerprint is the ``recorded`` one; else
+        ValueError (the folder's files were damaged or edited)."""
+        if self.fingerprint() != recorded:
+            raise ValueError(f"The {self.WHAT} in {folder} does not match its recorded fingerprint "
+                             f"(damaged or edited): run the protocol's conversion step again.")
+        return self
+
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
         """Images of the 0-based ``rows`` (B,) of the job (B, box, box) float32; ValueError naming
         the particle ids of images with NaN or infinite pixels or constant images

@@ -54,6 +54,18 @@ class FlexDLProtOutliers(FlexDLProtBase):
     def _insertAllSteps(self):
         self._insertFunctionStep(self.removeOutliersStep, needsGPU=False)
 
+    def _flagged(self, values, limit: float, n: int, above: bool, what: str, unit: str, missing: str) -> np.ndarray:
+        """Particles (n,) bool whose ``values`` (n,) lie above (``above``) or below ``limit``; none
+        when ``limit`` is 0 (off). ValueError ``missing`` when the limit is set but the particles
+        carry no values; the run log counts the particles flagged."""
+        if limit <= 0:
+            return np.zeros(n, dtype=bool)
+        if values is None:
+            raise ValueError(missing)
+        flagged = values > limit if above else values < limit
+        self.info(f"{int(flagged.sum())} particles have {what} {'above' if above else 'below'} {limit:g}{unit}")
+        return flagged
+
     def removeOutliersStep(self):
         particles = self.inputParticles.get()
         arrays = convert.read_particles(particles, need_amplitudes=True)
@@ -62,26 +74,18 @@ class FlexDLProtOutliers(FlexDLProtBase):
             keep = outlier_mask(distances, fraction=self.fraction.get())
         else:
             keep = outlier_mask(distances, threshold=self.threshold.get())
-        uncertain = np.zeros(len(keep), dtype=bool)
-        if self.maxUncertainty.get() > 0:
-            if arrays.amplitude_std is None:
-                raise ValueError(f"The particles carry no amplitude uncertainty ({convert.ZFLEX_STD_ATTR}): use "
-                                 f"the output of this plugin's HEMNMA alignment, or set the largest "
-                                 f"uncertainty to 0.")
-            uncertain = arrays.amplitude_std.max(1) > self.maxUncertainty.get()
-            keep &= ~uncertain
-            self.info(f"{int(uncertain.sum())} particles have an amplitude uncertainty above "
-                      f"{self.maxUncertainty.get():g} Å")
-        unreliable = np.zeros(len(keep), dtype=bool)
-        if self.minReliability.get() > 0:
-            if arrays.reliability is None:
-                raise ValueError(f"The particles carry no pose reliability ({convert.RELIABILITY_ATTR}): use the "
-                                 f"output of this plugin's HEMNMA alignment (with its calibration on), or set the "
-                                 f"smallest reliability to 0.")
-            unreliable = arrays.reliability < self.minReliability.get()
-            keep &= ~unreliable
-            self.info(f"{int(unreliable.sum())} particles have a pose reliability below "
-                      f"{self.minReliability.get():g}")
+        std = arrays.amplitude_std
+        uncertain = self._flagged(None if std is None else std.max(1), self.maxUncertainty.get(), len(keep),
+                                  above=True, what="an amplitude uncertainty", unit=" Å",
+                                  missing=f"The particles carry no amplitude uncertainty ({convert.ZFLEX_STD_ATTR}): "
+                                          f"use the output of this plugin's HEMNMA alignment, or set the largest "
+                                          f"uncertainty to 0.")
+        unreliable = self._flagged(arrays.reliability, self.minReliability.get(), len(keep), above=False,
+                                   what="a pose reliability", unit="",
+                                   missing=f"The particles carry no pose reliability ({convert.RELIABILITY_ATTR}): "
+                                           f"use the output of this plugin's HEMNMA alignment (with its calibration "
+                                           f"on), or set the smallest reliability to 0.")
+        keep &= ~uncertain & ~unreliable
         np.savez(self._getExtraPath("distances.npz"), ids=arrays.ids, distances=distances, keep=keep,
                  uncertain=uncertain, unreliable=unreliable)
         if unreliable.all():

@@ -191,3 +191,20 @@ def test_a_chunk_command_leaves_its_reason_in_a_file(tmp_path, capsys, monkeypat
     status, err = _chunk_command(tmp_path, fine, capsys)
     assert status == 0
     assert read_chunk_error(tmp_path, 0, 3) is None  # the earlier reason is gone with a success
+
+
+def test_a_job_whose_files_were_edited_is_refused():
+    class Job(chunks.ChunkedJob):
+        WHAT = "toy job"
+
+        def __init__(self, value):
+            self.value = value
+
+        def fingerprint(self):
+            return fingerprint(self.value)
+
+    job = Job(1)
+    assert job.verified("folder", fingerprint(1)) is job
+    with pytest.raises(ValueError, match=r"The toy job in folder does not match its recorded fingerprint "
+                                         r"\(damaged or edited\): run the protocol's conversion step again"):
+        job.verified("folder", fingerprint(2))

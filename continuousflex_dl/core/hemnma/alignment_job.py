@@ -138,10 +138,7 @@ class AlignmentJob(ChunkedJob):
                   type_names=list(meta.get("type_names", [])),
                   model_fit_particles=int(meta.get("model_fit_particles", 0)),
                   image_model=meta.get("image_model"))
-        if job.fingerprint() != meta["fingerprint"]:
-            raise ValueError(f"The alignment job in {folder} does not match its recorded fingerprint "
-                             f"(damaged or edited): run the protocol's conversion step again.")
-        return job
+        return job.verified(folder, meta["fingerprint"])
 
     # ------------------------------------------------------------------ work
     def compute(self, images: np.ndarray, start: int, stop: int, device: str = "cpu",

@@ -105,10 +105,7 @@ class PredictionJob(ChunkedJob):
         job = cls(model_dir=meta["model_dir"], stamp=meta["stamp"], ids=arrays["ids"], stacks=meta["stacks"],
                   indices=arrays["indices"], pixel_size=meta["pixel_size"], invert=bool(meta["invert"]),
                   ctf=CTFParams.from_columns(arrays), pose=bool(meta["pose"]), options=meta["options"])
-        if job.fingerprint() != meta["fingerprint"]:
-            raise ValueError(f"The prediction job in {folder} does not match its recorded fingerprint "
-                             f"(damaged or edited): run the protocol's conversion step again.")
-        return job
+        return job.verified(folder, meta["fingerprint"])
 
     # ------------------------------------------------------------------ work
     def compute(self, images: np.ndarray, start: int, stop: int, device: str = "cpu",
