@@ -1,4 +1,4 @@
-"""Time of the export for other tools (convert_export.export_particles: Xmipp images.xmd,
+"""Time of the export for other tools (continuousflex_dl.convert.export.export_particles: Xmipp images.xmd,
 RELION 3.1 star with the stack linked, cryoDRGN z.pkl) on a SetOfParticlesFlex of ``--n``
 particles (one 8 px MRC stack, random poses, one CTF, 3 amplitudes, a HEMNMA score).
 Prints and (``--out``) writes as JSON the seconds to build the set and to export it.
@@ -30,7 +30,8 @@ def main() -> None:
     import numpy as np
     from pwem.objects import CTFModel, ParticleFlex, SetOfParticlesFlex, Transform
 
-    from continuousflex_dl import convert, convert_export
+    from continuousflex_dl import convert
+    from continuousflex_dl.convert import export as convert_export
     from continuousflex_dl.core.imaging.geometry import pose_to_scipion_matrix
 
     n, rng = args.n, np.random.default_rng(0)

@@ -5,7 +5,8 @@ import os
 from pwem.objects import SetOfParticlesFlex
 from pyworkflow.protocol import params
 
-from .. import convert, convert_export, reports
+from .. import convert, reports
+from ..convert import export as convert_export
 from .base import FlexDLProtBase
 
 #: What the run wrote, for its summary (extra/).

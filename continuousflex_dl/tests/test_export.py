@@ -24,7 +24,8 @@ from pwem.protocols import ProtImportParticles
 from pwem.objects import CTFModel, ParticleFlex, SetOfParticles, SetOfParticlesFlex, Transform
 from pyworkflow.tests import setupTestProject
 
-from continuousflex_dl import convert, convert_export
+from continuousflex_dl import convert
+from continuousflex_dl.convert import export as convert_export
 from continuousflex_dl.core.imaging.geometry import pose_to_scipion_matrix
 from continuousflex_dl.core.landscape.export import write_latent, write_relion31_star, write_xmipp_images
 from continuousflex_dl.tests.base import FlexDLTestBase

@@ -80,7 +80,7 @@ def _protocol_imports(source: str):
 
 
 def test_no_protocol_imports_another_protocol():
-    """Shared protocol code lives in protocols/base.py, convert.py or core, never in another protocol."""
+    """Shared protocol code lives in protocols/base.py, convert/ or core, never in another protocol."""
     protocols = CORE.parent / "protocols"
     offences = [f"{path.name} imports {name}" for path in sorted(protocols.glob("protocol_*.py"))
                 for name in _protocol_imports(path.read_text())]

@@ -11,11 +11,11 @@ import pyworkflow.object as pwobj
 from pwem.objects import (AtomStruct, CTFModel, FlexInfo, NormalMode, ParticleFlex, SetOfAtomStructs,
                           SetOfNormalModes, Transform)
 
-from .core.imaging.ctf import CTFParams
-from .core.imaging.stacks import check_stack, stack_format
-from .core.imaging.geometry import pose_to_scipion_matrix, scipion_matrix_to_pose
-from .core.modes.nma import NormalModes, first_flexible_modes, read_mode_files
-from .core.imaging.structure import Atoms, load_atoms, read_atoms_plain
+from ..core.imaging.ctf import CTFParams
+from ..core.imaging.stacks import check_stack, stack_format
+from ..core.imaging.geometry import pose_to_scipion_matrix, scipion_matrix_to_pose
+from ..core.modes.nma import NormalModes, first_flexible_modes, read_mode_files
+from ..core.imaging.structure import Atoms, load_atoms, read_atoms_plain
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pyworkflow.object as pwobj
 
-from . import convert
-from .core.landscape.export import write_latent, write_relion31_star, write_xmipp_images
+from .. import convert
+from ..core.landscape.export import write_latent, write_relion31_star, write_xmipp_images
 
 #: ContinuousFlex's particle attributes (``setXmippAttributes`` of its HEMNMA alignment:
 #: ``_xmipp_`` + the Xmipp label), read by its dimension reduction and landscape viewers.
