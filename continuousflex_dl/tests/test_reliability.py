@@ -123,3 +123,29 @@ def test_spectral_model_recovers_gain_and_noise(physical):
     null = rl.null_images(model, 400, rng)
     np.testing.assert_allclose(radial_power_spectrum(torch.as_tensor(null, dtype=torch.float64)).numpy()[1:],
                                model.power[1:], rtol=0.15)
+
+
+def test_calibration_from_some_rows_of_a_set_with_a_ctf_per_particle(physical):
+    """As the protocol calibrates a set larger than SPECTRUM_PARTICLES: the spectrum from every
+    other particle, whose CTFs are those rows of the set's (one CTF per particle). The CTF was
+    selected twice before (IndexError in `make demo`'s 400 particles)."""
+    data = physical
+    assert data.ctf is not None and data.ctf.batch_size == N
+    images = data.noisy(0.1, seed=7)
+    rows = np.arange(1, N, 2)
+    truth = AlignmentResult(amplitudes=data.amplitudes, angles=matrix_to_euler(data.rotations), shifts=data.shifts,
+                            score=np.full(N, 0.3), amplitude_std=np.ones((N, 3)))
+
+    def align(imgs, ctf):
+        assert ctf is None or ctf.batch_size in (1, len(imgs))
+        return align_particles(imgs, data.coords, data.modes, data.pixel_size, ctf=ctf, max_shift_px=3.0,
+                               amplitude_range=np.tile([-250.0, 250.0], (3, 1)), sigma=data.sigma,
+                               weights=data.weights)
+    rel = rl.calibrate(images[rows], truth, data.coords, data.modes, data.pixel_size, align, ctf=data.ctf,
+                       sigma=data.sigma, weights=data.weights, rows=rows, n_calibration=12, n_null=4)
+    assert rel.reliability.shape == (N,) and np.all((rel.reliability >= 0) & (rel.reliability <= 1))
+    whole = rl.spectral_model(images, truth, data.coords, data.modes, data.pixel_size, data.ctf, data.sigma,
+                              data.weights)
+    half = rl.spectral_model(images[rows], truth, data.coords, data.modes, data.pixel_size, data.ctf, data.sigma,
+                             data.weights, rows=rows)
+    np.testing.assert_allclose(half.gain[1:12], whole.gain[1:12], rtol=0.25)  # the same particles' spectrum

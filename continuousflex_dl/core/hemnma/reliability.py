@@ -186,9 +186,10 @@ def _shell_sum(values: torch.Tensor, shell: torch.Tensor) -> np.ndarray:
 def spectral_model(images: np.ndarray, result: AlignmentResult, coords: np.ndarray, modes: np.ndarray,
                    pixel_size: float, ctf: Optional[CTFParams] = None, sigma=1.0,
                    weights: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None) -> SpectralModel:
-    """The :class:`SpectralModel` of particle images (M, box, box) and their answers (``rows``
-    of ``result``, default all): per shell, the least-squares gain of the images on the
-    projections of their answers (CTF applied), and the power of the rest."""
+    """The :class:`SpectralModel` of particle images (B, box, box) and their answers (``rows``
+    (B,) of ``result``, default all): per shell, the least-squares gain of the images on the
+    projections of their answers (CTF applied), and the power of the rest. ctf: the set's, one
+    or one per row of ``result`` (selected here at ``rows``), or None."""
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
     box = images.shape[-1]
     img = torch.as_tensor(np.asarray(images), dtype=torch.float64)
@@ -261,8 +262,7 @@ def calibrate(images: np.ndarray, result: AlignmentResult, coords: np.ndarray, m
         raise ValueError("The alignment result has no amplitude uncertainty: align again with this version.")
     coords, modes = np.asarray(coords, dtype=np.float64), np.asarray(modes, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    model = spectral_model(images, result, coords, modes, pixel_size, _rows_ctf(ctf, rows), sigma, weights,
-                           rows=rows)
+    model = spectral_model(images, result, coords, modes, pixel_size, ctf, sigma, weights, rows=rows)
     sims, truth, sim_ctf = calibration_particles(model, result, coords, modes, pixel_size, ctf, n_calibration, rng,
                                                  sigma, weights)
     fit = align(sims, sim_ctf)
