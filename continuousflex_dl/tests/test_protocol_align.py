@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -154,7 +155,7 @@ class TestProtAlign(FlexDLTestBase):
         ran = []
 
         def queued_job(program, arguments, **kwargs):  # as a queue's runJob: no exception on failure
-            ran.append(subprocess.run(" ".join([program] + [str(a) for a in arguments]), shell=True).returncode)
+            ran.append(subprocess.run(shlex.split(program) + [str(a) for a in arguments]).returncode)
 
         self.align.useQueueForSteps = lambda: True
         self.align.runJob = queued_job
