@@ -21,10 +21,13 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # annotations only
+    import scipy.sparse
 
 # scipy is imported where it is used: the alignment and training chunks import this module
 # for its small helpers (displace, default_amplitude_range), not for the Hessian.

@@ -111,32 +111,23 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
     return state
 
 
+class _File:
+    """A file of a model folder by its role: ``folder.best`` is the path, ``ModelFolder.best.name`` the name."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, folder, owner):
+        return self if folder is None else folder.path / self.name
+
+
 class ModelFolder:
     """The files of a model folder (see the module docstring), by role."""
-    CONFIG, BEST, LAST, PREVIOUS, METRICS = "config.json", "best.pt", "last.pt", "last.previous.pt", "metrics.csv"
+    config, best, last = _File("config.json"), _File("best.pt"), _File("last.pt")
+    previous, metrics = _File("last.previous.pt"), _File("metrics.csv")
 
     def __init__(self, path: PathLike):
         self.path = Path(path)
-
-    @property
-    def config(self) -> Path:
-        return self.path / self.CONFIG
-
-    @property
-    def best(self) -> Path:
-        return self.path / self.BEST
-
-    @property
-    def last(self) -> Path:
-        return self.path / self.LAST
-
-    @property
-    def previous(self) -> Path:
-        return self.path / self.PREVIOUS
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / self.METRICS
 
     def is_trained(self) -> bool:
         """Whether the folder has a config and best weights (what prediction needs)."""
@@ -248,8 +239,8 @@ def load_model(model_dir: PathLike, device: Union[str, torch.device] = "cpu") ->
     """
     folder = ModelFolder(model_dir)
     if not folder.is_trained():
-        raise ValueError(f"{folder.path} is not a trained DeepHEMNMA model (needs {folder.CONFIG} and "
-                         f"{folder.BEST}).")
+        raise ValueError(f"{folder.path} is not a trained DeepHEMNMA model (needs {folder.config.name} and "
+                         f"{folder.best.name}).")
     config = TrainConfig.load(folder.config)
     device = torch.device(device)
     model = config.model.build()
