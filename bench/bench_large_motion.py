@@ -1,9 +1,11 @@
 """HEMNMA on large, nonlinear motions outside the span of its modes (issue 26).
 
-Two independent motions of adenylate kinase (4AKE chain A, heavy atoms), rigid hinge rotations
-of the LID domain (residues 122-159) and of the NMP domain (residues 30-59) about the axis
-through their hinge residues' CA atoms, closing by up to ``--max-angle`` degrees
-(``continuousflex_dl/tests/large_motion.py``). Each particle sits at a uniformly random
+Three motions of adenylate kinase (4AKE chain A, heavy atoms): rigid hinge rotations of the LID
+domain (residues 122-159) and of the NMP domain (residues 30-59) about the axis through their
+hinge residues' CA atoms, closing by up to ``--max-angle`` degrees, and the experimental
+open -> closed change 4AKE -> 1AKE (7.2 Å RMSD; LID and NMP follow their screw motions between
+the crystal structures, 52 and 45 degrees, the local rest linearly: ``experimental_motion``),
+all in ``continuousflex_dl/tests/large_motion.py``. Each particle sits at a uniformly random
 progress t in [0, 1] of one motion (angle t * max-angle), in a uniformly random pose with a
 shift up to 5 px at 128 px, rendered by the physical-style simulator
 (``continuousflex_dl/tests/physical_particles.py``: hydrogens, Peng scattering factors,
@@ -49,9 +51,12 @@ from continuousflex_dl.core.modes.reference import Reference  # noqa: E402
 from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms  # noqa: E402
 from continuousflex_dl.core.modes.nma import compute_modes  # noqa: E402
 from continuousflex_dl.tests import physical_particles as pp  # noqa: E402
-from continuousflex_dl.tests.large_motion import MOTIONS, hinge_motion, kabsch_rmsd, span_projection  # noqa: E402
+from continuousflex_dl.tests.large_motion import (MOTIONS, experimental_motion, hinge_motion, kabsch_rmsd,  # noqa: E402
+                                                  span_projection)
 
 FIFTHS = 5
+EXPERIMENTAL = "4AKE-1AKE"
+MOTION_NAMES = [name for name, _, _ in MOTIONS] + [EXPERIMENTAL]
 
 
 def by_fifth(values: np.ndarray, progress: np.ndarray, reduce) -> list:
@@ -91,9 +96,7 @@ def parse_settings(pairs) -> dict:
     return out
 
 
-def bench_motion(name, residues, hinges, args, atoms, coords, modes, rigid, structure, rng) -> dict:
-    motion = hinge_motion(coords, atoms.group.getResnums(), atoms.group.getNames(), name, residues, hinges,
-                          args.max_angle)
+def bench_motion(motion, args, coords, modes, rigid, structure, rng) -> dict:
     progress = rng.uniform(0, 1, args.n)
     disp = motion.displacement(coords, progress)                                  # (M, N, 3)
     rot = random_rotations(args.n, rng)
@@ -171,7 +174,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--snr", type=float, default=0.1, help="SNR over the box")
     ap.add_argument("--modes", type=int, default=3, help="modes 7..6+K")
     ap.add_argument("--max-angle", type=float, default=40.0, help="hinge angle at the end of a motion, degrees")
-    ap.add_argument("--motions", default="LID,NMP", help="comma-separated names of the motions")
+    ap.add_argument("--motions", default=",".join(MOTION_NAMES),
+                    help=f"comma-separated names of the motions, among {','.join(MOTION_NAMES)}")
     ap.add_argument("--set", nargs="*", help="AlignConfig fields, name=value")
     ap.add_argument("--second-reference", action="store_true",
                     help="also align against modes recomputed at the far particles' conformation")
@@ -189,12 +193,25 @@ def main(argv=None) -> dict:
     figures = {"n_per_motion": args.n, "size": args.size, "pixel_size": args.pixel_size, "snr": args.snr,
                "modes": f"7-{6 + args.modes}", "max_angle_deg": args.max_angle, "settings": args.set or [],
                "threads": args.threads}
-    wanted = args.motions.split(",")
-    for i, (name, residues, hinges) in enumerate(MOTIONS):
-        if name in wanted:
-            rng = np.random.default_rng([args.seed, i])
-            figures[name] = bench_motion(name, residues, hinges, args, atoms, coords, modes, rigid, structure, rng)
+    for i, motion in enumerate(motions(args.motions.split(","), atoms, coords, args.max_angle)):
+        rng = np.random.default_rng([args.seed, i])
+        figures[motion.name] = bench_motion(motion, args, coords, modes, rigid, structure, rng)
     return report(figures, args.out)
+
+
+def motions(wanted, atoms, coords, max_angle) -> list:
+    """The motions named in ``wanted``, in the order of :data:`MOTION_NAMES`."""
+    unknown = sorted(set(wanted) - set(MOTION_NAMES))
+    if unknown:
+        raise SystemExit(f"Unknown motions {unknown}; choose among {MOTION_NAMES}.")
+    resnums, names = atoms.group.getResnums(), atoms.group.getNames()
+    out = [hinge_motion(coords, resnums, names, name, residues, hinges, max_angle)
+           for name, residues, hinges in MOTIONS if name in wanted]
+    if EXPERIMENTAL in wanted:
+        closed = load_atoms(example_structure_path("1ake"), "chain A and protein and not hydrogen")
+        out.append(experimental_motion(coords, resnums, names, closed.coords, closed.group.getResnums(),
+                                       closed.group.getNames(), EXPERIMENTAL))
+    return out
 
 
 if __name__ == "__main__":

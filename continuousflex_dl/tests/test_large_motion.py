@@ -1,6 +1,7 @@
 """The large-motion builder of the bench (tests/large_motion.py): hinge rotations of adenylate
 kinase's LID and NMP domains are rigid, close the domain, move the atoms as a rotation about the
-hinge axis does, and lie outside the span of the low normal modes."""
+hinge axis does, and lie outside the span of the low normal modes; the experimental path 4AKE ->
+1AKE ends at the crystal structure and its domains follow screw motions."""
 import math
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 from continuousflex_dl.core.imaging.geometry import random_rotations
 from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms
 from continuousflex_dl.core.modes.nma import compute_modes
-from continuousflex_dl.tests.large_motion import MOTIONS, hinge_motion, kabsch_rmsd, span_projection
+from continuousflex_dl.tests.large_motion import (MOTIONS, experimental_motion, hinge_motion, kabsch, kabsch_rmsd,
+                                                  rotation_about_axis, screw, span_projection)
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +74,52 @@ def test_kabsch_rmsd_and_span_projection_against_known_values():
     assert np.allclose(span_projection(inside[None], basis)[0], inside)
     proj = span_projection(noise[None], basis)[0]
     assert abs(np.sum(proj * (noise - proj))) < 1e-9        # the residual is orthogonal to the span
+
+
+def test_screw_motion_reproduces_a_known_rigid_motion():
+    rng = np.random.default_rng(3)
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    rot, shift = rotation_about_axis(axis, math.radians(50.0)), np.array([4.0, -1.0, 2.5])
+    got_axis, pivot, angle, slide = screw(rot, shift)
+    assert angle == pytest.approx(math.radians(50.0))
+    assert abs(got_axis @ axis) == pytest.approx(1.0)
+    x = rng.normal(size=(20, 3)) * 10
+    screwed = (x - pivot) @ rotation_about_axis(got_axis, angle).T + pivot + slide * got_axis
+    assert np.allclose(screwed, x @ rot.T + shift, atol=1e-9)
+    # Kabsch recovers the motion from the points.
+    r2, t2 = kabsch(x, x @ rot.T + shift)
+    assert np.allclose(r2, rot, atol=1e-9) and np.allclose(t2, shift, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def ake_path(adk):
+    coords, resnums, names, vectors = adk
+    closed = load_atoms(example_structure_path("1ake"), "chain A and protein and not hydrogen")
+    motion = experimental_motion(coords, resnums, names, closed.coords, closed.group.getResnums(),
+                                 closed.group.getNames())
+    index = {}
+    for i, key in enumerate(zip(closed.group.getResnums().tolist(), closed.group.getNames().tolist())):
+        index.setdefault(key, i)
+    end = closed.coords[[index[k] for k in zip(resnums.tolist(), names.tolist())]]
+    return motion, end
+
+
+def test_experimental_path_joins_the_crystal_structures(adk, ake_path):
+    coords, _, _, vectors = adk
+    motion, end = ake_path
+    path = coords + motion.displacement(coords, np.linspace(0, 1, 5))
+    rmsd_to_closed = kabsch_rmsd(path, end)
+    assert rmsd_to_closed[0] == pytest.approx(7.19, abs=0.05)      # 4AKE-1AKE, chain A heavy atoms
+    assert rmsd_to_closed[-1] < 1e-6
+    assert np.all(np.diff(rmsd_to_closed) < 0)                       # nearer the closed end at every step
+    # The domains turn by about 50 degrees (LID) and 45 (NMP) (Mueller et al. 1996: 'about 50').
+    angles = [math.degrees(s[2]) for s in motion.screws]
+    assert 45 < angles[0] < 60 and 35 < angles[1] < 55
+    # Consecutive CA atoms stay 2.9-4.2 Å apart all along (no stretched chain at the hinges).
+    ca = np.flatnonzero(adk[2] == "CA")
+    gaps = np.linalg.norm(np.diff(path[:, ca], axis=1), axis=-1)
+    assert gaps.min() > 2.9 and gaps.max() < 4.2
+    # Outside the span of the low modes: modes 1-9 leave more than 3 Å at the closed end.
+    best = coords + span_projection(path[-1:] - coords, vectors[:9])
+    assert kabsch_rmsd(best, end)[0] > 3.0
