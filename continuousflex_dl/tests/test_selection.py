@@ -88,6 +88,13 @@ def test_fitted_model_reproduces_a_noise_free_particle(tmp_path):
     assert wrong.relative_residual.min() > 100 * fit.relative_residual.max()
 
 
+def test_gallery_sorts_by_the_reliability_the_alignment_writes():
+    # The reliability HEMNMA stores (convert.RELIABILITY_ATTR), read by convert into the arrays.
+    arrays = convert.ParticleArrays(ids=np.array([3, 5, 9]), stacks=["a.mrcs"] * 3, indices=np.arange(3),
+                                    pixel_size=2.0, box=64, reliability=np.array([0.9, 0.1, 0.5]))
+    np.testing.assert_array_equal(gallery.sort_values(None, arrays, gallery.SORT_RELIABILITY), [0.9, 0.1, 0.5])
+
+
 def test_plain_reader_matches_prody(tmp_path):
     from continuousflex_dl.core.imaging.structure import example_structure_path, write_coordinates_pdb
     path = example_structure_path("4ake")
@@ -207,6 +214,9 @@ class TestSelection(FlexDLTestBase):
         assert [ax.get_label() for ax in fig.axes] == ["particle", "model", "residual"] * 5
         viewer.gallerySort.set(gallery.SORT_SCORE)
         with pytest.raises(ValueError, match="no alignment score"):
+            viewer.particleGallery()
+        viewer.gallerySort.set(gallery.SORT_RELIABILITY)
+        with pytest.raises(ValueError, match="no pose reliability"):
             viewer.particleGallery()
         viewer.gallerySort.set(gallery.SORT_RESIDUAL)
         viewer.galleryLargestFirst.set(False)

@@ -19,14 +19,12 @@ from ..core.imaging.dataset import MrcsImageSource
 from ..core.imaging.structure import centre
 from ..reports import errors_to_truth, read_attribute
 
-__all__ = ["SORT_KEYS", "RELIABILITY_ATTRS", "Gallery", "sort_values", "particle_gallery", "gallery_figure"]
+__all__ = ["SORT_KEYS", "Gallery", "sort_values", "particle_gallery", "gallery_figure"]
 
 SORT_SCORE, SORT_RELIABILITY, SORT_AMPLITUDE, SORT_ERROR, SORT_RESIDUAL = range(5)
 #: Form labels of the sort keys, in the order of the SORT_* constants.
 SORT_KEYS = ["alignment score", "reliability", "amplitude norm (Å)", "error to ground truth (Å)",
              "relative residual"]
-#: Particle attributes read as a reliability (the first one the particles carry).
-RELIABILITY_ATTRS = ("_flexdl_reliability", "_cfdlReliability")
 _FIELDS = ("particles", "models", "residuals", "scale", "offset", "relative_residual")
 #: Particles whose model images are computed at once (memory: this many boxes times the atoms).
 BATCH = 32
@@ -46,15 +44,6 @@ class Gallery:
         return [f"particle {i}: {self.key} {v:.3g}" for i, v in zip(self.ids, self.values)]
 
 
-def _reliability(particles) -> np.ndarray:
-    first = particles.getFirstItem()
-    for name in RELIABILITY_ATTRS:
-        if getattr(first, name, None) is not None:
-            return read_attribute(particles, name)
-    raise ValueError(f"The particles carry no reliability ({' or '.join(RELIABILITY_ATTRS)}): sort them by "
-                     f"another key.")
-
-
 def sort_values(particles, arrays, key: int, truth=None) -> Optional[np.ndarray]:
     """(M,) values of sort ``key`` (SORT_*) of the particles (``arrays``: their
     convert.ParticleArrays, id order), or None for SORT_RESIDUAL (computed with the images).
@@ -65,7 +54,10 @@ def sort_values(particles, arrays, key: int, truth=None) -> Optional[np.ndarray]
                              "the output of this plugin's HEMNMA alignment.")
         return read_attribute(particles, convert.SCORE_ATTR)
     if key == SORT_RELIABILITY:
-        return _reliability(particles)
+        if arrays.reliability is None:
+            raise ValueError(f"The particles carry no pose reliability ({convert.RELIABILITY_ATTR}): align them "
+                             "with this plugin's HEMNMA (it calibrates one), or sort them by another key.")
+        return arrays.reliability
     if key == SORT_AMPLITUDE:
         return np.linalg.norm(arrays.amplitudes, axis=1)
     if key == SORT_ERROR:
