@@ -18,15 +18,20 @@ Prints, per motion: the fraction of poses within 10 degrees by fifth of the moti
 rho| between the first principal component of the amplitudes and the true progress; the median
 heavy-atom RMSD (Å, after rigid superposition: the pose absorbs rigid motion) of the fitted
 structure to the true one by fifth, beside the best in the linear span of the modes used (with
-the rigid modes 1-6: the least-squares projection of the true displacement) and no flexibility
-(the reference); the failures (poses off by 10 degrees or more) and how many of them score
+the rigid modes 1-6: the least-squares projection of the true displacement), the best answer the
+rigid-block deformation of the same modes can give (:func:`rigid_block_floor`: its amplitudes fitted
+to the true structure by least squares, the rigid motion free) and no flexibility (the reference); the failures (poses off by 10 degrees or more) and how many of them score
 higher when refined from the truth (the pose and the linear floor's amplitudes: the search
 missed them; the others the modes cannot draw); the fraction of particles with an amplitude at
 a limit of the range (the default, grown where answers reach it: Aligner.grow_range); the CPU
 seconds per particle of the alignment (one thread unless ``--threads``). ``--second-reference``
-adds the experiment of :func:`second_reference`. ``--out`` writes them as JSON.
+adds the experiment of :func:`second_reference`. ``--out`` writes them as JSON. The fitted
+structures are the answers' amplitudes through the deformation the alignment used
+(``--set deformation=rigid-blocks``: NOLB rigid blocks, one per residue,
+:mod:`continuousflex_dl.core.modes.deformation`).
 
 Example (fast, while developing): python bench/bench_large_motion.py --n 100 --size 64 --pixel-size 2
+With rigid blocks: ... --set deformation=rigid-blocks
 The issue's figures: --n 400 --size 128 (1 Å/px).
 """
 from __future__ import annotations
@@ -47,6 +52,7 @@ from figures import report  # noqa: E402
 from continuousflex_dl.core.hemnma.alignment import Aligner, AlignConfig, AlignmentResult  # noqa: E402
 from continuousflex_dl.core.imaging.ctf import CTFParams  # noqa: E402
 from continuousflex_dl.core.imaging.geometry import angular_distance_deg, matrix_to_euler, random_rotations  # noqa: E402
+from continuousflex_dl.core.modes.deformation import Deformation, deformation, residue_blocks  # noqa: E402
 from continuousflex_dl.core.modes.reference import Reference  # noqa: E402
 from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms  # noqa: E402
 from continuousflex_dl.core.modes.nma import compute_modes  # noqa: E402
@@ -96,7 +102,42 @@ def parse_settings(pairs) -> dict:
     return out
 
 
-def bench_motion(motion, args, coords, modes, rigid, structure, rng) -> dict:
+def superpose(moving: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Structures moving (M, N, 3) rigidly superposed onto target (M, N, 3) (Kabsch), Å."""
+    mc, tc = moving.mean(1, keepdims=True), target.mean(1, keepdims=True)
+    u, _, vt = np.linalg.svd(np.einsum("mni,mnj->mij", moving - mc, target - tc))
+    d = np.sign(np.linalg.det(u @ vt))
+    u[:, :, -1] *= d[:, None]
+    return np.einsum("mni,mij->mnj", moving - mc, u @ vt) + tc
+
+
+def rigid_block_floor(deform: Deformation, true: np.ndarray, q0: np.ndarray, iters: int = 30) -> np.ndarray:
+    """The best structures (M, N, 3) the deformation ``deform`` can draw of ``true`` (M, N, 3),
+    its rigid motion free (the pose absorbs it): amplitudes from ``q0`` (M, K) by Gauss-Newton on
+    the squared distance to the truth superposed onto the current structure (Levenberg-Marquardt
+    damped, a step kept only where it lowers the cost)."""
+    q, lam = q0.astype(np.float64).copy(), np.full(len(q0), 1e-3)
+
+    def cost(x):
+        return ((superpose(true, x) - x) ** 2).sum((1, 2))
+
+    x = deform(q)
+    c = cost(x)
+    for _ in range(iters):
+        jac = deform.jacobian(q).reshape(len(q), q.shape[1], -1)                  # (M, K, 3N)
+        r = (superpose(true, x) - x).reshape(len(q), -1)
+        jtj = np.einsum("mki,mli->mkl", jac, jac)
+        damping = lam[:, None, None] * np.eye(q.shape[1]) * np.trace(jtj, axis1=1, axis2=2)[:, None, None]
+        step = np.linalg.solve(jtj + damping, np.einsum("mki,mi->mk", jac, r))
+        x_new = deform(q + step)
+        c_new = cost(x_new)
+        better = c_new < c
+        q[better], x[better], c[better] = (q + step)[better], x_new[better], c_new[better]
+        lam = np.where(better, lam / 3, lam * 4)
+    return x
+
+
+def bench_motion(motion, args, coords, modes, blocks, rigid, structure, rng) -> dict:
     progress = rng.uniform(0, 1, args.n)
     disp = motion.displacement(coords, progress)                                  # (M, N, 3)
     rot = random_rotations(args.n, rng)
@@ -107,11 +148,13 @@ def bench_motion(motion, args, coords, modes, rigid, structure, rng) -> dict:
                                                            args.pixel_size, args.snr, rng))
     ctf = CTFParams(defocus_u=defocus, defocus_v=defocus)
     config = replace(AlignConfig(), max_shift_px=max_shift, **parse_settings(args.set))
-    aligner = Aligner(Reference(coords, modes), args.pixel_size, args.size, config)
+    aligner = Aligner(Reference(coords, modes, blocks=blocks), args.pixel_size, args.size, config)
     res, _, align_cpu = timed(lambda: aligner.align(images, ctf=ctf))
     true = coords + disp
-    fitted = coords + np.einsum("mk,knd->mnd", res.amplitudes, modes)
+    fitted = deformation(coords, modes, aligner.deformation, blocks)(res.amplitudes)
     best = coords + span_projection(disp, np.concatenate([rigid, modes]))
+    q_best = np.einsum("mnd,knd->mk", best - coords, modes)
+    best_blocks = rigid_block_floor(Deformation(coords, modes, "rigid-blocks", blocks), true, q_best)
     within = (angular_distance_deg(res.rotations, rot) < 10.0).astype(float)
     # Each failure refined from the truth (the pose, the amplitudes of the linear floor): if
     # that scores higher the search missed it, else the modes cannot draw the particle.
@@ -131,6 +174,7 @@ def bench_motion(motion, args, coords, modes, rigid, structure, rng) -> dict:
             "spearman_pc1_progress": round(first_pc_spearman(res.amplitudes, progress), 3),
             "rmsd_fitted_by_fifth": by_fifth(kabsch_rmsd(fitted, true), progress, np.median),
             "rmsd_best_linear_by_fifth": by_fifth(kabsch_rmsd(best, true), progress, np.median),
+            "rmsd_best_rigid_blocks_by_fifth": by_fifth(kabsch_rmsd(best_blocks, true), progress, np.median),
             "rmsd_no_flex_by_fifth": by_fifth(kabsch_rmsd(np.broadcast_to(coords, true.shape), true), progress,
                                               np.median),
             "failures": int(len(fail)), "failures_truth_started_scores_higher": search_missed,
@@ -189,13 +233,14 @@ def main(argv=None) -> dict:
     coords = centre(atoms.coords)
     vectors = compute_modes(coords, n_modes=6 + args.modes, cutoff=8.0).vectors
     rigid, modes = vectors[:6], vectors[6:6 + args.modes]
+    blocks = residue_blocks(atoms.group.getResnums(), atoms.group.getChids())
     structure = pp.load_4ake()
     figures = {"n_per_motion": args.n, "size": args.size, "pixel_size": args.pixel_size, "snr": args.snr,
                "modes": f"7-{6 + args.modes}", "max_angle_deg": args.max_angle, "settings": args.set or [],
                "threads": args.threads}
     for i, motion in enumerate(motions(args.motions.split(","), atoms, coords, args.max_angle)):
         rng = np.random.default_rng([args.seed, i])
-        figures[motion.name] = bench_motion(motion, args, coords, modes, rigid, structure, rng)
+        figures[motion.name] = bench_motion(motion, args, coords, modes, blocks, rigid, structure, rng)
     return report(figures, args.out)
 
 

@@ -167,8 +167,9 @@ def test_in_plane_rotation_of_references_matches_psi():
     assert np.all(al.normalised_cross_correlation(rotated, direct).numpy() > 0.99)
 
 
-@pytest.mark.parametrize("box, pixel_size, edge", [(11, 2.5, 0.0), (48, 1.0, 0.0), (40, 1.0, 19.0)])
-def test_model_jacobian_matches_autograd(box, pixel_size, edge):
+@pytest.mark.parametrize("box, pixel_size, edge, deformation", [
+    (11, 2.5, 0.0, "linear"), (48, 1.0, 0.0, "linear"), (40, 1.0, 19.0, "linear"), (48, 1.0, 0.0, "rigid-blocks")])
+def test_model_jacobian_matches_autograd(box, pixel_size, edge, deformation):
     # 48 px: the profiles are windowed and the atoms reach about half of each axis (the
     # products are formed there only); 40 px: one atom reaches the edge of the box.
     rng = np.random.default_rng(0)
@@ -176,7 +177,9 @@ def test_model_jacobian_matches_autograd(box, pixel_size, edge):
     c[0] *= 1 + edge / np.linalg.norm(c[0])
     modes = rng.normal(size=(2, 20, 3))
     modes /= np.linalg.norm(modes.reshape(2, -1), axis=1)[:, None, None]
-    model = dm.DeformableModel(c, modes, np.full(20, 1.3), np.ones(20), box, pixel_size, "cpu", torch.float64)
+    # rigid-blocks: 5 blocks of 4 atoms, turned by up to about 1 rad at these amplitudes.
+    model = dm.DeformableModel(c, modes, np.full(20, 1.3), np.ones(20), box, pixel_size, "cpu", torch.float64,
+                               deformation=deformation, blocks=np.repeat(np.arange(5), 4))
     rot = torch.tensor(random_rotations(3, rng))
     q = torch.tensor(rng.normal(size=(3, 2)) * 3)
     s = torch.tensor(rng.normal(size=(3, 2)))

@@ -96,7 +96,8 @@ class AlignmentJob(ChunkedJob):
         return fingerprint(__version__, ref.coords, ref.modes, np.asarray(ref.sigma),
                            ref.weights, list(self.mode_numbers), self.ids, list(self.stacks),
                            self.indices, float(self.pixel_size), self._ctf_columns(), self.options,
-                           bool(self.invert), self.seed_source, *self._model_key())
+                           bool(self.invert), self.seed_source, *self._model_key(),
+                           *(() if ref.blocks is None else ("blocks", ref.blocks)))
 
     def _model_key(self) -> tuple:
         """What the image-model refinement adds to the fingerprint (nothing when it is off, so
@@ -113,6 +114,8 @@ class AlignmentJob(ChunkedJob):
                       ids=self.ids, indices=self.indices)
         if ref.weights is not None:
             arrays["weights"] = ref.weights
+        if ref.blocks is not None:
+            arrays["blocks"] = ref.blocks
         arrays.update(self._ctf_columns())
         arrays.update(self._seed_columns())
         if self.atom_types is not None:
@@ -129,7 +132,8 @@ class AlignmentJob(ChunkedJob):
         """The job saved in ``folder`` (ValueError naming the folder if it has none)."""
         arrays, meta = load_job_files(folder, "alignment job")
         seeds = {k[5:]: v for k, v in arrays.items() if k.startswith("seed_")} or None
-        job = cls(reference=Reference(arrays["coords"], arrays["modes"], arrays["sigma"], arrays.get("weights")),
+        job = cls(reference=Reference(arrays["coords"], arrays["modes"], arrays["sigma"], arrays.get("weights"),
+                                             arrays.get("blocks")),
                   mode_numbers=meta["mode_numbers"], ids=arrays["ids"],
                   stacks=meta["stacks"], indices=arrays["indices"], pixel_size=meta["pixel_size"],
                   ctf=CTFParams.from_columns(arrays), options=meta["options"],
@@ -160,7 +164,8 @@ class AlignmentJob(ChunkedJob):
         options = self._align_options(images.shape[-1])
         sigma, weights = self._atom_model()
         return align_particles(images, self.reference.coords, self.reference.modes, self.pixel_size, ctf=ctf,
-                               sigma=sigma, weights=weights, seeds=seeds, device=device, progress=progress,
+                               sigma=sigma, weights=weights, blocks=self.reference.blocks, seeds=seeds,
+                               device=device, progress=progress,
                                **options)
 
     def align_images(self, images: np.ndarray, ctf: Optional[CTFParams], device: str = "cpu",
@@ -172,7 +177,8 @@ class AlignmentJob(ChunkedJob):
         sigma, weights = self._atom_model()
         options = {**self._align_options(images.shape[-1]), **settings}
         return align_particles(images, self.reference.coords, self.reference.modes, self.pixel_size, ctf=ctf,
-                               sigma=sigma, weights=weights, device=device, **options)
+                               sigma=sigma, weights=weights, blocks=self.reference.blocks, device=device,
+                               **options)
 
     def _align_options(self, box: int) -> dict:
         """Keyword arguments of align_particles for images of ``box`` px: the options, with the

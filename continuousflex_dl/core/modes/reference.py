@@ -19,11 +19,16 @@ class Reference:
     3)); sigma: Å, a number or (N,) Gaussian widths of the atoms; weights: (N,) or None (ones).
     Raises ValueError, saying what to fix, for arrays of other shapes or widths that are not
     positive and finite. :attr:`atom_sigma` and :attr:`atom_weights` give both as (N,) arrays.
+    blocks: (N,) int, the rigid block (residue) of every atom
+    (:func:`~continuousflex_dl.core.modes.deformation.residue_blocks`), what the ``'rigid-blocks'``
+    deformation moves rigidly; None for a reference without residues (pseudoatoms), which is
+    displaced linearly whatever deformation is asked.
     """
     coords: np.ndarray
     modes: np.ndarray
     sigma: Union[float, np.ndarray] = 1.0
     weights: Optional[np.ndarray] = None
+    blocks: Optional[np.ndarray] = None
 
     def __post_init__(self):
         self.coords = np.asarray(self.coords, dtype=np.float64)
@@ -45,6 +50,10 @@ class Reference:
             raise ValueError("Atom widths (sigma) must be positive and finite (Å).")
         if self.weights is not None and np.size(self.weights) != n:
             raise ValueError(f"Atom weights must have one value per atom ({n}), got {np.size(self.weights)}.")
+        if self.blocks is not None:
+            self.blocks = np.asarray(self.blocks).reshape(-1).astype(np.int64)
+            if len(self.blocks) != n:
+                raise ValueError(f"Atom blocks (residues) must have one label per atom ({n}), got {len(self.blocks)}.")
 
     @property
     def n_modes(self) -> int:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ...imaging.geometry import euler_to_matrix, matrix_to_euler
+from ...modes.deformation import LINEAR
 from ...modes.nma import default_amplitude_range
 from ...modes.reference import Reference
 from ...progress import Progress, report
@@ -67,13 +68,13 @@ class ScaledBatch(NamedTuple):
 
 def align_particles(images: ArrayLike, coords: np.ndarray, modes: np.ndarray, pixel_size: float, *,
                     ctf=None, sigma: Union[float, np.ndarray] = 1.0, weights: Optional[np.ndarray] = None,
-                    amplitude_range: Optional[np.ndarray] = None, seeds: Optional[AlignmentResult] = None,
+                    blocks: Optional[np.ndarray] = None, amplitude_range: Optional[np.ndarray] = None, seeds: Optional[AlignmentResult] = None,
                     config: Optional[AlignConfig] = None, device: Union[str, torch.device] = "cpu",
                     seed: int = 0, progress: Optional[Progress] = None, **settings) -> AlignmentResult:
     """HEMNMA alignment of particle images in one call: ``Aligner(...).align(...)``.
 
-    images: (M, box, box); coords (N, 3) Å centred; modes (K, N, 3); sigma, weights: the
-    atoms' widths (Å) and weights (:class:`~continuousflex_dl.core.modes.reference.Reference`);
+    images: (M, box, box); coords (N, 3) Å centred; modes (K, N, 3); sigma, weights, blocks: the
+    atoms' widths (Å), weights and residues (:class:`~continuousflex_dl.core.modes.reference.Reference`);
     pixel_size Å/px; ctf, amplitude_range, seeds, progress: see :class:`Aligner` and
     :meth:`Aligner.align`. config: an :class:`AlignConfig` (default: the 'normal' preset), and
     ``settings``: single fields of it (``max_shift_px=3``, ``n_candidates=4``, ...). seed: the
@@ -86,7 +87,7 @@ def align_particles(images: ArrayLike, coords: np.ndarray, modes: np.ndarray, pi
         raise ValueError(f"Unknown alignment settings {sorted(unknown)}; AlignConfig has {sorted(CONFIG_FIELDS)}.")
     config = replace(config or AlignConfig(), **settings)
     imgs = as_images(images, device)
-    aligner = Aligner(Reference(coords, modes, sigma, weights), pixel_size, imgs.shape[-1], config,
+    aligner = Aligner(Reference(coords, modes, sigma, weights, blocks), pixel_size, imgs.shape[-1], config,
                       amplitude_range=amplitude_range, device=device)
     return aligner.align(imgs, ctf=ctf, seeds=seeds, progress=progress)
 
@@ -138,14 +139,23 @@ class Aligner:
         while len(final[0]) > config.max_final_points:
             final = coarse_grain(coords, modes, sig, wts, cell=cell)
             cell *= 1.25
-        self.work = ImageScale(work, self.box, pixel_size, final, self.device, anti_alias=True)
+        deformation, blocks = config.deformation, reference.blocks
+        if deformation != LINEAR and (blocks is None or len(final[0]) != n_atoms):
+            logger.warning("HEMNMA: the %s are displaced linearly along the modes, not by rigid blocks "
+                           "(%s).", "pseudoatoms" if blocks is None else "beads",
+                           "the reference has no residues" if blocks is None else
+                           f"the final refinement uses beads above {config.max_final_points} atoms")
+            deformation, blocks = LINEAR, None
+        self.deformation = deformation
+        self.work = ImageScale(work, self.box, pixel_size, final, self.device, anti_alias=True,
+                               deformation=deformation, blocks=blocks)
         self.amplitude_range = amplitude_range
         self.q_lo = torch.as_tensor(amplitude_range[:, 0], dtype=torch.float32, device=self.device)
         self.q_hi = torch.as_tensor(amplitude_range[:, 1], dtype=torch.float32, device=self.device)
         self._references = None
         logger.info("HEMNMA: %d px images, %d atoms (%d beads in the search, %d points in the final "
-                    "refinement), %d modes; search %d px, work %d px",
-                    self.box, n_atoms, len(bead[0]), len(final[0]), k, search, work)
+                    "refinement), %d modes, %s deformation; search %d px, work %d px",
+                    self.box, n_atoms, len(bead[0]), len(final[0]), k, deformation, search, work)
 
     # ------------------------------------------------------------------------------------- the set
     def align(self, images: ArrayLike, ctf=None, seeds: Optional[AlignmentResult] = None,

@@ -8,6 +8,7 @@ from typing import Optional
 import numpy as np
 
 from ...imaging.geometry import euler_to_matrix
+from ...modes.deformation import DEFORMATIONS
 
 __all__ = ["AlignConfig", "PRESETS", "preset_changes", "CONFIG_FIELDS", "AlignmentResult", "RESULT_ARRAYS",
            "PATH_GLOBAL", "PATH_SEEDED", "PATH_FALLBACK"]
@@ -54,6 +55,12 @@ class AlignConfig:
         bench/bench_large_motion.py (100 particles, 64 px at 2 Å/px, SNR 0.1) it left the
         poses within 10 degrees by fifth as they were (1.00 0.94 1.00 0.90 0.78 against 1.00
         1.00 1.00 0.90 0.78) at 1.6x the CPU (0.161 against 0.101 s per particle).
+    deformation: how amplitudes displace the reference in the refinements
+        (:mod:`~continuousflex_dl.core.modes.deformation`): ``'linear'`` (``x + sum q_k v_k``) or
+        ``'rigid-blocks'`` (NOLB: every residue moves as a rigid block along the screw motion of
+        its modes' rigid velocities, so a domain turned about a hinge keeps its shape); a
+        reference without residues, and a final model of beads (above ``max_final_points``),
+        stay linear. The global search's bead model is linear either way.
     max_final_points: the final refinement uses every atom of structures up to this size;
         larger ones are refined on beads (one working pixel, grown until there are at most
         this many), with their modes carried over, so the cost per image stays bounded.
@@ -102,6 +109,7 @@ class AlignConfig:
     refine_iters: int = 15
     bead_cell: float = 1.5
     conformation_seeds: str = "star"
+    deformation: str = "linear"
     max_final_points: int = 5000
     search_lowpass: Optional[float] = 0.25
     batch_size: int = 128
@@ -131,6 +139,8 @@ class AlignConfig:
             raise ValueError("Need 1 <= n_final <= n_candidates and a positive batch size.")
         if self.conformation_seeds not in ("star", "grid"):
             raise ValueError(f"conformation_seeds must be 'star' or 'grid', got {self.conformation_seeds!r}.")
+        if self.deformation not in DEFORMATIONS:
+            raise ValueError(f"deformation must be one of {', '.join(DEFORMATIONS)}, got {self.deformation!r}.")
         for name in ("finish_chi2", "seed_finish_chi2"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 noise variances (0: no early finish), "

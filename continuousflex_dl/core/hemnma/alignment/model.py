@@ -1,5 +1,5 @@
 """The deformable model: projections of a Gaussian-atom structure displaced along normal modes
-(:func:`nma.displace`), rotated and shifted, with their analytic Jacobians; the coarse-grained
+(:class:`~continuousflex_dl.core.modes.deformation.Deformation`, linear or by rigid blocks), rotated and shifted, with their analytic Jacobians; the coarse-grained
 copy the global search uses; the Fourier filters and the NCC they are compared with.
 
 Parameters of a problem, in the Jacobian's column order: the K amplitudes (Å), a left
@@ -15,7 +15,7 @@ import torch
 
 from ...imaging.geometry import particle_offset_px
 from ...imaging.projection import pixel_profiles, profile_reach, project_gaussians
-from ...modes.nma import displace
+from ...modes.deformation import LINEAR, Deformation
 
 __all__ = ["coarse_grain", "DeformableModel", "apply_filter", "rodrigues", "normalised_cross_correlation",
            "JACOBIAN_BLOCK_BYTES", "PROFILE_BLOCK_BYTES"]
@@ -64,12 +64,18 @@ class DeformableModel:
     """Projections of a deformable Gaussian-atom model and their Jacobians at one image size.
 
     coords: (N, 3) Å; modes: (K, N, 3); sigma: (N,) Å atom widths; weights: (N,); box: px of
-    the projections, pixel_size: Å/px there. Atoms are displaced by :func:`nma.displace`.
+    the projections, pixel_size: Å/px there. Atoms are displaced by the
+    :class:`~continuousflex_dl.core.modes.deformation.Deformation` ``deformation`` (``'linear'``,
+    or ``'rigid-blocks'`` with ``blocks`` (N,), the atoms' residues).
     """
 
-    def __init__(self, coords, modes, sigma, weights, box, pixel_size, device, dtype=torch.float32):
+    def __init__(self, coords, modes, sigma, weights, box, pixel_size, device, dtype=torch.float32,
+                 deformation: str = LINEAR, blocks=None):
         self.coords = torch.as_tensor(coords, dtype=dtype, device=device)
         self.modes = torch.as_tensor(modes, dtype=dtype, device=device)
+        # Fitted in float64 on the CPU, then moved (the blocks' rigid velocities are a small solve).
+        self.deformation = Deformation(np.asarray(coords, dtype=np.float64), np.asarray(modes, dtype=np.float64),
+                                       deformation, blocks).to(device=device, dtype=dtype)
         self.sigma_px = torch.as_tensor(sigma, dtype=dtype, device=device) / pixel_size
         self.weights = torch.as_tensor(weights, dtype=dtype, device=device)
         self.box, self.pixel_size = int(box), float(pixel_size)
@@ -98,7 +104,7 @@ class DeformableModel:
         out = []
         for b0 in range(0, b, block):
             sl = slice(b0, b0 + block)
-            x = displace(self.coords, self.modes, q[sl])
+            x = self.deformation(q[sl])
             out.append(project_gaussians(x, rot[sl], shifts[sl], self.box, self.pixel_size,
                                          sigma=self.sigma_px * self.pixel_size, weights=self.weights))
         return out[0] if len(out) == 1 else torch.cat(out)
@@ -142,12 +148,15 @@ class DeformableModel:
         """Pixel positions px, py (B, N) of the atoms, their rotated coordinates y (B, N, 3) Å
         and the derivatives (B, D, N) of px and py with respect to the parameters."""
         ps = self.pixel_size
-        x = displace(self.coords, self.modes, q)
+        x = self.deformation(q)
         y = torch.matmul(x, rot.transpose(1, 2))                         # (B, N, 3) rotated, Å
         offset = particle_offset_px(shifts) + self.box // 2
         px = y[..., 0] / ps + offset[:, 0:1]
         py = y[..., 1] / ps + offset[:, 1:2]
-        vrot = torch.einsum("bij,knj->bkni", rot[:, :2, :], self.modes) / ps   # (B, K, N, 2)
+        if self.deformation.kind == LINEAR:
+            vrot = torch.einsum("bij,knj->bkni", rot[:, :2, :], self.modes) / ps   # (B, K, N, 2)
+        else:
+            vrot = torch.einsum("bij,bknj->bkni", rot[:, :2, :], self.deformation.jacobian(q)) / ps
         zero, d_shift = torch.zeros_like(px), particle_offset_px(torch.ones_like(px))
         yx, yy, yz = y[..., 0] / ps, y[..., 1] / ps, y[..., 2] / ps
         dpx = torch.cat([vrot[..., 0], torch.stack([zero, yz, -yy, d_shift, zero], 1)], 1)

@@ -48,16 +48,18 @@ class ImageScale:
     """One image size of the alignment: its model, its pixel size and the conversions of
     shifts between its pixels and those of the input images. With ``anti_alias`` (the final
     refinement's size) a size below the box draws its atoms :data:`ANTI_ALIAS_PX` wider and
-    its filters undo it; the search size leaves that to its low-pass (``search_lowpass``)."""
+    its filters undo it; the search size leaves that to its low-pass (``search_lowpass``).
+    deformation, blocks: how the model's atoms move (:class:`~.model.DeformableModel`)."""
 
-    def __init__(self, size: int, box: int, pixel_size: float, model_args, device, anti_alias: bool = False):
+    def __init__(self, size: int, box: int, pixel_size: float, model_args, device, anti_alias: bool = False,
+                 deformation: str = "linear", blocks=None):
         self.size, self.box = int(size), int(box)
         self.pixel_size = pixel_size * box / size            # Å/px at this size
         # Å: the atoms' widening against aliasing (ANTI_ALIAS_PX), undone by the filters.
         self.blur = ANTI_ALIAS_PX * self.pixel_size if anti_alias and self.size < self.box else 0.0
         coords, modes, sigma, weights = model_args
         self.model = DeformableModel(coords, modes, np.sqrt(np.asarray(sigma) ** 2 + self.blur ** 2), weights,
-                                     self.size, self.pixel_size, device)
+                                     self.size, self.pixel_size, device, deformation=deformation, blocks=blocks)
         self.device = device
 
     def shifts_here(self, shifts_px: torch.Tensor) -> torch.Tensor:
