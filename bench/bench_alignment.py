@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from figures import report  # noqa: E402
 from continuousflex_dl.core.hemnma.alignment import AlignConfig, align_particles  # noqa: E402
 from continuousflex_dl.core.imaging.geometry import angular_distance_deg, random_rotations  # noqa: E402
+from continuousflex_dl.core.modes.deformation import DEFORMATIONS, deformation, residue_blocks  # noqa: E402
 from continuousflex_dl.core.modes.nma import compute_modes  # noqa: E402
 from continuousflex_dl.core.imaging.projection import project_gaussians  # noqa: E402
 from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms  # noqa: E402
@@ -50,15 +51,15 @@ def paper_amplitudes(n: int, n_modes: int, rng: np.random.Generator) -> np.ndarr
 
 
 def synthesize(coords, modes, amplitudes, rotations, shifts, box, pixel_size, ctf=None, snr=None,
-               rng=None, chunk=32):
-    """Particle images (n, box, box) float32: projections of displaced structures, CTF, noise."""
+               rng=None, chunk=32, kind="linear", blocks=None):
+    """Particle images (n, box, box) float32: projections of structures displaced by the
+    deformation ``kind`` (blocks: the atoms' residues, for 'rigid-blocks'), CTF, noise."""
     from continuousflex_dl.core.imaging.ctf import apply_ctf, ctf_image
+    deform = deformation(coords, modes, kind, blocks).to(dtype=torch.float32)
     out = []
     for s in range(0, len(amplitudes), chunk):
         sl = slice(s, s + chunk)
-        x = torch.as_tensor(coords, dtype=torch.float32) + torch.einsum(
-            "bk,knd->bnd", torch.as_tensor(amplitudes[sl], dtype=torch.float32),
-            torch.as_tensor(modes, dtype=torch.float32))
+        x = deform(torch.as_tensor(amplitudes[sl], dtype=torch.float32))
         img = project_gaussians(x, rotations[sl], shifts[sl], box, pixel_size)
         if ctf is not None:
             img = apply_ctf(img, ctf_image(ctf, box, pixel_size))
@@ -131,6 +132,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--candidates", type=int, default=normal.n_candidates, help="poses refined per image")
     ap.add_argument("--final", type=int, default=normal.n_final, help="of those, refined at the working size")
     ap.add_argument("--refine-iters", type=int, default=normal.refine_iters)
+    ap.add_argument("--deformation", default=normal.deformation, choices=DEFORMATIONS,
+                    help="how amplitudes displace the reference in the alignment's refinements")
+    ap.add_argument("--particle-deformation", default="linear", choices=DEFORMATIONS,
+                    help="how the amplitudes displace the particles' structures (the paper: linear)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -154,10 +159,12 @@ def main(argv=None) -> dict:
     if args.defocus_um > 0:
         from continuousflex_dl.core.imaging.ctf import CTFParams
         ctf = CTFParams(defocus_u=args.defocus_um * 1e4, defocus_v=args.defocus_um * 1e4)
+    blocks = residue_blocks(atoms.group.getResnums(), atoms.group.getChids())
     images = synthesize(coords, modes, q_true, rot_true, s_true, args.size, args.pixel_size, ctf,
-                        args.snr, rng)
+                        args.snr, rng, kind=args.particle_deformation, blocks=blocks)
     if args.snr is not None:
-        clean = synthesize(coords, modes, q_true, rot_true, s_true, args.size, args.pixel_size, ctf)
+        clean = synthesize(coords, modes, q_true, rot_true, s_true, args.size, args.pixel_size, ctf,
+                           kind=args.particle_deformation, blocks=blocks)
         crb = cramer_rao_std(coords, modes, q_true, rot_true, s_true, args.size, args.pixel_size, ctf,
                              clean.var(axis=(1, 2)) / args.snr)
 
@@ -165,7 +172,8 @@ def main(argv=None) -> dict:
                   amplitude_range=np.tile([-args.amp_range, args.amp_range], (len(args.modes), 1)),
                   working_size=args.working_size, search_size=args.search_size,
                   angular_step_deg=args.angular_step, n_candidates=args.candidates,
-                  n_final=args.final, refine_iters=args.refine_iters, device=args.device)
+                  n_final=args.final, refine_iters=args.refine_iters, device=args.device,
+                  deformation=args.deformation, blocks=blocks)
     res, elapsed, cpu = timed(lambda: align_particles(images, coords, modes, args.pixel_size, **common))
     amp_err = np.abs(res.amplitudes - q_true)
     ang_err = angular_distance_deg(res.rotations, rot_true)
@@ -174,7 +182,9 @@ def main(argv=None) -> dict:
     keep = outlier_mask(mahalanobis_distances(res.amplitudes), fraction=0.1)  # as the paper: 10 %
     figures = {
         "n": args.n, "size": args.size, "pixel_size": args.pixel_size, "snr": args.snr,
-        "defocus_um": args.defocus_um, "modes": args.modes, "threads": args.threads,
+        "defocus_um": args.defocus_um, "modes": args.modes, "deformation": args.deformation,
+        "particle_deformation": args.particle_deformation,
+        "threads": args.threads,
         "mae_per_mode": dict(zip(map(str, args.modes), np.round(amp_err.mean(0), 3).tolist())),
         "mae_all": round(float(amp_err.mean()), 3),
         "median_amp_error": round(float(np.median(amp_err)), 3),

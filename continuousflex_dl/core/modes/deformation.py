@@ -171,6 +171,7 @@ class Deformation:
         self.t_modes = torch.as_tensor(t[:, label], **kw)                          # (K, N, 3) per atom
         self.w_modes = torch.as_tensor(w[:, label], **kw)
         self.residual = torch.as_tensor(v - fitted, **kw)                          # (K, N, 3)
+        self.u_modes = torch.as_tensor(fitted, **kw)                               # t_k + w_k x r
 
     # ------------------------------------------------------------------------------- values
     def __call__(self, amplitudes):
@@ -195,8 +196,7 @@ class Deformation:
             e = (Ellipsis, None, slice(None), slice(None))          # (..., N, 3) -> (..., 1, N, 3)
             t, w, u = t[e], w[e], u[e]
             a, b, c, da, db, dc = (z[e] for z in (a, b, c, da, db, dc))
-            wk, tk = self.w_modes, self.t_modes                                  # (K, N, 3)
-            uk = tk + _cross(wk, self.r)
+            wk, tk, uk = self.w_modes, self.t_modes, self.u_modes                # (K, N, 3)
             ds = 2 * (w * wk).sum(-1, keepdim=True)                              # (..., K, N, 1)
             wt = (w * t).sum(-1, keepdim=True)
             jac = (da * ds * u + a * uk
