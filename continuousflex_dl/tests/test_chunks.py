@@ -208,3 +208,27 @@ def test_a_job_whose_files_were_edited_is_refused():
     with pytest.raises(ValueError, match=r"The toy job in folder does not match its recorded fingerprint "
                                          r"\(damaged or edited\): run the protocol's conversion step again"):
         job.verified("folder", fingerprint(2))
+
+
+def test_alignment_job_keeps_its_blocks_and_deformation_in_files_and_fingerprint(tmp_path):
+    """The atoms' residues (the rigid blocks) and the deformation travel with an alignment job's
+    files, and a change of either is a different job: a continued run never mixes them."""
+    from continuousflex_dl.core.hemnma.alignment_job import AlignmentJob
+    from continuousflex_dl.core.modes.reference import Reference
+    rng = np.random.default_rng(0)
+    coords, modes = rng.normal(size=(12, 3)), rng.normal(size=(2, 12, 3))
+    blocks = np.repeat(np.arange(4), 3)
+
+    def job(blocks=blocks, deformation="rigid-blocks"):
+        return AlignmentJob(reference=Reference(coords, modes, blocks=blocks), mode_numbers=[7, 8],
+                            ids=np.arange(1, 4), stacks=["s.mrc"] * 3, indices=np.arange(3), pixel_size=2.0,
+                            options=dict(deformation=deformation))
+
+    job().save(tmp_path)
+    loaded = AlignmentJob.load(tmp_path)
+    np.testing.assert_array_equal(loaded.reference.blocks, blocks)
+    assert loaded.fingerprint() == job().fingerprint()
+    assert len({job().fingerprint(), job(deformation="linear").fingerprint(), job(blocks=None).fingerprint(),
+                job(blocks=np.repeat(np.arange(3), 4)).fingerprint()}) == 4
+    with pytest.raises(ValueError, match="one label per atom"):
+        Reference(coords, modes, blocks=blocks[:5])

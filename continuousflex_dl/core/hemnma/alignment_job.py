@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .alignment import RESULT_ARRAYS, AlignmentResult, align_particles
+from .alignment import RESULT_ARRAYS, AlignConfig, AlignmentResult, align_particles, alignment_deformation
 from ..modes.reference import Reference
 from ..progress import Progress
 from .. import chunks
@@ -179,6 +179,13 @@ class AlignmentJob(ChunkedJob):
         return align_particles(images, self.reference.coords, self.reference.modes, self.pixel_size, ctf=ctf,
                                sigma=sigma, weights=weights, blocks=self.reference.blocks, device=device,
                                **options)
+
+    def deformation(self) -> str:
+        """The deformation the alignment refines with (:func:`~.alignment.alignment_deformation`),
+        which turns its amplitudes into structures (with ``reference.blocks``)."""
+        default = AlignConfig()
+        return alignment_deformation(self.reference, self.options.get("deformation", default.deformation),
+                                     self.options.get("max_final_points", default.max_final_points))
 
     def _align_options(self, box: int) -> dict:
         """Keyword arguments of align_particles for images of ``box`` px: the options, with the

@@ -47,6 +47,7 @@ from ..imaging.ctf import CTFParams, ctf_image
 from ..imaging.geometry import angular_distance_deg, euler_to_matrix, matrix_to_euler, random_rotations
 from ..imaging.projection import project_gaussians
 from .alignment import AlignmentResult
+from ..modes.deformation import LINEAR, deform
 from .pixel_size import radial_power_spectrum
 
 logger = logging.getLogger(__name__)
@@ -158,9 +159,10 @@ class Reliability:
 
 # ------------------------------------------------------------------------------------ the set
 def _projections(result: AlignmentResult, rows: np.ndarray, coords, modes, box: int, pixel_size: float,
-                 ctf: Optional[CTFParams], sigma, weights) -> torch.Tensor:
-    """(B, box, box) float64 projections of the answers of ``rows``, the CTF applied."""
-    x = coords[None] + np.einsum("bk,knd->bnd", result.amplitudes[rows], modes)
+                 ctf: Optional[CTFParams], sigma, weights, deformation: str = LINEAR, blocks=None) -> torch.Tensor:
+    """(B, box, box) float64 projections of the answers of ``rows``, the CTF applied; the
+    structures displaced by the alignment's ``deformation`` (:mod:`~..modes.deformation`)."""
+    x = deform(coords, modes, result.amplitudes[rows], deformation, blocks)
     proj = project_gaussians(torch.as_tensor(x, dtype=torch.float64), euler_to_matrix(result.angles[rows]),
                              result.shifts[rows], box, pixel_size, sigma=sigma, weights=weights)
     if ctf is not None:
@@ -185,16 +187,18 @@ def _shell_sum(values: torch.Tensor, shell: torch.Tensor) -> np.ndarray:
 
 def spectral_model(images: np.ndarray, result: AlignmentResult, coords: np.ndarray, modes: np.ndarray,
                    pixel_size: float, ctf: Optional[CTFParams] = None, sigma=1.0,
-                   weights: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None) -> SpectralModel:
+                   weights: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None,
+                   deformation: str = LINEAR, blocks: Optional[np.ndarray] = None) -> SpectralModel:
     """The :class:`SpectralModel` of particle images (B, box, box) and their answers (``rows``
     (B,) of ``result``, default all): per shell, the least-squares gain of the images on the
     projections of their answers (CTF applied), and the power of the rest. ctf: the set's, one
-    or one per row of ``result`` (selected here at ``rows``), or None."""
+    or one per row of ``result`` (selected here at ``rows``), or None; deformation, blocks: how
+    the answers' amplitudes displace the reference (the alignment's)."""
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
     box = images.shape[-1]
     img = torch.as_tensor(np.asarray(images), dtype=torch.float64)
     img = img - img.mean(dim=(-2, -1), keepdim=True)
-    proj = _projections(result, rows, coords, modes, box, pixel_size, ctf, sigma, weights)
+    proj = _projections(result, rows, coords, modes, box, pixel_size, ctf, sigma, weights, deformation, blocks)
     fi, fp = torch.fft.rfft2(img), torch.fft.rfft2(proj - proj.mean(dim=(-2, -1), keepdim=True))
     shell = _shells(box)
     count = _shell_sum(torch.ones(1, *shell.shape, dtype=torch.float64), shell) * len(rows)
@@ -209,7 +213,8 @@ def spectral_model(images: np.ndarray, result: AlignmentResult, coords: np.ndarr
 # ------------------------------------------------------------------- calibration particles
 def calibration_particles(model: SpectralModel, result: AlignmentResult, coords: np.ndarray, modes: np.ndarray,
                           pixel_size: float, ctf: Optional[CTFParams], n: int, rng: np.random.Generator,
-                          sigma=1.0, weights: Optional[np.ndarray] = None):
+                          sigma=1.0, weights: Optional[np.ndarray] = None, deformation: str = LINEAR,
+                          blocks: Optional[np.ndarray] = None):
     """n particles (n, box, box) float32 like the set: the reference at random rotations, with
     amplitudes, shifts and CTFs of random set particles, each shell scaled by the set's gain
     and given Gaussian noise of the set's noise power. Returns (images, truth, ctf): truth an
@@ -220,7 +225,8 @@ def calibration_particles(model: SpectralModel, result: AlignmentResult, coords:
                             shifts=result.shifts[pick].copy(), score=np.zeros(n))
     truth.angles = matrix_to_euler(random_rotations(n, rng))
     sim_ctf = _rows_ctf(ctf, pick)
-    proj = _projections(truth, np.arange(n), coords, modes, box, pixel_size, sim_ctf, sigma, weights)
+    proj = _projections(truth, np.arange(n), coords, modes, box, pixel_size, sim_ctf, sigma, weights,
+                        deformation, blocks)
     return _shape(proj, model, rng, signal=True), truth, sim_ctf
 
 
@@ -245,13 +251,15 @@ def _shape(proj: torch.Tensor, model: SpectralModel, rng: np.random.Generator, s
 def calibrate(images: np.ndarray, result: AlignmentResult, coords: np.ndarray, modes: np.ndarray,
               pixel_size: float, align: AlignFn, ctf: Optional[CTFParams] = None, sigma=1.0,
               weights: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None,
-              n_calibration: int = CALIBRATION_PARTICLES, n_null: int = NULL_IMAGES, seed: int = 0) -> Reliability:
+              n_calibration: int = CALIBRATION_PARTICLES, n_null: int = NULL_IMAGES, seed: int = 0,
+              deformation: str = LINEAR, blocks: Optional[np.ndarray] = None) -> Reliability:
     """The :class:`Reliability` of a set's HEMNMA answers (module docstring).
 
     images: (B, box, box) some of the set's images (evenly spread; :data:`SPECTRUM_PARTICLES`
     suffice), ``rows`` their rows in ``result`` (default: all, in order); result: the set's
     :class:`AlignmentResult` (M particles); coords (N, 3) Å centred, modes (K, N, 3), pixel_size
-    Å/px, ctf (the set's: one or M), sigma, weights: the alignment's reference; align:
+    Å/px, ctf (the set's: one or M), sigma, weights, blocks: the alignment's reference, deformation
+    its (:mod:`~..modes.deformation`); align:
     ``align(images, ctf) -> AlignmentResult`` aligning as the set was aligned (same search,
     options, device); seed: of the calibration particles and null images.
     """
@@ -262,9 +270,10 @@ def calibrate(images: np.ndarray, result: AlignmentResult, coords: np.ndarray, m
         raise ValueError("The alignment result has no amplitude uncertainty: align again with this version.")
     coords, modes = np.asarray(coords, dtype=np.float64), np.asarray(modes, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    model = spectral_model(images, result, coords, modes, pixel_size, ctf, sigma, weights, rows=rows)
+    model = spectral_model(images, result, coords, modes, pixel_size, ctf, sigma, weights, rows=rows,
+                           deformation=deformation, blocks=blocks)
     sims, truth, sim_ctf = calibration_particles(model, result, coords, modes, pixel_size, ctf, n_calibration, rng,
-                                                 sigma, weights)
+                                                 sigma, weights, deformation, blocks)
     fit = align(sims, sim_ctf)
     right = angular_distance_deg(fit.rotations, truth.rotations) < RIGHT_POSE_DEG
     null = align(null_images(model, n_null, rng), _rows_ctf(ctf, np.arange(n_null) % len(result.score))).score
@@ -345,4 +354,5 @@ def calibrate_job(job, result: AlignmentResult, device: str = "cpu", n_calibrati
     return calibrate(job.read_rows(rows), result, job.reference.coords, job.reference.modes, job.pixel_size,
                      lambda images, ctf: job.align_images(images, ctf, device=device, refuse_inverted=False),
                      ctf=job.ctf, sigma=sigma,
-                     weights=weights, rows=rows, n_calibration=n_calibration, seed=seed)
+                     weights=weights, rows=rows, n_calibration=n_calibration, seed=seed,
+                     deformation=job.deformation(), blocks=job.reference.blocks)

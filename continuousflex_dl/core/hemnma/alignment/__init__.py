@@ -67,12 +67,12 @@ the *input* images, ``[x, y] = (A r)[:2] / pixel_size - shift + box // 2``: the 
 RELION's origin).
 """
 
-from .aligner import Aligner, Candidates, align_particles, reference_count
+from .aligner import Aligner, Candidates, align_particles, alignment_deformation, reference_count
 from .config import (PATH_FALLBACK, PATH_GLOBAL, PATH_SEEDED, PRESETS, RESULT_ARRAYS, AlignConfig, AlignmentResult,
                      preset_changes)
 from .model import coarse_grain, normalised_cross_correlation
 from .search import check_contrast, rotation_grid
 
 __all__ = ["AlignConfig", "PRESETS", "preset_changes", "Aligner", "Candidates", "AlignmentResult", "RESULT_ARRAYS",
-           "align_particles", "reference_count", "check_contrast", "PATH_GLOBAL", "PATH_SEEDED", "PATH_FALLBACK",
+           "align_particles", "alignment_deformation", "reference_count", "check_contrast", "PATH_GLOBAL", "PATH_SEEDED", "PATH_FALLBACK",
            "rotation_grid", "coarse_grain", "normalised_cross_correlation"]

@@ -26,7 +26,7 @@ from .uncertainty import laplace_std
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["align_particles", "Aligner", "Candidates", "ScaledBatch", "reference_count", "FINAL_RANKED",
+__all__ = ["align_particles", "alignment_deformation", "Aligner", "Candidates", "ScaledBatch", "reference_count", "FINAL_RANKED",
            "AT_LIMIT_FRACTION", "RANGE_GROWTH_STEPS", "CONFORMATION_GRID_MOST"]
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -92,6 +92,22 @@ def align_particles(images: ArrayLike, coords: np.ndarray, modes: np.ndarray, pi
     return aligner.align(imgs, ctf=ctf, seeds=seeds, progress=progress)
 
 
+def alignment_deformation(reference: Reference, deformation: str, max_final_points: int) -> str:
+    """The deformation an alignment asked for ``deformation`` (AlignConfig's) refines with:
+    ``'rigid-blocks'`` where asked and the reference has residues (``reference.blocks``) and is
+    refined atom by atom (at most ``max_final_points`` atoms), else ``'linear'`` (logged when it
+    was not what was asked). Whatever turns the alignment's amplitudes into structures uses this."""
+    if deformation == LINEAR:
+        return LINEAR
+    if reference.blocks is None or reference.n_atoms > max_final_points:
+        logger.warning("HEMNMA: the %s are displaced linearly along the modes, not by rigid blocks (%s).",
+                       "pseudoatoms" if reference.blocks is None else "beads",
+                       "the reference has no residues" if reference.blocks is None else
+                       f"the final refinement uses beads above {max_final_points} atoms")
+        return LINEAR
+    return deformation
+
+
 class Aligner:
     """HEMNMA alignment of particle images against one flexible reference (the package's
     docstring).
@@ -139,14 +155,8 @@ class Aligner:
         while len(final[0]) > config.max_final_points:
             final = coarse_grain(coords, modes, sig, wts, cell=cell)
             cell *= 1.25
-        deformation, blocks = config.deformation, reference.blocks
-        if deformation != LINEAR and (blocks is None or len(final[0]) != n_atoms):
-            logger.warning("HEMNMA: the %s are displaced linearly along the modes, not by rigid blocks "
-                           "(%s).", "pseudoatoms" if blocks is None else "beads",
-                           "the reference has no residues" if blocks is None else
-                           f"the final refinement uses beads above {config.max_final_points} atoms")
-            deformation, blocks = LINEAR, None
-        self.deformation = deformation
+        self.deformation = deformation = alignment_deformation(reference, config.deformation, config.max_final_points)
+        blocks = reference.blocks if deformation != LINEAR else None
         self.work = ImageScale(work, self.box, pixel_size, final, self.device, anti_alias=True,
                                deformation=deformation, blocks=blocks)
         self.amplitude_range = amplitude_range
