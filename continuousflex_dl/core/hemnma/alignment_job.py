@@ -221,8 +221,8 @@ class AlignmentJob(ChunkedJob):
         ref = self.reference
         model, _ = refine_image_model(images, ref.coords, ref.modes, self.pixel_size, self.atom_types,
                                       self.type_names, ctf=None if self.ctf is None else self.ctf.select(rows),
-                                      sigma=ref.sigma, weights=ref.weights, device=device, progress=progress,
-                                      **options)
+                                      sigma=ref.sigma, weights=ref.weights, blocks=ref.blocks, device=device,
+                                      progress=progress, **options)
         self.image_model = model.to_dict()
         return model
 

@@ -126,7 +126,8 @@ def fit_image_model(images, coords: np.ndarray, modes: np.ndarray, pixel_size: f
                     labels: np.ndarray, type_names: Sequence[str], *, ctf=None,
                     sigma: Union[float, np.ndarray] = 1.0, weights: Optional[np.ndarray] = None,
                     start: Optional[ImageModel] = None, size: int = 64, iters: int = 15,
-                    device: Union[str, torch.device] = "cpu", chunk: int = 16) -> ImageModel:
+                    device: Union[str, torch.device] = "cpu", chunk: int = 16, deformation: str = "linear",
+                    blocks: Optional[np.ndarray] = None) -> ImageModel:
     """Least-squares fit of an :class:`ImageModel` to aligned particles.
 
     images: (M, box, box) particles (``[y, x]``); coords (N, 3) Å centred; modes (K, N, 3);
@@ -134,7 +135,9 @@ def fit_image_model(images, coords: np.ndarray, modes: np.ndarray, pixel_size: f
     and amplitudes, kept fixed); labels: (N,) atom types (:func:`atom_types`) of ``type_names``;
     ctf: CTFParams (one or M) or None; sigma, weights: the base widths (Å) and weights of the
     atoms; start: the model to start from (default: :meth:`ImageModel.identity`); size: the
-    images are Fourier-cropped to this many px (the alignment's working size).
+    images are Fourier-cropped to this many px (the alignment's working size); deformation,
+    blocks: how the amplitudes displace the structure (the alignment's,
+    :mod:`~continuousflex_dl.core.modes.deformation`).
 
     Minimises ``sum_i |y_i - s_i C_i p_i(theta) - c_i|^2 / v_i + prior`` over
     ``theta = (log type weights but the first, B)``, with the scale ``s_i`` and offset ``c_i``
@@ -145,7 +148,7 @@ def fit_image_model(images, coords: np.ndarray, modes: np.ndarray, pixel_size: f
     from .alignment.model import apply_filter
     from .alignment.sizes import ANTI_ALIAS_PX, as_images, crop_images, projection_filters
     from ..imaging.projection import project_gaussians
-    from ..modes.nma import displace
+    from ..modes.deformation import deform
     labels = np.asarray(labels, dtype=np.int64)
     start = start or ImageModel.identity(type_names)
     if tuple(start.type_names) != tuple(type_names):
@@ -162,7 +165,7 @@ def fit_image_model(images, coords: np.ndarray, modes: np.ndarray, pixel_size: f
     blur = ANTI_ALIAS_PX * ps if n < box else 0.0          # Å, as the alignment's working size
     filt = projection_filters(ctf, m, n, ps, dev, torch.float32, source_box=box, blur=blur)
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=dev)  # noqa: E731
-    x = displace(t(coords), t(modes).reshape(-1, len(coords), 3), t(result.amplitudes))
+    x = t(deform(coords, np.asarray(modes).reshape(-1, len(coords), 3), result.amplitudes, deformation, blocks))
     from ..imaging.geometry import euler_to_matrix
     rot, shifts = t(euler_to_matrix(np.asarray(result.angles, dtype=np.float64))), t(result.shifts) * (n / box)
     sig0 = t(np.broadcast_to(np.asarray(sigma, dtype=np.float64), labels.shape).copy())
@@ -225,8 +228,9 @@ def fit_image_model(images, coords: np.ndarray, modes: np.ndarray, pixel_size: f
 def refine_image_model(images, coords: np.ndarray, modes: np.ndarray, pixel_size: float,
                        labels: np.ndarray, type_names: Sequence[str], *, ctf=None,
                        sigma: Union[float, np.ndarray] = 1.0, weights: Optional[np.ndarray] = None,
-                       rounds: int = 2, first=None, device: Union[str, torch.device] = "cpu",
-                       progress=None, **align_options) -> Tuple[ImageModel, object]:
+                       blocks: Optional[np.ndarray] = None, rounds: int = 2, first=None,
+                       device: Union[str, torch.device] = "cpu", progress=None,
+                       **align_options) -> Tuple[ImageModel, object]:
     """Align particles with the reference's model, fit an :class:`ImageModel` to them, and
     ``rounds - 1`` times more: re-refine their poses and amplitudes locally with the fitted
     model (:meth:`alignment.Aligner.polish`) and fit again from there.
@@ -253,14 +257,14 @@ def refine_image_model(images, coords: np.ndarray, modes: np.ndarray, pixel_size
     result = first
     for r in range(rounds):
         s, w = model.apply(labels, sigma, weights)
-        aligner = Aligner(Reference(coords, modes, s, w), pixel_size, imgs.shape[-1], config,
+        aligner = Aligner(Reference(coords, modes, s, w, blocks), pixel_size, imgs.shape[-1], config,
                           amplitude_range=amplitude_range, device=device)
         result = aligner.align(imgs, ctf=ctf) if result is None else aligner.polish(imgs, result, ctf=ctf)
         model = fit_image_model(imgs, coords, modes, pixel_size, result, labels, type_names, ctf=ctf,
                                 sigma=sigma, weights=weights, start=model, size=config.working_size,
-                                device=device)
+                                device=device, deformation=aligner.deformation, blocks=blocks)
         report(progress, r + 1, rounds, f"image model, round {r + 1}/{rounds}: {model.describe()}")
     s, w = model.apply(labels, sigma, weights)
-    final = Aligner(Reference(coords, modes, s, w), pixel_size, imgs.shape[-1], config,
+    final = Aligner(Reference(coords, modes, s, w, blocks), pixel_size, imgs.shape[-1], config,
                     amplitude_range=amplitude_range, device=device)
     return model, final.polish(imgs, result, ctf=ctf)

@@ -3,7 +3,8 @@ into atom positions, and into their derivatives for a least-squares fit.
 
 Two deformations (:data:`DEFORMATIONS`):
 
-* ``'linear'``: ``x + sum_k q_k v_k`` (DESIGN.md's convention; :func:`nma.displace`). Exact for
+* ``'linear'``: ``x + sum_k q_k v_k`` (DESIGN.md's convention; :func:`.nma.displace`, which this
+  calls). Exact for
   small motions; a large rotation of a domain along a mode stretches it (the atoms move along
   the rotation's tangents).
 * ``'rigid-blocks'``: NOLB's nonlinear extrapolation (Hoffmann & Grudinin 2017, "NOLB: nonlinear
@@ -39,6 +40,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+from .nma import displace
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +162,8 @@ class Deformation:
         r = x - centre[label]                                                      # (N, 3)
         t = block_sum(v) / count[:, None]                                          # (K, P, 3)
         inertia = np.zeros((p, 3, 3))
-        np.add.at(inertia, label, np.einsum("ni,ni->n", r, r)[:, None, None] * np.eye(3) - r[:, :, None] * r[:, None, :])
+        np.add.at(inertia, label, np.einsum("ni,ni->n", r, r)[:, None, None] * np.eye(3)
+                  - r[:, :, None] * r[:, None, :])
         torque = block_sum(np.cross(r[None], v))                                   # (K, P, 3)
         trace = np.trace(inertia, axis1=1, axis2=2)
         reg = inertia + (1e-9 * trace + 1e-12)[:, None, None] * np.eye(3)
@@ -178,7 +182,7 @@ class Deformation:
         """Positions (..., N, 3) Å at amplitudes (..., K) Å."""
         q, as_numpy = self._amplitudes(amplitudes)
         if self.kind == LINEAR:
-            x = self.coords + torch.einsum("...k,knd->...nd", q, self.modes)
+            x = displace(self.coords, self.modes, q)
         else:
             t, w, u, s, coef = self._screw(q)
             a, b, c = coef[:3]

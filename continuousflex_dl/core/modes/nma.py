@@ -313,7 +313,8 @@ def displace(coords, modes, amplitudes):
     """Displaced structures ``x + sum_k q_k v_k``.
 
     coords: (N, 3) Å; modes: (K, N, 3) unit-norm mode vectors (as 3N vectors);
-    amplitudes: (..., K) in Å. Returns (..., N, 3). numpy or torch (not mixed).
+    amplitudes: (..., K) in Å. Returns (..., N, 3). numpy or torch (not mixed). The linear
+    member of :mod:`.deformation`, which also displaces by rigid blocks (NOLB).
     """
     if isinstance(amplitudes, torch.Tensor):
         return coords + torch.einsum("...k,knd->...nd", amplitudes, modes)

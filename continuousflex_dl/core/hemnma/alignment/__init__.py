@@ -74,5 +74,6 @@ from .model import coarse_grain, normalised_cross_correlation
 from .search import check_contrast, rotation_grid
 
 __all__ = ["AlignConfig", "PRESETS", "preset_changes", "Aligner", "Candidates", "AlignmentResult", "RESULT_ARRAYS",
-           "align_particles", "alignment_deformation", "reference_count", "check_contrast", "PATH_GLOBAL", "PATH_SEEDED", "PATH_FALLBACK",
+           "align_particles", "alignment_deformation", "reference_count",
+           "check_contrast", "PATH_GLOBAL", "PATH_SEEDED", "PATH_FALLBACK",
            "rotation_grid", "coarse_grain", "normalised_cross_correlation"]

@@ -26,7 +26,8 @@ from .uncertainty import laplace_std
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["align_particles", "alignment_deformation", "Aligner", "Candidates", "ScaledBatch", "reference_count", "FINAL_RANKED",
+__all__ = ["align_particles", "alignment_deformation",
+           "Aligner", "Candidates", "ScaledBatch", "reference_count", "FINAL_RANKED",
            "AT_LIMIT_FRACTION", "RANGE_GROWTH_STEPS", "CONFORMATION_GRID_MOST"]
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -68,7 +69,8 @@ class ScaledBatch(NamedTuple):
 
 def align_particles(images: ArrayLike, coords: np.ndarray, modes: np.ndarray, pixel_size: float, *,
                     ctf=None, sigma: Union[float, np.ndarray] = 1.0, weights: Optional[np.ndarray] = None,
-                    blocks: Optional[np.ndarray] = None, amplitude_range: Optional[np.ndarray] = None, seeds: Optional[AlignmentResult] = None,
+                    blocks: Optional[np.ndarray] = None,
+                    amplitude_range: Optional[np.ndarray] = None, seeds: Optional[AlignmentResult] = None,
                     config: Optional[AlignConfig] = None, device: Union[str, torch.device] = "cpu",
                     seed: int = 0, progress: Optional[Progress] = None, **settings) -> AlignmentResult:
     """HEMNMA alignment of particle images in one call: ``Aligner(...).align(...)``.

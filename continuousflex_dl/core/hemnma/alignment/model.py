@@ -1,6 +1,7 @@
 """The deformable model: projections of a Gaussian-atom structure displaced along normal modes
-(:class:`~continuousflex_dl.core.modes.deformation.Deformation`, linear or by rigid blocks), rotated and shifted, with their analytic Jacobians; the coarse-grained
-copy the global search uses; the Fourier filters and the NCC they are compared with.
+(:class:`~continuousflex_dl.core.modes.deformation.Deformation`, linear or by rigid blocks),
+rotated and shifted, with their analytic Jacobians; the coarse-grained copy the global search
+uses; the Fourier filters and the NCC they are compared with.
 
 Parameters of a problem, in the Jacobian's column order: the K amplitudes (Å), a left
 axis-angle rotation update (3, rad) and the shift (2, px of the model's image size, the pose's
