@@ -132,8 +132,9 @@ class AlignmentJob(ChunkedJob):
         """The job saved in ``folder`` (ValueError naming the folder if it has none)."""
         arrays, meta = load_job_files(folder, "alignment job")
         seeds = {k[5:]: v for k, v in arrays.items() if k.startswith("seed_")} or None
-        job = cls(reference=Reference(arrays["coords"], arrays["modes"], arrays["sigma"], arrays.get("weights"),
-                                             arrays.get("blocks")),
+        reference = Reference(arrays["coords"], arrays["modes"], arrays["sigma"], arrays.get("weights"),
+                              arrays.get("blocks"))
+        job = cls(reference=reference,
                   mode_numbers=meta["mode_numbers"], ids=arrays["ids"],
                   stacks=meta["stacks"], indices=arrays["indices"], pixel_size=meta["pixel_size"],
                   ctf=CTFParams.from_columns(arrays), options=meta["options"],
