@@ -674,3 +674,23 @@ def test_rigid_block_deformation_follows_a_hinge_rotation_beyond_the_linear_span
     assert np.all(rmsd["rigid-blocks"] < 0.9 * rmsd["linear"]), rmsd
     with pytest.raises(ValueError, match="deformation must be one of"):
         al.align_particles(img, coords, modes, PIXEL, deformation="nolb")
+
+
+def test_alignment_deformation_is_rigid_blocks_only_where_it_can_be(caplog):
+    """Rigid blocks where asked and the reference has residues and is refined atom by atom; a
+    reference without residues (pseudoatoms) or refined on beads is displaced linearly, logged."""
+    import logging
+    rng = np.random.default_rng(0)
+    coords, modes = rng.normal(size=(12, 3)), rng.normal(size=(2, 12, 3))
+    with_blocks = Reference(coords, modes, blocks=np.repeat(np.arange(4), 3))
+    assert ag.alignment_deformation(with_blocks, "linear", 5000) == "linear"
+    assert ag.alignment_deformation(with_blocks, "rigid-blocks", 5000) == "rigid-blocks"
+    with caplog.at_level(logging.WARNING):
+        assert ag.alignment_deformation(Reference(coords, modes), "rigid-blocks", 5000) == "linear"
+        assert "no residues" in caplog.text
+        assert ag.alignment_deformation(with_blocks, "rigid-blocks", 10) == "linear"
+        assert "beads above 10 atoms" in caplog.text
+    aligner = ag.Aligner(with_blocks, 3.0, 16, al.AlignConfig(deformation="rigid-blocks", working_size=16,
+                                                              search_size=8))
+    assert aligner.deformation == "rigid-blocks" and aligner.work.model.deformation.kind == "rigid-blocks"
+    assert aligner.search.model.deformation.kind == "linear"          # the global search's beads
