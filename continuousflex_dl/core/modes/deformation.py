@@ -54,8 +54,9 @@ LINEAR, RIGID_BLOCKS = "linear", "rigid-blocks"
 DEFORMATIONS = (LINEAR, RIGID_BLOCKS)
 
 #: Below this squared rotation angle (rad^2) the screw coefficients and their derivatives are
-#: taken from their Taylor series (whose first omitted term is below 1e-10 there), above it from
-#: their closed forms (whose cancellation error in float32 stays below 1e-4 relative there).
+#: taken from their Taylor series (within 1e-8 of the closed forms there), above it from their
+#: closed forms; both in float64 whatever the dtype of the structure (in float32 the closed form
+#: of the derivative of c loses 4e-4 of its value to cancellation just above this limit).
 SERIES_BELOW = 0.09
 
 
@@ -224,7 +225,7 @@ class Deformation:
         w = torch.einsum("...k,knd->...nd", q, self.w_modes)
         u = t + _cross(w, self.r)
         s = (w * w).sum(-1, keepdim=True)
-        return t, w, u, s, _screw_coefficients(s)
+        return t, w, u, s, tuple(c.to(q.dtype) for c in _screw_coefficients(s.double()))
 
 
 def deformation(coords, modes, kind: str = LINEAR, blocks: Optional[np.ndarray] = None) -> Deformation:
