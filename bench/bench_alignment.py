@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from figures import report  # noqa: E402
 from continuousflex_dl.core.hemnma.alignment import AlignConfig, align_particles  # noqa: E402
 from continuousflex_dl.core.imaging.geometry import angular_distance_deg, random_rotations  # noqa: E402
-from continuousflex_dl.core.modes.deformation import DEFORMATIONS, deformation, residue_blocks  # noqa: E402
+from continuousflex_dl.core.modes.deformation import DEFORMATIONS, deformation  # noqa: E402
 from continuousflex_dl.core.modes.nma import compute_modes  # noqa: E402
 from continuousflex_dl.core.imaging.projection import project_gaussians  # noqa: E402
 from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms  # noqa: E402
@@ -159,7 +159,7 @@ def main(argv=None) -> dict:
     if args.defocus_um > 0:
         from continuousflex_dl.core.imaging.ctf import CTFParams
         ctf = CTFParams(defocus_u=args.defocus_um * 1e4, defocus_v=args.defocus_um * 1e4)
-    blocks = residue_blocks(atoms.group.getResnums(), atoms.group.getChids())
+    blocks = atoms.blocks                                                        # one per residue
     images = synthesize(coords, modes, q_true, rot_true, s_true, args.size, args.pixel_size, ctf,
                         args.snr, rng, kind=args.particle_deformation, blocks=blocks)
     if args.snr is not None:

@@ -52,7 +52,7 @@ from figures import report  # noqa: E402
 from continuousflex_dl.core.hemnma.alignment import Aligner, AlignConfig, AlignmentResult  # noqa: E402
 from continuousflex_dl.core.imaging.ctf import CTFParams  # noqa: E402
 from continuousflex_dl.core.imaging.geometry import angular_distance_deg, matrix_to_euler, random_rotations  # noqa: E402
-from continuousflex_dl.core.modes.deformation import Deformation, deformation, residue_blocks  # noqa: E402
+from continuousflex_dl.core.modes.deformation import Deformation, deformation  # noqa: E402
 from continuousflex_dl.core.modes.reference import Reference  # noqa: E402
 from continuousflex_dl.core.imaging.structure import centre, example_structure_path, load_atoms  # noqa: E402
 from continuousflex_dl.core.modes.nma import compute_modes  # noqa: E402
@@ -233,7 +233,7 @@ def main(argv=None) -> dict:
     coords = centre(atoms.coords)
     vectors = compute_modes(coords, n_modes=6 + args.modes, cutoff=8.0).vectors
     rigid, modes = vectors[:6], vectors[6:6 + args.modes]
-    blocks = residue_blocks(atoms.group.getResnums(), atoms.group.getChids())
+    blocks = atoms.blocks                                                        # one per residue
     structure = pp.load_4ake()
     figures = {"n_per_motion": args.n, "size": args.size, "pixel_size": args.pixel_size, "snr": args.snr,
                "modes": f"7-{6 + args.modes}", "max_angle_deg": args.max_angle, "settings": args.set or [],

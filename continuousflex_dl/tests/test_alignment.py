@@ -650,12 +650,12 @@ def test_rigid_block_deformation_follows_a_hinge_rotation_beyond_the_linear_span
     deformation (NOLB, one block per residue) fits a structure nearer the truth than the linear
     one, whose best answer in the span of modes 7-9 stretches the domain; a particle from the
     reference's side of the motion (noise-free, 32 px at 3 Å/px, heavy atoms)."""
-    from continuousflex_dl.core.modes.deformation import deformation, residue_blocks
+    from continuousflex_dl.core.modes.deformation import deformation
     from continuousflex_dl.tests.large_motion import MOTIONS, hinge_motion, kabsch_rmsd
     atoms = load_atoms(example_structure_path("4ake"), "heavy")
     coords = centre(atoms.coords)
     resnums = atoms.group.getResnums()
-    blocks = residue_blocks(resnums, atoms.group.getChids())
+    blocks = atoms.blocks
     modes = compute_modes(coords, n_modes=9, cutoff=8.0).vectors[6:9]
     name, residues, hinges = MOTIONS[0]
     true = coords + hinge_motion(coords, resnums, atoms.group.getNames(), name, residues, hinges,

@@ -19,7 +19,7 @@ def adk():
     """4AKE chain A heavy atoms (1,656, 214 residues), centred, their blocks and ANM modes 7-9."""
     atoms = load_atoms(example_structure_path("4ake"), "heavy")
     coords = centre(atoms.coords)
-    blocks = residue_blocks(atoms.group.getResnums(), atoms.group.getChids())
+    blocks = atoms.blocks
     modes = compute_modes(coords, n_modes=9, cutoff=8.0).vectors[6:]
     return coords, blocks, modes
 

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Atoms", "SELECTIONS", "load_atoms", "read_coordinates", "diameter", "centre",
            "write_multimodel_pdb", "example_structure_path", "ATOM_SIGMA", "read_atoms_plain",
-           "write_coordinates_pdb"]
+           "write_coordinates_pdb", "residue_blocks"]
 
 #: Named atom selections (ProDy syntax). The default leaves out hydrogens,
 #: waters, ions and ligands.
@@ -40,11 +40,15 @@ class Atoms:
     sigma: (N,) Gaussian widths in Å (``ATOM_SIGMA`` for atoms).
     weights: (N,) relative scattering weights (1 for atoms).
     group: the ProDy AtomGroup (names, residues, chains) used to write PDB files.
+    blocks: (N,) int64 the residue of every atom (:func:`residue_blocks`), the rigid blocks of
+    the rigid-block deformation; None for pseudoatoms and files read without residues (mmCIF
+    by :func:`read_atoms_plain`).
     """
     coords: np.ndarray
     sigma: np.ndarray
     weights: np.ndarray
     group: object = field(repr=False, default=None)
+    blocks: Optional[np.ndarray] = field(repr=False, default=None)
 
     @property
     def n_atoms(self) -> int:
@@ -83,7 +87,8 @@ def load_atoms(path: str | os.PathLike, selection: str = "heavy") -> Atoms:
     coords = np.asarray(sub.getCoords(), dtype=np.float64)
     sigma, weights = _pseudoatom_parameters(sub)
     logger.info("Read %d atoms of %s (selection %r)", len(coords), path.name, query)
-    return Atoms(coords=coords, sigma=sigma, weights=weights, group=sub)
+    blocks = _structure_blocks(sub.getResnames(), sub.getResnums(), sub.getChids(), sub.getIcodes())
+    return Atoms(coords=coords, sigma=sigma, weights=weights, group=sub, blocks=blocks)
 
 
 def read_coordinates(path: str | os.PathLike, records: Sequence[str] = ("ATOM", "HETATM")) -> np.ndarray:
@@ -221,6 +226,29 @@ def _pdb_atom_lines(lines: Sequence[str]) -> List[int]:
     return rows
 
 
+def residue_blocks(residue_numbers: Sequence, chain_ids: Optional[Sequence] = None,
+                   insertion_codes: Optional[Sequence] = None) -> np.ndarray:
+    """(N,) int64 block labels 0..P-1: one block per residue, the atoms that share a chain id,
+    a residue number (and an insertion code), numbered in order of first appearance."""
+    keys = [np.asarray(residue_numbers).astype(str)]
+    for extra in (chain_ids, insertion_codes):
+        if extra is not None:
+            if len(extra) != len(keys[0]):
+                raise ValueError(f"Need one chain id / insertion code per atom ({len(keys[0])}), got {len(extra)}.")
+            keys.append(np.asarray(extra).astype(str))
+    joined = np.array(["|".join(k) for k in zip(*keys)]) if len(keys) > 1 else keys[0]
+    _, first, inverse = np.unique(joined, return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first))            # label blocks by first appearance
+    return order[inverse.reshape(-1)].astype(np.int64)
+
+
+def _structure_blocks(resnames, resnums, chains, icodes) -> Optional[np.ndarray]:
+    """The residues of a structure's atoms as blocks, None for pseudoatoms (residue PSE)."""
+    if len(resnames) and all(str(r).strip() == "PSE" for r in resnames):
+        return None
+    return residue_blocks(resnums, chains, icodes)
+
+
 def read_atoms_plain(path: str | os.PathLike) -> Atoms:
     """The atoms (all ATOM and HETATM records of the first model) of a PDB or mmCIF file read
     without ProDy (usable in the Scipion GUI under ``python -O``): coords (N, 3) Å, and widths
@@ -228,10 +256,13 @@ def read_atoms_plain(path: str | os.PathLike) -> Atoms:
     B-factor column = sigma Å, occupancy = weight; other atoms: ATOM_SIGMA and 1). No group."""
     coords = read_coordinates(path)
     n = len(coords)
-    sigma, weights = np.full(n, ATOM_SIGMA), np.ones(n)
+    sigma, weights, blocks = np.full(n, ATOM_SIGMA), np.ones(n), None
     if Path(path).suffix.lower() not in (".cif", ".mmcif"):
         lines = Path(path).read_text(errors="replace").splitlines()
         rows = [lines[i] for i in _pdb_atom_lines(lines)]
+        if len(rows) == n and n:
+            blocks = _structure_blocks([r[17:20] for r in rows], [r[22:26].strip() for r in rows],
+                                       [r[21:22] for r in rows], [r[26:27] for r in rows])
         if len(rows) == n and n and all(r[17:20].strip() == "PSE" for r in rows):
             try:
                 sigma = np.array([float(r[60:66]) for r in rows])
@@ -239,7 +270,7 @@ def read_atoms_plain(path: str | os.PathLike) -> Atoms:
             except ValueError:
                 raise ValueError(f"The pseudoatoms of {path} lack widths (B-factor column) or weights "
                                  f"(occupancy column): make them again with the pseudoatom protocol.")
-    return Atoms(coords=coords, sigma=sigma, weights=weights)
+    return Atoms(coords=coords, sigma=sigma, weights=weights, blocks=blocks)
 
 
 def write_coordinates_pdb(path: str | os.PathLike, template: str | os.PathLike, coords: np.ndarray) -> Path:

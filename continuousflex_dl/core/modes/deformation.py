@@ -9,8 +9,9 @@ Two deformations (:data:`DEFORMATIONS`):
   the rotation's tangents).
 * ``'rigid-blocks'``: NOLB's nonlinear extrapolation (Hoffmann & Grudinin 2017, "NOLB: nonlinear
   rigid block normal mode analysis method", J Chem Theory Comput 13:2123). Every block of atoms
-  (a residue: :func:`residue_blocks`) gets from each mode k the least-squares instantaneous
-  rigid motion of its atoms' mode displacements, a translation ``t_bk`` of its centroid ``c_b``
+  (a residue: ``Atoms.blocks``, :func:`~continuousflex_dl.core.imaging.structure.residue_blocks`)
+  gets from each mode k the least-squares instantaneous rigid motion of its atoms' mode
+  displacements, a translation ``t_bk`` of its centroid ``c_b``
   and an angular velocity ``w_bk`` (the velocity of atom i is ``t_bk + w_bk x (x_i - c_b)``).
   Velocities of several modes add linearly, ``t = sum_k q_k t_bk``, ``w = sum_k q_k w_bk``, and the
   finite displacement is the screw motion they generate: the rotation by ``|w|`` (rad) about the
@@ -41,6 +42,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..imaging.structure import residue_blocks
 from .nma import displace
 
 logger = logging.getLogger(__name__)
@@ -65,22 +67,6 @@ def check_deformation(kind: str) -> str:
     if kind not in DEFORMATIONS:
         raise ValueError(f"Unknown deformation {kind!r}: choose one of {', '.join(DEFORMATIONS)}.")
     return kind
-
-
-def residue_blocks(residue_numbers: Sequence, chain_ids: Optional[Sequence] = None,
-                   insertion_codes: Optional[Sequence] = None) -> np.ndarray:
-    """(N,) int64 block labels 0..P-1: one block per residue, the atoms that share a chain id,
-    a residue number (and an insertion code), numbered in order of first appearance."""
-    keys = [np.asarray(residue_numbers).astype(str)]
-    for extra in (chain_ids, insertion_codes):
-        if extra is not None:
-            if len(extra) != len(keys[0]):
-                raise ValueError(f"Need one chain id / insertion code per atom ({len(keys[0])}), got {len(extra)}.")
-            keys.append(np.asarray(extra).astype(str))
-    joined = np.array(["|".join(k) for k in zip(*keys)]) if len(keys) > 1 else keys[0]
-    _, first, inverse = np.unique(joined, return_index=True, return_inverse=True)
-    order = np.argsort(np.argsort(first))            # label blocks by first appearance
-    return order[inverse.reshape(-1)].astype(np.int64)
 
 
 def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
