@@ -157,7 +157,6 @@ class Deformation:
         w = np.einsum("pij,kpj->kpi", np.linalg.inv(reg), torque)                 # (K, P, 3)
         fitted = t[:, label] + np.cross(w[:, label], r[None])                      # (K, N, 3)
         kw = dict(dtype=self.coords.dtype, device=self.coords.device)
-        self.label = torch.as_tensor(label, device=self.coords.device)
         self.r = torch.as_tensor(r, **kw)
         self.t_modes = torch.as_tensor(t[:, label], **kw)                          # (K, N, 3) per atom
         self.w_modes = torch.as_tensor(w[:, label], **kw)
