@@ -37,7 +37,7 @@ or float64) or numpy arrays (computed in float64, returned as numpy).
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
