@@ -8,6 +8,7 @@ from pyworkflow.protocol import STEPS_PARALLEL, params
 from .. import convert
 from ..core.chunks import chunk_bounds
 from ..core.network.prediction_job import PredictionJob, prediction_chunk_size
+from ..core.imaging.dataset import POSES_NEEDED
 from ..core.network.training import ModelFolder
 from .base import FlexDLProtBase
 
@@ -79,12 +80,16 @@ class FlexDLProtPredict(FlexDLProtBase):
     def _buildJob(self) -> PredictionJob:
         model = self.inputModel.get()
         parts = self._readParticles(self.inputParticles.get())
+        normalised = self._modelPoseNormalises(model)
+        if normalised and parts.angles is None:
+            raise ValueError(POSES_NEEDED)
         return PredictionJob(model_dir=model.getModelDir(), stamp=ModelFolder(model.getModelDir()).stamp(), ids=parts.ids,
                              stacks=parts.stacks, indices=parts.indices, pixel_size=parts.pixel_size,
                              invert=self.invertContrast.get(),
                              ctf=parts.ctf if self._modelPhaseFlips(model) else None, pose=model.predictsPose(),
                              options=dict(batch_size=self.batchSize.get(), bfloat16=self.bfloat16.get(),
-                                          rotations=self.rotations.get()))
+                                          rotations=self.rotations.get()),
+                             angles=parts.angles if normalised else None, shifts=parts.shifts if normalised else None)
 
     def _jobFolder(self) -> str:
         return self._getExtraPath("job")
@@ -136,6 +141,12 @@ class FlexDLProtPredict(FlexDLProtBase):
             return box_errors
         if self._modelPhaseFlips(model) and not parts.hasCTF():
             return ["The model was trained on phase-flipped images: the particles need a CTF."]
+        if self._modelPoseNormalises(model):
+            if not parts.hasAlignmentProj():
+                return [POSES_NEEDED]
+            if self.rotations.get() > 1:
+                return ["The model turns every image to its pose (pose normalisation): set 'In-plane rotations "
+                        "to average' to 1."]
         if parts.getXDim() < model.getImageSize():
             return [f"The particles ({parts.getXDim()} px) are smaller than the model's images "
                     f"({model.getImageSize()} px): their pixel size is coarser than the training data's. "
@@ -154,6 +165,12 @@ class FlexDLProtPredict(FlexDLProtBase):
         config = ModelFolder(model.getModelDir() or "").read_config()
         return config is not None and config.preprocessing.phase_flip
 
+    @staticmethod
+    def _modelPoseNormalises(model) -> bool:
+        """The model turns and centres every image by its pose (its config.json says so)."""
+        config = ModelFolder(model.getModelDir() or "").read_config()
+        return config is not None and config.preprocessing.pose_normalise
+
     def _summary(self):
         if not hasattr(self, "outputParticles"):
             return []
@@ -161,6 +178,8 @@ class FlexDLProtPredict(FlexDLProtBase):
         modes = self.inputModel.get().getModes()
         from ..reports import error_summary_lines, prediction_warning
         averaged = f", averaged over {self.rotations.get()} in-plane rotations" if self.rotations.get() > 1 else ""
+        if self._modelPoseNormalises(self.inputModel.get()):
+            averaged += ", each image turned and centred by its own pose (pose normalisation)"
         return [f"Amplitudes of {len(data['ids'])} particles predicted for modes {modes}{averaged}.",
                 "Mean ± std (Å): " + ", ".join(f"mode {m}: {a.mean():.1f} ± {a.std():.1f}"
                                                for m, a in zip(modes, data["amplitudes"].T))

@@ -17,6 +17,9 @@ SCHEDULES = ["onecycle", "plateau", "cosine"]
 #: The "Training data" choices: "auto", resolved to a source (see ``_trainingData``), then the
 #: registered training-data sources by their labels.
 TRAINING_DATA = {"auto": None, **{source.label: name for name, source in SOURCES.items()}}
+#: The "Turn and centre images by their poses?" choices (``TrainConfig.pose_normalise``, "auto" resolved
+#: by ``_poseNormalise``).
+POSE_NORMALISE = ["auto", "yes", "no"]
 #: The "Simulated amplitudes" choices (``TrainConfig.sim_prior``).
 SIM_PRIORS = {"around the particles' amplitudes": "estimates", "uniform over their range": "range"}
 
@@ -95,6 +98,17 @@ class FlexDLProtTrain(FlexDLProtBase):
         form.addParam("phaseFlip", params.BooleanParam, default=True, label="Phase flip with the CTF?",
                       help="Correct the CTF phases of the images before the network sees them (when the "
                            "particles have a CTF). Prediction then applies the same correction.")
+        form.addParam("poseNormalise", params.EnumParam, choices=POSE_NORMALISE, default=0,
+                      display=params.EnumParam.DISPLAY_HLIST, label="Turn and centre images by their poses?",
+                      help="Pose normalisation: before the network, every image is centred by its shifts and "
+                           "turned by its in-plane angle (psi), so the network sees each particle as the "
+                           "projection at (rot, tilt, psi = 0) without shift and has only the conformation and "
+                           "the view direction left to learn; simulated particles are turned by their own "
+                           "poses. The poses are the particles' (the HEMNMA alignment's, or a consensus "
+                           "refinement's). Prediction then needs particles with poses and uses their own "
+                           "(the model remembers the setting). auto: yes when the particles have a projection "
+                           "alignment and the pose is not predicted, else no. It cannot be combined with pose "
+                           "prediction or in-plane rotation augmentation.")
         form.addParam("predictPose", params.BooleanParam, default=False, label="Also predict the pose?",
                       help="Also regress the orientation (6-D rotation representation) and the shifts; "
                            "needs particles with a projection alignment.")
@@ -175,6 +189,16 @@ class FlexDLProtTrain(FlexDLProtBase):
         from ..reports import lineage_modes
         return lineage_modes(parts, self.getProject())
 
+    def _poseNormalise(self) -> bool:
+        """Pose normalisation, "auto" resolved: on when the particles have a projection alignment and
+        neither pose prediction nor in-plane rotation augmentation is asked for."""
+        choice = POSE_NORMALISE[self.poseNormalise.get()]
+        if choice != "auto":
+            return choice == "yes"
+        parts = self.inputParticles.get()
+        return bool(parts is not None and parts.hasAlignmentProj() and not self.predictPose.get()
+                    and not self.augment.get())
+
     def _settings(self) -> dict:
         """The form's training settings, as TrainConfig fields, and which particles and modes."""
         parts, modes = self.inputParticles.get(), self._modes()
@@ -189,6 +213,7 @@ class FlexDLProtTrain(FlexDLProtBase):
                     lr_schedule=SCHEDULES[self.lrSchedule.get()], patience=self.patience.get(),
                     val_fraction=self.valFraction.get(), augment_rotation=self.augment.get(),
                     seed=self.seed.get(), phase_flip=self.phaseFlip.get(), invert=self.invertContrast.get(),
+                    pose_normalise=self._poseNormalise(),
                     particles=f"{parts.getObjId()}:{parts.getSize()}" if parts is not None else "",
                     modes=str(modes.getObjId()) if modes is not None and source.simulates else "")
 
@@ -262,6 +287,17 @@ class FlexDLProtTrain(FlexDLProtBase):
                           f"({parts.getXDim()} px).")
         if self.predictPose.get() and not parts.hasAlignmentProj():
             errors.append("Pose prediction needs particles with a projection alignment.")
+        if POSE_NORMALISE[self.poseNormalise.get()] == "yes":
+            if not parts.hasAlignmentProj():
+                errors.append("Turning and centring images by their poses needs particles with a projection "
+                              "alignment (from the HEMNMA alignment or a consensus refinement): align them first, "
+                              "or set 'Turn and centre images by their poses?' to no.")
+            if self.predictPose.get():
+                errors.append("Pose normalisation takes the particles' poses as given: set 'Also predict the "
+                              "pose?' to No, or 'Turn and centre images by their poses?' to no.")
+            if self.augment.get():
+                errors.append("Pose normalisation turns every image to psi = 0, which in-plane rotation "
+                              "augmentation would undo: set one of them to No.")
         first = parts.getFirstItem() if n else None
         if first is not None and (not hasattr(first, "getZFlex") or not len(first.getZFlex())):
             errors.append("The particles carry no amplitudes: use the HEMNMA alignment or synthesis output.")
@@ -312,6 +348,9 @@ class FlexDLProtTrain(FlexDLProtBase):
                     convert.flex_source(self.inputParticles.get()) == convert.SOURCE_HEMNMA else "")
             lines.append(source.summary(config) + hint)
         lines += self._foundModesLine()
+        if config is not None and config.preprocessing.pose_normalise:
+            lines.append("Images turned and centred by their poses before the network (pose normalisation): "
+                         "prediction needs particles with poses and uses their own.")
         lines += reports.network_warning(
             float(best["val_mae"]), reports.hemnma_error(self.inputParticles.get(), self.getProject()),
             "The network's distance to HEMNMA's amplitudes on held-out particles")

@@ -10,7 +10,10 @@ parameters saved beside a trained model, identically for training, validation
 and prediction:
 
 1. optional CTF phase flip at the original size (``ctf.phase_flip``: the
-   Fourier transform times the sign of the CTF, CTFs in ``rfft2`` layout),
+   Fourier transform times the sign of the CTF, CTFs in ``rfft2`` layout), then optional
+   pose normalisation (:func:`pose_normalise_images`): each image centred by its shifts and
+   turned by its in-plane angle psi, so the network sees every particle as the projection at
+   (rot, tilt, psi = 0) with no shift (the poses come with the images),
 2. optional real-space window: the central ``window`` x ``window`` pixels
    around the box centre (:func:`window_images`), a box in Å fixed by the model,
 3. optional downsampling to the working size by Fourier cropping
@@ -46,7 +49,7 @@ from .stacks import open_stack
 
 __all__ = [
     "NORMALIZATIONS", "Preprocessing", "normalize_images", "window_images", "prepare_images",
-    "rotate_images", "rotate_pose", "ArrayImageSource", "FourierCroppedSource",
+    "rotate_images", "rotate_pose", "pose_normalise_images", "POSES_NEEDED", "ArrayImageSource", "FourierCroppedSource",
     "MrcsImageSource", "as_image_source",
     "ctf_batch", "iterate_batches", "find_bad_images", "check_images", "FLAT_TOLERANCE",
 ]
@@ -115,11 +118,14 @@ def window_images(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def prepare_images(images: Union[np.ndarray, torch.Tensor], working_size: Optional[int] = None,
                    normalization: str = "zscore", ctf: Optional[torch.Tensor] = None,
-                   device: Union[str, torch.device] = "cpu", window: Optional[int] = None) -> torch.Tensor:
+                   device: Union[str, torch.device] = "cpu", window: Optional[int] = None,
+                   poses: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> torch.Tensor:
     """The one preprocessing of particle images (training, validation and prediction).
 
     images: (B, N, N) raw images. ctf: optional (B, N, N // 2 + 1) CTFs in
     ``torch.fft.rfft2`` layout (``ctf.ctf_image``) for phase flipping at the full box.
+    poses: optional ``(angles_deg (B, 3), shifts_px (B, 2))`` of the raw images: each image is
+    then centred and turned to psi = 0 (:func:`pose_normalise_images`) after the phase flip.
     window: side (px) of the central real-space window kept (None keeps N, see
     :func:`window_images`). working_size: output box in px (None keeps the window),
     reached by :func:`projection.fourier_crop` of the window (pixel values kept).
@@ -133,6 +139,8 @@ def prepare_images(images: Union[np.ndarray, torch.Tensor], working_size: Option
         raise ValueError(f"Expected images of shape (B, N, N), got {tuple(x.shape)}.")
     if ctf is not None:
         x = phase_flip(x, torch.as_tensor(ctf, device=x.device, dtype=torch.float32))
+    if poses is not None:
+        x = pose_normalise_images(x, poses[0], poses[1])
     if window is not None:
         x = window_images(x, int(window))
     if working_size is not None and int(working_size) != x.shape[-1]:
@@ -148,12 +156,16 @@ class Preprocessing:
     network sees (None: the whole box). working_size: box (px) after Fourier cropping the
     window (None: the window's box). normalization: a key of :data:`NORMALIZATIONS`.
     phase_flip: the images are CTF phase-flipped at their raw box (so they need CTFs).
+    pose_normalise: every image is centred by its shifts and turned by its in-plane angle
+    before the network (:func:`pose_normalise_images`), so it needs the poses of its images,
+    in training and in prediction.
     """
     pixel_size: float = 1.0
     working_size: Optional[int] = None
     window: Optional[float] = None
     normalization: str = "zscore"
     phase_flip: bool = False
+    pose_normalise: bool = False
 
     @property
     def window_px(self) -> Optional[int]:
@@ -180,10 +192,49 @@ class Preprocessing:
                              f"{'window' if self.window else 'images'} ({window} px): make it at most {window}.")
 
     def apply(self, images: Union[np.ndarray, torch.Tensor], ctf: Optional[torch.Tensor] = None,
-              device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+              device: Union[str, torch.device] = "cpu",
+              poses: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> torch.Tensor:
         """Raw images (B, N, N) -> network input (B, 1, w, w) float32 on ``device`` (:func:`prepare_images`);
-        ctf: (B, N, N // 2 + 1) rfft2-layout CTFs when ``phase_flip``."""
-        return prepare_images(images, self.working_size, self.normalization, ctf, device, self.window_px)
+        ctf: (B, N, N // 2 + 1) rfft2-layout CTFs when ``phase_flip``; poses: ``(angles_deg (B, 3),
+        shifts_px (B, 2))`` of the raw images, required when ``pose_normalise`` (ignored otherwise)."""
+        if self.pose_normalise and poses is None:
+            raise ValueError(POSES_NEEDED)
+        return prepare_images(images, self.working_size, self.normalization, ctf, device, self.window_px,
+                              poses if self.pose_normalise else None)
+
+
+#: The error of a pose-normalised model given images without poses.
+POSES_NEEDED = ("This model turns and centres every image by its pose (pose normalisation): the particles need "
+                "poses (a projection alignment, e.g. from a consensus refinement or the HEMNMA alignment). "
+                "Align them first, or use a model trained without pose normalisation.")
+
+
+def pose_normalise_images(images: torch.Tensor, angles_deg, shifts_px) -> torch.Tensor:
+    """Images turned and centred by their poses: the projection at (rot, tilt, psi = 0) with no shift.
+
+    images: (B, N, N) real; angles_deg: (B, 3) Euler ZYZ (rot, tilt, psi); shifts_px: (B, 2)
+    (shiftX, shiftY), RELION's origin (the particle centre at box centre minus the shift, see
+    :mod:`.geometry`). Each image loses its mean (so the zeros :func:`rotate_images` brings in
+    the corners are neutral), is translated by ``+shift`` (a Fourier phase, sub-pixel, periodic)
+    and rotated in plane by psi (:func:`rotate_images`, whose pose rule :func:`rotate_pose` gives
+    psi' = 0 and shifts' = 0). Returns (B, N, N), same dtype and device.
+    """
+    if images.ndim != 3 or images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"Expected square images (B, N, N), got shape {tuple(images.shape)}.")
+    b, n = images.shape[0], images.shape[-1]
+    angles = torch.as_tensor(np.asarray(angles_deg, dtype=np.float64), device=images.device)
+    shifts = torch.as_tensor(np.asarray(shifts_px, dtype=np.float64), device=images.device)
+    if angles.shape != (b, 3) or shifts.shape != (b, 2):
+        raise ValueError(f"Need one pose per image: angles (B, 3) and shifts (B, 2) for {b} images, got "
+                         f"{tuple(angles.shape)} and {tuple(shifts.shape)}.")
+    if not (torch.isfinite(angles).all() and torch.isfinite(shifts).all()):
+        raise ValueError("The poses contain NaN or infinite values: align the particles again.")
+    x = images - images.mean(dim=(-2, -1), keepdim=True)
+    ky = torch.fft.fftfreq(n, device=images.device, dtype=torch.float64)[:, None]
+    kx = torch.fft.rfftfreq(n, device=images.device, dtype=torch.float64)[None, :]
+    phase = torch.exp(-2j * math.pi * (kx * shifts[:, 0, None, None] + ky * shifts[:, 1, None, None]))
+    x = torch.fft.irfft2(torch.fft.rfft2(x) * phase.to(torch.complex64), s=(n, n)).to(images.dtype)
+    return rotate_images(x[:, None], angles[:, 2].to(images.dtype))[:, 0]
 
 
 def rotate_images(images: torch.Tensor, angles_deg: torch.Tensor) -> torch.Tensor:
@@ -369,12 +420,14 @@ def ctf_batch(ctf: CtfLike, indices: np.ndarray, box: int, pixel_size: float) ->
 
 def iterate_batches(source, indices: np.ndarray, batch_size: int, preprocessing: "Preprocessing",
                     ctf: CtfLike = None, rng: Optional[np.random.Generator] = None,
-                    device: Union[str, torch.device] = "cpu") -> Iterator[Tuple[np.ndarray, torch.Tensor]]:
+                    device: Union[str, torch.device] = "cpu",
+                    poses: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> Iterator[Tuple[np.ndarray, torch.Tensor]]:
     """Yield ``(batch indices (B,), prepared images (B, 1, w, w))`` over ``indices``.
 
     preprocessing: the model's :class:`Preprocessing` (its pixel size evaluates CTF
     parameters). ctf: phase flipping (see :func:`ctf_batch`), or None.
     rng: shuffles the order if given (otherwise the order of ``indices``).
+    poses: ``(angles_deg (M, 3), shifts_px (M, 2))`` of the whole source, for pose normalisation.
     """
     if batch_size < 1:
         raise ValueError(f"Batch size must be positive, got {batch_size}.")
@@ -385,7 +438,7 @@ def iterate_batches(source, indices: np.ndarray, batch_size: int, preprocessing:
         idx = order[start:start + batch_size]
         raw = source.read(idx)
         yield idx, preprocessing.apply(raw, ctf_batch(ctf, idx, source.image_size, preprocessing.pixel_size),
-                                       device)
+                                       device, None if poses is None else (poses[0][idx], poses[1][idx]))
 
 
 #: An image is constant (flat) when its pixel range (max - min) is at most this

@@ -56,8 +56,9 @@ class PredictionJob(ChunkedJob):
     (M,) 0-based indices in the stacks; pixel_size: Å/px of the particles (images of
     another box than the model's are Fourier-cropped to it). invert: read the images with
     the opposite sign. ctf: the particles' CTFs, given when the model phase-flips.
-    pose: also predict angles and shifts. options: of :func:`training.predict`
-    (:data:`OPTIONS`: batch_size, bfloat16, rotations).
+    pose: also predict angles and shifts. angles (M, 3) deg, shifts (M, 2) px of the particles:
+    their poses, given when the model is pose-normalised (it turns and centres every image by
+    them). options: of :func:`training.predict` (:data:`OPTIONS`: batch_size, bfloat16, rotations).
     """
     model_dir: str
     stamp: str
@@ -69,6 +70,8 @@ class PredictionJob(ChunkedJob):
     ctf: Optional[CTFParams] = None
     pose: bool = False
     options: dict = field(default_factory=lambda: dict(OPTIONS))
+    angles: Optional[np.ndarray] = None
+    shifts: Optional[np.ndarray] = None
     WHAT, DONE, USE = "prediction job", "predicted", "predicting"  # in messages (ChunkedJob)
 
     def __post_init__(self):
@@ -78,21 +81,29 @@ class PredictionJob(ChunkedJob):
         self.options = {**OPTIONS, **self.options}
         if self.ctf is not None:
             self.ctf = self.ctf.expand(len(self.ids))
+        if (self.angles is None) != (self.shifts is None):
+            raise ValueError("Give the particles' angles and shifts together, or neither.")
+        if self.angles is not None:
+            self.angles = np.asarray(self.angles, dtype=np.float64).reshape(len(self.ids), 3)
+            self.shifts = np.asarray(self.shifts, dtype=np.float64).reshape(len(self.ids), 2)
 
     def _ctf_columns(self) -> Dict[str, np.ndarray]:
         return {} if self.ctf is None else self.ctf.to_columns()
+
+    def _pose_columns(self) -> Dict[str, np.ndarray]:
+        return {} if self.angles is None else {"pose_angles": self.angles, "pose_shifts": self.shifts}
 
     def fingerprint(self) -> str:
         """Digest of everything that changes the results (and the package version)."""
         from ... import __version__
         return fingerprint(__version__, os.path.abspath(self.model_dir), self.stamp, self.ids, list(self.stacks),
                            self.indices, float(self.pixel_size), bool(self.invert), self._ctf_columns(),
-                           bool(self.pose), self.options)
+                           bool(self.pose), self.options, *self._pose_columns().values())
 
     # ------------------------------------------------------------------ files
     def save(self, folder: PathLike) -> None:
         """Write ``job.npz`` and ``job.json`` in ``folder`` (each atomically)."""
-        arrays = dict(ids=self.ids, indices=self.indices, **self._ctf_columns())
+        arrays = dict(ids=self.ids, indices=self.indices, **self._ctf_columns(), **self._pose_columns())
         meta = dict(model_dir=os.path.abspath(self.model_dir), stamp=self.stamp, stacks=list(self.stacks),
                     pixel_size=float(self.pixel_size), invert=bool(self.invert), pose=bool(self.pose),
                     options=self.options, fingerprint=self.fingerprint())
@@ -104,7 +115,8 @@ class PredictionJob(ChunkedJob):
         arrays, meta = load_job_files(folder, "prediction job")
         job = cls(model_dir=meta["model_dir"], stamp=meta["stamp"], ids=arrays["ids"], stacks=meta["stacks"],
                   indices=arrays["indices"], pixel_size=meta["pixel_size"], invert=bool(meta["invert"]),
-                  ctf=CTFParams.from_columns(arrays), pose=bool(meta["pose"]), options=meta["options"])
+                  ctf=CTFParams.from_columns(arrays), pose=bool(meta["pose"]), options=meta["options"],
+                  angles=arrays.get("pose_angles"), shifts=arrays.get("pose_shifts"))
         return job.verified(folder, meta["fingerprint"])
 
     # ------------------------------------------------------------------ work
@@ -121,6 +133,7 @@ class PredictionJob(ChunkedJob):
         amplitudes, angles, shifts = predict_particles(
             loaded, images, self.pixel_size, None if self.ctf is None else self.ctf.select(rows),
             return_pose=self.pose, ids=self.ids[rows], progress=progress,
+            poses=None if self.angles is None else (self.angles[rows], self.shifts[rows]),
             batch_size=int(self.options["batch_size"]), bfloat16=bool(self.options["bfloat16"]),
             rotations=int(self.options["rotations"]))
         if not self.pose:

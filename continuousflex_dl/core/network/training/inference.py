@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -21,7 +21,8 @@ __all__ = ["predict", "images_for_model", "predict_particles"]
 def predict(model: Union[LoadedModel, str, os.PathLike], images, batch_size: int = 64,
             device: Union[str, torch.device, None] = None, ctf: CtfLike = None,
             return_pose: bool = False, progress: Optional[Progress] = None,
-            bfloat16: bool = False, rotations: int = 1, ids: Optional[np.ndarray] = None):
+            bfloat16: bool = False, rotations: int = 1, ids: Optional[np.ndarray] = None,
+            poses: Optional[Tuple[np.ndarray, np.ndarray]] = None):
     """Amplitudes (and optionally poses) of new particle images.
 
     model: a :class:`LoadedModel` or a model folder. images: as in ``train``; they must have
@@ -41,6 +42,9 @@ def predict(model: Union[LoadedModel, str, os.PathLike], images, batch_size: int
     unrotated image.
     ids: (M,) particle ids named when images are refused (NaN or infinite
     pixels, constant images: ValueError; None names 0-based indices).
+    poses: ``(angles_deg (M, 3), shifts_px (M, 2))`` of the images (shifts in pixels of
+    ``images``), required by a model trained with pose normalisation
+    (``preprocessing.pose_normalise``: ValueError saying so without them), ignored otherwise.
     """
     if rotations < 1:
         raise ValueError(f"rotations must be at least 1, got {rotations}.")
@@ -56,7 +60,20 @@ def predict(model: Union[LoadedModel, str, os.PathLike], images, batch_size: int
         raise ValueError("This model was trained on phase-flipped images: give the CTFs of the new images."
                          if pre.phase_flip else
                          "This model was trained without phase flipping: do not give CTFs.")
+    if pre.pose_normalise:
+        if poses is None:
+            raise ValueError(dataset.POSES_NEEDED)
+        if rotations > 1:
+            raise ValueError("A pose-normalised model sees every image at psi = 0: predict it without in-plane "
+                             "rotation averaging (rotations=1).")
+        if return_pose:
+            raise ValueError("A pose-normalised model takes the poses as given; it does not predict them.")
     source = as_image_source(images)
+    if poses is not None:
+        poses = tuple(np.asarray(p, dtype=np.float64) for p in poses)
+        if poses[0].shape != (len(source), 3) or poses[1].shape != (len(source), 2):
+            raise ValueError(f"Need one pose per image: angles ({len(source)}, 3) and shifts ({len(source)}, 2), "
+                             f"got {poses[0].shape} and {poses[1].shape}.")
     if source.image_size != config.fitted.image_size:
         raise ValueError(f"Images are {source.image_size} px but the model was trained on "
                          f"{config.fitted.image_size} px images.")
@@ -70,7 +87,8 @@ def predict(model: Union[LoadedModel, str, os.PathLike], images, batch_size: int
     ang = np.empty((m, 3)) if return_pose else None
     sh = np.empty((m, 2)) if return_pose else None
     done = 0
-    for idx, x in dataset.iterate_batches(source, np.arange(m), batch_size, pre, ctf, None, model.device):
+    for idx, x in dataset.iterate_batches(source, np.arange(m), batch_size, pre, ctf, None, model.device,
+                                          poses if pre.pose_normalise else None):
         if rotations > 1:  # copies r = 0..R-1 of the batch, rotated by r * 360 / R degrees, stacked
             angles = torch.arange(rotations, dtype=x.dtype, device=x.device) * (360.0 / rotations)
             x = rotate_images(x.repeat(rotations, 1, 1, 1), angles.repeat_interleave(len(idx)))
@@ -108,20 +126,29 @@ def images_for_model(images, model: LoadedModel):
 
 def predict_particles(model: LoadedModel, images, pixel_size: float, ctf=None, return_pose: bool = False,
                       ids: Optional[np.ndarray] = None, progress: Optional[Progress] = None,
-                      **options):
+                      poses: Optional[Tuple[np.ndarray, np.ndarray]] = None, **options):
     """:func:`predict` on particles of any pixel size covering the model's box in Å.
 
     images: the particles' images (see :func:`images_for_model`) at ``pixel_size`` Å/px;
-    ctf: their CTFs (a ``CTFParams``), used only when the model phase-flips. options: of
-    :func:`predict` (batch_size, bfloat16, rotations, device).
+    ctf: their CTFs (a ``CTFParams``), used only when the model phase-flips. poses:
+    ``(angles_deg (M, 3), shifts_px (M, 2))``, shifts in pixels of the particles, used only when
+    the model is pose-normalised (then required). options: of :func:`predict` (batch_size,
+    bfloat16, rotations, device).
     Returns ``(amplitudes (M, K) Å, angles (M, 3) deg or None, shifts (M, 2) or None)``, the
     shifts in pixels of the particles (not the model's).
     """
     phase_flip = model.config.preprocessing.phase_flip
     if phase_flip and ctf is None:
         raise ValueError("The model was trained on phase-flipped images: the particles need a CTF.")
+    if model.config.preprocessing.pose_normalise:
+        if poses is None:
+            raise ValueError(dataset.POSES_NEEDED)
+        # the shifts in pixels of the model's box (the same box in Å)
+        poses = (poses[0], np.asarray(poses[1], dtype=np.float64) * pixel_size / model.config.preprocessing.pixel_size)
+    else:
+        poses = None
     out = predict(model, images_for_model(images, model), ctf=ctf if phase_flip else None,
-                  return_pose=return_pose, ids=ids, progress=progress, **options)
+                  return_pose=return_pose, ids=ids, progress=progress, poses=poses, **options)
     if not return_pose:
         return out, None, None
     amplitudes, angles, shifts = out

@@ -81,6 +81,16 @@ def _check_inputs(images, amplitudes: Optional[np.ndarray], particle_ids: np.nda
             raise ValueError(f"Poses must be angles (M, 3) and shifts (M, 2); got {angles.shape}, {shifts.shape}.")
     if config.model.predict_pose and poses is None and amplitudes is not None:  # particles' labels are used
         raise ValueError("predict_pose needs poses=(angles_deg (M, 3), shifts_px (M, 2)).")
+    if config.preprocessing.pose_normalise:
+        if poses is None:
+            raise ValueError("Pose normalisation turns and centres every image by its pose: give the particles' "
+                             "poses=(angles_deg (M, 3), shifts_px (M, 2)), or train without it.")
+        if config.model.predict_pose:
+            raise ValueError("Pose normalisation takes the poses as given: it cannot be combined with pose "
+                             "prediction.")
+        if config.optimiser.augment_rotation:
+            raise ValueError("Pose normalisation turns every image to psi = 0; in-plane rotation augmentation "
+                             "would undo it: use one or the other.")
     if particle_ctf is None and isinstance(ctf, CTFParams):
         particle_ctf = ctf
     if not 0 <= rank < world_size:

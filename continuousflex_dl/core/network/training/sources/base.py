@@ -60,8 +60,9 @@ class TrainingData:
 def particle_batches(data: TrainingData, config: TrainConfig, indices: np.ndarray, batch_size: int,
                      device: torch.device) -> Iterator[Batch]:
     """The particles ``indices`` (in that order) as prepared batches with their labels."""
+    poses = (data.angles, data.shifts) if config.preprocessing.pose_normalise else None
     for idx, x in dataset.iterate_batches(data.source, indices, batch_size, config.preprocessing, data.ctf, None,
-                                          device):
+                                          device, poses):
         yield x, data.labels(idx)
 
 

@@ -23,9 +23,10 @@ __all__ = ["SimulatedSource", "SimulatedStream", "SOURCE"]
 
 
 def prepare_simulated(config: TrainConfig, batch: SimulatedBatch, device: torch.device) -> Batch:
-    """A simulated batch through the particles' preprocessing (phase flip with its own CTFs)."""
+    """A simulated batch through the particles' preprocessing (phase flip with its own CTFs, pose
+    normalisation with its own poses)."""
     ctf = batch.ctf_images if config.preprocessing.phase_flip else None
-    return config.preprocessing.apply(batch.images, ctf, device), Labels(batch.amplitudes, batch.angles,
+    return config.preprocessing.apply(batch.images, ctf, device, (batch.angles, batch.shifts)), Labels(batch.amplitudes, batch.angles,
                                                                           batch.shifts)
 
 
