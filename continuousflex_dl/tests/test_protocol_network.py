@@ -27,8 +27,9 @@ class TestProtNetwork(FlexDLTestBase):
             FlexDLProtSynthesize, numberOfImages=5, seed=3, **common)).outputParticles
         cls.trunc_set = cls.launchProtocol(cls.newProtocol(
             FlexDLProtSynthesize, numberOfImages=3, seed=5, **common)).outputParticles
+        # poseNormalise "no": this model is predicted with in-plane rotation averaging
         cls.train = cls.newProtocol(FlexDLProtTrain, inputParticles=cls.train_set, workingSize=0, epochs=2,
-                                    batchSize=16, valFraction=0.2, seed=0)
+                                    batchSize=16, valFraction=0.2, seed=0, poseNormalise=2)
         cls.launchProtocol(cls.train)
 
     def test_train_then_predict(self):
@@ -61,6 +62,42 @@ class TestProtNetwork(FlexDLTestBase):
         # scale of the training targets (standardisation undone), not standardised values.
         self.assertLess(np.abs(pred.amplitudes.mean(0) - truth.amplitudes.mean(0)).max(), 100.0)
         self.assertGreater(pred.amplitudes.std(), 1.0)
+
+    def test_pose_normalised_model_remembers_it_and_needs_poses_to_predict(self):
+        """'auto' turns and centres the images of particles with poses; the model's config says
+        so, prediction uses the particles' own poses, and particles without poses are refused with
+        what to do."""
+        from pwem.constants import ALIGN_NONE
+        from pwem.objects import SetOfParticles
+        from continuousflex_dl.core.imaging.dataset import POSES_NEEDED
+        train = self.newProtocol(FlexDLProtTrain, inputParticles=self.train_set, workingSize=16, epochs=1,
+                                 batchSize=16, valFraction=0.2, seed=0)
+        self.assertTrue(train._poseNormalise())
+        self.assertFalse(self.newProtocol(FlexDLProtTrain, inputParticles=self.train_set,
+                                          predictPose=True)._poseNormalise())
+        self.launchProtocol(train)
+        self.assertTrue(load_model(train.outputModel.getModelDir()).config.preprocessing.pose_normalise)
+        self.assertTrue(any("pose normalisation" in line for line in train.summary()), train.summary())
+        predict = self.newProtocol(FlexDLProtPredict, inputModel=train.outputModel, inputParticles=self.test_set)
+        self.launchProtocol(predict)
+        self.assertIn("each image turned and centred by its own pose", predict.summary()[0])
+        self.assertSetSize(predict.outputParticles, 40)
+        rotated = self.newProtocol(FlexDLProtPredict, inputModel=train.outputModel, inputParticles=self.test_set,
+                                   rotations=4)
+        self.assertTrue(any("to 1" in e for e in rotated.validate()), rotated.validate())
+        unaligned = SetOfParticles(filename=self.proj.getTmpPath("unaligned.sqlite"))
+        unaligned.copyInfo(self.test_set)
+        unaligned.setAlignment(ALIGN_NONE)
+        for particle in self.test_set.iterItems(limit=2):
+            particle.setTransform(None)
+            unaligned.append(particle)
+        unaligned.write()
+        predict = self.newProtocol(FlexDLProtPredict, inputModel=train.outputModel)
+        predict.inputParticles.set(unaligned)
+        self.assertEqual(predict.validate(), [POSES_NEEDED])
+        asked = self.newProtocol(FlexDLProtTrain, poseNormalise=1, predictPose=True)
+        asked.inputParticles.set(self.train_set)
+        self.assertTrue(any("'Also predict the pose?' to No" in e for e in asked.validate()), asked.validate())
 
     def test_form_checks_the_window_with_the_rule_training_uses(self):
         """32 px of 3 Å: a 97 Å window is 32 px (rounded) and trains, so the form accepts it; a
