@@ -136,7 +136,8 @@ def run_demo(out_dir: Path, size: DemoSize, seed: int = 0) -> dict:
           f"{size.finetune_epochs} epochs on the HEMNMA amplitudes",
           inputParticles=stages["outliers"].outputParticles, inputModes=modes,
           workingSize=size.network_size, window=size.window or 0.0, epochs=size.epochs,
-          simImages=size.sim_images, finetuneEpochs=size.finetune_epochs, batchSize=size.batch_size, seed=seed)
+          simImages=size.sim_images, finetuneEpochs=size.finetune_epochs, batchSize=size.batch_size, seed=seed,
+          poseNormalise=2)  # "no": the demo's measured path (in-plane rotation averaging at prediction)
     stage("predict", FlexDLProtPredict, "DeepHEMNMA prediction (test)",
           f"DeepHEMNMA prediction of {size.n_test} test particles, averaged over {size.rotations} in-plane "
           "rotations",

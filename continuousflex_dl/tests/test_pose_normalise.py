@@ -120,3 +120,49 @@ def test_training_refuses_pose_normalisation_without_poses_or_with_what_undoes_i
         tr.train(images, q, ids, tmp_path, config.replace(augment_rotation=True), poses=poses)
     with pytest.raises(ValueError, match="pose prediction"):
         tr.train(images, q, ids, tmp_path, config.replace(predict_pose=True), poses=poses)
+
+
+def turned_blobs(n_particles, seed, n=32, noise=0.3, amp_scale=50.0, move_px=3.0, max_shift=2.0):
+    """Particles of three Gaussian blobs (2 px wide) whose positions move with one amplitude (Å),
+    seen at random in-plane angles psi and shifts: each blob at ``R(-psi) p - s`` (the pose rule of
+    core.imaging.geometry for rot = tilt = 0), plus white noise. Returns images (M, n, n),
+    amplitudes (M, 1) Å, angles (M, 3) deg and shifts (M, 2) px."""
+    rng = np.random.default_rng(seed)
+    base = np.array([[-6.0, -2.0], [5.0, -4.0], [1.0, 6.0]])
+    move = np.array([[1.0, 0.5], [-0.5, 1.0], [0.8, -0.6]]) * move_px
+    q = rng.normal(0, amp_scale, (n_particles, 1))
+    psi = rng.uniform(0, 360, n_particles)
+    shifts = rng.uniform(-max_shift, max_shift, (n_particles, 2))
+    c, s = np.cos(np.radians(psi)), np.sin(np.radians(psi))
+    y, x = np.mgrid[:n, :n] - n // 2
+    images = np.zeros((n_particles, n, n))
+    for b, m in zip(base, move):
+        p = b + m * q / amp_scale                                    # (M, 2) particle frame
+        px = c * p[:, 0] + s * p[:, 1] - shifts[:, 0]                # R(-psi) p - s
+        py = -s * p[:, 0] + c * p[:, 1] - shifts[:, 1]
+        images += np.exp(-((x - px[:, None, None]) ** 2 + (y - py[:, None, None]) ** 2) / (2 * 2.0 ** 2))
+    images += rng.normal(0, noise, images.shape)
+    angles = np.stack([np.zeros(n_particles), np.zeros(n_particles), psi], -1)
+    return images.astype(np.float32), q, angles, shifts
+
+
+def test_pose_normalisation_beats_the_plain_network_on_few_turned_particles(tmp_path):
+    """The same small network, data and epochs (200 particles at moderate noise, psi random,
+    shifts within ±4 px): turned and centred by their poses, held-out particles are predicted
+    about twice as well as without (8.1 / 15.6 and 8.1 / 14.9 Å with two data seeds, mean
+    predictor 40 Å)."""
+    images, q, angles, shifts = turned_blobs(200, seed=3, noise=0.5, max_shift=4.0)
+    test_images, test_q, test_angles, test_shifts = turned_blobs(120, seed=4, noise=0.5, max_shift=4.0)
+    ids = np.arange(len(images))
+    base = dict(modes=[7], architecture="resnet18", pixel_size=2.0, working_size=16, epochs=8, batch_size=32,
+                val_fraction=0.1)
+    mean_mae = np.abs(test_q - q.mean(0)).mean()
+    mae = {}
+    for normalise in (False, True):
+        out = tmp_path / str(normalise)
+        tr.train(images, q, ids, out, tr.TrainConfig.build(pose_normalise=normalise, **base), seed=0,
+                 poses=(angles, shifts))
+        pred = tr.predict(out, test_images, poses=(test_angles, test_shifts) if normalise else None)
+        mae[normalise] = np.abs(pred - test_q).mean()
+    assert mae[True] < 0.3 * mean_mae, (mae, mean_mae)
+    assert mae[True] < 0.7 * mae[False], (mae, mean_mae)
