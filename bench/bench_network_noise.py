@@ -107,6 +107,8 @@ def network(args, data, images, lab) -> dict:
                     sim_noise_ramp=args.noise_ramp, working_size=args.working_size)
     if args.pose_normalise:
         settings["pose_normalise"] = True
+    if args.view_direction:
+        settings["view_direction"] = True
     config = tr.TrainConfig.build(**settings)
     poses = (lab["angles"][train_rows], lab["shifts"][train_rows])
     ctf_train = data.ctf.select(train_rows)
@@ -142,6 +144,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--source", default="simulated+finetune", choices=tr.DATA_CHOICES)
     ap.add_argument("--pose-normalise", action="store_true",
                     help="turn and centre every image by its pose before the network")
+    ap.add_argument("--view-direction", action="store_true",
+                    help="give the perceptron each image's projection direction (with --pose-normalise)")
     ap.add_argument("--phase-flip", action="store_true")
     ap.add_argument("--epochs", type=int, default=8, help="epochs (simulated epochs with simulation)")
     ap.add_argument("--sim-images", type=int, default=3000)
