@@ -114,7 +114,7 @@ def network(args, data, images, lab) -> dict:
     ctf_train = data.ctf.select(train_rows)
     with tempfile.TemporaryDirectory() as tmp:
         rows, wall, cpu = timed(lambda: tr.train(
-            images[train_rows], lab["amplitudes"][train_rows], train_rows, tmp, config, seed=args.seed,
+            images[train_rows], lab["amplitudes"][train_rows], train_rows, tmp, config, seed=args.train_seed,
             poses=poses, ctf=ctf_train if args.phase_flip else None, reference=reference, particle_ctf=ctf_train))
         model = tr.load_model(tmp)
         pred_poses = (lab["angles"][test_rows], lab["shifts"][test_rows]) if args.pose_normalise else None
@@ -142,21 +142,23 @@ def main(argv=None) -> dict:
     ap.add_argument("--cache", default=None, help="folder keeping the HEMNMA labels between runs")
     ap.add_argument("--labels-only", action="store_true", help="stop after the HEMNMA labels")
     ap.add_argument("--source", default="simulated+finetune", choices=tr.DATA_CHOICES)
-    ap.add_argument("--pose-normalise", action="store_true",
-                    help="turn and centre every image by its pose before the network")
+    ap.add_argument("--pose-normalise", action=argparse.BooleanOptionalAction, default=True,
+                    help="turn and centre every image by its pose before the network (default; the new "
+                         "particles by their own HEMNMA poses)")
     ap.add_argument("--view-direction", action="store_true",
                     help="give the perceptron each image's projection direction (with --pose-normalise)")
     ap.add_argument("--phase-flip", action="store_true")
-    ap.add_argument("--epochs", type=int, default=8, help="epochs (simulated epochs with simulation)")
+    ap.add_argument("--epochs", type=int, default=10, help="epochs (simulated epochs with simulation)")
     ap.add_argument("--sim-images", type=int, default=3000)
     ap.add_argument("--finetune-epochs", type=int, default=6)
     ap.add_argument("--noise-ramp", type=int, default=0)
-    ap.add_argument("--architecture", default="resnet34")
-    ap.add_argument("--working-size", type=int, default=None)
+    ap.add_argument("--architecture", default="resnet18")
+    ap.add_argument("--working-size", type=int, default=64, help="the network's input (px)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=1, help="the particles and their noise")
+    ap.add_argument("--train-seed", type=int, default=1, help="the network's split, initialisation and stream")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -146,11 +146,12 @@ class DataSource:
 
     def fingerprint(self, data: TrainingData, config: TrainConfig, world_size: int) -> str:
         """SHA-256 of what training results depend on besides the settings and the pixels
-        (with simulation: the poses, the particles' CTFs and the reference too)."""
+        (with simulation: the poses, the particles' CTFs and the reference too; with pose prediction or
+        pose normalisation: the poses)."""
         invert = bool(getattr(data.source, "invert", False))   # images read with the opposite sign
         h = hashlib.sha256(f"{len(data.source)} {data.source.image_size} {world_size} {invert}".encode())
         h.update(repr(data.particle_ids.tolist()).encode())
-        poses = config.model.predict_pose or self.simulates
+        poses = config.model.predict_pose or self.simulates or config.preprocessing.pose_normalise
         for a in (data.amplitudes, data.angles if poses else None, data.shifts if poses else None):
             if a is not None:
                 h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
