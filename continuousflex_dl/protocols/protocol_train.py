@@ -376,6 +376,8 @@ class FlexDLProtTrain(FlexDLProtBase):
         config = self._config()
         n = self.inputParticles.get().getSize()
         data = f"on {n} particles" if config is None else source_of(config).methods(n)
+        normalised = (" Each image was centred by its shifts and turned by its in-plane angle before the network "
+                      "(pose normalisation)." if config is not None and config.preprocessing.pose_normalise else "")
         return [f"A DeepHEMNMA network (ResNet34 features and a 4-layer perceptron) [Hamitouche2022] was "
                 f"trained for {len(self.metrics())} epochs {data} with L1 loss and a particle-wise "
-                f"validation split."]
+                f"validation split.{normalised}"]
