@@ -29,7 +29,8 @@ class TestProtScale(FlexDLTestBase):
         cls.test_set = cls.launchProtocol(cls.newProtocol(
             FlexDLProtSynthesize, numberOfImages=50, seed=2, **common)).outputParticles
         settings = dict(inputParticles=cls.train_set, workingSize=16, epochs=2, batchSize=16, valFraction=0.25,
-                        seed=0, useGpu=CPU, lrSchedule=1, learningRate=1e-3)
+                        seed=0, useGpu=CPU, lrSchedule=1, learningRate=1e-3,
+                        poseNormalise=2)  # "no": predicted below with rotation averaging
         cls.one = cls.launchProtocol(cls.newProtocol(FlexDLProtTrain, **settings))
         cls.two = cls.newProtocol(FlexDLProtTrain, processes=2, **settings)
         cls.launchProtocol(cls.two)
