@@ -102,8 +102,6 @@ def network(args, data, images, lab) -> dict:
                     sim_noise_ramp=args.noise_ramp, working_size=args.working_size)
     if args.pose_normalise:
         settings["pose_normalise"] = True
-    if args.view_direction:
-        settings["view_direction"] = True
     config = tr.TrainConfig.build(**settings)
     poses = (lab["angles"][train_rows], lab["shifts"][train_rows])
     ctf_train = data.ctf.select(train_rows)
@@ -139,8 +137,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--pose-normalise", action=argparse.BooleanOptionalAction, default=True,
                     help="turn and centre every image by its pose before the network (default; the new "
                          "particles by their own HEMNMA poses)")
-    ap.add_argument("--view-direction", action="store_true",
-                    help="give the perceptron each image's projection direction (with --pose-normalise)")
     ap.add_argument("--phase-flip", action="store_true")
     ap.add_argument("--epochs", type=int, default=10, help="epochs (simulated epochs with simulation)")
     ap.add_argument("--sim-images", type=int, default=3000)

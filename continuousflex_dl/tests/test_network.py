@@ -604,7 +604,7 @@ def test_config_is_saved_in_sections_and_a_flat_0_3_config_still_loads(trained, 
     saved = json.loads((trained["out"] / "config.json").read_text())
     assert list(saved) == ["model", "preprocessing", "optimiser", "data", "fitted"]
     assert saved["model"] == {"modes": [7, 8], "architecture": "resnet34", "hidden": [512, 256, 128],
-                              "dropout": 0.0, "predict_pose": False, "view_direction": False}
+                              "dropout": 0.0, "predict_pose": False}
     assert saved["preprocessing"]["pose_normalise"] is False
     assert saved["optimiser"]["epochs"] == 4 and saved["data"]["source"] == "particles"
     # The same model rebuilt from the folder's files alone predicts what training's model predicted.
@@ -626,7 +626,7 @@ def test_config_is_saved_in_sections_and_a_flat_0_3_config_still_loads(trained, 
 
 def test_setting_names_are_unique_over_the_sections():
     names = [f.name for section in tr.config.SECTIONS.values() for f in dataclasses.fields(section)]
-    assert len(names) == len(set(names)) == 6 + 6 + 13 + 9 + 7
+    assert len(names) == len(set(names)) == 5 + 6 + 13 + 9 + 7
     cfg = tr.TrainConfig.build(modes=[7], window=30.0, epochs=2, source="simulated", sim_images=5)
     assert (cfg.preprocessing.window, cfg.optimiser.epochs, cfg.data.source, cfg.data.sim_images) == \
         (30.0, 2, "simulated", 5)

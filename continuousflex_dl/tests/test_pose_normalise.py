@@ -168,33 +168,6 @@ def test_pose_normalisation_beats_the_plain_network_on_few_turned_particles(tmp_
     assert mae[True] < 0.7 * mae[False], (mae, mean_mae)
 
 
-def test_view_direction_is_the_projection_direction_and_travels_with_the_model(tmp_path):
-    """The perceptron's extra input is the direction the particle is seen along (in the
-    reference frame: A^T e_z), which the in-plane angle does not change; a model trained with it
-    is rebuilt from its folder and predicts with the particles' poses."""
-    from continuousflex_dl.core.network.training.outputs import network_inputs
-    config = tr.TrainConfig.build(modes=[7], pose_normalise=True, view_direction=True)
-    angles = np.array([[0.0, 0.0, 0.0], [0.0, 90.0, 0.0], [90.0, 90.0, 0.0], [90.0, 90.0, 123.0]])
-    (d,) = network_inputs(config, angles, torch.device("cpu"))
-    expected = np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0], [0, 1, 0]], dtype=float)   # up to the sign convention
-    np.testing.assert_allclose(np.abs(d.numpy()), expected, atol=1e-6)
-    np.testing.assert_allclose(d[2].numpy(), d[3].numpy(), atol=1e-6)   # psi does not move the direction
-    for a in angles:   # against the matrix of the pose: the image's z axis in the reference frame
-        np.testing.assert_allclose(network_inputs(config, a[None], torch.device("cpu"))[0][0].numpy(),
-                                   euler_to_matrix(a).T @ [0, 0, 1], atol=1e-6)
-    images, q, angles, shifts = turned_blobs(40, seed=1)
-    with pytest.raises(ValueError, match="set pose_normalise too"):
-        tr.train(images, q, np.arange(40), tmp_path / "m", config.replace(pose_normalise=False),
-                 poses=(angles, shifts))
-    tr.train(images, q, np.arange(40), tmp_path / "m", config.replace(epochs=1, working_size=16, pixel_size=2.0,
-                                                                      architecture="resnet18"),
-             poses=(angles, shifts))
-    model = tr.load_model(tmp_path / "m")
-    assert model.config.model.view_direction and model.model.extra_inputs == 3
-    pred = tr.predict(model, images[:5], poses=(angles[:5], shifts[:5]))
-    assert pred.shape == (5, 1) and np.all(np.isfinite(pred))
-
-
 def test_a_pose_normalised_training_continues_only_with_the_same_poses(tmp_path):
     images, q, angles, shifts = turned_blobs(40, seed=2)
     config = tr.TrainConfig.build(modes=[7], pose_normalise=True, epochs=1, working_size=16, pixel_size=2.0,

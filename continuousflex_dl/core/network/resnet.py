@@ -12,7 +12,7 @@ A torchvision ``resnet34(weights=None)`` with a one-channel ``conv1`` and its
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -49,7 +49,7 @@ class DeepHEMNMANet(nn.Module):
     """
 
     def __init__(self, n_modes: int, predict_pose: bool = False, architecture: str = "resnet34",
-                 hidden: Sequence[int] = (512, 256, 128), dropout: float = 0.0, extra_inputs: int = 0):
+                 hidden: Sequence[int] = (512, 256, 128), dropout: float = 0.0):
         super().__init__()
         import torchvision
         if architecture not in ARCHITECTURES:
@@ -66,8 +66,7 @@ class DeepHEMNMANet(nn.Module):
         nn.init.kaiming_normal_(backbone.conv1.weight, mode="fan_out", nonlinearity="relu")
         backbone.fc = nn.Identity()
         self.backbone = backbone
-        self.extra_inputs = int(extra_inputs)
-        widths = [ARCHITECTURES[architecture] + self.extra_inputs, *hidden]
+        widths = [ARCHITECTURES[architecture], *hidden]
         layers = []
         for w_in, w_out in zip(widths[:-1], widths[1:]):
             layers += [nn.Linear(w_in, w_out), nn.ReLU(inplace=True)]
@@ -76,26 +75,19 @@ class DeepHEMNMANet(nn.Module):
         layers.append(nn.Linear(widths[-1], self.n_outputs))
         self.head = nn.Sequential(*layers)
 
-    def forward(self, images: torch.Tensor, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim == 3:
             images = images[:, None]
         if images.ndim != 4 or images.shape[1] != 1:
             raise ValueError(f"Expected images (B, 1, H, W), got shape {tuple(images.shape)}.")
-        features = self.backbone(images)
-        if self.extra_inputs:
-            if extra is None or tuple(extra.shape) != (images.shape[0], self.extra_inputs):
-                raise ValueError(f"This network also takes {self.extra_inputs} inputs per image (B, "
-                                 f"{self.extra_inputs}), got {None if extra is None else tuple(extra.shape)}.")
-            features = torch.cat([features, extra.to(features.dtype)], dim=1)
-        return self.head(features)
+        return self.head(self.backbone(images))
 
 
 def build_model(n_modes: int, predict_pose: bool = False, architecture: str = "resnet34",
-                hidden: Sequence[int] = (512, 256, 128), dropout: float = 0.0,
-                extra_inputs: int = 0) -> DeepHEMNMANet:
+                hidden: Sequence[int] = (512, 256, 128), dropout: float = 0.0) -> DeepHEMNMANet:
     """A fresh (randomly initialised, seed with ``torch.manual_seed``) DeepHEMNMA network.
 
     n_modes: number of amplitudes K. predict_pose: also output a 6-D rotation
     and 2 shifts. Returns a module mapping (B, 1, H, W) -> (B, K [+ 8]).
     """
-    return DeepHEMNMANet(n_modes, predict_pose, architecture, hidden, dropout, extra_inputs)
+    return DeepHEMNMANet(n_modes, predict_pose, architecture, hidden, dropout)

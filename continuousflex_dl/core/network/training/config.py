@@ -33,15 +33,12 @@ __all__ = ["ModelConfig", "OptimiserConfig", "DataConfig", "Fitted", "TrainConfi
 class ModelConfig:
     """The network: modes (1-based numbers, in the order of the amplitude columns), ResNet
     ``architecture``, the perceptron's ``hidden`` widths and ``dropout``; ``predict_pose``:
-    also regress the pose (6-D rotation + shifts in px); ``view_direction``: the perceptron also
-    takes each image's projection direction (a unit vector from its pose's rot and tilt; needs
-    pose normalisation)."""
+    also regress the pose (6-D rotation + shifts in px)."""
     modes: List[int]
     architecture: str = "resnet34"
     hidden: List[int] = field(default_factory=lambda: [512, 256, 128])
     dropout: float = 0.0
     predict_pose: bool = False
-    view_direction: bool = False
 
     @property
     def n_modes(self) -> int:
@@ -54,8 +51,7 @@ class ModelConfig:
 
     def build(self) -> DeepHEMNMANet:
         """A new network of this architecture (random weights)."""
-        return build_model(self.n_modes, self.predict_pose, self.architecture, self.hidden, self.dropout,
-                           3 if self.view_direction else 0)
+        return build_model(self.n_modes, self.predict_pose, self.architecture, self.hidden, self.dropout)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from ...imaging.dataset import ArrayImageSource, CtfLike, as_image_source, check
 from ...imaging.projection import fourier_crop
 from ...progress import Progress, report
 from .model_folder import LoadedModel, load_model
-from .outputs import autocast, decode, decode_amplitudes, network_inputs
+from .outputs import autocast, decode, decode_amplitudes
 
 __all__ = ["predict", "images_for_model", "predict_particles"]
 
@@ -95,7 +95,7 @@ def predict(model: Union[LoadedModel, str, os.PathLike], images, batch_size: int
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(model.device, config.optimiser.amp or bfloat16, bfloat16):
-            out = net(x, *network_inputs(config, None if poses is None else poses[0][idx], model.device))
+            out = net(x)
         dec = decode(config, out[:len(idx)])  # the unrotated copy gives the pose
         if rotations > 1:
             dec["amplitudes"] = decode_amplitudes(config, out).reshape(rotations, len(idx), -1).mean(0)

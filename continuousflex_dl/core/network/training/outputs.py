@@ -14,17 +14,7 @@ from ..resnet import matrix_to_rotation_6d, rotation_6d_to_matrix
 from .config import TrainConfig
 from .sources.base import Labels
 
-__all__ = ["Targets", "decode", "decode_amplitudes", "autocast", "network_inputs"]
-
-
-def network_inputs(config: TrainConfig, angles_deg: Optional[np.ndarray], device: torch.device) -> tuple:
-    """The network's inputs besides the images: ``(directions (B, 3),)`` with ``view_direction`` (the
-    projection direction, the third row of the pose's matrix A, which psi does not change), else ()."""
-    if not config.model.view_direction:
-        return ()
-    if angles_deg is None:
-        raise ValueError("This model also takes each image's projection direction: give the images' poses.")
-    return (torch.as_tensor(euler_to_matrix(np.asarray(angles_deg))[:, 2, :], dtype=torch.float32, device=device),)
+__all__ = ["Targets", "decode", "decode_amplitudes", "autocast"]
 
 
 class Targets:

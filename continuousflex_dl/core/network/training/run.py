@@ -81,9 +81,6 @@ def _check_inputs(images, amplitudes: Optional[np.ndarray], particle_ids: np.nda
             raise ValueError(f"Poses must be angles (M, 3) and shifts (M, 2); got {angles.shape}, {shifts.shape}.")
     if config.model.predict_pose and poses is None and amplitudes is not None:  # particles' labels are used
         raise ValueError("predict_pose needs poses=(angles_deg (M, 3), shifts_px (M, 2)).")
-    if config.model.view_direction and not config.preprocessing.pose_normalise:
-        raise ValueError("The projection direction is given to the network of pose-normalised images only: set "
-                         "pose_normalise too.")
     if config.preprocessing.pose_normalise:
         if poses is None:
             raise ValueError("Pose normalisation turns and centres every image by its pose: give the particles' "

@@ -13,7 +13,7 @@ from ...imaging.dataset import rotate_images
 from ...imaging.geometry import angular_distance_deg, euler_to_matrix
 from ..resnet import DeepHEMNMANet
 from .config import TrainConfig
-from .outputs import Targets, autocast, decode, network_inputs
+from .outputs import Targets, autocast, decode
 from .sources.base import Labels, Phase, Plan, TrainingData, particle_batches
 
 __all__ = ["Trainer", "validate"]
@@ -82,7 +82,7 @@ def validate(model, config, batches, targets, loss_fn, device, use_amp, combine=
     pose = config.model.predict_pose
     for x, labels in batches:
         with autocast(device, use_amp):
-            pred = model(x, *network_inputs(config, labels.angles, device))
+            pred = model(x)
         total += float(loss_fn(pred, targets.encode(labels, None).to(device))) * len(x)
         dec = decode(config, pred)
         abs_err += float(np.abs(dec["amplitudes"] - labels.amplitudes).mean(axis=1).sum())
@@ -201,7 +201,7 @@ class Trainer:
         y = self.targets.encode(labels, inplane).to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.use_amp):
-            pred = self.net(x, *network_inputs(self.config, labels.angles, self.device))
+            pred = self.net(x)
         loss = self.loss_fn(pred, y)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
