@@ -183,8 +183,9 @@ class TestRealData(FlexDLTestBase):
                                  boxSize=32, samplingRate=self.empiar_pixel * 10, maxShift=0.0, applyCTF=False,
                                  addNoise=False, seed=3)
         self.launchProtocol(synth)
+        # poseNormalise "no": these EMPIAR particles have no poses to turn them by
         train = self.newProtocol(FlexDLProtTrain, inputParticles=synth.outputParticles, workingSize=0, epochs=1,
-                                 batchSize=16, valFraction=0.25, seed=0)
+                                 batchSize=16, valFraction=0.25, seed=0, poseNormalise=2)
         self.launchProtocol(train)
         predict = self.newProtocol(FlexDLProtPredict, inputModel=train.outputModel, inputParticles=self.empiar)
         self.launchProtocol(predict)
